@@ -1,0 +1,316 @@
+"""Nearest-neighbour and radius search over embeddings: the only module that imports FAISS.
+
+Conventions (read these before using the results):
+
+* ``metric="l2"`` distances are **squared** Euclidean distances, as FAISS reports them; take
+  ``np.sqrt`` for plain distances. ``metric="ip"`` values are inner products (higher = closer).
+* :func:`knn_search` never hands back FAISS's padding as a neighbour. ``k`` larger than the base is
+  clipped to the base size (so no column is all padding), and where an approximate index finds
+  fewer than ``k`` neighbours for a row (an IVF probe that visits too few points), the missing slots
+  hold index ``-1`` and distance ``+inf`` (``-inf`` for ``"ip"``); :attr:`KnnResult.valid` masks
+  them. Valid neighbours always come first in a row, sorted nearest first.
+* :func:`radius_search` returns FAISS's flat ``(lims, distances, indices)`` layout, each query's
+  results sorted nearest first; exact with the flat index (the default for every base size).
+
+FAISS is imported inside the functions so that ``import hf_otselect`` stays cheap. A GPU is used
+for k-NN when the installed FAISS has one (``faiss.get_num_gpus() > 0``) unless ``device="cpu"``;
+FAISS's GPU indexes do not implement range search, so :func:`radius_search` always runs on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from ._checks import check_choice, check_embeddings, check_float, check_int, param_error
+
+logger = logging.getLogger(__name__)
+
+Metric = Literal["l2", "ip"]
+IndexKind = Literal["auto", "flat", "ivf", "hnsw"]
+
+#: Bases up to this many rows use the exact flat index under ``index="auto"``.
+FLAT_MAX_BASE = 200_000
+# FAISS marks an empty result slot with this index and with +-FLT_MAX as the distance.
+_FAISS_EMPTY = -1
+
+
+@dataclass(frozen=True)
+class KnnResult:
+    """Neighbours of each query, nearest first.
+
+    Attributes
+    ----------
+    distances : ndarray of shape (n_queries, k), float32
+        Squared L2 distances (``metric="l2"``) or inner products (``metric="ip"``). Padding slots
+        hold ``+inf`` (l2) or ``-inf`` (ip).
+    indices : ndarray of shape (n_queries, k), int64
+        Rows of the base; padding slots hold ``-1``.
+    metric : {"l2", "ip"}
+    index : str
+        The index actually used: ``"flat"``, ``"ivf"`` or ``"hnsw"``.
+
+    Unpacks as ``distances, indices = knn_search(...)``.
+    """
+
+    distances: np.ndarray
+    indices: np.ndarray
+    metric: str
+    index: str
+
+    @property
+    def valid(self) -> np.ndarray:
+        """Boolean mask of shape (n_queries, k): True where the slot is a real neighbour."""
+        return self.indices >= 0
+
+    @property
+    def counts(self) -> np.ndarray:
+        """Number of real neighbours per query, shape (n_queries,)."""
+        return self.valid.sum(axis=1)
+
+    def __iter__(self):  # tuple-style unpacking
+        return iter((self.distances, self.indices))
+
+
+def _faiss() -> Any:
+    try:
+        import faiss
+    except ImportError as err:  # pragma: no cover - faiss-cpu is a hard dependency
+        raise ImportError("hf_otselect.knn needs FAISS: pip install faiss-cpu (or faiss-gpu-cu12).") from err
+    return faiss
+
+
+def _use_gpu(device: str | None) -> bool:
+    check_choice(device, "device", "knn_search", [None, "cpu", "cuda"])
+    faiss = _faiss()
+    n_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if device == "cuda" and n_gpus == 0:
+        raise param_error("device", "knn_search", "'cpu' or None when FAISS has no GPU", device)
+    return n_gpus > 0 and device != "cpu"
+
+
+def default_nlist(n_base: int) -> int:
+    """IVF list count for a base of ``n_base`` rows: about ``sqrt(n)``, at least 1.
+
+    ``sqrt(n)`` (rather than FAISS's usual ``4 sqrt(n)``) keeps k-means training and assignment
+    affordable on a few CPU cores; recall is then tuned with ``nprobe``.
+    """
+    return int(max(1, min(n_base // 39, round(np.sqrt(n_base)))))
+
+
+def build_index(
+    base: np.ndarray,
+    *,
+    metric: Metric = "l2",
+    index: Literal["flat", "ivf", "hnsw"] = "flat",
+    nlist: int | None = None,
+    hnsw_m: int = 32,
+    seed: int = 0,
+    gpu: bool = False,
+) -> Any:
+    """Build and fill a FAISS index over ``base`` (float32, C-contiguous, shape (n, dim)).
+
+    IVF is trained on at most ``64 * nlist`` rows drawn with a ``numpy.random.Generator(seed)``,
+    and the k-means itself is seeded, so the same inputs give the same index.
+    """
+    faiss = _faiss()
+    n, dim = base.shape
+    faiss_metric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+    if index == "flat":
+        idx = faiss.IndexFlatL2(dim) if metric == "l2" else faiss.IndexFlatIP(dim)
+    elif index == "hnsw":
+        idx = faiss.IndexHNSWFlat(dim, hnsw_m, faiss_metric)
+        idx.hnsw.efConstruction = 64
+    else:
+        nlist = default_nlist(n) if nlist is None else nlist
+        quantizer = faiss.IndexFlatL2(dim) if metric == "l2" else faiss.IndexFlatIP(dim)
+        idx = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss_metric)
+        idx.cp.seed = seed
+        n_train = min(n, 64 * nlist)
+        rng = np.random.default_rng(seed)
+        train = base if n_train == n else base[np.sort(rng.choice(n, n_train, replace=False))]
+        idx.train(train)
+    if gpu and index != "hnsw":  # FAISS has no GPU HNSW; flat and IVF move over
+        idx = faiss.index_cpu_to_all_gpus(idx)
+    idx.add(base)
+    return idx
+
+
+def _check_common(queries: Any, base: Any, metric: str, index: str, owner: str, kinds: list[str]):
+    base = check_embeddings(base, "base", owner)
+    queries = check_embeddings(queries, "queries", owner, dim=base.shape[1])
+    check_choice(metric, "metric", owner, ["l2", "ip"])
+    check_choice(index, "index", owner, kinds)
+    return queries, base
+
+
+def knn_search(
+    queries: Any,
+    base: Any,
+    k: int,
+    *,
+    metric: Metric = "l2",
+    index: IndexKind = "auto",
+    nprobe: int | None = None,
+    nlist: int | None = None,
+    ef_search: int | None = None,
+    device: Literal["cpu", "cuda"] | None = None,
+    seed: int = 0,
+    prebuilt: Any = None,
+) -> KnnResult:
+    """The ``k`` nearest rows of ``base`` for each query.
+
+    Parameters
+    ----------
+    queries : ndarray of shape (n_queries, dim)
+    base : ndarray of shape (n_base, dim)
+    k : int
+        Neighbours per query, ``>= 1``; values above ``n_base`` are clipped to ``n_base``.
+    metric : {"l2", "ip"}
+        Squared Euclidean distance or inner product (cosine on unit rows).
+    index : {"auto", "flat", "ivf", "hnsw"}
+        ``"flat"`` is exact. ``"auto"`` picks flat for ``n_base <= FLAT_MAX_BASE`` (200,000) and
+        IVF above. ``"ivf"``: ``IndexIVFFlat`` with ``nlist`` lists (:func:`default_nlist`);
+        ``"hnsw"``: ``IndexHNSWFlat`` (32 links, efConstruction 64), CPU only.
+    nprobe : int, optional
+        IVF lists visited per query (default ``max(8, nlist // 16)``).
+    nlist : int, optional
+        IVF list count.
+    ef_search : int, optional
+        HNSW search depth (default ``max(64, 2 * k)``).
+    device : {"cpu", "cuda"}, optional
+        None uses a GPU when FAISS has one; ``"cpu"`` forces CPU.
+    seed : int
+        Seeds the IVF training sample and k-means.
+    prebuilt : faiss.Index, optional
+        An index already filled with ``base`` (from :func:`build_index`), reused instead of
+        building a new one; ``index`` is then only reported.
+
+    Returns
+    -------
+    KnnResult
+        ``distances`` and ``indices`` of shape (n_queries, min(k, n_base)), nearest first, with
+        padding masked as described in the module docstring.
+    """
+    owner = "knn_search"
+    queries, base = _check_common(queries, base, metric, index, owner, ["auto", "flat", "ivf", "hnsw"])
+    k = check_int(k, "k", owner, 1)
+    seed = check_int(seed, "seed", owner, 0)
+    n = base.shape[0]
+    k = min(k, n)
+    kind = ("flat" if n <= FLAT_MAX_BASE else "ivf") if index == "auto" else index
+    if nlist is not None:
+        nlist = check_int(nlist, "nlist", owner, 1, n)
+    gpu = _use_gpu(device)
+    idx = prebuilt if prebuilt is not None else build_index(base, metric=metric, index=kind, nlist=nlist, seed=seed, gpu=gpu)
+    if kind == "ivf":
+        n_lists = idx.nlist if hasattr(idx, "nlist") else (nlist or default_nlist(n))
+        probe = max(8, n_lists // 16) if nprobe is None else check_int(nprobe, "nprobe", owner, 1)
+        idx.nprobe = min(probe, n_lists)
+    elif kind == "hnsw":
+        idx.hnsw.efSearch = max(64, 2 * k) if ef_search is None else check_int(ef_search, "ef_search", owner, 1)
+    logger.debug("knn_search: %d queries, base %d, k=%d, %s/%s, gpu=%s", len(queries), n, k, kind, metric, gpu)
+    dist, ind = idx.search(queries, k)
+    ind = np.asarray(ind, dtype=np.int64)
+    dist = np.asarray(dist, dtype=np.float32)
+    pad = ind == _FAISS_EMPTY
+    if pad.any():
+        # FAISS puts empty slots last in each row with +-FLT_MAX; mark them unmistakably.
+        dist = dist.copy()
+        dist[pad] = np.inf if metric == "l2" else -np.inf
+        logger.info("knn_search: %d of %d neighbour slots unfilled by the %s index (masked as -1).", int(pad.sum()), pad.size, kind)
+    return KnnResult(distances=dist, indices=ind, metric=metric, index=kind)
+
+
+def radius_search(
+    queries: Any,
+    base: Any,
+    radius: float,
+    *,
+    metric: Metric = "l2",
+    index: Literal["auto", "flat", "ivf"] = "auto",
+    nprobe: int | None = None,
+    nlist: int | None = None,
+    seed: int = 0,
+    prebuilt: Any = None,
+    batch_size: int = 20_000,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every row of ``base`` within ``radius`` of each query.
+
+    Parameters
+    ----------
+    queries : ndarray of shape (n_queries, dim)
+    base : ndarray of shape (n_base, dim)
+    radius : float
+        For ``metric="l2"`` a **squared** Euclidean distance: rows with ``dist < radius`` (strict,
+        as FAISS) are returned, so ``radius > 0``. For ``metric="ip"``: rows with inner product
+        ``> radius``.
+    metric : {"l2", "ip"}
+    index : {"auto", "flat", "ivf"}
+        ``"auto"`` and ``"flat"`` are exact (brute force, every base size). ``"ivf"`` visits only
+        ``nprobe`` lists and can miss neighbours that fall in other lists.
+    nprobe, nlist, seed, prebuilt
+        As for :func:`knn_search`.
+    batch_size : int
+        Queries per FAISS call; bounds the peak size of one result batch.
+
+    Returns
+    -------
+    lims : ndarray of shape (n_queries + 1,), int64
+        Query ``i``'s results are ``distances[lims[i]:lims[i+1]]`` / ``indices[...]``.
+    distances : ndarray of shape (lims[-1],), float32
+        Squared L2 distances (or inner products), each query's block sorted nearest first.
+    indices : ndarray of shape (lims[-1],), int64
+        Rows of ``base``; never ``-1``.
+    """
+    owner = "radius_search"
+    queries, base = _check_common(queries, base, metric, index, owner, ["auto", "flat", "ivf"])
+    radius = check_float(radius, "radius", owner, 0.0 if metric == "l2" else None, low_open=True)
+    seed = check_int(seed, "seed", owner, 0)
+    batch_size = check_int(batch_size, "batch_size", owner, 1)
+    kind = "flat" if index == "auto" else index
+    if nlist is not None:
+        nlist = check_int(nlist, "nlist", owner, 1, base.shape[0])
+    idx = prebuilt if prebuilt is not None else build_index(base, metric=metric, index=kind, nlist=nlist, seed=seed)
+    if kind == "ivf":
+        probe = max(8, idx.nlist // 16) if nprobe is None else check_int(nprobe, "nprobe", owner, 1)
+        idx.nprobe = min(probe, idx.nlist)
+    lims_parts, dist_parts, ind_parts = [np.zeros(1, dtype=np.int64)], [], []
+    offset = 0
+    for start in range(0, len(queries), batch_size):
+        lims, dist, ind = idx.range_search(queries[start : start + batch_size], radius)
+        lims_parts.append(np.asarray(lims[1:], dtype=np.int64) + offset)
+        offset += int(lims[-1])
+        dist_parts.append(np.asarray(dist, dtype=np.float32))
+        ind_parts.append(np.asarray(ind, dtype=np.int64))
+    lims = np.concatenate(lims_parts)
+    dist = np.concatenate(dist_parts) if dist_parts else np.zeros(0, np.float32)
+    ind = np.concatenate(ind_parts) if ind_parts else np.zeros(0, np.int64)
+    # Sort each query's block nearest first (ties by base row) in one vectorised lexsort.
+    owner_row = np.repeat(np.arange(len(queries)), np.diff(lims))
+    key = dist if metric == "l2" else -dist
+    order = np.lexsort((ind, key, owner_row))
+    return lims, dist[order], ind[order]
+
+
+def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
+    """Fraction of the exact neighbours (``exact``, shape (m, k)) found in ``approx`` (shape (m, k')).
+
+    Padding (``-1``) in ``approx`` never counts as a hit.
+    """
+    approx = np.asarray(approx)
+    exact = np.asarray(exact)
+    if approx.ndim != 2 or exact.ndim != 2 or approx.shape[0] != exact.shape[0]:
+        raise param_error("approx", "recall_at_k", "a 2-D array with as many rows as exact", f"shapes {approx.shape} and {exact.shape}")
+    hits = 0
+    m = exact.shape[0]
+    # Row-wise set intersection via sorting; offset rows so they never collide.
+    big = int(max(approx.max(initial=0), exact.max(initial=0))) + 2
+    rows = np.arange(m, dtype=np.int64)[:, None] * big
+    a = np.where(approx >= 0, approx + rows, -1).ravel()
+    e = (exact + rows).ravel()
+    hits = np.isin(e, a[a >= 0]).sum()
+    return float(hits) / e.size

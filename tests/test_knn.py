@@ -1,0 +1,124 @@
+"""hf_otselect.knn: exact search against brute force, padding never a neighbour, ANN recall."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hf_otselect import knn
+
+
+def _clustered(n: int, dim: int = 16, n_centers: int = 20, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(n_centers, dim)) * 4
+    return (centers[rng.integers(0, n_centers, n)] + rng.normal(size=(n, dim))).astype(np.float32)
+
+
+def _brute_sq(q: np.ndarray, b: np.ndarray) -> np.ndarray:
+    q64, b64 = q.astype(np.float64), b.astype(np.float64)
+    return ((q64[:, None, :] - b64[None, :, :]) ** 2).sum(-1)
+
+
+def test_flat_matches_brute_force_l2_and_ip():
+    base = _clustered(300, seed=1)
+    queries = _clustered(7, seed=2)
+    res = knn.knn_search(queries, base, 10, index="flat")
+    sq = _brute_sq(queries, base)
+    expected = np.argsort(sq, axis=1, kind="stable")[:, :10]
+    np.testing.assert_array_equal(res.indices, expected)
+    np.testing.assert_allclose(res.distances, np.take_along_axis(sq, expected, 1), rtol=1e-4, atol=1e-3)
+    assert res.index == "flat" and res.valid.all()
+    dist, ind = knn.knn_search(queries, base, 5, metric="ip")  # tuple unpacking
+    ip = queries.astype(np.float64) @ base.T.astype(np.float64)
+    np.testing.assert_array_equal(ind, np.argsort(-ip, axis=1, kind="stable")[:, :5])
+
+
+def test_k_larger_than_base_is_clipped_never_padding():
+    base = _clustered(6, seed=3)
+    res = knn.knn_search(base[:2], base, 50)
+    assert res.indices.shape == (2, 6)
+    assert (res.indices >= 0).all() and np.isfinite(res.distances).all()
+    # Every base row appears exactly once per query.
+    np.testing.assert_array_equal(np.sort(res.indices, axis=1), np.tile(np.arange(6), (2, 1)))
+
+
+def test_ivf_padding_is_masked():
+    base = _clustered(2000, seed=4)
+    # 40 lists, 1 probed: a list holds far fewer than 1000 rows, so FAISS pads each row.
+    res = knn.knn_search(base[:5], base, 1000, index="ivf", nlist=40, nprobe=1)
+    assert not res.valid.all()
+    assert (res.indices[~res.valid] == -1).all()
+    assert np.isposinf(res.distances[~res.valid]).all()
+    assert (res.indices[res.valid] >= 0).all() and np.isfinite(res.distances[res.valid]).all()
+    # Valid slots come first in each row, nearest first.
+    for row_valid, row_dist, c in zip(res.valid, res.distances, res.counts):
+        assert row_valid[:c].all() and not row_valid[c:].any()
+        assert np.all(np.diff(row_dist[:c]) >= 0)
+    # Each query finds itself at distance ~0 first.
+    np.testing.assert_array_equal(res.indices[:, 0], np.arange(5))
+
+
+@pytest.mark.parametrize("kind, kwargs", [("ivf", {"nprobe": 8}), ("hnsw", {})])
+def test_approximate_recall_on_clustered_data(kind, kwargs):
+    base = _clustered(5000, seed=5)
+    queries = _clustered(50, seed=6)
+    exact = knn.knn_search(queries, base, 10, index="flat")
+    approx = knn.knn_search(queries, base, 10, index=kind, **kwargs)
+    assert approx.index == kind
+    assert knn.recall_at_k(approx.indices, exact.indices) >= 0.9
+
+
+def test_recall_at_k_counts_hits_not_padding():
+    exact = np.array([[0, 1], [2, 3]])
+    assert knn.recall_at_k(np.array([[1, 0], [3, -1]]), exact) == 0.75
+    assert knn.recall_at_k(np.array([[-1, -1], [-1, -1]]), exact) == 0.0
+
+
+def test_radius_search_exact_l2_and_ip():
+    base = _clustered(400, seed=7)
+    queries = np.vstack([base[:3], _clustered(4, seed=8)])
+    sq = _brute_sq(queries, base)
+    radius = float(np.quantile(sq, 0.05))
+    lims, dist, ind = knn.radius_search(queries, base, radius)
+    assert lims.shape == (8,) and lims[0] == 0 and lims[-1] == ind.size == dist.size
+    for i in range(len(queries)):
+        got = ind[lims[i] : lims[i + 1]]
+        want = np.nonzero(sq[i] < radius)[0]
+        # float32 vs float64 may disagree only for points within rounding of the radius
+        border = np.abs(sq[i] - radius) < 1e-3 * radius
+        assert set(got) - set(np.nonzero(border)[0]) == set(want) - set(np.nonzero(border)[0])
+        assert np.all(np.diff(dist[lims[i] : lims[i + 1]]) >= 0)
+        assert (got >= 0).all()
+    # A base row is its own neighbour at distance 0.
+    assert ind[lims[0]] == 0 and dist[lims[0]] <= 1e-3
+    ip = queries.astype(np.float64) @ base.T.astype(np.float64)
+    thr = float(np.quantile(ip, 0.97))
+    lims, dist, ind = knn.radius_search(queries, base, thr, metric="ip", batch_size=3)
+    for i in range(len(queries)):
+        assert set(ind[lims[i] : lims[i + 1]]) == set(np.nonzero(ip[i] > thr)[0])
+        assert np.all(np.diff(dist[lims[i] : lims[i + 1]]) <= 0)
+
+
+def test_radius_search_empty_result():
+    base = _clustered(50, seed=9)
+    lims, dist, ind = knn.radius_search(base[:2] + 1000.0, base, 1.0)
+    np.testing.assert_array_equal(lims, [0, 0, 0])
+    assert dist.size == 0 and ind.size == 0
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda b: knn.knn_search(b, b, 0), "'k' parameter of knn_search"),
+        (lambda b: knn.knn_search(b, b, 3, metric="cosine"), "'metric' parameter"),
+        (lambda b: knn.knn_search(b, b, 3, index="lsh"), "'index' parameter"),
+        (lambda b: knn.knn_search(b[:, :3], b, 3), "'queries' parameter"),
+        (lambda b: knn.knn_search(b, b, 3, device="tpu"), "'device' parameter"),
+        (lambda b: knn.radius_search(b, b, 0.0), "'radius' parameter of radius_search"),
+        (lambda b: knn.radius_search(b, b, 1.0, index="hnsw"), "'index' parameter"),
+    ],
+)
+def test_bad_parameters_raise(call, match):
+    base = _clustered(20, seed=10)
+    with pytest.raises((ValueError, TypeError), match=match):
+        call(base)

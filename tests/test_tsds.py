@@ -1,0 +1,230 @@
+"""TSDS: closed form against the paper's toy example and against scipy's LP solver, invariants."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from scipy.optimize import linprog
+
+from hf_otselect.selectors import tsds as tsds_mod
+from hf_otselect.selectors.tsds import TSDSSelector, knn_kde_allocation, sample_epochs
+
+
+def _toy() -> tuple[np.ndarray, np.ndarray]:
+    """The paper's toy example: a query at the origin; candidates at 0.1, 0.2, 0.3 (x3), 0.4, 0.5."""
+    x = np.zeros((7, 2), dtype=np.float32)
+    x[:, 0] = [0.1, 0.2, 0.3, 0.3, 0.3, 0.4, 0.5]
+    return x, np.zeros((1, 2), dtype=np.float32)
+
+
+def _density(x: np.ndarray, h: float, n_kde: int) -> np.ndarray:
+    """Brute-force Epanechnikov density over the n_kde nearest points (self included)."""
+    x = x.astype(np.float64)
+    sq = ((x[:, None] - x[None]) ** 2).sum(-1)
+    nearest = np.sort(sq, axis=1)[:, :n_kde]
+    return np.maximum(0.0, 1.0 - nearest / h**2).sum(1)
+
+
+def _lp_optimum(y, x, rho, alpha, C):
+    """Solve min (a/C) sum g d + (1-a) M t  s.t. rows sum to 1/M, rho_j g_ij <= t, g >= 0 with HiGHS."""
+    m, n = len(y), len(x)
+    d = np.sqrt(((y.astype(np.float64)[:, None] - x.astype(np.float64)[None]) ** 2).sum(-1))
+    c = np.concatenate([alpha / C * d.ravel(), [(1 - alpha) * m]])
+    a_eq = np.zeros((m, m * n + 1))
+    for i in range(m):
+        a_eq[i, i * n : (i + 1) * n] = 1
+    a_ub = np.zeros((m * n, m * n + 1))
+    a_ub[np.arange(m * n), np.arange(m * n)] = np.tile(rho, m)
+    a_ub[:, -1] = -1
+    res = linprog(c, A_ub=a_ub, b_ub=np.zeros(m * n), A_eq=a_eq, b_eq=np.full(m, 1 / m), bounds=(0, None), method="highs")
+    assert res.status == 0
+    return res.fun, d
+
+
+def _objective(gamma, d, rho, alpha, C):
+    m = gamma.shape[0]
+    return alpha / C * (gamma * d).sum() + (1 - alpha) * m * (gamma * rho[None]).max()
+
+
+def test_toy_example_knn_uniform():
+    x, y = _toy()
+    p = TSDSSelector(alpha=0.5, C=1.0, sigma=0.0, max_K=7, kde_K=7).score(x, y)
+    np.testing.assert_allclose(p, [1 / 6] * 6 + [0], atol=1e-12)
+    assert p[2:5].sum() == pytest.approx(0.5)
+
+
+def test_toy_example_knn_kde():
+    x, y = _toy()
+    p = TSDSSelector(alpha=0.5, C=1.0, sigma=0.05, max_K=7, kde_K=7).score(x, y)
+    np.testing.assert_allclose(p, [0.25, 0.25, 1 / 12, 1 / 12, 1 / 12, 0.25, 0.0], atol=1e-9)
+    # This instance sits exactly on a flat piece of the objective: moving mass to the 0.5
+    # candidate costs as much alignment as it saves diversity. Our plan is one of the optima.
+    rho = _density(x, 0.05, 7)
+    np.testing.assert_allclose(rho, [1, 1, 3, 3, 3, 1, 1])
+    best, d = _lp_optimum(y, x, rho, 0.5, 1.0)
+    assert _objective(p[None], d, rho, 0.5, 1.0) == pytest.approx(best, abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("kernel", ["uniform", "kde"])
+def test_closed_form_equals_linear_program(seed, kernel):
+    rng = np.random.default_rng(seed)
+    m, n, dim = 3, 14, 3
+    x = rng.normal(size=(n, dim)).astype(np.float32)
+    x[5:8] = x[4] + 0.05 * rng.normal(size=(3, dim)).astype(np.float32)  # a near-duplicate clump
+    y = rng.normal(size=(m, dim)).astype(np.float32)
+    alpha, C, h = [0.3, 0.5, 0.8][seed % 3], [1.0, 5.0][seed % 2], 0.6
+    n_kde = n if seed % 2 else 3
+    rho = _density(x, h, n_kde) if kernel == "kde" else np.ones(n)
+    best, d = _lp_optimum(y, x, rho, alpha, C)
+    order = np.argsort(d, axis=1, kind="stable")
+    gamma_sorted, _, _ = knn_kde_allocation(np.take_along_axis(d, order, 1), 1 / rho[order], alpha=alpha, C=C)
+    gamma = np.zeros((m, n))
+    np.put_along_axis(gamma, order, gamma_sorted, 1)
+    np.testing.assert_allclose(gamma.sum(1), 1 / m, atol=1e-15)
+    assert gamma.min() >= 0
+    assert _objective(gamma, d, rho, alpha, C) == pytest.approx(best, abs=1e-6)
+    # The selector (FAISS neighbours, its own densities) gives the same p.
+    sel = TSDSSelector(alpha=alpha, C=C, sigma=h if kernel == "kde" else 0.0, max_K=n, kde_K=n_kde, kernel=kernel)
+    np.testing.assert_allclose(sel.score(x, y), gamma.sum(0), atol=1e-9)
+
+
+def _blobs(n: int, dim: int = 8, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+
+
+def test_alpha_one_puts_each_query_on_its_nearest_even_when_its_budget_is_exceeded():
+    x = _blobs(60, seed=1)
+    y = _blobs(5, seed=2)
+    # Query 0's nearest candidate sits in a clump of 4 exact duplicates: a large density, so the
+    # water level of the others exceeds its budget (K_i = 0 in the published code's terms).
+    x[:4] = y[0] + 0.01
+    p = TSDSSelector(alpha=1.0, sigma=0.5, max_K=60, kde_K=60).score(x, y)
+    d = ((y[:, None].astype(np.float64) - x[None]) ** 2).sum(-1)
+    expected = np.bincount(np.argmin(d, axis=1), minlength=60) / 5.0
+    np.testing.assert_allclose(p, expected, atol=1e-12)
+    # Just below alpha = 1 the same holds (nearest neighbours are isolated by a margin).
+    p = TSDSSelector(alpha=1 - 1e-9, sigma=0.0, max_K=60).score(x[3:], y)
+    d = ((y[:, None].astype(np.float64) - x[3:][None]) ** 2).sum(-1)
+    np.testing.assert_allclose(p, np.bincount(np.argmin(d, axis=1), minlength=57) / 5.0, atol=1e-12)
+
+
+def test_alpha_zero_spreads_over_all_prefetched_neighbours():
+    x = _blobs(200, seed=3)
+    y = _blobs(4, seed=4)
+    sel = TSDSSelector(alpha=0.0, sigma=0.0, max_K=25)
+    p = sel.score(x, y)
+    d = ((y[:, None].astype(np.float64) - x[None]) ** 2).sum(-1)
+    nearest = np.argsort(d, axis=1)[:, :25]
+    expected = np.bincount(nearest.ravel(), minlength=200) / (4 * 25)
+    np.testing.assert_allclose(p, expected, atol=1e-12)
+    assert sel.diagnostics_["max_neighbourhood"] == 25
+
+
+def test_duplicate_injection_kde_invariant_uniform_not():
+    rng = np.random.default_rng(5)
+    base = rng.normal(size=(500, 16)).astype(np.float32)
+    y = rng.normal(size=(20, 16)).astype(np.float32)
+    dup = np.arange(5)  # 1% of the pool, each present 1000 times after injection
+    pool = np.vstack([base, np.repeat(base[dup], 999, axis=0)])
+    content = np.concatenate([dup, 500 + np.arange(5 * 999)])
+    n = len(pool)
+    kw = dict(alpha=0.05, C=5.0, max_K=n, kde_K=1000)
+    # sigma well below the spacing of distinct points (> 3 here) so densities count copies only
+    p0 = TSDSSelector(sigma=0.5, **kw).score(base, y)
+    p1 = TSDSSelector(sigma=0.5, **kw).score(pool, y)
+    assert p0[dup].sum() > 1e-3  # the duplicated content matters in the first place
+    assert p1[content].sum() == pytest.approx(p0[dup].sum(), abs=1e-9)
+    np.testing.assert_allclose(p1[5:500], p0[5:500], atol=1e-9)
+    u0 = TSDSSelector(sigma=0.0, **kw).score(base, y)
+    u1 = TSDSSelector(sigma=0.0, **kw).score(pool, y)
+    assert u1[content].sum() > 5 * u0[dup].sum()
+
+
+def test_lazy_density_widening_matches_full_width(monkeypatch):
+    rng = np.random.default_rng(6)
+    x = np.vstack([rng.normal(size=(300, 8)), rng.normal(size=(100, 8)) * 0.1]).astype(np.float32)
+    y = rng.normal(size=(10, 8)).astype(np.float32) * 0.3
+    sel = TSDSSelector(alpha=0.2, C=1.0, sigma=0.8, max_K=400, kde_K=50)
+    full = sel.score(x, y)
+    assert sel.diagnostics_["density_width"] == 128
+    monkeypatch.setattr(tsds_mod, "_FIRST_WIDTH", 2)
+    lazy = sel.score(x, y)
+    assert 2 < sel.diagnostics_["density_width"] <= 128  # it had to widen, and did
+    np.testing.assert_allclose(lazy, full, atol=1e-12)
+
+
+def test_probabilities_and_determinism():
+    x = _blobs(300, seed=7)
+    y = _blobs(12, seed=8)
+    sel = TSDSSelector(alpha=0.3, sigma=1.5, max_K=100, kde_K=30)
+    p = sel.score(x, y)
+    assert p.dtype == np.float64 and p.shape == (300,)
+    assert (p >= 0).all() and p.sum() == pytest.approx(1.0, abs=1e-12)
+    np.testing.assert_array_equal(p, TSDSSelector(alpha=0.3, sigma=1.5, max_K=100, kde_K=30).score(x, y))
+    perm = np.random.default_rng(0).permutation(300)
+    np.testing.assert_allclose(sel.score(x[perm], y), p[perm], atol=1e-12)  # order-invariant
+    a = sel.select(x, y, 50, seed=3)
+    np.testing.assert_array_equal(a.indices, sel.select(x, y, 50, seed=3).indices)
+    assert (p[a.indices] > 0).all()
+    b = TSDSSelector(alpha=0.3, sigma=1.5, max_K=100, kde_K=30, replace=False).select(x, y, 20, seed=3)
+    assert len(set(b.indices.tolist())) == 20
+
+
+def test_sample_epochs_seeded_and_distinct():
+    p = np.full(100, 0.01)
+    e = sample_epochs(p, 30, 3, seed=1)
+    assert e.shape == (3, 30) and e.dtype == np.int64
+    np.testing.assert_array_equal(e, sample_epochs(p, 30, 3, seed=1))
+    assert not np.array_equal(e[0], e[1])
+    e = sample_epochs(p, 100, 2, replace=False, seed=2)
+    assert all(sorted(r.tolist()) == list(range(100)) for r in e)
+
+
+def test_small_pools_work_and_caps_are_logged(caplog):
+    x, y = _blobs(3, seed=9), _blobs(2, seed=10)
+    with caplog.at_level(logging.WARNING, logger="hf_otselect.selectors.tsds"):
+        p = TSDSSelector().score(x, y)
+    assert "max_K=5000 exceeds the 3 candidates" in caplog.text
+    assert "kde_K=1000 exceeds the 3 candidates" in caplog.text
+    assert p.sum() == pytest.approx(1.0) and (p >= 0).all()
+    assert TSDSSelector(sigma=0.3).score(x[:1], y)[0] == pytest.approx(1.0)
+
+
+def test_ivf_index_path_close_to_exact():
+    rng = np.random.default_rng(11)
+    centers = rng.normal(size=(10, 16)) * 3
+    x = (centers[rng.integers(0, 10, 4000)] + rng.normal(size=(4000, 16))).astype(np.float32)
+    y = (centers[rng.integers(0, 3, 30)] + rng.normal(size=(30, 16))).astype(np.float32)
+    kw = dict(alpha=0.2, C=5.0, sigma=2.0, max_K=200, kde_K=100)
+    exact = TSDSSelector(index="flat", **kw).score(x, y)
+    approx = TSDSSelector(index="ivf", nprobe=16, **kw).score(x, y)
+    assert approx.sum() == pytest.approx(1.0)
+    assert 0.5 * np.abs(exact - approx).sum() < 0.05  # total variation
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"alpha": 1.5}, "'alpha' parameter of TSDSSelector must be a float in \\[0.0, 1.0\\]"),
+        ({"C": 0.0}, "'C' parameter"),
+        ({"sigma": -0.1}, "'sigma' parameter"),
+        ({"max_K": 0}, "'max_K' parameter"),
+        ({"kde_K": 2.5}, "'kde_K' parameter"),
+        ({"kernel": "tv"}, "'kernel' parameter"),
+        ({"replace": "yes"}, "'replace' parameter"),
+        ({"index": "lsh"}, "'index' parameter"),
+    ],
+)
+def test_bad_parameters_raise(params, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        TSDSSelector(**params)
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match="'target' parameter of TSDSSelector.score"):
+        TSDSSelector().score(_blobs(10), _blobs(2, dim=4))
+    with pytest.raises(ValueError, match="'n_epochs' parameter of sample_epochs"):
+        sample_epochs(np.ones(3) / 3, 2, 0)
