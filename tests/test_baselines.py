@@ -1,0 +1,239 @@
+"""Baselines against independent computations and planted ground truths."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+from sklearn.metrics.pairwise import cosine_similarity
+
+from hf_otselect.selectors.baselines import DSIRSelector, RandomSelector, SimilaritySelector, dsir_ngrams
+from hf_otselect.selectors.base import get_selector
+
+
+def _clusters(seed: int = 0, n_per: int = 40, n_clusters: int = 5, dim: int = 16):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_clusters, dim)) * 3
+    labels = np.repeat(np.arange(n_clusters), n_per)
+    x = (centres[labels] + rng.normal(size=(labels.size, dim))).astype(np.float32)
+    return x, labels, centres, rng
+
+
+# ----------------------------------------------------------------------------------------- random
+def test_random_is_a_seeded_uniform_subset():
+    x = np.random.default_rng(0).normal(size=(30, 4)).astype(np.float32)
+    sel = RandomSelector()
+    a = sel.select(x, x[:3], 30, seed=3).indices
+    assert sorted(a.tolist()) == list(range(30))  # k = n: a permutation
+    assert np.array_equal(a, sel.select(x, x[:3], 30, seed=3).indices)
+    assert not np.array_equal(a, sel.select(x, x[:3], 30, seed=4).indices)
+    # Uniformity: over 3000 seeds, the first draw is uniform on the 30 rows (chi-square test).
+    first = [sel.select(x, x[:3], 1, seed=s).indices[0] for s in range(3000)]
+    counts = np.bincount(first, minlength=30)
+    assert stats.chisquare(counts).pvalue > 1e-3
+
+
+def test_random_with_replacement_allows_k_above_n():
+    x = np.zeros((5, 2), dtype=np.float32)
+    idx = RandomSelector(replace=True).select(x, x, 50, seed=0).indices
+    assert idx.shape == (50,) and set(idx.tolist()) <= set(range(5)) and len(set(idx.tolist())) == 5
+
+
+# ------------------------------------------------------------------------------------- similarity
+def test_similarity_mean_and_max_equal_sklearn_cosine():
+    x, _, _, rng = _clusters()
+    y = rng.normal(size=(7, x.shape[1])).astype(np.float32)
+    cos = cosine_similarity(x.astype(np.float64), y.astype(np.float64))
+    for block in (3, 16384):
+        np.testing.assert_allclose(SimilaritySelector(reduce="mean", block_size=block).score(x, y), cos.mean(1), atol=1e-6)
+        np.testing.assert_allclose(SimilaritySelector(reduce="max", block_size=block).score(x, y), cos.max(1), atol=1e-6)
+
+
+def _round_robin_reference(x: np.ndarray, y: np.ndarray) -> list[int]:
+    """Plain loop: each target point in turn offers its next nearest candidate; repeats skipped."""
+    cos = cosine_similarity(x.astype(np.float64), y.astype(np.float64))
+    lists = [sorted(range(len(x)), key=lambda i: (-cos[i, j], i)) for j in range(len(y))]
+    seen: list[int] = []
+    for r in range(len(x)):
+        for j in range(len(y)):
+            if lists[j][r] not in seen:
+                seen.append(lists[j][r])
+    return seen
+
+
+@pytest.mark.parametrize("block", [7, 16384])
+def test_round_robin_top_k_reproduces_the_reference_order(block):
+    x, _, _, rng = _clusters(n_per=12)
+    y = rng.normal(size=(4, x.shape[1])).astype(np.float32)
+    ref = _round_robin_reference(x, y)
+    sel = SimilaritySelector(reduce="round_robin", block_size=block)
+    for k in (1, 4, 9, len(x)):
+        assert sel.select(x, y, k).indices.tolist() == ref[:k]
+
+
+def test_round_robin_rounds_are_knn_tapt_unions_and_truncation_is_exact_on_its_prefix():
+    x, _, _, rng = _clusters(n_per=20)
+    y = rng.normal(size=(5, x.shape[1])).astype(np.float32)
+    cos = cosine_similarity(x, y)
+    full = SimilaritySelector(reduce="round_robin").score(x, y)
+    for r in (1, 3, 6):
+        union = set(np.argsort(-cos, axis=0, kind="stable")[:r].ravel().tolist())
+        top = np.argsort(-full, kind="stable")[: len(union)]
+        assert set(top.tolist()) == union
+    short = SimilaritySelector(reduce="round_robin", n_neighbors=6)
+    s = short.score(x, y)
+    reached = short.diagnostics_["n_reached"]
+    assert np.array_equal(np.argsort(-s, kind="stable")[:reached], np.argsort(-full, kind="stable")[:reached])
+    rest = np.argsort(-s, kind="stable")[reached:]  # the others follow by max cosine
+    assert np.all(np.diff(cos.max(1)[rest]) <= 1e-6)
+
+
+def test_similarity_finds_the_planted_cluster():
+    x, labels, centres, rng = _clusters(n_per=40)
+    y = (centres[2] + rng.normal(size=(10, x.shape[1]))).astype(np.float32)
+    for reduce in ("mean", "max", "round_robin"):
+        idx = get_selector("similarity", reduce=reduce).select(x, y, 40).indices
+        assert (labels[idx] == 2).mean() >= 0.95, reduce
+
+
+# ------------------------------------------------------------------------------------------- DSIR
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
+
+
+def _rows(name: str) -> list[dict]:
+    with (SAMPLE / name).open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def _exact_log_weights(cands: list[str], target: list[str], delta: float = 1e-8) -> np.ndarray:
+    """The DSIR log weight from unhashed n-gram dictionaries (equal to the hashed one without collisions)."""
+    tgt = Counter(g for t in target for g in dsir_ngrams(t))
+    raw = Counter(g for t in cands for g in dsir_ngrams(t))
+    nt, nr = sum(tgt.values()), sum(raw.values())
+    out = []
+    for t in cands:
+        c = Counter(dsir_ngrams(t))
+        out.append(sum(v * (np.log(tgt[g] / nt + delta) - np.log(raw[g] / nr + delta)) for g, v in c.items()))
+    return np.array(out)
+
+
+def test_dsir_ngrams_match_the_reference_tokeniser():
+    nltk = pytest.importorskip("nltk.tokenize")
+    text = "Aspirin (ASA) inhibits COX-1; it's 2.5x stronger!  Über café."
+    words = nltk.WordPunctTokenizer().tokenize(text.lower())
+    assert dsir_ngrams(text, 1) == words
+    assert dsir_ngrams(text, 2) == words + [f"{a} {b}" for a, b in zip(words, words[1:])]
+
+
+def _bucket(gram: str, buckets: int) -> int:
+    """scikit-learn's HashingVectorizer index: |signed MurmurHash3 (seed 0)| mod n_features."""
+    from sklearn.utils import murmurhash3_32
+
+    return abs(murmurhash3_32(gram, seed=0)) % buckets
+
+
+def _clean_rows(texts: list[str], others: list[str], bucket) -> np.ndarray:
+    """Rows of ``texts`` none of whose n-grams shares a bucket with another n-gram of the corpus."""
+    grams = {g for t in texts + others for g in dsir_ngrams(t)}
+    owners = Counter(bucket(g) for g in grams)
+    return np.array([all(owners[bucket(g)] == 1 for g in dsir_ngrams(t)) for t in texts])
+
+
+def test_dsir_log_weights_equal_a_direct_computation():
+    pool = [r["text"] for r in _rows("pool.jsonl")[:120]]
+    target = [r["text"] for r in _rows("target.jsonl")[:40]]
+    buckets = 5000
+    got = DSIRSelector(num_buckets=buckets).score(pool, target)
+    # Same formula with dictionaries keyed by bucket: equal whatever the collisions.
+    tgt = Counter(_bucket(g, buckets) for t in target for g in dsir_ngrams(t))
+    raw = Counter(_bucket(g, buckets) for t in pool for g in dsir_ngrams(t))
+    nt, nr = sum(tgt.values()), sum(raw.values())
+    ref = [
+        sum(v * (np.log(tgt[b] / nt + 1e-8) - np.log(raw[b] / nr + 1e-8)) for b, v in Counter(_bucket(g, buckets) for g in dsir_ngrams(t)).items())
+        for t in pool
+    ]
+    np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-7)
+    # With many buckets, texts free of collisions get the exact (unhashed) n-gram weight.
+    buckets = 2**24
+    clean = _clean_rows(pool, target, lambda g: _bucket(g, buckets))
+    assert clean.mean() > 0.8
+    got = DSIRSelector(num_buckets=buckets).score(pool, target)
+    np.testing.assert_allclose(got[clean], _exact_log_weights(pool, target)[clean], rtol=1e-9, atol=1e-6)
+
+
+def test_dsir_matches_the_data_selection_package(tmp_path):
+    ds = pytest.importorskip("data_selection")
+    # Recent nltk tokenises with the `regex` engine, whose \w also takes combining marks (U+0333
+    # in one pool text); the stdlib `re` we use (as older nltk did) splits them off. Keep the texts
+    # on which the two tokenisers agree, so both fit the same n-gram totals.
+    wpt = ds.hashed_ngram_dsir.wpt
+    agree = [t for t in (r["text"] for r in _rows("pool.jsonl")) if wpt.tokenize(t.lower()) == dsir_ngrams(t, 1)]
+    pool = agree[:60]
+    target = [r["text"] for r in _rows("target.jsonl")[:30]]
+    assert all(wpt.tokenize(t.lower()) == dsir_ngrams(t, 1) for t in target)
+    for name, texts in (("raw", pool), ("tgt", target)):
+        with (tmp_path / f"{name}.jsonl").open("w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps({"text": t}) + "\n" for t in texts)
+    buckets = 2**21
+    ref = ds.HashedNgramDSIR(
+        [str(tmp_path / "raw.jsonl")], [str(tmp_path / "tgt.jsonl")], str(tmp_path / "cache"),
+        num_proc=1, num_buckets=buckets, min_example_length=0,
+    )
+    ref.fit_importance_estimator(num_tokens_to_fit="all")
+    ref.compute_importance_weights()
+    theirs = np.load(tmp_path / "cache" / "log_importance_weights" / "0.npy")
+    # The two hash functions (their SHA-256, our MurmurHash3) collide on different n-grams; on the
+    # texts where neither collides, both equal the exact n-gram weight, hence each other.
+    ours = DSIRSelector(num_buckets=buckets).score(pool, target)
+    sha = ds.hashed_ngram_dsir.hash_buckets
+    clean = _clean_rows(pool, target, lambda g: _bucket(g, buckets)) & _clean_rows(pool, target, lambda g: sha(g, buckets))
+    assert clean.sum() >= 30
+    np.testing.assert_allclose(ours[clean], theirs[clean], rtol=1e-9, atol=1e-6)
+    assert stats.spearmanr(ours, theirs).statistic > 0.99
+
+
+def test_dsir_prefers_the_target_domain_and_resampling_is_seeded():
+    # Log weights add up over n-grams, so DSIR compares texts of equal length (the reference code
+    # drops texts under 100 tokens for this reason): use the first 25 tokens of each pool text.
+    rows = [r for r in _rows("pool.jsonl") if len(dsir_ngrams(r["text"], 1)) >= 25]
+    pool = [" ".join(dsir_ngrams(r["text"], 1)[:25]) for r in rows]
+    domain = np.array([r["domain"] for r in rows])
+    target = [r["text"] for r in _rows("target.jsonl")]
+    sel = DSIRSelector()
+    res = sel.select(pool, target, 100, seed=0)
+    # ChemProt (biomedical relation sentences) target: importance resampling keeps scientific
+    # biomedical text (PubMed abstracts and SciCite citation sentences, 2 of the 6 domains).
+    assert np.isin(domain[res.indices], ["biomedical", "citations"]).mean() > 0.7
+    assert (domain[res.indices] == "biomedical").mean() > 0.25
+    assert np.array_equal(res.indices, sel.select(pool, target, 100, seed=0).indices)
+    assert not np.array_equal(res.indices, sel.select(pool, target, 100, seed=1).indices)
+    top = DSIRSelector(resample=False).select(pool, target, 100).indices
+    assert np.array_equal(top, np.argsort(-res.scores, kind="stable")[:100])
+
+
+def test_dsir_resampling_draws_proportionally_to_the_weights():
+    # Unigrams only: raw frequencies are uniform, target ones 3:2:1:1, so w is proportional to
+    # (3, 2, 1, 1). Draw the first row 3000 times and compare its frequencies with w / sum(w).
+    sel = DSIRSelector(ngrams=1, num_buckets=64)
+    pool = ["alpha", "beta", "gamma", "delta"]
+    target = ["alpha alpha alpha beta beta gamma delta"]
+    logw = sel.score(pool, target)
+    p = np.exp(logw - logw.max())
+    p /= p.sum()
+    np.testing.assert_allclose(p, np.array([3, 2, 1, 1]) / 7, rtol=1e-6)
+    assert p.min() > 0.02  # every row has a visible share, so the test has power
+    firsts = np.bincount([sel.select(pool, target, 1, seed=s).indices[0] for s in range(3000)], minlength=4)
+    assert stats.chisquare(firsts, 3000 * p).pvalue > 1e-3
+
+
+def test_dsir_parameter_errors():
+    with pytest.raises(ValueError, match="'num_buckets' parameter of DSIRSelector"):
+        DSIRSelector(num_buckets=0).score(["a"], ["a"])
+    with pytest.raises(TypeError, match="'candidates' parameter"):
+        DSIRSelector().score(["a", 3], ["a"])
+    with pytest.raises(ValueError, match="'target' parameter"):
+        DSIRSelector().score(["a b"], ["   "])
