@@ -1,0 +1,812 @@
+"""The selection report: what was selected and why, before anyone trains on it.
+
+:func:`write_report` reads a job's output folder (``scored/``, ``selected/``, ``selection.json`` and,
+when saved, ``embeddings/pool.npy`` / ``embeddings/target.npy``) and writes into it
+
+- ``report.html``: a self-contained page (inline CSS, no script, no network) that shows the pool's
+  score distribution with the selection threshold, a 2-D projection of pool / target / selection,
+  the make-up of the selection by categorical columns, the budget curve (OT distance between the
+  target and the pool warmed with the top-k, against k, for the run's ranking and a random one),
+  the near-duplicate rate of the selection, a sample of selected rows with their nearest target
+  examples and the method's reason for choosing them, and the provenance from ``selection.json``;
+- ``report_files/*.png``: the figures the page shows (matplotlib, Agg canvas);
+- ``report.json``: every number the page shows, so users and tests can check them.
+
+Every number comes from the run's outputs; the OT figures are recomputed from the saved
+embeddings with :mod:`hf_otselect.ot` under its conventions (cost ``||x - y||^2``). Without saved
+embeddings the page says so and leaves the embedding-based parts out.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import math
+import os
+import shutil
+import warnings
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._checks import check_float, check_int, param_error
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["budget_curve", "near_duplicate_pairs", "write_report"]
+
+MAX_SCATTER_POOL = 5000  # pool points drawn in the projection (a deterministic sample beyond)
+MAX_CURVE_POOL = 2000  # pool points behind each budget-curve OT solve (weighted sample beyond)
+MAX_CURVE_TARGET = 1000  # target points behind each budget-curve OT solve
+MAX_DUPLICATE_ROWS = 20000  # selected rows compared pairwise (exact below, a sample above)
+MAX_PLAN_PAIRS = 200_000_000  # pool x target pairs beyond which the GOT-D plan is not re-solved
+CURVE_EPS = 0.1  # ot.py's default, which the job's selection.json OT distances use too
+MAX_CATEGORIES = 20  # categories shown per column; the rest are pooled as "(other)"
+TEXT_CHARS = 400
+TARGET_TEXT_CHARS = 200
+N_NEAREST = 3
+N_TOP_PAIRS = 5
+_OWNER = "write_report"
+
+
+# ----------------------------------------------------------------------------------------------
+# Reusable computations (numpy in, numpy/python out)
+# ----------------------------------------------------------------------------------------------
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (zero rows stay zero), float32."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norms > 0, norms, 1.0)
+
+
+def near_duplicate_pairs(
+    embeddings: np.ndarray, threshold: float = 0.95, *, block_size: int = 1024, top: int = N_TOP_PAIRS
+) -> dict[str, Any]:
+    """Count the pairs of rows whose cosine similarity is above ``threshold``, exactly.
+
+    All ``n (n - 1) / 2`` pairs are compared by blockwise matrix products, so memory stays at
+    ``block_size * n`` floats whatever ``n``.
+
+    Parameters
+    ----------
+    embeddings : ndarray of shape (n, dim)
+        One row per (distinct) selected example; normalised to unit length here.
+    threshold : float, default 0.95
+        A pair counts when its cosine is strictly greater.
+    block_size : int, default 1024
+        Rows per block of the product.
+    top : int, default 5
+        How many of the most similar pairs above the threshold to return.
+
+    Returns
+    -------
+    dict
+        ``rows`` (n), ``pairs_total``, ``pairs_above``, ``pair_rate`` (pairs_above / pairs_total, 0
+        when n < 2), ``rows_with_partner`` (rows in at least one counted pair), ``row_rate``
+        (rows_with_partner / n) and ``top_pairs``: a list of ``(i, j, cosine)`` with ``i < j``,
+        most similar first.
+    """
+    x = _unit_rows(embeddings)
+    n = len(x)
+    pairs_above = 0
+    has_partner = np.zeros(n, dtype=bool)
+    best: list[tuple[float, int, int]] = []
+    for s in range(0, n, block_size):
+        e = min(n, s + block_size)
+        sims = x[s:e] @ x.T  # (block, n)
+        # keep only j > i: the strict upper triangle of the full matrix
+        sims[np.arange(e - s)[:, None] >= (np.arange(n)[None, :] - s)] = -np.inf
+        hit_i, hit_j = np.nonzero(sims > threshold)
+        pairs_above += int(hit_i.size)
+        has_partner[hit_i + s] = True
+        has_partner[hit_j] = True
+        if top and hit_i.size:
+            vals = sims[hit_i, hit_j]
+            keep = np.argsort(-vals, kind="stable")[:top]
+            best.extend((float(vals[t]), int(hit_i[t] + s), int(hit_j[t])) for t in keep)
+            best = sorted(best, key=lambda p: (-p[0], p[1], p[2]))[:top]
+    total = n * (n - 1) // 2
+    return {
+        "rows": n,
+        "pairs_total": total,
+        "pairs_above": pairs_above,
+        "pair_rate": pairs_above / total if total else 0.0,
+        "rows_with_partner": int(has_partner.sum()),
+        "row_rate": float(has_partner.sum() / n) if n else 0.0,
+        "top_pairs": [(i, j, c) for c, i, j in best],
+    }
+
+
+def budget_curve(
+    pool: np.ndarray,
+    target: np.ndarray,
+    ranking: np.ndarray,
+    ks: Sequence[int],
+    *,
+    max_pool: int = MAX_CURVE_POOL,
+    max_target: int = MAX_CURVE_TARGET,
+    seed: int = 0,
+    **ot_kwargs: Any,
+) -> dict[str, Any]:
+    """OT distance between the target and the pool warmed with the first ``k`` rows of a ranking.
+
+    The warmed pool is the pool plus its ``k`` best-ranked rows added once more (the data a model
+    sees when it is pre-fine-tuned on the selection after pre-training on the pool, GOT-D Sec. 2).
+    It is passed to :func:`hf_otselect.ot.sinkhorn_potentials` as weights on the pool's points
+    (weight 1 per pool row, +1 per added row), so the value is exact and each ``k`` costs one solve
+    on at most ``n + k`` points. A pool larger than ``max_pool`` is replaced by a seeded uniform sample
+    whose rows weigh ``n / max_pool`` each (the added rows keep weight 1), and a target larger than
+    ``max_target`` by a seeded sample.
+
+    Parameters
+    ----------
+    pool : ndarray of shape (n, dim)
+    target : ndarray of shape (m, dim)
+    ranking : ndarray of shape (n,), int
+        Pool rows, best first (a permutation of ``range(n)``).
+    ks : sequence of int
+        Budgets, each in ``[0, n]``.
+    max_pool, max_target : int
+        Sample sizes beyond which the clouds are subsampled.
+    seed : int, default 0
+        Seed of the subsamples.
+    **ot_kwargs
+        Passed to :func:`~hf_otselect.ot.sinkhorn_potentials` (``eps``, ``eps_mode``, ...).
+
+    Returns
+    -------
+    dict
+        ``k`` (list of int), ``distance`` (list of float: the entropic OT value, cost
+        ``||x - y||^2``), ``converged`` (all solves converged; the solver's warnings are
+        silenced and summed up here), ``pool_rows_used`` and
+        ``target_rows_used`` (sizes of the samples, equal to n and m when not subsampled).
+    """
+    from .ot import sinkhorn_potentials
+
+    n, m = len(pool), len(target)
+    rng = np.random.default_rng(seed)
+    if n > max_pool:
+        base = np.sort(rng.choice(n, size=max_pool, replace=False))
+        base_weight = n / max_pool
+    else:
+        base, base_weight = np.arange(n), 1.0
+    tgt = target if m <= max_target else target[np.sort(rng.choice(m, size=max_target, replace=False))]
+    ranking = np.asarray(ranking, dtype=np.int64)
+    distances: list[float] = []
+    converged = True
+    for k in ks:
+        weight = np.zeros(n)
+        weight[base] += base_weight
+        weight[ranking[:k]] += 1.0
+        support = np.flatnonzero(weight)
+        with warnings.catch_warnings():  # non-convergence is reported through `converged`
+            warnings.simplefilter("ignore", RuntimeWarning)
+            res = sinkhorn_potentials(pool[support], tgt, a=weight[support], **ot_kwargs)
+        distances.append(float(res.cost))
+        converged &= res.converged
+    return {"k": [int(k) for k in ks], "distance": distances, "converged": bool(converged),
+            "pool_rows_used": int(len(base)), "target_rows_used": int(len(tgt))}
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading the run
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """What the report reads from an output folder (pool rows in ``pool_index`` order)."""
+
+    folder: Path
+    prov: dict[str, Any]
+    scored: Any  # datasets.Dataset
+    selected: Any  # datasets.Dataset
+    score_column: str
+    text_column: str | None
+    scores: np.ndarray  # (n,) float64
+    ranks: np.ndarray  # (n,) int64
+    row_of: np.ndarray  # (n,) position in `scored` of each pool_index
+    chosen: np.ndarray  # (k,) pool indices in selection order (repeats kept)
+    pool_emb: np.ndarray | None
+    target_emb: np.ndarray | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return len(self.scores)
+
+    def pool_texts(self, indices: Sequence[int]) -> list[str]:
+        if self.text_column is None:
+            return ["" for _ in indices]
+        rows = self.scored.select([int(self.row_of[i]) for i in indices])
+        return [str(t) for t in rows[self.text_column]]
+
+
+def _load_embeddings(folder: Path, n_pool: int, notes: list[str]) -> tuple[np.ndarray | None, np.ndarray | None]:
+    emb_dir = folder / "embeddings"
+    pool_path, target_path = emb_dir / "pool.npy", emb_dir / "target.npy"
+    if not (pool_path.is_file() and target_path.is_file()):
+        notes.append(
+            "No saved embeddings (embeddings/pool.npy and embeddings/target.npy; the job ran with "
+            "save_embeddings: false), so the projection, budget curve, near-duplicate rate, nearest "
+            "target examples and transported mass are left out."
+        )
+        return None, None
+    pool = np.load(pool_path, allow_pickle=False)
+    target = np.load(target_path, allow_pickle=False)
+    if pool.ndim != 2 or target.ndim != 2 or pool.shape[0] != n_pool or pool.shape[1] != target.shape[1]:
+        notes.append(
+            f"The saved embeddings do not match the run (pool {pool.shape}, target {target.shape}, "
+            f"{n_pool} pool rows), so the embedding-based parts are left out."
+        )
+        return None, None
+    return pool.astype(np.float32, copy=False), target.astype(np.float32, copy=False)
+
+
+def _load_run(folder: Path, columns: Sequence[str] | None) -> tuple[_Run, list[str]]:
+    from datasets import load_from_disk
+
+    missing = [p for p in ("selection.json", "scored", "selected") if not (folder / p).exists()]
+    if missing:
+        raise FileNotFoundError(f"{str(folder)!r} is not a selection output folder: missing {missing}.")
+    prov = json.loads((folder / "selection.json").read_text(encoding="utf-8"))
+    config = prov.get("config") or {}
+    score_column = config.get("score_column", "score")
+    scored = load_from_disk(str(folder / "scored"))
+    selected = load_from_disk(str(folder / "selected"))
+    for name in ("pool_index", score_column, "rank"):
+        if name not in scored.column_names:
+            raise ValueError(f"Column {name!r} not in the scored split. Current columns: {scored.column_names}")
+    if columns is None:
+        columns = prov.get("report_columns", config.get("report_columns")) or []
+    columns = list(columns)
+    bad = [c for c in columns if c not in scored.column_names]
+    if bad:
+        raise ValueError(f"Column {bad[0]!r} not in the scored split. Current columns: {scored.column_names}")
+    text_column = (config.get("pool") or {}).get("column", "text")
+    if text_column not in scored.column_names:
+        text_column = None
+
+    pool_index = np.asarray(scored["pool_index"], dtype=np.int64)
+    n = len(pool_index)
+    if not np.array_equal(np.sort(pool_index), np.arange(n)):
+        raise ValueError("The scored split's 'pool_index' column is not a permutation of range(n_rows).")
+    row_of = np.empty(n, dtype=np.int64)
+    row_of[pool_index] = np.arange(n)
+    scores = np.empty(n)
+    scores[pool_index] = np.asarray(scored[score_column], dtype=np.float64)
+    ranks = np.empty(n, dtype=np.int64)
+    ranks[pool_index] = np.asarray(scored["rank"], dtype=np.int64)
+    chosen = np.asarray(selected["pool_index"], dtype=np.int64)
+    notes: list[str] = []
+    pool_emb, target_emb = _load_embeddings(folder, n, notes)
+    run = _Run(folder, prov, scored, selected, score_column, text_column, scores, ranks, row_of, chosen,
+               pool_emb, target_emb, notes)
+    return run, columns
+
+
+def _target_texts(run: _Run) -> list[str] | None:
+    """The target's texts when its source (config.target) still loads and matches the embeddings."""
+    spec = (run.prov.get("config") or {}).get("target")
+    if not spec or run.target_emb is None:
+        return None
+    from .config import DataConfig
+    from .job import load_split
+
+    try:
+        data = load_split(DataConfig(**spec), "target")
+        texts = [str(row[spec.get("column", "text")]) for row in data]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        run.notes.append(f"The target's texts could not be read back from {spec.get('path')!r} ({err}); target rows are shown by index.")
+        return None
+    if len(texts) != len(run.target_emb):
+        run.notes.append(f"The target source now has {len(texts)} rows, not the {len(run.target_emb)} embedded; target rows are shown by index.")
+        return None
+    return texts
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections: each returns (numbers for report.json, html fragment)
+# ----------------------------------------------------------------------------------------------
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, (bool, np.bool_)):
+        return str(bool(x))
+    if isinstance(x, (int, np.integer)):
+        return str(int(x))
+    if isinstance(x, (float, np.floating)):
+        return "n/a" if not math.isfinite(x) else format(float(x), ".6g")
+    return str(x)
+
+
+def _num(key: str, x: Any) -> str:
+    """A number on the page, tagged so tests can find it by id."""
+    return f'<span class="num" id="{_esc(key)}">{_esc(_fmt(x))}</span>'
+
+
+def _truncate(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 1] + "\u2026"
+
+
+def _figure(width: float = 7.0, height: float = 4.0) -> Any:
+    # Figure + its own Agg canvas: no pyplot, so no global backend state is touched.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Any, assets: Path, name: str) -> str:
+    fig.tight_layout()
+    fig.savefig(assets / name, format="png")
+    return f'<img src="report_files/{_esc(name)}" alt="{_esc(name)}">'
+
+
+def _is_top_k(run: _Run) -> bool:
+    """True when the selection is exactly the best-ranked rows (no repeats), as top-k choosing gives."""
+    uniq = np.unique(run.chosen)
+    return uniq.size == run.chosen.size and np.array_equal(np.sort(run.ranks[uniq]), np.arange(1, uniq.size + 1))
+
+
+def _score_section(run: _Run, top_k: bool, assets: Path) -> tuple[dict[str, Any], str]:
+    s, sel = run.scores, run.scores[run.chosen]
+    out: dict[str, Any] = {
+        "column": run.score_column, "choice": "top_k" if top_k else "sampled",
+        "pool_min": float(s.min()), "pool_max": float(s.max()), "pool_mean": float(s.mean()), "pool_median": float(np.median(s)),
+        "selected_min": float(sel.min()), "selected_max": float(sel.max()), "selected_mean": float(sel.mean()),
+        "selected_median": float(np.median(sel)),
+    }
+    fig = _figure()
+    ax = fig.add_subplot()
+    finite = s[np.isfinite(s)]
+    bins = np.histogram_bin_edges(finite, bins=50)
+    ax.hist(finite, bins=bins, color="#9aa5b1", label=f"pool ({run.n} rows)")
+    if top_k:
+        out["threshold"] = float(sel.min())
+        out["n_at_or_above_threshold"] = int((s >= out["threshold"]).sum())
+        ax.hist(sel, bins=bins, color="#1f6fb4", label=f"selected ({len(sel)} rows)")
+        ax.axvline(out["threshold"], color="#c0392b", ls="--", label=f"threshold {_fmt(out['threshold'])}")
+        text = (f"Top-k choice: the {_num('selected-rows', len(sel))} rows with the highest <code>{_esc(run.score_column)}</code> "
+                f"were selected; the threshold (lowest selected score) is {_num('score-threshold', out['threshold'])}, "
+                f"and {_num('score-at-or-above', out['n_at_or_above_threshold'])} pool rows score at or above it (ties included).")
+    else:
+        out["n_zero"] = int((s == 0).sum())
+        out["draws"] = int(len(sel))
+        out["distinct_selected"] = int(np.unique(run.chosen).size)
+        ax.hist(sel, bins=bins, color="#1f6fb4", alpha=0.8, label=f"selected draws ({len(sel)})")
+        ax.set_yscale("log")
+        text = (f"Sampled choice (the selection is not the k best-ranked rows): rows were drawn with probability "
+                f"proportional to <code>{_esc(run.score_column)}</code>. {_num('selected-rows', len(sel))} draws, "
+                f"{_num('selected-distinct', out['distinct_selected'])} distinct rows; "
+                f"{_num('score-zero', out['n_zero'])} of {run.n} pool rows have score 0 and can never be drawn.")
+    ax.set_xlabel(run.score_column + " (higher = select)")
+    ax.set_ylabel("rows")
+    ax.legend(loc="best", fontsize=8)
+    img = _save(fig, assets, "scores.png")
+    stats = _table(["", "min", "median", "mean", "max"], [
+        ["pool", _num("score-pool-min", out["pool_min"]), _num("score-pool-median", out["pool_median"]),
+         _num("score-pool-mean", out["pool_mean"]), _num("score-pool-max", out["pool_max"])],
+        ["selected", _num("score-selected-min", out["selected_min"]), _num("score-selected-median", out["selected_median"]),
+         _num("score-selected-mean", out["selected_mean"]), _num("score-selected-max", out["selected_max"])],
+    ], raw=True)
+    return out, f"<p>{text}</p>{img}{stats}"
+
+
+def _projection_section(run: _Run, seed: int, assets: Path) -> tuple[dict[str, Any], str]:
+    assert run.pool_emb is not None and run.target_emb is not None
+    rng = np.random.default_rng(seed)
+    n = run.n
+    shown = np.arange(n) if n <= MAX_SCATTER_POOL else np.sort(rng.choice(n, size=MAX_SCATTER_POOL, replace=False))
+    chosen = np.unique(run.chosen)
+    if chosen.size > MAX_SCATTER_POOL:
+        chosen = np.sort(rng.choice(chosen, size=MAX_SCATTER_POOL, replace=False))
+    fit = np.concatenate([run.pool_emb[shown], run.target_emb])
+    method = "PCA"
+    try:
+        import umap  # optional: used only when installed
+    except ImportError:
+        umap = None
+    if umap is not None:
+        reducer = umap.UMAP(n_components=2, random_state=seed).fit(fit)
+        method, ratio = "UMAP", None
+    else:
+        from sklearn.decomposition import PCA
+
+        # the d x d covariance route: exact, and far cheaper than an SVD of the (n, d) data
+        reducer = PCA(n_components=2, svd_solver="covariance_eigh").fit(fit)
+        ratio = [float(r) for r in reducer.explained_variance_ratio_]
+    p_pool, p_tgt, p_sel = (reducer.transform(a) for a in (run.pool_emb[shown], run.target_emb, run.pool_emb[chosen]))
+    fig = _figure(6.5, 5.5)
+    ax = fig.add_subplot()
+    ax.scatter(p_pool[:, 0], p_pool[:, 1], s=5, c="#b8c2cc", label=f"pool ({len(shown)} shown)", linewidths=0)
+    ax.scatter(p_tgt[:, 0], p_tgt[:, 1], s=14, c="#e67e22", marker="^", label=f"target ({len(p_tgt)})", linewidths=0)
+    ax.scatter(p_sel[:, 0], p_sel[:, 1], s=9, c="#1f6fb4", label=f"selected ({len(chosen)} shown)", linewidths=0)
+    ax.set_xlabel(f"{method} 1")
+    ax.set_ylabel(f"{method} 2")
+    ax.legend(loc="best", fontsize=8, markerscale=2)
+    img = _save(fig, assets, "projection.png")
+    out = {"method": method, "explained_variance_ratio": ratio, "pool_points": int(len(shown)),
+           "selected_points": int(len(chosen)), "target_points": int(len(p_tgt)), "pool_subsampled": bool(len(shown) < n)}
+    text = f"{_esc(method)} of the embeddings, fitted on the pool points shown and the target."
+    if ratio is not None:
+        text += f" Explained variance: {_num('pca-var-1', ratio[0])} and {_num('pca-var-2', ratio[1])}."
+    if out["pool_subsampled"]:
+        text += f" The pool has {n} rows: a seeded uniform sample of {len(shown)} (seed {seed}) is drawn."
+    if len(chosen) < np.unique(run.chosen).size:
+        text += f" Likewise {len(chosen)} of the {np.unique(run.chosen).size} selected rows."
+    return out, f"<p>{text}</p>{img}"
+
+
+def _category(value: Any) -> str:
+    return "(missing)" if value is None else str(value)
+
+
+def _composition_section(run: _Run, column: str, assets: Path, index: int) -> tuple[dict[str, Any], str]:
+    pool_counts = Counter(_category(v) for v in run.scored[column])
+    sel_values = run.scored.select(run.row_of[run.chosen])[column] if len(run.chosen) else []
+    sel_counts = Counter(_category(v) for v in sel_values)
+    n_pool, n_sel = sum(pool_counts.values()), sum(sel_counts.values())
+    order = sorted(pool_counts, key=lambda v: (-sel_counts.get(v, 0), -pool_counts[v], v))
+    shown, rest = order[:MAX_CATEGORIES], order[MAX_CATEGORIES:]
+    rows = [{"value": v, "pool": pool_counts[v], "pool_frac": pool_counts[v] / n_pool,
+             "selected": sel_counts.get(v, 0), "selected_frac": sel_counts.get(v, 0) / n_sel if n_sel else 0.0} for v in shown]
+    if rest:
+        p, q = sum(pool_counts[v] for v in rest), sum(sel_counts.get(v, 0) for v in rest)
+        rows.append({"value": f"(other: {len(rest)} values)", "pool": p, "pool_frac": p / n_pool,
+                     "selected": q, "selected_frac": q / n_sel if n_sel else 0.0})
+    fig = _figure(7.0, 0.9 + 0.35 * len(rows))
+    ax = fig.add_subplot()
+    y = np.arange(len(rows))
+    ax.barh(y - 0.2, [100 * r["pool_frac"] for r in rows], height=0.4, color="#9aa5b1", label="pool")
+    ax.barh(y + 0.2, [100 * r["selected_frac"] for r in rows], height=0.4, color="#1f6fb4", label="selected")
+    ax.set_yticks(y, [_truncate(r["value"], 30) for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"% of rows, by '{column}'")
+    ax.legend(loc="lower right", fontsize=8)
+    img = _save(fig, assets, f"composition_{index}.png")
+    body = [[_esc(r["value"]), _num(f"comp-{index}-{i}-pool", r["pool"]), f"{100 * r['pool_frac']:.1f}%",
+             _num(f"comp-{index}-{i}-selected", r["selected"]), f"{100 * r['selected_frac']:.1f}%",
+             _fmt(r["selected_frac"] / r["pool_frac"]) if r["pool_frac"] else "n/a"] for i, r in enumerate(rows)]
+    table = _table([_esc(column), "pool rows", "pool %", "selected rows", "selected %", "selected % / pool %"], body, raw=True)
+    return {"column": column, "pool_rows": n_pool, "selected_rows": n_sel, "values": rows}, f"<h3>{_esc(column)}</h3>{img}{table}"
+
+
+def _curve_ks(k: int, n: int) -> list[int]:
+    """A handful of budgets around the run's k: 0, k/4, k/2, k, 2k, 4k (clipped to the pool)."""
+    return sorted({min(n, v) for v in (0, k // 4, k // 2, k, 2 * k, 4 * k)})
+
+
+def _budget_section(run: _Run, seed: int, assets: Path) -> tuple[dict[str, Any], str]:
+    assert run.pool_emb is not None and run.target_emb is not None
+    k = len(run.chosen)
+    ks = _curve_ks(k, run.n)
+    method_rank = np.argsort(run.ranks, kind="stable")  # rank 1 first
+    random_rank = np.random.default_rng(seed).permutation(run.n)
+    ours = budget_curve(run.pool_emb, run.target_emb, method_rank, ks, seed=seed, eps=CURVE_EPS)
+    rand = budget_curve(run.pool_emb, run.target_emb, random_rank, ks, seed=seed, eps=CURVE_EPS)
+    method = str(run.prov.get("method", "method"))
+    fig = _figure()
+    ax = fig.add_subplot()
+    ax.plot(ks, ours["distance"], "o-", color="#1f6fb4", label=f"{method} ranking")
+    ax.plot(ks, rand["distance"], "s--", color="#9aa5b1", label=f"random ranking (seed {seed})")
+    ax.axvline(k, color="#c0392b", ls=":", label=f"selected k = {k}")
+    ax.set_xlabel("k (top-k rows added to the pool once more)")
+    ax.set_ylabel("OT distance to the target")
+    ax.legend(loc="best", fontsize=8)
+    img = _save(fig, assets, "budget_curve.png")
+    out = {"k": ks, "method": ours["distance"], "random": rand["distance"], "converged": ours["converged"] and rand["converged"],
+           "pool_rows_used": ours["pool_rows_used"], "target_rows_used": ours["target_rows_used"], "eps": CURVE_EPS, "eps_mode": "absolute"}
+    body = [[_fmt(kk), _num(f"curve-method-{i}", a), _num(f"curve-random-{i}", b)] for i, (kk, a, b) in enumerate(zip(ks, ours["distance"], rand["distance"]))]
+    text = (f"Entropic OT distance (hf_otselect.ot, cost ||x&minus;y||&sup2;, &epsilon; = {CURVE_EPS} absolute) between the target and "
+            "the pool warmed with the top-k rows of each ranking (the pool plus those rows once more), from the "
+            "run's one scoring pass (the <code>rank</code> column). Lower means the warmed pool is closer to the target.")
+    if ours["pool_rows_used"] < run.n:
+        text += (f" The pool has {run.n} rows: each solve uses a seeded sample of {ours['pool_rows_used']} of them, "
+                 f"weighted {run.n / ours['pool_rows_used']:.3g} each, plus the added rows.")
+    if ours["target_rows_used"] < len(run.target_emb):
+        text += f" The target is sampled to {ours['target_rows_used']} of {len(run.target_emb)} rows."
+    if not out["converged"]:
+        text += " <strong>Some Sinkhorn solves did not reach the tolerance; the values are approximate.</strong>"
+    return out, f"<p>{text}</p>{img}" + _table(["k", f"{_esc(method)} ranking", "random ranking"], body, raw=True)
+
+
+def _duplicates_section(run: _Run, threshold: float, seed: int) -> tuple[dict[str, Any], str]:
+    assert run.pool_emb is not None
+    uniq = np.unique(run.chosen)
+    compared = uniq
+    if uniq.size > MAX_DUPLICATE_ROWS:
+        compared = np.sort(np.random.default_rng(seed).choice(uniq, size=MAX_DUPLICATE_ROWS, replace=False))
+    res = near_duplicate_pairs(run.pool_emb[compared], threshold)
+    pairs = [(int(compared[i]), int(compared[j]), c) for i, j, c in res.pop("top_pairs")]
+    texts = run.pool_texts([p for a, b, _ in pairs for p in (a, b)])
+    out = {**res, "threshold": threshold, "repeated_draws": int(run.chosen.size - uniq.size),
+           "distinct_selected": int(uniq.size), "sampled": bool(compared.size < uniq.size),
+           "top_pairs": [{"a": a, "b": b, "cosine": c} for a, b, c in pairs]}
+    text = (f"Pairs of distinct selected rows with cosine similarity above {_num('dup-threshold', threshold)}: "
+            f"{_num('dup-pairs', res['pairs_above'])} of {_num('dup-pairs-total', res['pairs_total'])} pairs "
+            f"({_num('dup-pair-rate', res['pair_rate'])}); {_num('dup-rows', res['rows_with_partner'])} of "
+            f"{res['rows']} rows have at least one near-duplicate (rate {_num('dup-row-rate', res['row_rate'])}).")
+    if out["repeated_draws"]:
+        text += f" The selection also repeats rows: {_num('dup-repeats', out['repeated_draws'])} extra draws of rows already drawn."
+    if out["sampled"]:
+        text += f" Computed exactly on a seeded sample of {compared.size} of the {uniq.size} distinct selected rows."
+    rows = [[_fmt(a), _fmt(b), _fmt(c), _esc(_truncate(texts[2 * t], TARGET_TEXT_CHARS)), _esc(_truncate(texts[2 * t + 1], TARGET_TEXT_CHARS))]
+            for t, (a, b, c) in enumerate(pairs)]
+    table = _table(["pool_index", "pool_index", "cosine", "text", "text"], rows, raw=True) if rows else ""
+    return out, f"<p>{text}</p>{table}"
+
+
+def _got_d_plan(run: _Run) -> tuple[dict[str, Any] | None, Any]:
+    """Re-solve the GOT-D problem (pool as ``x``, target as ``y``) for the plan's rows.
+
+    Uses the run's ``eps``/``eps_mode`` params when recorded (else ot.py's defaults); the
+    agreement of ``-f`` with the run's scores (Spearman) is reported so a reader sees whether
+    the recomputed plan is the one that ranked the rows.
+    """
+    assert run.pool_emb is not None and run.target_emb is not None
+    if run.n * len(run.target_emb) > MAX_PLAN_PAIRS:
+        run.notes.append(f"The GOT-D plan is not re-solved for the examples: {run.n} x {len(run.target_emb)} pairs is over the report's limit of {MAX_PLAN_PAIRS}.")
+        return None, None
+    from scipy.stats import spearmanr
+
+    from .ot import EPS_MODES, sinkhorn_potentials
+
+    params = run.prov.get("params") or {}
+    kw: dict[str, Any] = {}
+    if isinstance(params.get("eps"), (int, float)) and not isinstance(params.get("eps"), bool):
+        kw["eps"] = float(params["eps"])
+    if params.get("eps_mode") in EPS_MODES:
+        kw["eps_mode"] = params["eps_mode"]
+    res = sinkhorn_potentials(run.pool_emb, run.target_emb, **kw)
+    rho = spearmanr(-res.f, run.scores).statistic
+    info = {"eps": res.eps, "n_iter": res.n_iter, "converged": res.converged, "spearman_minus_f_vs_score": float(rho)}
+    return info, res
+
+
+def _plan_row(run: _Run, res: Any, i: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row ``i`` of the plan ``P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps)`` (ot.py's convention), and its costs."""
+    assert run.pool_emb is not None and run.target_emb is not None
+    x = run.pool_emb[i].astype(np.float64)
+    cost = ((run.target_emb.astype(np.float64) - x) ** 2).sum(axis=1)
+    n, m = run.n, len(run.target_emb)
+    plan = np.exp((res.f[i] + res.g - cost) / res.eps) / (n * m)
+    return plan, cost
+
+
+def _examples_section(
+    run: _Run, n_examples: int, columns: Sequence[str], top_k: bool
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None, str]:
+    # first occurrence of each distinct row, in selection order; then evenly spaced ones (best..worst)
+    _, first = np.unique(run.chosen, return_index=True)
+    order = run.chosen[np.sort(first)]
+    picks = order[np.unique(np.linspace(0, len(order) - 1, min(n_examples, len(order))).round().astype(int))] if n_examples else order[:0]
+    if not len(picks):
+        return [], None, ""
+    method = run.prov.get("method")
+    texts = run.pool_texts(picks)
+    cat_rows = run.scored.select(run.row_of[picks]) if columns else None
+    have_emb = run.pool_emb is not None and run.target_emb is not None
+    target_texts = _target_texts(run) if have_emb else None
+    plan_info, plan = _got_d_plan(run) if (have_emb and method == "got_d") else (None, None)
+    if have_emb:
+        sims = _unit_rows(run.pool_emb[picks]) @ _unit_rows(run.target_emb).T
+    draws = Counter(run.chosen.tolist())
+    examples: list[dict[str, Any]] = []
+    blocks: list[str] = []
+    for t, i in enumerate(picks.tolist()):
+        ex: dict[str, Any] = {"pool_index": i, "rank": int(run.ranks[i]), "score": float(run.scores[i]),
+                              "text": _truncate(texts[t], TEXT_CHARS)}
+        facts = [f"pool_index {_fmt(i)}", f"rank {_num(f'ex-{t}-rank', ex['rank'])}",
+                 f"{_esc(run.score_column)} {_num(f'ex-{t}-score', ex['score'])}"]
+        if columns:
+            ex["columns"] = {c: _category(cat_rows[t][c]) for c in columns}
+            facts += [f"{_esc(c)}: {_esc(v)}" for c, v in ex["columns"].items()]
+        why = ""
+        if not top_k:
+            ex["draws"] = draws[i]
+            total = run.scores.sum()
+            ex["probability"] = float(run.scores[i] / total) if total > 0 else None
+            why = (f"Drawn {_num(f'ex-{t}-draws', ex['draws'])} time(s) of {len(run.chosen)}; selection probability "
+                   f"{_num(f'ex-{t}-prob', ex['probability'])} (its score over the pool's total; expected draws "
+                   f"{_fmt(ex['probability'] * len(run.chosen)) if ex['probability'] is not None else 'n/a'}).")
+        nearest_rows: list[list[str]] = []
+        if have_emb:
+            near = np.argsort(-sims[t], kind="stable")[:N_NEAREST]
+            ex["nearest_target"] = [{"target_index": int(j), "cosine": float(sims[t, j]),
+                                     "text": _truncate(target_texts[j], TARGET_TEXT_CHARS) if target_texts else None} for j in near]
+            plan_row = None
+            if plan is not None:
+                plan_row, cost = _plan_row(run, plan, i)
+                mass = float(plan_row.sum())
+                ex["got_d"] = {"potential_f": float(plan.f[i]), "mass": mass,
+                               "mean_cost": float((plan_row * cost).sum() / mass) if mass > 0 else None}
+                top = np.argsort(-plan_row, kind="stable")[:N_NEAREST]
+                ex["got_d"]["top_recipients"] = [{"target_index": int(j), "mass_share": float(plan_row[j] / mass),
+                                                   "cost": float(cost[j])} for j in top]
+                why = (f"GOT-D: potential f = {_num(f'ex-{t}-f', plan.f[i])} (the run ranks rows by &minus;f, the negated "
+                       f"calibrated gradient); it sends its mass {_num(f'ex-{t}-mass', mass)} at a mean cost "
+                       f"{_num(f'ex-{t}-meancost', ex['got_d']['mean_cost'])}, mostly to target rows "
+                       + ", ".join(f"{r['target_index']} ({100 * r['mass_share']:.1f}%)" for r in ex["got_d"]["top_recipients"]) + ".")
+            for r in ex["nearest_target"]:
+                nearest_rows.append([_fmt(r["target_index"]), _fmt(r["cosine"]), _esc(r["text"]) if r["text"] is not None else "<em>(text unavailable)</em>"])
+        block = (f'<div class="example"><div class="facts">{" &middot; ".join(facts)}</div>'
+                 f'<blockquote>{_esc(ex["text"])}</blockquote>')
+        if why:
+            block += f'<p class="why">{why}</p>'
+        if nearest_rows:
+            block += _table(["nearest target row", "cosine", "target text"], nearest_rows, raw=True)
+        blocks.append(block + "</div>")
+        examples.append(ex)
+    intro = (f"{len(picks)} of the {len(order)} distinct selected rows, evenly spaced from the best to the last "
+             f"in selection order. Texts are cut at {TEXT_CHARS} characters.")
+    if plan_info is not None:
+        intro += (f" The GOT-D plan is re-solved from the saved embeddings (&epsilon; = {_num('plan-eps', plan_info['eps'])}, "
+                  f"{plan_info['n_iter']} iterations, converged: {plan_info['converged']}); its &minus;f agrees with the run's "
+                  f"scores at Spearman {_num('plan-spearman', plan_info['spearman_minus_f_vs_score'])}. Each row's mass "
+                  "is its row sum of the plan P<sub>ij</sub> = a<sub>i</sub> b<sub>j</sub> exp((f<sub>i</sub> + g<sub>j</sub> &minus; C<sub>ij</sub>)/&epsilon;) "
+                  "(1/n at convergence, balanced OT).")
+    return examples, plan_info, f"<p>{intro}</p>" + "".join(blocks)
+
+
+def _flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(value, dict) and value:
+        for k in sorted(value):
+            yield from _flatten(value[k], f"{prefix}.{k}" if prefix else str(k))
+    else:
+        yield prefix, value
+
+
+def _provenance_table(value: Any) -> str:
+    rows = [[_esc(k), _esc(v if isinstance(v, str) else json.dumps(v))] for k, v in _flatten(value)]
+    return _table(["key", "value"], rows, raw=True)
+
+
+def _table(head: Sequence[str], rows: Sequence[Sequence[str]], *, raw: bool = False) -> str:
+    cell = (lambda s: s) if raw else _esc
+    thead = "".join(f"<th>{cell(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{cell(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{thead}</tr></thead><tbody>{body}</tbody></table>"
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#1d2630;line-height:1.45}
+h1{font-size:1.6em}h2{border-bottom:1px solid #d5dbe1;padding-bottom:.2em;margin-top:1.8em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.88em}td,th{border:1px solid #d5dbe1;padding:.25em .5em;text-align:left;vertical-align:top}
+th{background:#f1f4f7}img{max-width:100%;display:block;margin:.5em 0}
+.example{border:1px solid #d5dbe1;border-radius:6px;padding:.6em .9em;margin:.8em 0}
+.facts{font-size:.85em;color:#52606d}blockquote{margin:.5em 0;padding-left:.8em;border-left:3px solid #1f6fb4}
+.note{background:#fff8e1;border:1px solid #f0d58c;padding:.5em .8em;border-radius:4px}code{background:#f1f4f7;padding:0 .2em}
+"""
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------
+
+
+def write_report(
+    output_dir: str | os.PathLike,
+    *,
+    columns: Sequence[str] | None = None,
+    n_examples: int = 10,
+    duplicate_threshold: float = 0.95,
+    seed: int = 0,
+) -> Path:
+    """Write ``report.html``, its figures and ``report.json`` into a selection output folder.
+
+    Parameters
+    ----------
+    output_dir : str or path
+        A job's output folder (``scored/``, ``selected/``, ``selection.json``; ``embeddings/``
+        optional).
+    columns : sequence of str, optional
+        Categorical pool columns whose make-up in the selection is compared with the pool's
+        (e.g. ``["domain"]``). None reads ``report_columns`` from ``selection.json``.
+    n_examples : int, default 10
+        Selected rows explained on the page (evenly spaced through the selection), ``>= 0``.
+    duplicate_threshold : float, default 0.95
+        Cosine above which two selected rows count as near-duplicates, in ``[-1, 1]``.
+    seed : int, default 0
+        Seed of the random ranking of the budget curve and of every subsample.
+
+    Returns
+    -------
+    Path
+        The path of ``report.html``.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``output_dir`` is not a selection output folder.
+    ValueError, TypeError
+        On a bad parameter or a column that is not in the scored split (checked before any work).
+    """
+    n_examples = check_int(n_examples, "n_examples", _OWNER, 0)
+    duplicate_threshold = check_float(duplicate_threshold, "duplicate_threshold", _OWNER, -1.0, 1.0)
+    seed = check_int(seed, "seed", _OWNER, 0)
+    if columns is not None and (isinstance(columns, str) or not all(isinstance(c, str) for c in columns)):
+        raise param_error("columns", _OWNER, "a sequence of column names (str) or None", columns, exc=TypeError)
+    folder = Path(output_dir)
+    run, columns = _load_run(folder, columns)
+    if len(run.chosen) == 0:
+        raise ValueError(f"The selected split in {str(folder)!r} is empty: nothing to report.")
+    assets = folder / "report_files"
+    if assets.exists():
+        shutil.rmtree(assets)
+    assets.mkdir()
+
+    top_k = _is_top_k(run)
+    have_emb = run.pool_emb is not None
+    prov = run.prov
+    numbers: dict[str, Any] = {"method": prov.get("method"), "k": prov.get("k"), "seed": seed,
+                               "rows": {"pool": run.n, "selected": int(len(run.chosen)),
+                                        "target": None if run.target_emb is None else int(len(run.target_emb))}}
+    sections: list[tuple[str, str]] = []
+    numbers["score"], frag = _score_section(run, top_k, assets)
+    sections.append(("Scores", frag))
+    if have_emb:
+        numbers["projection"], frag = _projection_section(run, seed, assets)
+        sections.append(("Pool, target and selection in 2-D", frag))
+    numbers["composition"] = {}
+    if columns:
+        frags = []
+        for i, col in enumerate(columns):
+            numbers["composition"][col], frag = _composition_section(run, col, assets, i)
+            frags.append(frag)
+        sections.append(("Composition", "".join(frags)))
+    if have_emb:
+        numbers["budget_curve"], frag = _budget_section(run, seed, assets)
+        sections.append(("Budget curve", frag))
+        numbers["near_duplicates"], frag = _duplicates_section(run, duplicate_threshold, seed)
+        sections.append(("Near-duplicates in the selection", frag))
+    numbers["examples"], plan_info, frag = _examples_section(run, n_examples, columns, top_k)
+    if plan_info is not None:
+        numbers["got_d_plan"] = plan_info
+    if frag:
+        sections.append(("Why these rows", frag))
+    ot = prov.get("ot_distance") or {}
+    if ot:
+        numbers["ot_distance"] = ot
+    for key, title in (("prefilter", "Pre-filter"), ("decontamination", "Decontamination")):
+        if key in prov:
+            sections.append((title, _provenance_table(prov[key])))
+    sections.append(("Provenance (selection.json)", _provenance_table({k: v for k, v in prov.items() if k not in ("prefilter", "decontamination")})))
+    numbers["notes"] = list(run.notes)
+
+    summary = (f"<p><strong>{_esc(prov.get('method', '?'))}</strong> selected {_num('summary-selected', len(run.chosen))} of "
+               f"{_num('summary-pool', run.n)} pool rows" + (f" for a target of {_num('summary-target', len(run.target_emb))} rows" if run.target_emb is not None else "")
+               + ".")
+    if ot.get("target_pool") is not None and ot.get("target_selection") is not None:
+        summary += (f" OT distance to the target (from selection.json): pool {_num('ot-target-pool', ot['target_pool'])}, "
+                    f"selection {_num('ot-target-selection', ot['target_selection'])}.")
+    summary += "</p>"
+    notes = "".join(f'<p class="note">{_esc(n)}</p>' for n in run.notes)
+    toc = "".join(f'<li><a href="#s{i}">{_esc(t)}</a></li>' for i, (t, _) in enumerate(sections))
+    body = "".join(f'<h2 id="s{i}">{_esc(t)}</h2>{f}' for i, (t, f) in enumerate(sections))
+    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>Selection report: {_esc(folder.resolve().name)}</title>'
+            f"<style>{_CSS}</style></head><body><h1>Selection report</h1>{summary}{notes}<ul>{toc}</ul>{body}</body></html>\n")
+    out = folder / "report.html"
+    out.write_text(page, encoding="utf-8")
+    (folder / "report.json").write_text(json.dumps(numbers, indent=2, sort_keys=True, default=_json_default) + "\n", encoding="utf-8")
+    logger.info("Report written to %s", out)
+    return out
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        return value.item()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")

@@ -1,0 +1,344 @@
+"""The selection report: its numbers against independent computations, and the page in a browser."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from datasets import Dataset
+
+from hf_otselect.ot import ot_distance, sinkhorn_potentials
+from hf_otselect.report import budget_curve, near_duplicate_pairs, write_report
+from tests.conftest import REPO
+
+DOMAINS = ("news", "bio", "code")
+NASTY = '<script>alert("x")</script> & <b>bold</b>'
+
+
+def _ranks(scores: np.ndarray) -> np.ndarray:
+    order = np.lexsort((np.arange(scores.size), -scores))
+    ranks = np.empty(scores.size, dtype=np.int64)
+    ranks[order] = np.arange(1, scores.size + 1)
+    return ranks
+
+
+def _make_run(
+    folder: Path, *, method: str = "similarity", sampled: bool = False, n: int = 300, m: int = 40, k: int = 30, dim: int = 64
+) -> dict:
+    """A job output folder built by hand: clustered pool in three domains, a target near 'bio',
+    a top-k (or sampled) selection, and one planted near-duplicate pair inside the selection."""
+    rng = np.random.default_rng(1)
+    centers = rng.normal(size=(3, dim))
+    domain = rng.integers(0, 3, n)
+    pool = (centers[domain] + rng.normal(size=(n, dim))).astype(np.float32)
+    target = (centers[1] + rng.normal(size=(m, dim))).astype(np.float32)
+    texts = [f"pool row {i} about {DOMAINS[d]}" for i, d in enumerate(domain)]
+    target_texts = [f"target row {j}" for j in range(m)]
+    t = target.mean(0)
+    if sampled:
+        raw = np.maximum(0.0, pool @ t / np.linalg.norm(t) - 1.0)
+        scores = raw / raw.sum()
+        chosen = np.random.default_rng(0).choice(n, size=k, replace=True, p=scores)
+    else:
+        scores = (pool @ t).astype(np.float64)
+        chosen = np.lexsort((np.arange(n), -scores))[:k]
+    # planted duplicate: the second and fifth distinct selected rows get (almost) the same vector
+    uniq = list(dict.fromkeys(chosen.tolist()))
+    a, b = uniq[1], uniq[4]
+    pool[b] = pool[a] * 1.5 + 1e-3
+    pool /= np.linalg.norm(pool, axis=1, keepdims=True)  # unit rows, as the bundled encoder gives
+    target /= np.linalg.norm(target, axis=1, keepdims=True)
+    texts[a] = NASTY
+    if method == "got_d":  # scores as GOT-D ranks them: -f of the pool x target problem
+        scores = -sinkhorn_potentials(pool, target, eps=0.1).f
+        chosen = np.lexsort((np.arange(n), -scores))[:k]
+    ranks = _ranks(scores)
+    scored = Dataset.from_dict({"text": texts, "domain": [DOMAINS[d] for d in domain],
+                                "pool_index": np.arange(n), "score": scores, "rank": ranks})
+    folder.mkdir(parents=True)
+    scored.save_to_disk(str(folder / "scored"))
+    scored.select(chosen).save_to_disk(str(folder / "selected"))
+    (folder / "embeddings").mkdir()
+    np.save(folder / "embeddings" / "pool.npy", pool, allow_pickle=False)
+    np.save(folder / "embeddings" / "target.npy", target, allow_pickle=False)
+    target_path = folder.parent / "target.jsonl"
+    target_path.write_text("".join(json.dumps({"text": s}) + "\n" for s in target_texts), encoding="utf-8")
+    prov = {
+        "method": method, "params": {"eps": 0.1} if method == "got_d" else {}, "k": k, "seed": 0,
+        "rows": {"pool": n, "target": m, "selected": k},
+        "ot_distance": {"target_pool": 1.25, "target_selection": 0.75},
+        "config": {"score_column": "score", "pool": {"path": "pool.jsonl", "column": "text"},
+                   "target": {"path": str(target_path), "column": "text"}, "report_columns": ["domain"]},
+        "prefilter": {"ranking": [{"source": "bio", "ot": 0.5}, {"source": "news<&>", "ot": 0.9}]},
+    }
+    (folder / "selection.json").write_text(json.dumps(prov), encoding="utf-8")
+    return {"pool": pool, "target": target, "scores": scores, "chosen": chosen, "domain": domain,
+            "dup": (min(a, b), max(a, b)), "target_texts": target_texts, "texts": texts}
+
+
+def _page_number(page: str, key: str) -> float:
+    match = re.search(rf'<span class="num" id="{re.escape(key)}">([^<]*)</span>', page)
+    assert match, f"no number {key!r} on the page"
+    return float(match.group(1))
+
+
+@pytest.fixture(scope="module")
+def topk_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("topk") / "out"
+    truth = _make_run(folder)
+    path = write_report(folder)
+    return folder, truth, path.read_text(encoding="utf-8"), json.loads((folder / "report.json").read_text())
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def test_near_duplicate_pairs_equal_brute_force_across_blocks():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(57, 8)).astype(np.float32)
+    x[10] = x[3] * 2  # exact duplicate direction
+    x[40] = x[3] + 1e-3
+    x[50] = x[20] * 0.5
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    cos = unit.astype(np.float64) @ unit.T.astype(np.float64)
+    brute = [(i, j) for i, j in itertools.combinations(range(57), 2) if cos[i, j] > 0.9]
+    got = near_duplicate_pairs(x, 0.9, block_size=7, top=10)
+    assert got["pairs_above"] == len(brute) == 4  # (3,10), (3,40), (10,40), (20,50)
+    assert got["pairs_total"] == 57 * 56 // 2
+    assert got["rows_with_partner"] == len({p for pair in brute for p in pair}) == 5
+    assert sorted((i, j) for i, j, _ in got["top_pairs"]) == brute
+    assert got["top_pairs"][0][2] >= got["top_pairs"][-1][2]
+    assert near_duplicate_pairs(x[:1], 0.9)["pair_rate"] == 0.0
+
+
+def test_budget_curve_equals_ot_on_the_explicitly_warmed_pool():
+    rng = np.random.default_rng(4)
+    pool = rng.normal(size=(60, 5)).astype(np.float32)
+    target = rng.normal(size=(20, 5)).astype(np.float32) + 1.0
+    ranking = rng.permutation(60)
+    got = budget_curve(pool, target, ranking, [0, 5, 60], eps=0.5)
+    for k, value in zip([0, 5, 60], got["distance"]):
+        warmed = np.concatenate([pool, pool[ranking[:k]]])
+        assert value == pytest.approx(ot_distance(warmed, target, eps=0.5), rel=1e-4)
+    assert got["converged"] and got["pool_rows_used"] == 60 and got["target_rows_used"] == 20
+    # a pool larger than max_pool is a weighted sample: n / max_pool per sampled row
+    sub = budget_curve(pool, target, ranking, [0], eps=0.5, max_pool=30, max_target=10, seed=2)
+    assert sub["pool_rows_used"] == 30 and sub["target_rows_used"] == 10
+    assert sub == budget_curve(pool, target, ranking, [0], eps=0.5, max_pool=30, max_target=10, seed=2)
+
+
+# --------------------------------------------------------------------------- the page's numbers
+
+
+def test_top_k_numbers_match_the_files(topk_run):
+    folder, truth, page, numbers = topk_run
+    scores, chosen = truth["scores"], truth["chosen"]
+    threshold = np.sort(scores)[::-1][len(chosen) - 1]  # the k-th best score
+    assert numbers["score"]["choice"] == "top_k"
+    assert numbers["score"]["threshold"] == pytest.approx(threshold)
+    assert _page_number(page, "score-threshold") == pytest.approx(threshold, rel=1e-5)
+    assert _page_number(page, "selected-rows") == len(chosen)
+    assert numbers["score"]["pool_median"] == pytest.approx(np.median(scores))
+    # composition: counts from the raw domain labels
+    pool_counts = Counter(DOMAINS[d] for d in truth["domain"])
+    sel_counts = Counter(DOMAINS[truth["domain"][i]] for i in chosen)
+    values = {r["value"]: r for r in numbers["composition"]["domain"]["values"]}
+    assert {v: r["pool"] for v, r in values.items()} == dict(pool_counts)
+    assert {v: r["selected"] for v, r in values.items() if r["selected"]} == dict(sel_counts)
+    for i, row in enumerate(numbers["composition"]["domain"]["values"]):
+        assert _page_number(page, f"comp-0-{i}-selected") == row["selected"]
+    # the planted pair is the only near-duplicate
+    dup = numbers["near_duplicates"]
+    assert dup["pairs_above"] == 1 and _page_number(page, "dup-pairs") == 1
+    assert (dup["top_pairs"][0]["a"], dup["top_pairs"][0]["b"]) == truth["dup"]
+    assert dup["pairs_total"] == len(chosen) * (len(chosen) - 1) // 2
+    assert dup["rows_with_partner"] == 2
+    # the OT distances shown are selection.json's
+    assert _page_number(page, "ot-target-pool") == 1.25 and _page_number(page, "ot-target-selection") == 0.75
+
+
+def test_budget_curve_of_the_report_is_recomputable(topk_run):
+    folder, truth, page, numbers = topk_run
+    curve = numbers["budget_curve"]
+    k = len(truth["chosen"])
+    assert curve["k"] == [0, k // 4, k // 2, k, 2 * k, 4 * k]
+    assert curve["method"][0] == pytest.approx(ot_distance(truth["pool"], truth["target"], eps=0.1), rel=1e-4)
+    assert curve["method"][0] == pytest.approx(curve["random"][0], rel=1e-6)
+    warmed = np.concatenate([truth["pool"], truth["pool"][truth["chosen"]]])
+    assert curve["method"][3] == pytest.approx(ot_distance(warmed, truth["target"], eps=0.1), rel=1e-4)
+    # the ranking was built towards the target: warming with it gets closer than random does
+    assert curve["method"][-1] < curve["random"][-1] and curve["method"][-1] < curve["method"][0]
+    assert _page_number(page, "curve-method-3") == pytest.approx(curve["method"][3], rel=1e-5)
+
+
+def test_examples_show_nearest_targets_and_escape_text(topk_run):
+    folder, truth, page, numbers = topk_run
+    examples = numbers["examples"]
+    assert len(examples) == 10 and examples[0]["rank"] == 1 and examples[-1]["rank"] == len(truth["chosen"])
+    unit = lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True)  # noqa: E731
+    for ex in examples:
+        cos = unit(truth["target"]) @ unit(truth["pool"][ex["pool_index"]])
+        j = int(np.argmax(cos))
+        assert ex["nearest_target"][0]["target_index"] == j
+        assert ex["nearest_target"][0]["cosine"] == pytest.approx(cos[j], rel=1e-5)
+        assert ex["nearest_target"][0]["text"] == truth["target_texts"][j]
+        assert ex["text"] == truth["texts"][ex["pool_index"]]
+    assert NASTY not in page and "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page
+    assert "<script" not in page
+    assert "news&lt;&amp;&gt;" in page  # the pre-filter section, shown generically
+    for name in ("scores.png", "projection.png", "composition_0.png", "budget_curve.png"):
+        assert (folder / "report_files" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f'src="report_files/{name}"' in page
+
+
+def test_sampled_selection_reports_probabilities_and_draws(tmp_path):
+    folder = tmp_path / "out"
+    truth = _make_run(folder, method="tsds", sampled=True)
+    numbers = json.loads(write_report(folder, n_examples=4).with_name("report.json").read_text())
+    chosen, p = truth["chosen"], truth["scores"]
+    assert numbers["score"]["choice"] == "sampled"
+    assert "threshold" not in numbers["score"]
+    assert numbers["score"]["n_zero"] == int((p == 0).sum()) > 0
+    assert numbers["score"]["distinct_selected"] == np.unique(chosen).size < len(chosen)
+    assert numbers["near_duplicates"]["repeated_draws"] == len(chosen) - np.unique(chosen).size
+    counts = Counter(chosen.tolist())
+    for ex in numbers["examples"]:
+        assert ex["draws"] == counts[ex["pool_index"]]
+        assert ex["probability"] == pytest.approx(p[ex["pool_index"]])
+
+
+def test_got_d_examples_carry_the_transport_plan_of_pot(tmp_path):
+    ot = pytest.importorskip("ot")
+    folder = tmp_path / "out"
+    truth = _make_run(folder, method="got_d", n=120, m=25, k=12)
+    numbers = json.loads(write_report(folder, n_examples=3).with_name("report.json").read_text())
+    assert numbers["got_d_plan"]["spearman_minus_f_vs_score"] == pytest.approx(1.0)
+    pool, target = truth["pool"].astype(np.float64), truth["target"].astype(np.float64)
+    plan = ot.sinkhorn(np.full(120, 1 / 120), np.full(25, 1 / 25), ot.dist(pool, target), 0.1,
+                       method="sinkhorn_log", stopThr=1e-12, numItermax=10000)
+    for ex in numbers["examples"]:
+        row = plan[ex["pool_index"]]
+        assert ex["got_d"]["mass"] == pytest.approx(1 / 120, rel=1e-2)
+        top = ex["got_d"]["top_recipients"]
+        assert [r["target_index"] for r in top] == list(np.argsort(-row, kind="stable")[:3])
+        assert top[0]["mass_share"] == pytest.approx(row.max() / row.sum(), rel=1e-2)
+
+
+def test_without_embeddings_the_page_says_so(tmp_path):
+    folder = tmp_path / "out"
+    truth = _make_run(folder)
+    shutil.rmtree(folder / "embeddings")
+    page = write_report(folder, columns=["domain"], n_examples=2).read_text(encoding="utf-8")
+    numbers = json.loads((folder / "report.json").read_text())
+    assert "save_embeddings: false" in page
+    assert "budget_curve" not in numbers and "projection" not in numbers and "near_duplicates" not in numbers
+    assert numbers["score"]["threshold"] == pytest.approx(np.sort(truth["scores"])[::-1][29])
+    assert "nearest_target" not in numbers["examples"][0]
+    assert sorted(p.name for p in (folder / "report_files").iterdir()) == ["composition_0.png", "scores.png"]
+
+
+def test_bad_arguments_are_refused_before_work(tmp_path):
+    folder = tmp_path / "out"
+    _make_run(folder)
+    with pytest.raises(ValueError, match=r"Column 'source' not in the scored split. Current columns: \['text', 'domain'"):
+        write_report(folder, columns=["source"])
+    with pytest.raises(ValueError, match="The 'n_examples' parameter of write_report"):
+        write_report(folder, n_examples=-1)
+    with pytest.raises(ValueError, match="The 'duplicate_threshold' parameter of write_report"):
+        write_report(folder, duplicate_threshold=1.5)
+    with pytest.raises(TypeError, match="The 'columns' parameter of write_report"):
+        write_report(folder, columns="domain")
+    with pytest.raises(FileNotFoundError, match="not a selection output folder"):
+        write_report(tmp_path)
+    assert not (folder / "report.html").exists()
+
+
+# --------------------------------------------------------------------------- the page in a browser
+
+_MEASURE = """<script>
+window.addEventListener("load", () => {
+  for (const img of document.images) img.setAttribute("data-natural-width", String(img.naturalWidth));
+  document.body.setAttribute("data-measured", "yes");
+});
+</script>"""
+
+
+def _chromium() -> str:
+    exe = shutil.which("chromium")
+    if exe is None and hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "chromium"]):
+            try:
+                subprocess.run(cmd, env=env, capture_output=True, timeout=600, check=True)
+            except (OSError, subprocess.SubprocessError):
+                break
+        exe = shutil.which("chromium")
+    if exe is None:
+        pytest.skip("headless Chromium is not installed and could not be installed (needs root and apt-get: "
+                    "`apt-get install -y chromium`)")
+    return exe
+
+
+def test_the_page_renders_in_headless_chromium_with_its_images(topk_run, tmp_path):
+    exe = _chromium()
+    folder, _, page, _ = topk_run
+    # a copy next to the real page (so the relative image links resolve) with a measuring script
+    probe = folder / "report_probe.html"
+    probe.write_text(page.replace("</body>", _MEASURE + "</body>"), encoding="utf-8")
+    try:
+        proc = subprocess.run(
+            [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+             "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
+            capture_output=True, text=True, timeout=60,
+        )
+    finally:
+        probe.unlink()
+    dom = proc.stdout
+    assert 'data-measured="yes"' in dom, proc.stderr[-2000:]
+    widths = [int(w) for w in re.findall(r'data-natural-width="(\d+)"', dom)]
+    assert len(widths) == page.count("<img ") == 4
+    assert all(w > 100 for w in widths), widths
+
+
+# --------------------------------------------------------------------------- a real job
+
+
+@pytest.mark.slow
+def test_report_of_a_real_job(tmp_path):
+    from datasets import load_from_disk
+
+    from hf_otselect.config import load_config
+    from hf_otselect.job import run_job
+
+    config = load_config(REPO / "configs" / "demo.yaml", [
+        f"pool.path={REPO / 'data/sample/pool.jsonl'}", f"target.path={REPO / 'data/sample/target.jsonl'}",
+        "pool.max_rows=200", "target.max_rows=40", "k=20", "embedding.max_length=64",
+        f"cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'out'}", "report=true",
+    ])
+    out = run_job(config)
+    page = (out / "report.html").read_text(encoding="utf-8")
+    numbers = json.loads((out / "report.json").read_text())
+    scored = load_from_disk(str(out / "scored"))
+    selected = load_from_disk(str(out / "selected"))
+    prov = json.loads((out / "selection.json").read_text())
+    scores = np.asarray(scored[prov["config"]["score_column"]])
+    assert numbers["score"]["threshold"] == pytest.approx(min(selected[prov["config"]["score_column"]]))
+    assert numbers["score"]["pool_max"] == pytest.approx(scores.max())
+    assert numbers["composition"]["domain"]["selected_rows"] == len(selected) == 20
+    assert sum(r["selected"] for r in numbers["composition"]["domain"]["values"]) == 20
+    assert dict(Counter(selected["domain"])) == {r["value"]: r["selected"] for r in numbers["composition"]["domain"]["values"] if r["selected"]}
+    assert _page_number(page, "ot-target-pool") == pytest.approx(prov["ot_distance"]["target_pool"], rel=1e-5)
+    pool = np.load(out / "embeddings" / "pool.npy")
+    target = np.load(out / "embeddings" / "target.npy")
+    assert numbers["budget_curve"]["method"][0] == pytest.approx(ot_distance(pool, target, eps=0.1), rel=1e-4)
+    assert numbers["examples"][0]["nearest_target"][0]["text"]  # the target texts were read back
+    assert numbers["got_d_plan"]["spearman_minus_f_vs_score"] > 0.99
