@@ -101,6 +101,20 @@ def default_nlist(n_base: int) -> int:
     return int(max(1, min(n_base // 39, round(np.sqrt(n_base)))))
 
 
+def default_nprobe(nlist: int, k: int = 1, n_base: int = 0) -> int:
+    """IVF lists probed per query by default.
+
+    ``max(8, nlist // 64)`` (15 at a million rows), raised to ``ceil(4 * k * nlist / n_base)`` so
+    the probed lists hold about four times the ``k`` rows asked for (an IVF probe that visits
+    fewer rows than ``k`` cannot fill the row). ``benchmarks/tsds_scaling.py`` reports the recall
+    this gives.
+    """
+    probe = max(8, nlist // 64)
+    if n_base > 0:
+        probe = max(probe, -(-4 * k * nlist // n_base))
+    return min(probe, nlist)
+
+
 def build_index(
     base: np.ndarray,
     *,
@@ -113,8 +127,10 @@ def build_index(
 ) -> Any:
     """Build and fill a FAISS index over ``base`` (float32, C-contiguous, shape (n, dim)).
 
-    IVF is trained on at most ``64 * nlist`` rows drawn with a ``numpy.random.Generator(seed)``,
-    and the k-means itself is seeded, so the same inputs give the same index.
+    IVF is trained on at most ``40 * nlist`` rows (FAISS asks for at least 39 per centroid) drawn
+    with a ``numpy.random.Generator(seed)``, with 10 seeded k-means iterations (FAISS's default is 25; fewer keeps the build affordable on
+    a few cores, and the recall that results is measured in ``benchmarks/tsds_scaling.py``), so the
+    same inputs give the same index.
     """
     faiss = _faiss()
     n, dim = base.shape
@@ -129,7 +145,8 @@ def build_index(
         quantizer = faiss.IndexFlatL2(dim) if metric == "l2" else faiss.IndexFlatIP(dim)
         idx = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss_metric)
         idx.cp.seed = seed
-        n_train = min(n, 64 * nlist)
+        idx.cp.niter = 10
+        n_train = min(n, 40 * nlist)
         rng = np.random.default_rng(seed)
         train = base if n_train == n else base[np.sort(rng.choice(n, n_train, replace=False))]
         idx.train(train)
@@ -176,7 +193,7 @@ def knn_search(
         IVF above. ``"ivf"``: ``IndexIVFFlat`` with ``nlist`` lists (:func:`default_nlist`);
         ``"hnsw"``: ``IndexHNSWFlat`` (32 links, efConstruction 64), CPU only.
     nprobe : int, optional
-        IVF lists visited per query (default ``max(8, nlist // 16)``).
+        IVF lists visited per query (default :func:`default_nprobe`).
     nlist : int, optional
         IVF list count.
     ef_search : int, optional
@@ -208,7 +225,7 @@ def knn_search(
     idx = prebuilt if prebuilt is not None else build_index(base, metric=metric, index=kind, nlist=nlist, seed=seed, gpu=gpu)
     if kind == "ivf":
         n_lists = idx.nlist if hasattr(idx, "nlist") else (nlist or default_nlist(n))
-        probe = max(8, n_lists // 16) if nprobe is None else check_int(nprobe, "nprobe", owner, 1)
+        probe = default_nprobe(n_lists, k, n) if nprobe is None else check_int(nprobe, "nprobe", owner, 1)
         idx.nprobe = min(probe, n_lists)
     elif kind == "hnsw":
         idx.hnsw.efSearch = max(64, 2 * k) if ef_search is None else check_int(ef_search, "ef_search", owner, 1)
@@ -276,7 +293,7 @@ def radius_search(
         nlist = check_int(nlist, "nlist", owner, 1, base.shape[0])
     idx = prebuilt if prebuilt is not None else build_index(base, metric=metric, index=kind, nlist=nlist, seed=seed)
     if kind == "ivf":
-        probe = max(8, idx.nlist // 16) if nprobe is None else check_int(nprobe, "nprobe", owner, 1)
+        probe = default_nprobe(idx.nlist) if nprobe is None else check_int(nprobe, "nprobe", owner, 1)
         idx.nprobe = min(probe, idx.nlist)
     lims_parts, dist_parts, ind_parts = [np.zeros(1, dtype=np.int64)], [], []
     offset = 0

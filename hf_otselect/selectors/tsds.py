@@ -59,6 +59,7 @@ logger = logging.getLogger(__name__)
 
 _TIE_RTOL = 1e-6  # relative slack on the optimality test: float32 inputs make exact ties fuzzy
 _FIRST_WIDTH = 128  # neighbours per query whose densities are computed before widening
+_FLAT_DENSITY_PAIRS = 2e8  # "auto": exact density search while rows x pool stays under this
 
 
 def knn_kde_allocation(
@@ -175,11 +176,16 @@ class TSDSSelector(Selector):
         :meth:`select` samples with replacement (multinomial, as the paper) or without
         (Gumbel-top-k).
     index : {"auto", "flat", "ivf", "hnsw"}, default "auto"
-        FAISS index for the prefetch (see :func:`hf_otselect.knn.knn_search`). The density radius
-        search is exact with ``"flat"`` / ``"auto"`` below ``knn.FLAT_MAX_BASE`` rows and uses the
-        IVF index above (``"hnsw"`` densities also use IVF).
+        FAISS index for the prefetch (see :func:`hf_otselect.knn.knn_search`; ``"auto"`` is flat
+        up to ``knn.FLAT_MAX_BASE`` candidates, IVF above). Densities come from a radius search:
+        exact (flat) under ``"flat"``, and under ``"auto"`` while one density batch costs at most
+        ``_FLAT_DENSITY_PAIRS`` distance evaluations; otherwise over an IVF index.
     nprobe : int, optional
-        IVF lists visited per query.
+        IVF lists visited per prefetch query (default :func:`hf_otselect.knn.default_nprobe`).
+    density_nprobe : int, default 4
+        IVF lists visited per density query. The kernel only reaches ``h``, so a candidate's
+        kernel neighbours sit in its own or an adjacent list; the benchmark reports the density
+        error this leaves.
     seed : int, default 0
         Seeds the IVF training; :meth:`select` takes its own sampling seed.
 
@@ -203,6 +209,7 @@ class TSDSSelector(Selector):
         replace: bool = True,
         index: Literal["auto", "flat", "ivf", "hnsw"] = "auto",
         nprobe: int | None = None,
+        density_nprobe: int = 4,
         seed: int = 0,
     ) -> None:
         self.alpha = alpha
@@ -214,6 +221,7 @@ class TSDSSelector(Selector):
         self.replace = replace
         self.index = index
         self.nprobe = nprobe
+        self.density_nprobe = density_nprobe
         self.seed = seed
         self._check_params()
         self.diagnostics_ = {}
@@ -231,6 +239,7 @@ class TSDSSelector(Selector):
         check_choice(self.index, "index", owner, ["auto", "flat", "ivf", "hnsw"])
         if self.nprobe is not None:
             check_int(self.nprobe, "nprobe", owner, 1)
+        check_int(self.density_nprobe, "density_nprobe", owner, 1)
         check_int(self.seed, "seed", owner, 0)
 
     def score(self, candidates: Any, target: Any) -> np.ndarray:
@@ -269,27 +278,38 @@ class TSDSSelector(Selector):
         found = knn.knn_search(target, candidates, width_max, index=kind, nprobe=self.nprobe, seed=self.seed, prebuilt=index)
         timings["prefetch_s"] = time.perf_counter() - t0
 
-        # Exact float64 distances for the prefetched pairs, rows re-sorted on them (ties by index).
+        # FAISS's float32 distances fix the order; the prefix in use gets exact float64 distances
+        # (computed lazily, as the prefix widens) and is re-sorted on them, ties by index.
+        nbr = found.indices.copy()
         valid = found.valid
-        rows, cols = np.nonzero(valid)
-        dist = np.full(valid.shape, np.inf)
-        dist[rows, cols] = np.sqrt(_pair_sq_dist(target, candidates, rows, found.indices[rows, cols]))
-        order = np.lexsort((np.where(valid, found.indices, np.iinfo(np.int64).max), dist), axis=1)
-        nbr = np.take_along_axis(found.indices, order, axis=1)
-        dist = np.take_along_axis(dist, order, axis=1)
-        valid = nbr >= 0
+        dist = np.where(valid, np.sqrt(np.maximum(found.distances, 0.0)), np.inf).astype(np.float64)
+        exact_upto = 0
 
         density = np.full(n, np.nan)  # filled lazily, only where the solution can reach
         t1 = time.perf_counter()
-        width = min(width_max, _FIRST_WIDTH) if use_kde else width_max
-        density_index = index if kind != "hnsw" else None
+        width = min(width_max, _FIRST_WIDTH)
+        ivf = index if kind == "ivf" else None
+        density_kinds: set[str] = set()
         while True:
+            if width > exact_upto:
+                rows, cols = np.nonzero(valid[:, exact_upto:width])
+                cols += exact_upto
+                dist[rows, cols] = np.sqrt(_pair_sq_dist(target, candidates, rows, nbr[rows, cols]))
+                exact_upto = width
+                big = np.iinfo(np.int64).max
+                order = np.lexsort((np.where(valid[:, :width], nbr[:, :width], big), dist[:, :width]), axis=1)
+                nbr[:, :width] = np.take_along_axis(nbr[:, :width], order, axis=1)
+                dist[:, :width] = np.take_along_axis(dist[:, :width], order, axis=1)
             sub_nbr, sub_valid = nbr[:, :width], valid[:, :width]
             if use_kde:
                 need = np.unique(sub_nbr[sub_valid])
                 need = need[np.isnan(density[need])]
                 if need.size:
-                    density[need] = self._densities(candidates, need, n_kde, density_index)
+                    exact = self.index == "flat" or (self.index == "auto" and need.size * n <= _FLAT_DENSITY_PAIRS)
+                    if not exact and ivf is None:
+                        ivf = knn.build_index(candidates, index="ivf", seed=self.seed)
+                    density_kinds.add("flat" if exact else "ivf")
+                    density[need] = self._densities(candidates, need, n_kde, None if exact else ivf)
                 inv = np.where(sub_valid, 1.0 / np.where(sub_valid, density[np.maximum(sub_nbr, 0)], 1.0), 1.0)
             else:
                 inv = np.ones(sub_nbr.shape)
@@ -313,6 +333,7 @@ class TSDSSelector(Selector):
             "n_densities": int(np.isfinite(density).sum()),
             "kde_K": int(n_kde),
             "index": kind,
+            "density_index": "+".join(sorted(density_kinds)) or "none",
             "n_selected_support": int((p > 0).sum()),
             **timings,
         }
@@ -331,13 +352,15 @@ class TSDSSelector(Selector):
     def _densities(self, candidates: np.ndarray, rows: np.ndarray, n_kde: int, index: Any) -> np.ndarray:
         """Epanechnikov density ``rho`` of ``candidates[rows]`` over its ``n_kde`` nearest candidates.
 
+        ``index``: None for an exact flat search, else a filled IVF index over ``candidates``.
+
         Only neighbours within ``h`` contribute, so a radius search with radius ``h^2`` (squared
         L2) finds them all; each block comes back nearest first, so the ``n_kde`` nearest are its
         first entries. The kernel is evaluated on float64 distances. ``rho >= 1`` (self).
         """
         h2 = float(self.sigma) ** 2
-        kind = "ivf" if index is not None and hasattr(index, "nlist") else "flat"
-        lims, _, nbrs = knn.radius_search(candidates[rows], candidates, h2, index=kind, nprobe=self.nprobe, seed=self.seed, prebuilt=index)
+        kind = "flat" if index is None else "ivf"
+        lims, _, nbrs = knn.radius_search(candidates[rows], candidates, h2, index=kind, nprobe=self.density_nprobe, seed=self.seed, prebuilt=index)
         counts = np.diff(lims)
         owner = np.repeat(np.arange(rows.size), counts)
         rank = np.arange(nbrs.size) - lims[owner]
