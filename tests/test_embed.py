@@ -1,0 +1,262 @@
+"""Embedding pipeline: exact against an independent transformers forward, cache, resume, streams."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset, load_dataset
+from transformers import AutoModel, AutoTokenizer
+
+from hf_otselect import embed as embed_mod
+from hf_otselect.embed import DEFAULT_MODEL, embed, embed_to_file, iter_embeddings, load_encoder, make_text_units
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def texts() -> list[str]:
+    """36 real texts of the bundled pool's domains, up to 400 chars (short keeps the tests fast)."""
+    rows = [json.loads(line) for line in (REPO / "data" / "sample" / "pool.jsonl").open(encoding="utf-8")]
+    short = [r["text"] for r in rows if len(r["text"]) <= 400]
+    return short[:: len(short) // 36][:36]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """An independent encoder: its own tokenizer/model objects, one padded batch, pooled by hand."""
+    tok = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
+    model = AutoModel.from_pretrained(DEFAULT_MODEL).eval()
+
+    def run(texts: list[str], *, max_length: int = 256, pooling: str = "mean", normalize: bool = True) -> np.ndarray:
+        enc = tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        with torch.no_grad():
+            h = model(**enc).last_hidden_state
+        if pooling == "cls":
+            v = h[:, 0]
+        else:
+            m = enc["attention_mask"].unsqueeze(-1).float()
+            v = (h * m).sum(1) / m.sum(1)
+        if normalize:
+            v = v / v.norm(dim=1, keepdim=True)
+        return v.numpy()
+
+    return run
+
+
+@pytest.fixture
+def forwards():
+    """Rows seen by each forward pass of the shared encoder that `embed` uses on CPU."""
+    _, model, _ = load_encoder(None, device="cpu")
+    calls: list[int] = []
+    handle = model.register_forward_hook(lambda mod, args, kwargs, out: calls.append(kwargs["input_ids"].shape[0]),
+                                         with_kwargs=True)
+    yield calls
+    handle.remove()
+
+
+def _kw(tmp_path: Path, **extra):
+    return {"device": "cpu", "cache_dir": tmp_path / "cache", "show_progress": False, **extra}
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 64])
+def test_matches_independent_forward_in_input_order(texts, reference, tmp_path, batch_size):
+    got = embed(texts, batch_size=batch_size, **_kw(tmp_path))
+    assert got.dtype == np.float32 and got.shape == (len(texts), 384)
+    np.testing.assert_allclose(got, reference(texts), atol=1e-5, rtol=0)
+
+
+def test_pooling_and_normalize_options_match_reference(texts, reference, tmp_path):
+    cls = embed(texts, pooling="cls", normalize=False, max_length=32, **_kw(tmp_path))
+    np.testing.assert_allclose(cls, reference(texts, pooling="cls", normalize=False, max_length=32), atol=1e-5, rtol=0)
+    raw = embed(texts, normalize=False, **_kw(tmp_path))
+    np.testing.assert_allclose(raw, reference(texts, normalize=False), atol=1e-4, rtol=1e-5)
+    assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0)
+
+
+def test_dataset_column_and_small_token_budget(texts, reference, tmp_path):
+    ds = Dataset.from_dict({"label": list(range(len(texts))), "body": texts})
+    got = embed(ds, "body", batch_size=8, max_batch_tokens=200, shard_rows=5, **_kw(tmp_path))
+    np.testing.assert_allclose(got, reference(texts), atol=1e-5, rtol=0)
+
+
+def test_second_call_does_no_forward_and_changed_settings_miss(texts, tmp_path, forwards):
+    first = embed(texts, **_kw(tmp_path))
+    assert sum(forwards) == len(texts)
+    forwards.clear()
+    again = embed(texts, **_kw(tmp_path))
+    assert forwards == [] and np.array_equal(first, again)
+    for changed in ({"max_length": 64}, {"pooling": "cls"}, {"normalize": False}):
+        forwards.clear()
+        embed(texts, **_kw(tmp_path, **changed))
+        assert sum(forwards) == len(texts), changed
+    forwards.clear()
+    embed(texts, **_kw(tmp_path, use_cache=False))
+    assert sum(forwards) == len(texts)
+
+
+def test_interrupted_run_resumes_only_unfinished_shards(texts, tmp_path, forwards):
+    full = embed(texts, shard_rows=8, **_kw(tmp_path, use_cache=False))
+    _, model, _ = load_encoder(None, device="cpu")
+    forwards.clear()
+
+    def crash(mod, args, kwargs):
+        if len(forwards) == 2:  # shard_rows=8, batch_size=64: one forward per shard
+            raise KeyboardInterrupt("killed mid-way")
+
+    handle = model.register_forward_pre_hook(crash, with_kwargs=True)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            embed(texts, shard_rows=8, **_kw(tmp_path))
+    finally:
+        handle.remove()
+    files = list((tmp_path / "cache").rglob("*"))
+    assert sorted(p.suffix for p in files if p.is_file()) == [".npy", ".npy"]  # no half-written shard
+    forwards.clear()
+    resumed = embed(texts, shard_rows=8, **_kw(tmp_path))
+    assert sum(forwards) == len(texts) - 16
+    np.testing.assert_array_equal(resumed, full)
+
+
+def test_stream_list_and_dataset_share_vectors_and_cache(texts, tmp_path, forwards):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "label": i}) + "\n" for i, t in enumerate(texts)), encoding="utf-8")
+    ds = load_dataset("json", data_files=str(path), split="train")
+    stream = load_dataset("json", data_files=str(path), split="train", streaming=True)
+    want = embed(ds, shard_rows=8, **_kw(tmp_path))
+    forwards.clear()
+    got = embed(stream, shard_rows=8, **_kw(tmp_path))
+    assert forwards == []  # content-addressed shards: the stream reads the Dataset's
+    np.testing.assert_array_equal(got, want)
+    blocks = list(iter_embeddings(iter({"text": t} for t in texts), shard_rows=8, **_kw(tmp_path)))
+    assert [len(b) for b in blocks] == [8, 8, 8, 8, 4]
+    np.testing.assert_array_equal(np.concatenate(blocks), want)
+    fresh = embed(stream, shard_rows=8, **_kw(tmp_path / "other"))  # a new cache: computed again
+    np.testing.assert_allclose(fresh, want, atol=1e-6, rtol=0)
+    out = embed_to_file(stream, tmp_path / "vecs.npy", shard_rows=8, **_kw(tmp_path / "third"))
+    assert isinstance(out, np.memmap) and out.dtype == np.float32
+    np.testing.assert_allclose(np.asarray(out), want, atol=1e-6, rtol=0)
+    assert sorted(p.name for p in tmp_path.glob("vecs.npy*")) == ["vecs.npy"]
+
+
+def test_very_long_text_and_lone_surrogates(texts, reference, tmp_path):
+    long = " ".join(texts) * (1_000_000 // len(" ".join(texts)) + 1)  # > 1 MB of real text
+    got = embed([long, texts[0]], **_kw(tmp_path))
+    np.testing.assert_allclose(got, reference([long, texts[0]]), atol=1e-5, rtol=0)
+    bad = "caf\udce9 au lait, tr\udcc3s bien"  # what errors="surrogateescape" leaves behind
+    np.testing.assert_array_equal(embed([bad], **_kw(tmp_path)),
+                                  embed(["caf\ufffd au lait, tr\ufffds bien"], **_kw(tmp_path)))
+
+
+def test_progress_bar_reports_rows_per_second(texts, tmp_path, capsys):
+    embed(texts[:4], device="cpu", cache_dir=tmp_path, show_progress=True)
+    assert "rows/s" in capsys.readouterr().err
+    from datasets.utils import disable_progress_bars, enable_progress_bars
+
+    disable_progress_bars()
+    try:
+        embed(texts[:4], device="cpu", cache_dir=tmp_path)
+    finally:
+        enable_progress_bars()
+    assert "rows/s" not in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_num_proc_workers_give_the_same_vectors(texts, tmp_path):
+    one = embed(texts, **_kw(tmp_path, use_cache=False))
+    two = embed(texts, num_proc=2, shard_rows=10, **_kw(tmp_path))
+    np.testing.assert_allclose(two, one, atol=1e-6, rtol=0)
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == 4
+
+
+# -- bad input: each a clear error before any model work -----------------------------------------
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the encoder was loaded before the input was checked")
+
+    monkeypatch.setattr(embed_mod, "load_encoder", refuse)
+
+
+@pytest.mark.parametrize(
+    ("data", "kwargs", "exc", "words"),
+    [
+        (Dataset.from_dict({"txt": ["a"], "label": [1]}), {}, ValueError, ["'column'", "Current columns: ['txt', 'label']"]),
+        (Dataset.from_dict({"text": ["a", None, "b", None]}), {}, TypeError, ["'data'", "'text'", "[1, 3]"]),
+        (Dataset.from_dict({"text": [1, 2]}), {}, TypeError, ["'data'", "'text'", "int", "[0, 1]"]),
+        (["fine", "", "ok", " \n\t"], {}, ValueError, ["'data'", "[1, 3]", "filter"]),
+        (Dataset.from_dict({"text": ["x", "  "]}), {}, ValueError, ["'text'", "[1]", "dataset.filter"]),
+        (Dataset.from_dict({"text": []}), {}, ValueError, ["'data'", "0 rows"]),
+        ([], {}, ValueError, ["'data'", "empty"]),
+        ("just a string", {}, TypeError, ["'data'"]),
+        (["a"], {"pooling": "max"}, ValueError, ["'pooling'", "['mean', 'cls']"]),
+        (["a"], {"batch_size": 0}, ValueError, ["'batch_size'"]),
+        (["a"], {"max_length": 0}, ValueError, ["'max_length'"]),
+        (["a"], {"model": "/no/such/model/folder"}, ValueError, ["'model'", "/no/such/model/folder"]),
+        (["a"], {"device": "nonsense"}, ValueError, ["'device'"]),
+    ],
+)
+def test_bad_input_fails_up_front_naming_the_argument(no_model, tmp_path, data, kwargs, exc, words):
+    with pytest.raises(exc) as err:
+        embed(data, cache_dir=tmp_path, show_progress=False, **kwargs)
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_bad_stream_rows_and_devices(no_model, tmp_path):
+    with pytest.raises(ValueError, match="'column'.*Current columns: \\['body'\\]"):
+        embed(iter([{"body": "a"}]), cache_dir=tmp_path)
+    with pytest.raises(TypeError, match="row\\(s\\) \\[2\\]"):
+        list(iter_embeddings(iter(["a", "b", None]), cache_dir=tmp_path, show_progress=False))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="'device'.*CUDA is not available"):
+            embed(["a"], device="cuda", cache_dir=tmp_path)
+
+
+def test_missing_hub_model_offline_names_model(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="'model'.*no-such-org/no-such-encoder"):
+        load_encoder("no-such-org/no-such-encoder", device="cpu")
+
+
+# -- GOT-D text units --------------------------------------------------------------------------
+
+
+def test_text_units_split_accounts_for_every_character(texts):
+    ds = Dataset.from_dict({"text": texts, "id": list(range(len(texts)))})
+    units = make_text_units(ds, chunk_chars=100, mode="split")
+    assert units.column_names == ["text", "source_rows"]
+    rebuilt: dict[int, str] = {}
+    for unit, src in zip(units["text"], units["source_rows"]):
+        assert len(src) == 1 and 1 <= len(unit) <= 100
+        rebuilt[src[0]] = rebuilt.get(src[0], "") + unit
+    assert [rebuilt[i] for i in range(len(texts))] == texts
+    assert len(units) == sum(-(-len(t) // 100) for t in texts)
+
+
+def test_text_units_concat_is_greedy_and_ordered(texts):
+    texts = texts[:12] + [" ".join(texts[:4])] + texts[12:]  # one row longer than a unit
+    ds = Dataset.from_dict({"text": texts})
+    units = make_text_units(ds, chunk_chars=300, mode="concat")
+    rows = [r for src in units["source_rows"] for r in src]
+    long_rows = [i for i, t in enumerate(texts) if len(t) > 300]
+    assert long_rows == [12]
+    assert sorted(set(rows)) == list(range(len(texts))) and rows == sorted(rows)
+    for unit, src in zip(units["text"], units["source_rows"]):
+        if src[0] in long_rows:
+            assert len(src) == 1 and len(unit) <= 300
+        else:
+            assert unit == " ".join(texts[r] for r in src) and len(unit) <= 300
+    joined = [src for src in units["source_rows"] if src[0] not in long_rows]
+    for a, b in zip(joined, joined[1:]):  # greedy: the next row would not have fitted
+        if b[0] == a[-1] + 1:
+            assert len(" ".join(texts[r] for r in a)) + 1 + len(texts[b[0]]) > 300
+    with pytest.raises(ValueError, match="'mode'"):
+        make_text_units(ds, mode="words")
+    with pytest.raises(ValueError, match="'column'.*Current columns: \\['text'\\]"):
+        make_text_units(ds, "body")
