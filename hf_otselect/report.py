@@ -142,8 +142,9 @@ def budget_curve(
     It is passed to :func:`hf_otselect.ot.sinkhorn_potentials` as weights on the pool's points
     (weight 1 per pool row, +1 per added row), so the value is exact and each ``k`` costs one solve
     on at most ``n + k`` points. A pool larger than ``max_pool`` is replaced by a seeded uniform sample
-    whose rows weigh ``n / max_pool`` each (the added rows keep weight 1), and a target larger than
-    ``max_target`` by a seeded sample.
+    whose rows weigh ``n / max_pool`` each, more than ``max_pool`` added rows by a seeded sample of
+    ``max_pool`` of them weighing ``k / max_pool`` each, and a target larger than ``max_target`` by
+    a seeded sample.
 
     Parameters
     ----------
@@ -184,7 +185,10 @@ def budget_curve(
     for k in ks:
         weight = np.zeros(n)
         weight[base] += base_weight
-        weight[ranking[:k]] += 1.0
+        added = ranking[:k]
+        if k > max_pool:  # many added rows: a seeded sample of them, weighted k / max_pool each
+            added = np.random.default_rng([seed, k]).choice(added, size=max_pool, replace=False)
+        np.add.at(weight, added, k / len(added) if len(added) else 1.0)
         support = np.flatnonzero(weight)
         with warnings.catch_warnings():  # non-convergence is reported through `converged`
             warnings.simplefilter("ignore", RuntimeWarning)
@@ -250,6 +254,11 @@ def _load_embeddings(folder: Path, n_pool: int, notes: list[str]) -> tuple[np.nd
     return pool.astype(np.float32, copy=False), target.astype(np.float32, copy=False)
 
 
+def _column(data: Any, name: str) -> np.ndarray:
+    """One column of a Dataset as numpy, read in bulk from Arrow (not row by row)."""
+    return np.asarray(data.with_format("numpy", columns=[name])[:][name])
+
+
 def _load_run(folder: Path, columns: Sequence[str] | None) -> tuple[_Run, list[str]]:
     from datasets import load_from_disk
 
@@ -274,17 +283,17 @@ def _load_run(folder: Path, columns: Sequence[str] | None) -> tuple[_Run, list[s
     if text_column not in scored.column_names:
         text_column = None
 
-    pool_index = np.asarray(scored["pool_index"], dtype=np.int64)
+    pool_index = _column(scored, "pool_index").astype(np.int64)
     n = len(pool_index)
     if not np.array_equal(np.sort(pool_index), np.arange(n)):
         raise ValueError("The scored split's 'pool_index' column is not a permutation of range(n_rows).")
     row_of = np.empty(n, dtype=np.int64)
     row_of[pool_index] = np.arange(n)
     scores = np.empty(n)
-    scores[pool_index] = np.asarray(scored[score_column], dtype=np.float64)
+    scores[pool_index] = _column(scored, score_column).astype(np.float64)
     ranks = np.empty(n, dtype=np.int64)
-    ranks[pool_index] = np.asarray(scored["rank"], dtype=np.int64)
-    chosen = np.asarray(selected["pool_index"], dtype=np.int64)
+    ranks[pool_index] = _column(scored, "rank").astype(np.int64)
+    chosen = _column(selected, "pool_index").astype(np.int64)
     notes: list[str] = []
     pool_emb, target_emb = _load_embeddings(folder, n, notes)
     run = _Run(folder, prov, scored, selected, score_column, text_column, scores, ranks, row_of, chosen,
@@ -302,7 +311,11 @@ def _target_texts(run: _Run) -> list[str] | None:
 
     try:
         data = load_split(DataConfig(**spec), "target")
-        texts = [str(row[spec.get("column", "text")]) for row in data]
+        column = spec.get("column", "text")
+        if hasattr(data, "with_format") and hasattr(data, "__len__"):  # a map-style Dataset: bulk read
+            texts = [str(t) for t in data.with_format("arrow")[column].to_pylist()]
+        else:
+            texts = [str(row[column]) for row in data]
     except (OSError, ValueError, KeyError, TypeError) as err:
         run.notes.append(f"The target's texts could not be read back from {spec.get('path')!r} ({err}); target rows are shown by index.")
         return None
@@ -461,9 +474,9 @@ def _category(value: Any) -> str:
 
 
 def _composition_section(run: _Run, column: str, assets: Path, index: int) -> tuple[dict[str, Any], str]:
-    pool_counts = Counter(_category(v) for v in run.scored[column])
-    sel_values = run.scored.select(run.row_of[run.chosen])[column] if len(run.chosen) else []
-    sel_counts = Counter(_category(v) for v in sel_values)
+    values = run.scored.with_format("arrow")[column].to_pylist()  # bulk read; rows in `scored` order
+    pool_counts = Counter(_category(v) for v in values)
+    sel_counts = Counter(_category(values[r]) for r in run.row_of[run.chosen])
     n_pool, n_sel = sum(pool_counts.values()), sum(sel_counts.values())
     order = sorted(pool_counts, key=lambda v: (-sel_counts.get(v, 0), -pool_counts[v], v))
     shown, rest = order[:MAX_CATEGORIES], order[MAX_CATEGORIES:]
@@ -523,7 +536,8 @@ def _budget_section(run: _Run, seed: int, assets: Path) -> tuple[dict[str, Any],
             "run's one scoring pass (the <code>rank</code> column). Lower means the warmed pool is closer to the target.")
     if ours["pool_rows_used"] < run.n:
         text += (f" The pool has {run.n} rows: each solve uses a seeded sample of {ours['pool_rows_used']} of them, "
-                 f"weighted {run.n / ours['pool_rows_used']:.3g} each, plus the added rows.")
+                 f"weighted {run.n / ours['pool_rows_used']:.3g} each, plus the added rows (a seeded sample of "
+                 f"{MAX_CURVE_POOL}, weighted k / {MAX_CURVE_POOL}, when k is larger).")
     if ours["target_rows_used"] < len(run.target_emb):
         text += f" The target is sampled to {ours['target_rows_used']} of {len(run.target_emb)} rows."
     if not out["converged"]:

@@ -130,9 +130,9 @@ def test_budget_curve_equals_ot_on_the_explicitly_warmed_pool():
         assert value == pytest.approx(ot_distance(warmed, target, eps=0.5), rel=1e-4)
     assert got["converged"] and got["pool_rows_used"] == 60 and got["target_rows_used"] == 20
     # a pool larger than max_pool is a weighted sample: n / max_pool per sampled row
-    sub = budget_curve(pool, target, ranking, [0], eps=0.5, max_pool=30, max_target=10, seed=2)
+    sub = budget_curve(pool, target, ranking, [0, 40], eps=0.5, max_pool=30, max_target=10, seed=2)
     assert sub["pool_rows_used"] == 30 and sub["target_rows_used"] == 10
-    assert sub == budget_curve(pool, target, ranking, [0], eps=0.5, max_pool=30, max_target=10, seed=2)
+    assert sub == budget_curve(pool, target, ranking, [0, 40], eps=0.5, max_pool=30, max_target=10, seed=2)
 
 
 # --------------------------------------------------------------------------- the page's numbers
