@@ -1,0 +1,306 @@
+"""Selection jobs as dataclasses: YAML in, validated config out.
+
+A job file is YAML read with ``yaml.safe_load``; every key must be a field below (unknown keys are
+refused with the list of known ones), and ``key=value`` overrides from the command line use dotted
+paths (``pool.path=...``, ``params.eps=0.05``). Values of overrides are parsed as YAML scalars, so
+``k=200`` is an int and ``overwrite=true`` a bool.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ._checks import param_error
+
+__all__ = ["DataConfig", "EmbeddingConfig", "HubConfig", "SelectionConfig", "load_config"]
+
+
+@dataclass
+class DataConfig:
+    """Where a split comes from.
+
+    Attributes
+    ----------
+    path : str
+        A data file or glob (``.jsonl``/``.json``, ``.csv``, ``.tsv``, ``.parquet``, ``.txt``), a folder
+        written by ``Dataset.save_to_disk``, or a Hub dataset id (needs network).
+    split : str
+        Split to read (``train`` for plain data files).
+    column : str
+        The text column.
+    name : str or None
+        Hub dataset configuration name.
+    streaming : bool
+        Read as an ``IterableDataset`` (embedded shard by shard with bounded memory).
+    max_rows : int or None
+        Keep only the first ``max_rows`` rows (for a quick trial run).
+    """
+
+    path: str = ""
+    split: str = "train"
+    column: str = "text"
+    name: str | None = None
+    streaming: bool = False
+    max_rows: int | None = None
+
+
+@dataclass
+class EmbeddingConfig:
+    """How texts become vectors (see :func:`hf_otselect.embed`).
+
+    Attributes
+    ----------
+    model : str or None
+        Local path or Hub id of the encoder; None means the bundled all-MiniLM-L6-v2.
+    revision : str or None
+        Hub revision (branch, tag or commit) of the encoder.
+    batch_size : int
+        Rows per forward pass.
+    max_length : int
+        Token limit per text (longer texts are truncated).
+    pooling : str
+        ``"mean"`` (masked mean) or ``"cls"``.
+    normalize : bool
+        L2-normalise the vectors.
+    device : str or None
+        ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; None picks CUDA when present.
+    trust_remote_code : bool
+        Allow model code from the Hub. Off unless you set it.
+    """
+
+    model: str | None = None
+    revision: str | None = None
+    batch_size: int = 64
+    max_length: int = 256
+    pooling: str = "mean"
+    normalize: bool = True
+    device: str | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class HubConfig:
+    """Where ``push_to_hub`` sends the selected split.
+
+    Attributes
+    ----------
+    repo_id : str or None
+        ``user/name`` of the dataset repository.
+    private : bool
+        Create the repository as private.
+    split : str
+        Split name of the pushed rows.
+    """
+
+    repo_id: str | None = None
+    private: bool = True
+    split: str = "train"
+
+
+@dataclass
+class SelectionConfig:
+    """A selection job.
+
+    Attributes
+    ----------
+    pool : DataConfig
+        The candidate corpus.
+    target : DataConfig
+        The target examples that drive the selection.
+    negative_target : DataConfig or None
+        Examples to move away from (GOT-D only), e.g. toxic text.
+    method : str
+        Registered selector name: ``got_d``, ``tsds``, ``random``, ``similarity``, ``dsir``.
+    k : int
+        How many rows to select.
+    params : dict
+        Keyword arguments of the selector (e.g. ``eps`` for GOT-D, ``alpha`` for TSDS).
+    embedding : EmbeddingConfig
+        Encoder settings, shared by pool and targets.
+    seed : int
+        Seed for every random choice.
+    output_dir : str
+        Folder that receives ``scored/``, ``selected/``, ``selection.json`` and the report.
+    overwrite : bool
+        Replace an existing ``output_dir`` (refused otherwise).
+    score_column : str
+        Name of the score column in the outputs.
+    cache_dir : str or None
+        Embedding and score cache; None means ``$HF_DATASETS_CACHE/hf_otselect``.
+    report : bool
+        Write ``report.html`` at the end of the job.
+    report_columns : list of str
+        Categorical pool columns whose make-up the report shows (e.g. ``domain``).
+    save_embeddings : bool
+        Keep the pool and target vectors in ``output_dir/embeddings/`` (the report uses them).
+    push_to_hub : bool
+        Push the selected split and its card when the job is done.
+    hub : HubConfig
+        Repository settings for the push.
+    """
+
+    pool: DataConfig = field(default_factory=DataConfig)
+    target: DataConfig = field(default_factory=DataConfig)
+    negative_target: DataConfig | None = None
+    method: str = "got_d"
+    k: int = 100
+    params: dict[str, Any] = field(default_factory=dict)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    seed: int = 0
+    output_dir: str = "selection_output"
+    overwrite: bool = False
+    score_column: str = "score"
+    cache_dir: str | None = None
+    report: bool = True
+    report_columns: list[str] = field(default_factory=list)
+    save_embeddings: bool = True
+    push_to_hub: bool = False
+    hub: HubConfig = field(default_factory=HubConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form (what ``selection.json`` and the dataset card record)."""
+        return dataclasses.asdict(self)
+
+    def validate(self) -> SelectionConfig:
+        """Check the values that need no data; raise before any work is done."""
+        from .selectors import available_selectors
+
+        owner = "SelectionConfig"
+        if not self.pool.path:
+            raise param_error("pool.path", owner, "a data file, folder or Hub id", self.pool.path)
+        if not self.target.path:
+            raise param_error("target.path", owner, "a data file, folder or Hub id", self.target.path)
+        if self.method not in available_selectors():
+            raise param_error("method", owner, f"one of {available_selectors()}", self.method)
+        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
+            raise param_error("k", owner, "an int >= 1", self.k)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise param_error("seed", owner, "an int >= 0", self.seed)
+        if self.push_to_hub and not self.hub.repo_id:
+            raise param_error("hub.repo_id", owner, "a repository id such as 'user/name' when push_to_hub is true", None)
+        return self
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    """``X | None`` -> (X, True); anything else -> (tp, False)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, refusing unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise param_error(where or "config", "the job config", f"a mapping of {cls.__name__} fields", data, exc=TypeError)
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        name = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ValueError(f"Unknown config key {name!r}. Known keys{' of ' + where if where else ''}: {known}")
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        kwargs[key] = _coerce(hints[key], value, path)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    inner, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise param_error(path, "the job config", f"a value of type {getattr(inner, '__name__', inner)}", None, exc=TypeError)
+    if dataclasses.is_dataclass(inner):
+        return _build(inner, value, path)
+    origin = typing.get_origin(inner)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise param_error(path, "the job config", "a mapping", value, exc=TypeError)
+        return dict(value)
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise param_error(path, "the job config", "a list of str", value, exc=TypeError)
+        return list(value)
+    if inner is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if inner in (int, float, bool, str):
+        if not isinstance(value, inner) or (inner is int and isinstance(value, bool)):
+            raise param_error(path, "the job config", f"a {inner.__name__}", value, exc=TypeError)
+        return value
+    return value
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node = child
+    node[keys[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> SelectionConfig:
+    """Read a job config from YAML and apply ``key=value`` overrides.
+
+    Parameters
+    ----------
+    path : str or Path or None
+        YAML file. None starts from the defaults.
+    overrides : sequence of str
+        ``dotted.key=value`` items; values are parsed as YAML scalars.
+
+    Returns
+    -------
+    SelectionConfig
+        Validated (:meth:`SelectionConfig.validate`).
+
+    Raises
+    ------
+    FileNotFoundError
+        The file does not exist.
+    ValueError
+        Malformed YAML, an unknown key, a malformed override or an invalid value.
+    TypeError
+        A value of the wrong type.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"The 'config' file {str(path)!r} does not exist.")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise ValueError(f"The 'config' file {str(path)!r} is not valid YAML: {err}") from err
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise param_error("config", "load_config", "a YAML mapping at the top level", type(loaded).__name__, exc=TypeError)
+        data = loaded
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise param_error("overrides", "load_config", "items of the form key=value", item)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise ValueError(f"The override {item!r} has a value that is not valid YAML: {err}") from err
+        _set_dotted(data, key.strip(), value)
+    config = _build(SelectionConfig, data, "")
+    return config.validate()

@@ -1,0 +1,43 @@
+"""Shared fixtures: the bundled sample data and a private cache per test session."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "sample"
+SHARED_DATA = Path(os.environ.get("HF_OTSELECT_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def read_jsonl(path: Path, n: int | None = None) -> list[dict]:
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            rows.append(json.loads(line))
+            if n is not None and len(rows) == n:
+                break
+    return rows
+
+
+@pytest.fixture(scope="session")
+def sample_pool_rows() -> list[dict]:
+    return read_jsonl(SAMPLE / "pool.jsonl")
+
+
+@pytest.fixture(scope="session")
+def sample_target_rows() -> list[dict]:
+    return read_jsonl(SAMPLE / "target.jsonl")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder {SHARED_DATA} not present")
+    return SHARED_DATA
