@@ -304,7 +304,7 @@ def _load_run(folder: Path, columns: Sequence[str] | None) -> tuple[_Run, list[s
 def _target_texts(run: _Run) -> list[str] | None:
     """The target's texts when its source (config.target) still loads and matches the embeddings."""
     spec = (run.prov.get("config") or {}).get("target")
-    if not spec or run.target_emb is None:
+    if not spec or not spec.get("path") or run.target_emb is None:  # e.g. a target passed as vectors
         return None
     from .config import DataConfig
     from .job import load_split
@@ -575,9 +575,9 @@ def _got_d_plan(run: _Run) -> tuple[dict[str, Any] | None, Any]:
     """Re-solve the GOT-D problem (pool as ``x``, target as ``y``) for the plan's rows.
 
     Uses the run's ``eps``/``eps_mode``/``tol``/``max_iter`` params when recorded (else ot.py's
-    defaults); the
-    agreement of ``-f`` with the run's scores (Spearman) is reported so a reader sees whether
-    the recomputed plan is the one that ranked the rows.
+    defaults). The agreement of ``-f`` with the run's scores (Spearman) is reported so a reader
+    sees whether the recomputed plan is the one that ranked the rows (GOT-D's chunked mode or a
+    negative target rank by other potentials).
     """
     assert run.pool_emb is not None and run.target_emb is not None
     if run.n * len(run.target_emb) > MAX_PLAN_PAIRS:
@@ -824,7 +824,8 @@ def write_report(
     notes = "".join(f'<p class="note">{_esc(n)}</p>' for n in run.notes)
     toc = "".join(f'<li><a href="#s{i}">{_esc(t)}</a></li>' for i, (t, _) in enumerate(sections))
     body = "".join(f'<h2 id="s{i}">{_esc(t)}</h2>{f}' for i, (t, f) in enumerate(sections))
-    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>Selection report: {_esc(folder.resolve().name)}</title>'
+    title = f"Selection report: {prov.get('method', '?')}, {len(run.chosen)} of {run.n} rows"
+    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>'
             f"<style>{_CSS}</style></head><body><h1>Selection report</h1>{summary}{notes}<ul>{toc}</ul>{body}</body></html>\n")
     out = folder / "report.html"
     out.write_text(page, encoding="utf-8")
