@@ -514,9 +514,10 @@ def _budget_section(run: _Run, seed: int, assets: Path) -> tuple[dict[str, Any],
     ks = _curve_ks(k, run.n)
     method_rank = np.argsort(run.ranks, kind="stable")  # rank 1 first
     random_rank = np.random.default_rng(seed).permutation(run.n)
-    ours = budget_curve(run.pool_emb, run.target_emb, method_rank, ks, seed=seed, eps=CURVE_EPS)
+    limits = {"max_pool": MAX_CURVE_POOL, "max_target": MAX_CURVE_TARGET, "seed": seed, "eps": CURVE_EPS}
+    ours = budget_curve(run.pool_emb, run.target_emb, method_rank, ks, **limits)
     # k = 0 is the unwarmed pool for every ranking: solved once
-    rand = budget_curve(run.pool_emb, run.target_emb, random_rank, ks[1:], seed=seed, eps=CURVE_EPS)
+    rand = budget_curve(run.pool_emb, run.target_emb, random_rank, ks[1:], **limits)
     rand["distance"] = ours["distance"][:1] + rand["distance"]
     method = str(run.prov.get("method", "method"))
     fig = _figure()

@@ -232,6 +232,49 @@ def test_got_d_examples_carry_the_transport_plan_of_pot(tmp_path):
         assert top[0]["mass_share"] == pytest.approx(row.max() / row.sum(), rel=1e-2)
 
 
+def test_large_pools_are_subsampled_deterministically_and_the_page_says_so(tmp_path, monkeypatch):
+    import hf_otselect.report as report
+
+    monkeypatch.setattr(report, "MAX_SCATTER_POOL", 100)
+    monkeypatch.setattr(report, "MAX_CURVE_POOL", 120)
+    monkeypatch.setattr(report, "MAX_DUPLICATE_ROWS", 20)
+    folder = tmp_path / "out"
+    _make_run(folder)
+    page = write_report(folder, n_examples=0).read_text(encoding="utf-8")
+    first = json.loads((folder / "report.json").read_text())
+    assert first["projection"]["pool_points"] == 100 and first["projection"]["pool_subsampled"]
+    assert first["budget_curve"]["pool_rows_used"] == 120 and "seeded sample of 120" in page
+    assert "seeded uniform sample of 100" in page
+    dup = first["near_duplicates"]
+    assert dup["sampled"] and dup["rows"] == 20 and dup["pairs_total"] == 190
+    assert "seeded sample of 20 of the 30" in page
+    write_report(folder, n_examples=0)
+    assert json.loads((folder / "report.json").read_text()) == first  # same seed, same numbers
+    write_report(folder, n_examples=0, seed=1)
+    assert json.loads((folder / "report.json").read_text())["budget_curve"]["random"] != first["budget_curve"]["random"]
+
+
+def test_duplicate_threshold_and_examples_follow_the_arguments(tmp_path):
+    folder = tmp_path / "out"
+    truth = _make_run(folder)
+    numbers = json.loads(write_report(folder, n_examples=3, duplicate_threshold=-1.0).with_name("report.json").read_text())
+    k = len(truth["chosen"])
+    assert numbers["near_duplicates"]["pairs_above"] == k * (k - 1) // 2  # every cosine is above -1
+    assert [ex["rank"] for ex in numbers["examples"]] == [1, 15, 30]  # positions 0, 14.5 (rounds to even), 29
+
+
+def test_the_cli_writes_the_report(tmp_path, capsys):
+    from hf_otselect.cli import main
+
+    folder = tmp_path / "out"
+    _make_run(folder)
+    assert main(["report", str(folder), "--columns", "domain"]) == 0
+    assert capsys.readouterr().out.strip() == str(folder / "report.html")
+    assert json.loads((folder / "report.json").read_text())["composition"]["domain"]["selected_rows"] == 30
+    assert main(["report", str(folder), "--columns", "nope"]) == 2
+    assert "Column 'nope' not in the scored split" in capsys.readouterr().err
+
+
 def test_without_embeddings_the_page_says_so(tmp_path):
     folder = tmp_path / "out"
     truth = _make_run(folder)
