@@ -1,0 +1,373 @@
+"""``Dataset.select_by_ot``: embed both sides, score, choose, and hand back datasets splits.
+
+This is the glue of the flow in DESIGN.md. It never converts OT conventions or touches FAISS; it
+calls :func:`hf_otselect.embed`, a registered selector and :func:`~hf_otselect.selectors.choose`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from datasets import Dataset, DatasetDict, IterableDataset
+
+from ._checks import check_int, param_error
+from .selectors import SelectionResult, Selector, get_selector
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SelectionRun", "default_cache_dir", "register_dataset_methods", "run_selection", "select_by_ot"]
+
+Target = Dataset | Sequence[str] | np.ndarray
+_EMBED_KEYS = ("model", "revision", "batch_size", "max_length", "pooling", "normalize", "device", "trust_remote_code")
+
+
+def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """``cache_dir`` if given, else ``$HF_DATASETS_CACHE/hf_otselect`` (never the current folder)."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    from datasets import config as ds_config
+
+    return Path(ds_config.HF_DATASETS_CACHE) / "hf_otselect"
+
+
+@dataclass
+class SelectionRun:
+    """Everything one selection produced (what a job writes and records).
+
+    Attributes
+    ----------
+    scored : Dataset
+        Every pool row with ``pool_index``, the score column and ``rank`` (1 = best).
+    selected : Dataset
+        The chosen rows, best (or first drawn) first, with the same extra columns.
+    result : SelectionResult
+        Indices, scores and the selector's diagnostics.
+    selector : Selector
+        The selector instance that scored.
+    pool_embeddings, target_embeddings : ndarray or None
+        The vectors scored (None for text selectors).
+    fingerprints : dict
+        Fingerprints of pool and target (and negative target).
+    timings : dict
+        Seconds per stage.
+    """
+
+    scored: Dataset
+    selected: Dataset
+    result: SelectionResult
+    selector: Selector
+    pool_embeddings: np.ndarray | None
+    target_embeddings: np.ndarray | None
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _digest(*parts: Any) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            h.update(str((part.shape, part.dtype.str)).encode())
+            h.update(memoryview(np.ascontiguousarray(part)).cast("B"))
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+def _texts_of(data: Dataset | Sequence[str], column: str, name: str) -> list[str]:
+    if isinstance(data, Dataset):
+        if column not in data.column_names:
+            raise ValueError(f"The '{name}' dataset has no column {column!r}. Current columns: {data.column_names}")
+        return list(data[column])
+    return list(data)
+
+
+def _fingerprint(data: Any, column: str) -> str:
+    if isinstance(data, Dataset):
+        return f"{data._fingerprint}:{column}"
+    if isinstance(data, np.ndarray):
+        return "emb:" + _digest(data)
+    if isinstance(data, IterableDataset):
+        return "stream:" + _digest(repr(data.info.config_name), repr(data.n_shards), column)
+    return "texts:" + _digest(list(data))
+
+
+def _check_target(target: Any, name: str) -> None:
+    if isinstance(target, (Dataset, np.ndarray)):
+        if len(target) == 0:
+            raise param_error(name, "select_by_ot", "a non-empty Dataset, list of str or (n, dim) array", f"an empty {type(target).__name__}")
+        return
+    if isinstance(target, (str, bytes)) or not isinstance(target, Sequence):
+        raise param_error(name, "select_by_ot", "a Dataset, a list of str or an (n, dim) array", type(target).__name__, exc=TypeError)
+    if len(target) == 0:
+        raise param_error(name, "select_by_ot", "a non-empty Dataset, list of str or (n, dim) array", "an empty list")
+
+
+def _embed_side(data: Any, column: str, embed_kwargs: dict[str, Any], cache_dir: Path) -> np.ndarray:
+    from .embed import embed
+
+    if isinstance(data, np.ndarray):
+        return data
+    return embed(data, column=column, cache_dir=cache_dir / "embeddings", **embed_kwargs)
+
+
+def _embed_stream(pool: IterableDataset, column: str, embed_kwargs: dict[str, Any], cache_dir: Path) -> np.ndarray:
+    """Spill a streamed pool's vectors to a memory-mapped file (bounded memory)."""
+    from .embed import embed_to_file
+
+    folder = cache_dir / "streams"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{uuid.uuid4().hex}.npy"
+    return embed_to_file(pool, path, column=column, cache_dir=cache_dir / "embeddings", **embed_kwargs)
+
+
+def _scores_cached(
+    selector: Selector, candidates: Any, target: Any, cache_dir: Path, key_parts: tuple[Any, ...]
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Score once per (candidates, target, selector parameters); reruns read the saved scores."""
+    params = {k: (_digest(v) if isinstance(v, np.ndarray) else v) for k, v in selector.get_params().items()}
+    key = _digest(selector.name, params, *key_parts)
+    folder = cache_dir / "scores" / key
+    scores_path, info_path = folder / "scores.npy", folder / "info.json"
+    if scores_path.is_file() and info_path.is_file():
+        logger.info("Scores read from the cache (%s)", folder)
+        return np.load(scores_path, allow_pickle=False), json.loads(info_path.read_text())
+    selector.diagnostics_ = {}
+    scores = np.asarray(selector.score(candidates, target), dtype=np.float64)
+    info = dict(getattr(selector, "diagnostics_", {}))
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".scores-{uuid.uuid4().hex}.npy"
+    np.save(tmp, scores, allow_pickle=False)
+    os.replace(tmp, scores_path)
+    tmp_info = folder / f".info-{uuid.uuid4().hex}.json"
+    tmp_info.write_text(json.dumps(info, default=float))
+    os.replace(tmp_info, info_path)
+    return scores, info
+
+
+def _ranks(scores: np.ndarray) -> np.ndarray:
+    order = np.lexsort((np.arange(scores.size), -scores))
+    ranks = np.empty(scores.size, dtype=np.int64)
+    ranks[order] = np.arange(1, scores.size + 1)
+    return ranks
+
+
+def _stream_rows(pool: IterableDataset, scores: np.ndarray, ranks: np.ndarray, score_column: str) -> Iterator[dict]:
+    for i, row in enumerate(pool):
+        yield {**row, "pool_index": i, score_column: float(scores[i]), "rank": int(ranks[i])}
+
+
+def run_selection(
+    dataset: Dataset | IterableDataset,
+    target: Target,
+    method: str | Selector = "got_d",
+    k: int = 100,
+    *,
+    column: str = "text",
+    target_column: str | None = None,
+    negative_target: Target | None = None,
+    score_column: str = "score",
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+    embedding: dict[str, Any] | None = None,
+    embeddings: tuple[np.ndarray, np.ndarray] | None = None,
+    **params: Any,
+) -> SelectionRun:
+    """Run one selection and return every product of it (see :func:`select_by_ot`).
+
+    ``embeddings=(pool_emb, target_emb)`` skips the encoder (used by distributed jobs whose ranks
+    already embedded the pool).
+    """
+    owner = "select_by_ot"
+    t0 = time.perf_counter()
+    if not isinstance(dataset, (Dataset, IterableDataset)):
+        raise param_error("dataset", owner, "a datasets.Dataset or IterableDataset", type(dataset).__name__, exc=TypeError)
+    streamed = isinstance(dataset, IterableDataset)
+    if not streamed:
+        if len(dataset) == 0:
+            raise param_error("dataset", owner, "a non-empty Dataset", "a Dataset with 0 rows")
+        if column not in dataset.column_names:
+            raise ValueError(f"Column {column!r} not in the dataset. Current columns: {dataset.column_names}")
+    elif dataset.column_names is not None and column not in dataset.column_names:
+        raise ValueError(f"Column {column!r} not in the dataset. Current columns: {dataset.column_names}")
+    _check_target(target, "target")
+    if negative_target is not None:
+        _check_target(negative_target, "negative_target")
+    target_column = target_column or column
+    if isinstance(target, Dataset) and target_column not in target.column_names:
+        raise ValueError(f"Column {target_column!r} not in the target dataset. Current columns: {target.column_names}")
+    k = check_int(k, "k", owner, 1)
+    seed = check_int(seed, "seed", owner, 0)
+    if not isinstance(score_column, str) or not score_column:
+        raise param_error("score_column", owner, "a non-empty str", score_column, exc=TypeError)
+    embed_kwargs = dict(embedding or {})
+    unknown = sorted(set(embed_kwargs) - set(_EMBED_KEYS))
+    if unknown:
+        raise param_error("embedding", owner, f"a dict with keys among {list(_EMBED_KEYS)}", unknown)
+
+    probe = get_selector(method, **params) if not isinstance(method, Selector) else method
+    if negative_target is not None and "negative_target" not in probe.get_params():
+        raise param_error("negative_target", owner, f"None for method {probe.name!r} (only GOT-D uses one)", "a negative target")
+    if not streamed:
+        replace = bool(getattr(probe, "replace", False)) and probe.choice == "sample"
+        k = check_int(k, "k", owner, 1, None if replace else len(dataset))
+    if score_column in (dataset.column_names or []) or score_column in ("pool_index", "rank"):
+        raise param_error("score_column", owner, f"a name not already in the pool's columns {dataset.column_names}", score_column)
+    cache = default_cache_dir(cache_dir)
+    timings: dict[str, float] = {}
+    fingerprints = {"pool": _fingerprint(dataset, column), "target": _fingerprint(target, target_column)}
+
+    pool_emb = target_emb = None
+    if probe.needs_text:
+        if streamed:
+            raise param_error("dataset", owner, f"an in-memory Dataset for the text selector {probe.name!r}", "an IterableDataset")
+        if isinstance(target, np.ndarray):
+            raise param_error("target", owner, f"texts (a Dataset or list of str) for the text selector {probe.name!r}", "an embedding array", exc=TypeError)
+        candidates: Any = _texts_of(dataset, column, "dataset")
+        target_side: Any = _texts_of(target, target_column, "target")
+        selector = probe
+        key_parts: tuple[Any, ...] = (fingerprints["pool"], fingerprints["target"])
+    else:
+        t = time.perf_counter()
+        if embeddings is not None:
+            pool_emb, target_emb = embeddings
+        else:
+            pool_emb = (
+                _embed_stream(dataset, column, embed_kwargs, cache)
+                if streamed
+                else _embed_side(dataset, column, embed_kwargs, cache)
+            )
+            target_emb = _embed_side(target, target_column, embed_kwargs, cache)
+        if target_emb.shape[1] != pool_emb.shape[1]:
+            raise param_error("target", owner, f"embeddings with {pool_emb.shape[1]} columns like the pool", f"shape {target_emb.shape}")
+        selector = probe
+        if negative_target is not None:
+            neg_emb = _embed_side(negative_target, target_column, embed_kwargs, cache)
+            fingerprints["negative_target"] = _fingerprint(negative_target, target_column)
+            selector = get_selector(probe.name, **{**probe.get_params(), "negative_target": neg_emb})
+        timings["embed_s"] = time.perf_counter() - t
+        if streamed:
+            k = check_int(k, "k", owner, 1, pool_emb.shape[0])
+        candidates, target_side = pool_emb, target_emb
+        key_parts = (_digest(np.asarray(pool_emb)), _digest(np.asarray(target_emb)))
+
+    t = time.perf_counter()
+    scores, info = _scores_cached(selector, candidates, target_side, cache, key_parts)
+    from .selectors import choose
+
+    replace = bool(getattr(selector, "replace", False)) and selector.choice == "sample"
+    indices = choose(scores, k, mode=selector.choice, seed=seed, replace=replace)
+    timings["score_s"] = time.perf_counter() - t
+    result = SelectionResult(indices=indices, scores=scores, info=info)
+
+    t = time.perf_counter()
+    ranks = _ranks(scores)
+    if streamed:
+        scored = Dataset.from_generator(
+            _stream_rows,
+            gen_kwargs={"pool": dataset, "scores": scores, "ranks": ranks, "score_column": score_column},
+            fingerprint=_digest("scored", fingerprints["pool"], key_parts, score_column),
+        )
+    else:
+        scored = dataset.add_column("pool_index", np.arange(len(dataset), dtype=np.int64))
+        scored = scored.add_column(score_column, scores).add_column("rank", ranks)
+    selected = scored.select(indices)
+    timings["build_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t0
+    return SelectionRun(scored, selected, result, selector, pool_emb, target_emb, fingerprints, timings)
+
+
+def select_by_ot(
+    dataset: Dataset | IterableDataset,
+    target: Target,
+    method: str | Selector = "got_d",
+    k: int = 100,
+    *,
+    column: str = "text",
+    target_column: str | None = None,
+    negative_target: Target | None = None,
+    score_column: str = "score",
+    return_scored: bool = False,
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+    embedding: dict[str, Any] | None = None,
+    **params: Any,
+) -> Dataset | DatasetDict:
+    """Select the ``k`` pool rows that best serve the target.
+
+    Parameters
+    ----------
+    dataset : Dataset or IterableDataset
+        The candidate pool (``n_candidates`` rows). A streamed pool is embedded shard by shard into
+        a memory-mapped file, so memory stays bounded by the embedding matrix.
+    target : Dataset, list of str, or ndarray of shape (n_target, dim)
+        The target examples, as text or already embedded (with the same encoder as the pool).
+    method : str or Selector
+        ``"got_d"`` (default), ``"tsds"``, ``"random"``, ``"similarity"``, ``"dsir"``, or an instance.
+    k : int
+        How many rows to select, in ``[1, n_candidates]`` (any ``k >= 1`` for sampling with
+        replacement).
+    column : str
+        Text column of the pool (and of the target unless ``target_column`` is given).
+    target_column : str or None
+        Text column of a target Dataset.
+    negative_target : Dataset, list of str, ndarray or None
+        Examples to move away from (GOT-D).
+    score_column : str
+        Name of the added score column (higher = select).
+    return_scored : bool
+        Return ``DatasetDict(scored=..., selected=...)`` instead of the selected rows alone.
+    seed : int
+        Seed of the random choices (sampling selectors, random baseline).
+    cache_dir : str or PathLike or None
+        Embedding and score cache; default ``$HF_DATASETS_CACHE/hf_otselect``. The same call twice
+        reads both back instead of recomputing.
+    embedding : dict or None
+        Encoder settings passed to :func:`hf_otselect.embed` (``model``, ``revision``,
+        ``batch_size``, ``max_length``, ``pooling``, ``normalize``, ``device``,
+        ``trust_remote_code``).
+    **params
+        Keyword arguments of the selector (e.g. ``eps=0.1`` for GOT-D).
+
+    Returns
+    -------
+    Dataset or DatasetDict
+        The selected rows (every original column, plus ``pool_index`` back into the pool, the score
+        column and ``rank``, 1 = best), best first; or both splits when ``return_scored``.
+    """
+    run = run_selection(
+        dataset, target, method, k, column=column, target_column=target_column,
+        negative_target=negative_target, score_column=score_column, seed=seed,
+        cache_dir=cache_dir, embedding=embedding, **params,
+    )
+    if return_scored:
+        return DatasetDict({"scored": run.scored, "selected": run.selected})
+    return run.selected
+
+
+def _method(self: Dataset | IterableDataset, target: Target, method: str | Selector = "got_d", k: int = 100, **kwargs: Any) -> Dataset | DatasetDict:
+    return select_by_ot(self, target, method, k, **kwargs)
+
+
+_method.__doc__ = select_by_ot.__doc__
+_method.__name__ = "select_by_ot"
+
+
+def register_dataset_methods() -> None:
+    """Add ``select_by_ot`` to ``Dataset`` and ``IterableDataset``, never replacing an attribute."""
+    for cls in (Dataset, IterableDataset):
+        existing = getattr(cls, "select_by_ot", None)
+        if existing is None:
+            cls.select_by_ot = _method  # type: ignore[attr-defined]
+        elif existing is not _method:
+            logger.warning("%s already has a 'select_by_ot' attribute; hf_otselect left it alone.", cls.__name__)

@@ -1,0 +1,136 @@
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+from datasets import Dataset, DatasetDict, load_dataset
+
+import hf_otselect
+from hf_otselect import available_selectors, select_by_ot
+from hf_otselect.datasets_ext import register_dataset_methods
+from tests.conftest import SAMPLE, read_jsonl
+
+EMB = {"max_length": 64}
+
+
+@pytest.fixture(scope="module")
+def pool() -> Dataset:
+    rows = read_jsonl(SAMPLE / "pool.jsonl")
+    per_domain = collections.defaultdict(list)
+    for row in rows:
+        if len(per_domain[row["domain"]]) < 12:
+            per_domain[row["domain"]].append(row)
+    return Dataset.from_list([r for group in per_domain.values() for r in group])
+
+
+@pytest.fixture(scope="module")
+def target() -> list[str]:
+    return [r["text"] for r in read_jsonl(SAMPLE / "target.jsonl", 20)]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.mark.parametrize("method", sorted(available_selectors()))
+def test_every_selector_returns_k_rows_with_scores(pool, target, cache, method):
+    out = pool.select_by_ot(target, method=method, k=6, cache_dir=cache, embedding=EMB)
+    assert isinstance(out, Dataset)
+    assert len(out) == 6
+    assert out.column_names == ["text", "domain", "pool_index", "score", "rank"]
+    assert np.isfinite(out["score"]).all()
+    for row in out:  # the index really points back into the pool
+        assert pool[row["pool_index"]]["text"] == row["text"]
+
+
+def test_return_scored_is_consistent(pool, target, cache):
+    dd = select_by_ot(pool, target, "got_d", 10, cache_dir=cache, embedding=EMB, return_scored=True, score_column="gain")
+    assert isinstance(dd, DatasetDict) and set(dd) == {"scored", "selected"}
+    scored, selected = dd["scored"], dd["selected"]
+    assert len(scored) == len(pool) and scored["pool_index"] == list(range(len(pool)))
+    assert sorted(scored["rank"]) == list(range(1, len(pool) + 1))
+    # top-k: the selection is exactly ranks 1..k, best first, and scores decrease
+    assert selected["rank"] == list(range(1, 11))
+    assert selected["gain"] == sorted(selected["gain"], reverse=True)
+    assert min(selected["gain"]) >= max(s for s, r in zip(scored["gain"], scored["rank"]) if r > 10)
+
+
+def test_same_call_twice_hits_the_score_cache(pool, target, cache, monkeypatch):
+    from hf_otselect.selectors.got_d import GOTDSelector
+
+    first = select_by_ot(pool, target, "got_d", 5, cache_dir=cache, embedding=EMB)
+    calls = []
+    original = GOTDSelector.score
+    monkeypatch.setattr(GOTDSelector, "score", lambda self, c, t: calls.append(1) or original(self, c, t))
+    second = select_by_ot(pool, target, "got_d", 5, cache_dir=cache, embedding=EMB)
+    assert calls == []
+    assert first["pool_index"] == second["pool_index"]
+    select_by_ot(pool, target, "got_d", 5, cache_dir=cache, embedding=EMB, eps=0.3)  # other params: a miss
+    assert calls == [1]
+
+
+def test_target_as_embeddings_equals_target_as_text(pool, target, cache):
+    emb = hf_otselect.embed(target, cache_dir=cache / "embeddings", **EMB)
+    by_text = select_by_ot(pool, target, "similarity", 8, cache_dir=cache, embedding=EMB)
+    by_emb = select_by_ot(pool, emb, "similarity", 8, cache_dir=cache, embedding=EMB)
+    assert by_text["pool_index"] == by_emb["pool_index"]
+
+
+def test_streamed_pool_gives_the_in_memory_selection(pool, target, cache, tmp_path):
+    path = tmp_path / "pool.jsonl"
+    pool.to_json(str(path))
+    stream = load_dataset("json", data_files=str(path), split="train", streaming=True)
+    in_memory = select_by_ot(pool, target, "got_d", 7, cache_dir=cache, embedding=EMB, return_scored=True)
+    streamed = stream.select_by_ot(target, method="got_d", k=7, cache_dir=cache, embedding=EMB, return_scored=True)
+    assert streamed["selected"]["pool_index"] == in_memory["selected"]["pool_index"]
+    assert streamed["selected"]["text"] == in_memory["selected"]["text"]
+    np.testing.assert_allclose(streamed["scored"]["score"], in_memory["scored"]["score"], rtol=1e-6, atol=1e-9)
+
+
+def test_bad_arguments_fail_before_work(pool, target, cache):
+    with pytest.raises(ValueError, match=r"Column 'body' not in the dataset. Current columns: \['text', 'domain'\]"):
+        select_by_ot(pool, target, "got_d", 5, column="body", cache_dir=cache)
+    with pytest.raises(ValueError, match=r"The 'k' parameter of select_by_ot must be an int in \[1, 72\]"):
+        select_by_ot(pool, target, "got_d", len(pool) + 1, cache_dir=cache)
+    with pytest.raises(TypeError, match=r"'k' parameter .* Got 2.5 instead"):
+        select_by_ot(pool, target, "got_d", 2.5, cache_dir=cache)
+    with pytest.raises(ValueError, match="'target'.*empty"):
+        select_by_ot(pool, [], "got_d", 5, cache_dir=cache)
+    with pytest.raises(ValueError, match="'dataset'.*0 rows"):
+        select_by_ot(pool.select([]), target, "got_d", 5, cache_dir=cache)
+    with pytest.raises(ValueError, match="'method'"):
+        select_by_ot(pool, target, "magic", 5, cache_dir=cache)
+    with pytest.raises(ValueError, match="'negative_target'.*only GOT-D"):
+        select_by_ot(pool, target, "similarity", 5, negative_target=target, cache_dir=cache)
+    with pytest.raises(ValueError, match="'score_column'"):
+        select_by_ot(pool, target, "got_d", 5, score_column="domain", cache_dir=cache)
+    with pytest.raises(ValueError, match="'embedding'"):
+        select_by_ot(pool, target, "got_d", 5, embedding={"modle": "x"}, cache_dir=cache)
+    with pytest.raises(ValueError, match="'target'.*384 columns"):
+        select_by_ot(pool, np.ones((3, 5), np.float32), "got_d", 5, cache_dir=cache, embedding=EMB)
+
+
+def test_registration_never_overwrites(monkeypatch):
+    sentinel = object()
+    monkeypatch.setattr(Dataset, "select_by_ot", sentinel, raising=False)
+    register_dataset_methods()
+    assert Dataset.select_by_ot is sentinel
+
+
+def test_got_d_prefers_the_target_domain_on_real_data(target, cache):
+    """Planted truth on real text: a ChemProt target draws from the biomedical science domains.
+
+    ChemProt rows are single biomedical sentences; SciCite citation sentences are mostly biomedical
+    single sentences too, so both count as the target's domain. News, reviews and code must not come.
+    """
+    rows = read_jsonl(SAMPLE / "pool.jsonl")
+    per_domain = collections.defaultdict(list)
+    for row in rows:
+        if len(per_domain[row["domain"]]) < 40:
+            per_domain[row["domain"]].append(row)
+    pool = Dataset.from_list([r for group in per_domain.values() for r in group])
+    picked = select_by_ot(pool, target, "got_d", 20, cache_dir=cache, embedding=EMB)
+    counts = collections.Counter(picked["domain"])
+    assert counts["biomedical"] + counts["citations"] == 20, counts
