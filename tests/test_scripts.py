@@ -209,3 +209,23 @@ def test_evaluate_refuses_an_empty_request(tmp_path):
 
     with pytest.raises(ValueError, match="Nothing to evaluate"):
         ev.evaluate_model(ev.EvalArguments(model_name_or_path="m"), TrainingArguments(output_dir=str(tmp_path)))
+
+
+@pytest.mark.slow
+def test_evaluate_runs_as_a_script_despite_its_name(tmp_path, tiny_models):
+    # `python scripts/evaluate.py` puts scripts/ first on sys.path, where the file would shadow
+    # the `evaluate` library it uses; the script removes that entry before importing anything.
+    import os
+    import subprocess
+
+    held_out = _write_jsonl(tmp_path / "held.jsonl", _rows("target_eval.jsonl")[:3])
+    out = tmp_path / "eval"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "evaluate.py"), "--model_name_or_path", str(tiny_models["causal"]),
+         "--perplexity_data", str(held_out), "--output_dir", str(out), "--report_to", "none", "--use_cpu", "true"],
+        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((out / "eval_results.json").read_text())
+    assert res["perplexity"]["n_texts"] == 3 and res["perplexity"]["perplexity"] > 1
