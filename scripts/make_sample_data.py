@@ -59,6 +59,13 @@ def load_domains(shared: Path) -> dict[str, list[str]]:
     }
 
 
+def _first_per_text(rows) -> list[dict]:
+    first: dict[str, dict] = {}
+    for row in rows:
+        first.setdefault(row["text"], row)
+    return list(first.values())
+
+
 def _sample(texts: list[str], n: int, rng: random.Random) -> list[str]:
     unique = list(dict.fromkeys(t.strip() for t in texts if t and t.strip()))
     return unique if len(unique) <= n else rng.sample(unique, n)
@@ -74,8 +81,9 @@ def build(shared: Path, out: Path) -> None:
     rng.shuffle(pool)
     _write(out / "pool.jsonl", pool)
 
-    dev = [{"text": _clean_relation_text(r["text"]), "label": r["label"]} for r in _jsonl(shared / "chemprot/dev.txt")]
-    test = [{"text": _clean_relation_text(r["text"]), "label": r["label"]} for r in _jsonl(shared / "chemprot/test.txt")]
+    # ChemProt holds one row per entity pair, so a sentence can repeat: keep its first row only.
+    dev = _first_per_text({"text": _clean_relation_text(r["text"]), "label": r["label"]} for r in _jsonl(shared / "chemprot/dev.txt"))
+    test = _first_per_text({"text": _clean_relation_text(r["text"]), "label": r["label"]} for r in _jsonl(shared / "chemprot/test.txt"))
     _write(out / "target.jsonl", rng.sample(dev, N_TARGET))
     _write(out / "target_eval.jsonl", rng.sample(test, N_TARGET_EVAL))
 
