@@ -144,7 +144,7 @@ def causal_perplexity(model: Any, tokenizer: Any, texts: list[str], *, block_siz
             for i, w in enumerate(batch):
                 nll[owner[lo + i]] += float(loss[i])
                 n_tok[owner[lo + i]] += len(w) - 1
-    out = metrics.load("token_perplexity").compute(nll=nll, n_tokens=n_tok)
+    out = metrics.load("token_perplexity", keep_in_memory=True).compute(nll=nll, n_tokens=n_tok)
     return dict(out, per_text_nll=nll, per_text_tokens=n_tok)
 
 
@@ -198,7 +198,7 @@ def pseudo_perplexity(model: Any, tokenizer: Any, texts: list[str], *, block_siz
             for i, r in enumerate(batch):
                 nll[r[3]] -= float(logp[i])
                 n_tok[r[3]] += 1
-    out = metrics.load("token_perplexity").compute(nll=nll, n_tokens=n_tok)
+    out = metrics.load("token_perplexity", keep_in_memory=True).compute(nll=nll, n_tokens=n_tok)
     return dict(out, per_text_nll=nll, per_text_tokens=n_tok)
 
 
@@ -248,7 +248,7 @@ def finetune_classifier(eval_args: EvalArguments, training_args: Any) -> dict[st
 
     train_enc = train.map(encode, batched=True, remove_columns=train.column_names, desc="encoding task train")
     test_enc = test.map(encode, batched=True, remove_columns=test.column_names, desc="encoding task eval")
-    accuracy, f1 = metrics.load("accuracy"), metrics.load("f1")
+    accuracy, f1 = metrics.load("accuracy", keep_in_memory=True), metrics.load("f1", keep_in_memory=True)
 
     def compute_metrics(pred: Any) -> dict[str, float]:
         logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
