@@ -219,8 +219,7 @@ def run_selection(
     if negative_target is not None and "negative_target" not in probe.get_params():
         raise param_error("negative_target", owner, f"None for method {probe.name!r} (only GOT-D uses one)", "a negative target")
     if not streamed:
-        replace = bool(getattr(probe, "replace", False)) and probe.choice == "sample"
-        k = check_int(k, "k", owner, 1, None if replace else len(dataset))
+        k = check_int(k, "k", owner, 1, None if probe.replaces else len(dataset))
     if score_column in (dataset.column_names or []) or score_column in ("pool_index", "rank"):
         raise param_error("score_column", owner, f"a name not already in the pool's columns {dataset.column_names}", score_column)
     cache = default_cache_dir(cache_dir)
@@ -263,10 +262,7 @@ def run_selection(
 
     t = time.perf_counter()
     scores, info = _scores_cached(selector, candidates, target_side, cache, key_parts)
-    from .selectors import choose
-
-    replace = bool(getattr(selector, "replace", False)) and selector.choice == "sample"
-    indices = choose(scores, k, mode=selector.choice, seed=seed, replace=replace)
+    indices = selector.choose_rows(scores, k, seed=seed)
     timings["score_s"] = time.perf_counter() - t
     result = SelectionResult(indices=indices, scores=scores, info=info)
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from .._checks import check_choice, check_embeddings, check_int, param_error
 
-ChoiceMode = Literal["top_k", "sample"]
+ChoiceMode = Literal["top_k", "sample", "log_sample"]
 
 _REGISTRY: dict[str, type[Selector]] = {}
 
@@ -55,9 +55,9 @@ class Selector(ABC):
         Registry key, e.g. ``"got_d"``.
     needs_text : bool
         When True, :meth:`score` takes sequences of strings instead of embedding arrays.
-    choice : {"top_k", "sample"}
+    choice : {"top_k", "sample", "log_sample"}
         How :meth:`select` turns scores into rows: stable top-k, or seeded sampling from the
-        scores read as probabilities.
+        scores read as probabilities (``"sample"``) or as log-weights (``"log_sample"``).
     """
 
     name: ClassVar[str] = ""
@@ -95,13 +95,20 @@ class Selector(ABC):
             Seed of the random generator used for ties-free sampling; top-k ignores it.
         """
         n = len(candidates)
-        replace = bool(getattr(self, "replace", False)) and self.choice == "sample"
-        k = check_int(k, "k", f"{type(self).__name__}.select", 1, None if replace else n)
+        k = check_int(k, "k", f"{type(self).__name__}.select", 1, None if self.replaces else n)
         seed = check_int(seed, "seed", f"{type(self).__name__}.select", 0)
         self.diagnostics_ = {}
         scores = np.asarray(self.score(candidates, target), dtype=np.float64)
-        indices = choose(scores, k, mode=self.choice, seed=seed, replace=replace)
-        return SelectionResult(indices=indices, scores=scores, info=dict(self.diagnostics_))
+        return SelectionResult(indices=self.choose_rows(scores, k, seed=seed), scores=scores, info=dict(self.diagnostics_))
+
+    @property
+    def replaces(self) -> bool:
+        """Whether :meth:`choose_rows` samples with replacement (then any ``k >= 1`` is allowed)."""
+        return bool(getattr(self, "replace", False)) and self.choice == "sample"
+
+    def choose_rows(self, scores: np.ndarray, k: int, *, seed: int = 0) -> np.ndarray:
+        """Turn this selector's scores into ``k`` row indices with :func:`choose`, its way."""
+        return choose(scores, k, mode=self.choice, seed=seed, replace=self.replaces)
 
     def get_params(self) -> dict[str, Any]:
         """The constructor parameters, by name (as stored, unchanged)."""
@@ -170,11 +177,14 @@ def choose(
         (non-negative, positive sum).
     k : int
         How many rows.
-    mode : {"top_k", "sample"}
+    mode : {"top_k", "sample", "log_sample"}
         ``"top_k"``: the ``k`` highest scores, ties broken by the lower index, so the result is the
         same on every run. ``"sample"``: ``k`` draws from ``scores / scores.sum()`` with a
         ``numpy.random.Generator`` seeded by ``seed``; with ``replace=False`` this is the
         Gumbel-top-k trick (exactly sampling without replacement, proportional to the scores).
+        ``"log_sample"``: the scores are log-weights (``-inf`` = never); Gumbel-top-k on them
+        directly, so weights that would underflow in ``exp`` are still drawn in proportion
+        (without replacement only).
     seed : int
         Seed for ``mode="sample"``.
     replace : bool
@@ -190,13 +200,24 @@ def choose(
         raise param_error("scores", "choose", "a non-empty 1-D array", f"an array of shape {scores.shape}")
     if np.isnan(scores).any():
         raise param_error("scores", "choose", "free of NaN", f"{int(np.isnan(scores).sum())} NaN value(s)")
-    check_choice(mode, "mode", "choose", ["top_k", "sample"])
+    check_choice(mode, "mode", "choose", ["top_k", "sample", "log_sample"])
     n = scores.size
     k = check_int(k, "k", "choose", 1, None if (mode == "sample" and replace) else n)
     if mode == "top_k":
         # lexsort sorts by the last key first: descending score, then ascending index.
         order = np.lexsort((np.arange(n), -scores))
         return order[:k].astype(np.int64)
+    if mode == "log_sample":
+        if replace:
+            raise param_error("replace", "choose(mode='log_sample')", "False", replace)
+        if np.isposinf(scores).any():
+            raise param_error("scores", "choose(mode='log_sample')", "log-weights below +inf", "+inf")
+        support = int(np.isfinite(scores).sum())
+        if k > support:
+            raise param_error("k", "choose(mode='log_sample')", f"at most the {support} rows with a finite log-weight", k)
+        # Gumbel-top-k (Kool et al. 2019): k draws without replacement, proportional to exp(scores).
+        keys = scores + np.random.default_rng(seed).gumbel(size=n)
+        return np.lexsort((np.arange(n), -keys))[:k].astype(np.int64)
     if (scores < 0).any() or not np.isfinite(scores).all() or scores.sum() <= 0:
         raise param_error("scores", "choose(mode='sample')", "finite, non-negative with a positive sum", "other values")
     rng = np.random.default_rng(seed)

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .._checks import check_choice, check_float, check_int, param_error
-from .base import SelectionResult, Selector, as_texts, choose, register
+from .base import Selector, as_texts, register
 
 logger = logging.getLogger(__name__)
 
@@ -243,9 +243,9 @@ class DSIRSelector(Selector):
     :math:`w_i` by the Gumbel-top-k trick (``resample=True``, the paper) or taken as the ``k``
     largest weights (``resample=False``, the package's ``top_k`` option).
 
-    :meth:`score` returns :math:`\\log w_i`. Sampling is done on the log weights directly: log
-    weights of real texts differ by thousands, so ``exp`` would underflow and leave most rows with
-    probability zero, which :func:`choose` in ``"sample"`` mode would then refuse to draw.
+    :meth:`score` returns :math:`\\log w_i`, and :func:`choose` samples in ``"log_sample"`` mode, on
+    the log weights directly: log weights of real texts differ by thousands, so ``exp`` would
+    underflow and leave most rows with probability zero.
 
     Why not call the ``data-selection`` package (1.0.3, which does install here)? It reads and writes
     jsonl files, keeps its state with pickle, resamples with the global numpy RNG, hashes every
@@ -349,40 +349,14 @@ class DSIRSelector(Selector):
             "num_buckets": int(self.num_buckets),
             "target_ngrams": int(tgt_counts.sum()),
             "raw_ngrams": int(raw_counts.sum()),
+            "resample": bool(self.resample),
         }
         return out.astype(np.float64)
 
-    def select(self, candidates: Any, target: Any, k: int, *, seed: int = 0) -> SelectionResult:
-        """Score, then importance-resample ``k`` texts without replacement (or take the top ``k``).
-
-        Resampling adds seeded standard Gumbel noise to the log weights and keeps the ``k`` largest
-        (Gumbel-top-k; Kool et al. 2019), which draws without replacement with probability
-        proportional to :math:`w_i`, exactly as :func:`choose` does in ``"sample"`` mode but on log
-        weights, so no weight underflows.
-
-        Parameters
-        ----------
-        candidates, target : sequence of str
-        k : int
-            In ``[1, n_candidates]``.
-        seed : int, default 0
-
-        Returns
-        -------
-        SelectionResult
-            ``scores`` are the log importance weights.
-        """
-        owner = f"{type(self).__name__}.select"
-        k = check_int(k, "k", owner, 1, len(candidates))
-        seed = check_int(seed, "seed", owner, 0)
-        self.diagnostics_ = {}
-        scores = self.score(candidates, target)
-        keys = scores
-        if self.resample:
-            keys = scores + np.random.default_rng(seed).gumbel(size=scores.size)
-        indices = choose(keys, k, mode="top_k")
-        info = dict(self.diagnostics_, resample=bool(self.resample))
-        return SelectionResult(indices=indices, scores=scores, info=info)
+    @property
+    def choice(self) -> str:  # type: ignore[override]
+        """``"log_sample"`` (Gumbel-top-k on the log weights) when ``resample``, else ``"top_k"``."""
+        return "log_sample" if self.resample else "top_k"
 
 
 __all__ = ["DSIRSelector", "RandomSelector", "SimilaritySelector", "dsir_ngrams"]
