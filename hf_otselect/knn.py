@@ -322,7 +322,6 @@ def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
     exact = np.asarray(exact)
     if approx.ndim != 2 or exact.ndim != 2 or approx.shape[0] != exact.shape[0]:
         raise param_error("approx", "recall_at_k", "a 2-D array with as many rows as exact", f"shapes {approx.shape} and {exact.shape}")
-    hits = 0
     m = exact.shape[0]
     # Row-wise set intersection via sorting; offset rows so they never collide.
     big = int(max(approx.max(initial=0), exact.max(initial=0))) + 2
