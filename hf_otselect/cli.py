@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(write_report(args.output_dir, columns=args.columns))
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError) as err:
-        print(f"hf-otselect: error: {err}", file=sys.stderr)
+        # One line, no traceback: YAML and Hub errors carry newlines; a user's terminal wants the gist.
+        print(f"hf-otselect: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     return 0
 

@@ -73,6 +73,9 @@ class EmbeddingConfig:
         ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; None picks CUDA when present.
     trust_remote_code : bool
         Allow model code from the Hub. Off unless you set it.
+    shard_rows : int
+        Rows per cached embedding shard: the unit a killed job resumes from (finished shards are
+        never recomputed).
     """
 
     model: str | None = None
@@ -83,6 +86,7 @@ class EmbeddingConfig:
     normalize: bool = True
     device: str | None = None
     trust_remote_code: bool = False
+    shard_rows: int = 4096
 
 
 @dataclass
@@ -185,7 +189,24 @@ class SelectionConfig:
             raise param_error("seed", owner, "an int >= 0", self.seed)
         if self.push_to_hub and not self.hub.repo_id:
             raise param_error("hub.repo_id", owner, "a repository id such as 'user/name' when push_to_hub is true", None)
+        self._check_work_settings()
         return self
+
+    def _check_work_settings(self) -> None:
+        """Selector parameters and encoder settings, checked before any data is read or written."""
+        from .embed import _Engine
+        from .selectors import get_selector
+
+        selector = get_selector(self.method, **self.params)  # unknown keys, bad values (eps < 0...) fail here
+        if selector.needs_text:
+            return
+        e = self.embedding
+        # Building the embedding engine validates every setting, the device and a local model
+        # path without loading the model (use_cache=False: nothing is hashed or written).
+        _Engine("SelectionConfig.embedding", e.model, batch_size=e.batch_size, device=e.device,
+                max_length=e.max_length, normalize=e.normalize, pooling=e.pooling, revision=e.revision,
+                trust_remote_code=e.trust_remote_code, cache_dir=None, use_cache=False,
+                shard_rows=e.shard_rows, max_batch_tokens=None, num_proc=None, show_progress=False)
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:

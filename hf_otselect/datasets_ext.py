@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from datasets import Dataset, DatasetDict, IterableDataset
 
-from ._checks import check_int, param_error
+from ._checks import check_embeddings, check_int, param_error
 from .selectors import SelectionResult, Selector, get_selector
 
 logger = logging.getLogger(__name__)
@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["SelectionRun", "default_cache_dir", "register_dataset_methods", "run_selection", "select_by_ot"]
 
 Target = Dataset | Sequence[str] | np.ndarray
-_EMBED_KEYS = ("model", "revision", "batch_size", "max_length", "pooling", "normalize", "device", "trust_remote_code")
+_EMBED_KEYS = ("model", "revision", "batch_size", "max_length", "pooling", "normalize", "device", "trust_remote_code",
+               "shard_rows")
 
 
 def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -103,6 +104,8 @@ def _fingerprint(data: Any, column: str) -> str:
 
 
 def _check_target(target: Any, name: str) -> None:
+    if isinstance(target, np.ndarray):
+        check_embeddings(target, name, "select_by_ot")  # 2-D, non-empty, no NaN/Inf: before the pool is embedded
     if isinstance(target, (Dataset, np.ndarray)):
         if len(target) == 0:
             raise param_error(name, "select_by_ot", "a non-empty Dataset, list of str or (n, dim) array", f"an empty {type(target).__name__}")
@@ -241,6 +244,13 @@ def run_selection(
         if embeddings is not None:
             pool_emb, target_emb = embeddings
         else:
+            from .embed import _check_texts
+
+            # The (small) targets' texts are checked before the pool's encoder pass, not after it.
+            for side, name in ((target, "target"), (negative_target, "negative_target")):
+                if side is not None and not isinstance(side, np.ndarray):
+                    named = target_column if isinstance(side, Dataset) else None
+                    _check_texts(_texts_of(side, target_column, name), 0, named, f"select_by_ot ({name})")
             pool_emb = (
                 _embed_stream(dataset, column, embed_kwargs, cache)
                 if streamed

@@ -85,6 +85,7 @@ def _embedding_kwargs(config: SelectionConfig) -> dict[str, Any]:
     return {
         "model": e.model, "revision": e.revision, "batch_size": e.batch_size, "max_length": e.max_length,
         "pooling": e.pooling, "normalize": e.normalize, "device": e.device, "trust_remote_code": e.trust_remote_code,
+        "shard_rows": e.shard_rows,
     }
 
 

@@ -95,6 +95,8 @@ class Selector(ABC):
             Seed of the random generator used for ties-free sampling; top-k ignores it.
         """
         n = len(candidates)
+        if n == 0:  # said plainly, rather than as "k must be in [1, 0]"
+            raise param_error("candidates", f"{type(self).__name__}.select", "a non-empty array or sequence (n_candidates >= 1)", "0 rows")
         k = check_int(k, "k", f"{type(self).__name__}.select", 1, None if self.replaces else n)
         seed = check_int(seed, "seed", f"{type(self).__name__}.select", 0)
         self.diagnostics_ = {}
@@ -109,6 +111,19 @@ class Selector(ABC):
     def choose_rows(self, scores: np.ndarray, k: int, *, seed: int = 0) -> np.ndarray:
         """Turn this selector's scores into ``k`` row indices with :func:`choose`, its way."""
         return choose(scores, k, mode=self.choice, seed=seed, replace=self.replaces)
+
+    def check_params(self) -> None:
+        """Validate the stored constructor parameters; raise with the shared message template.
+
+        :func:`get_selector` calls this right after construction, so a bad value (``eps=-1``,
+        an unknown back end) fails before any embedding or scoring. Subclasses override it; the
+        default runs the private ``_check_params`` / ``_validate`` hooks the built-in selectors
+        already define (they also run them inside :meth:`score`), and does nothing otherwise.
+        """
+        for hook in ("_check_params", "_validate"):
+            fn = getattr(self, hook, None)
+            if callable(fn):
+                fn()
 
     def get_params(self) -> dict[str, Any]:
         """The constructor parameters, by name (as stored, unchanged)."""
@@ -157,7 +172,9 @@ def get_selector(method: str | Selector, **params: Any) -> Selector:
     unknown = sorted(set(params) - accepted)
     if unknown:
         raise param_error("params", f"get_selector({method!r})", f"keyword(s) among {sorted(accepted)}", unknown)
-    return cls(**params)
+    selector = cls(**params)
+    selector.check_params()  # bad values fail here, before the caller embeds or scores anything
+    return selector
 
 
 def choose(

@@ -46,6 +46,10 @@ class RandomSelector(Selector):
     def __init__(self, *, replace: bool = False) -> None:
         self.replace = replace
 
+    def _check_params(self) -> None:
+        if not isinstance(self.replace, bool):
+            raise param_error("replace", type(self).__name__, "a bool", self.replace, exc=TypeError)
+
     def score(self, candidates: Any, target: Any) -> np.ndarray:
         """Return ones of shape (n_candidates,), float64, after validating the embedding pair.
 
@@ -56,8 +60,7 @@ class RandomSelector(Selector):
             Not used for the score; validated so that every vector selector refuses the same bad
             inputs.
         """
-        if not isinstance(self.replace, bool):
-            raise param_error("replace", type(self).__name__, "a bool", self.replace, exc=TypeError)
+        self._check_params()
         candidates, _ = self._check_pair(candidates, target)
         self.diagnostics_ = {}
         return np.ones(candidates.shape[0], dtype=np.float64)
@@ -110,6 +113,15 @@ class SimilaritySelector(Selector):
         self.n_neighbors = n_neighbors
         self.block_size = block_size
 
+    def _check_params(self) -> int:
+        """Validate the parameters; return the block size."""
+        owner = type(self).__name__
+        check_choice(self.reduce, "reduce", owner, ["mean", "max", "round_robin"])
+        block = check_int(self.block_size, "block_size", owner, 1)
+        if self.n_neighbors is not None:
+            check_int(self.n_neighbors, "n_neighbors", owner, 1)
+        return block
+
     def score(self, candidates: Any, target: Any) -> np.ndarray:
         """Score every candidate by cosine similarity to the target (see the class docstring).
 
@@ -122,11 +134,7 @@ class SimilaritySelector(Selector):
         -------
         ndarray of shape (n_candidates,), float64
         """
-        owner = type(self).__name__
-        check_choice(self.reduce, "reduce", owner, ["mean", "max", "round_robin"])
-        block = check_int(self.block_size, "block_size", owner, 1)
-        if self.n_neighbors is not None:
-            check_int(self.n_neighbors, "n_neighbors", owner, 1)
+        block = self._check_params()
         candidates, target = self._check_pair(candidates, target)
         import torch
 
