@@ -1,0 +1,177 @@
+"""Safe defaults: no pickle, safe YAML, no remote code unless asked, no token leaks.
+
+The source checks read the syntax tree (not the text), so a comment or docstring that *mentions*
+pickle is fine and a call spelt across lines is still caught. The leak check runs a real job with
+a fake Hub token in the environment and greps everything the job printed, logged or wrote.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+PACKAGE = REPO / "hf_otselect"
+USER_FACING = [PACKAGE, REPO / "scripts"]
+EVERYTHING = [*USER_FACING, REPO / "benchmarks"]
+FAKE_TOKEN = "hf_FAKEtokenDoNotLeak0123456789abcdefXYZ"
+
+
+def _sources(roots: list[Path]) -> list[Path]:
+    return sorted(p for root in roots if root.is_dir() for p in root.rglob("*.py"))
+
+
+def _calls(path: Path):
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            yield node
+
+
+def _dotted(func: ast.AST) -> str:
+    parts = []
+    while isinstance(func, ast.Attribute):
+        parts.append(func.attr)
+        func = func.value
+    if isinstance(func, ast.Name):
+        parts.append(func.id)
+    return ".".join(reversed(parts))
+
+
+def _kw(call: ast.Call, name: str) -> ast.AST | None:
+    return next((k.value for k in call.keywords if k.arg == name), None)
+
+
+def _is_const(node: ast.AST | None, value: object) -> bool:
+    return isinstance(node, ast.Constant) and node.value is value
+
+
+def _where(path: Path, node: ast.AST) -> str:
+    return f"{path.relative_to(REPO)}:{node.lineno}"
+
+
+def test_the_sources_are_parsed():
+    # guards the checks below against silently reading nothing
+    assert len(_sources([PACKAGE])) >= 10
+
+
+def test_no_pickle_imports_or_pickle_based_loaders():
+    bad = []
+    for path in _sources(EVERYTHING):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                bad += [_where(path, node) for a in node.names if a.name.split(".")[0] in {"pickle", "cPickle", "dill", "cloudpickle", "joblib", "marshal", "shelve"}]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in {"pickle", "dill", "cloudpickle", "joblib", "marshal", "shelve"}:
+                bad.append(_where(path, node))
+        for call in _calls(path):
+            name = _dotted(call.func)
+            if name.endswith(("pickle.load", "pickle.loads", "joblib.load")) or name in {"pd.read_pickle", "pandas.read_pickle"}:
+                bad.append(f"{_where(path, call)} {name}")
+    assert not bad, f"pickle-based code: {bad}"
+
+
+def test_numpy_never_allows_pickle_and_the_package_says_so_explicitly():
+    bad = []
+    for path in _sources(EVERYTHING):
+        for call in _calls(path):
+            name = _dotted(call.func)
+            if name.split(".")[-1] not in {"load", "save"} or name.split(".")[0] not in {"np", "numpy"}:
+                continue
+            flag = _kw(call, "allow_pickle")
+            if flag is not None and not _is_const(flag, False):
+                bad.append(f"{_where(path, call)} {name}(allow_pickle=...)")
+            if name.endswith("load") and flag is None and PACKAGE in path.parents:
+                bad.append(f"{_where(path, call)} {name} without allow_pickle=False")
+    assert not bad, bad
+
+
+def test_torch_load_only_with_weights_only():
+    bad = [
+        _where(path, call)
+        for path in _sources(EVERYTHING)
+        for call in _calls(path)
+        if _dotted(call.func) == "torch.load" and not _is_const(_kw(call, "weights_only"), True)
+    ]
+    assert not bad, f"torch.load without weights_only=True: {bad}"
+
+
+def test_yaml_is_read_with_safe_load_only():
+    bad = []
+    for path in _sources(EVERYTHING):
+        for call in _calls(path):
+            name = _dotted(call.func)
+            if name in {"yaml.load", "yaml.load_all", "yaml.unsafe_load", "yaml.full_load", "yaml.unsafe_load_all", "yaml.full_load_all"}:
+                loader = _kw(call, "Loader")
+                if not (loader is not None and _dotted(loader) in {"yaml.SafeLoader", "yaml.CSafeLoader"}):
+                    bad.append(f"{_where(path, call)} {name}")
+    assert not bad, f"unsafe YAML loading: {bad}"
+
+
+def test_trust_remote_code_defaults_to_false_everywhere():
+    seen, bad = 0, []
+    for path in _sources(USER_FACING):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                args = node.args
+                positional = args.posonlyargs + args.args
+                defaults = [None] * (len(positional) - len(args.defaults)) + list(args.defaults)
+                for arg, default in [*zip(positional, defaults), *zip(args.kwonlyargs, args.kw_defaults)]:
+                    if arg.arg == "trust_remote_code":
+                        seen += 1
+                        # no default (a required argument: the caller decides) or False
+                        if default is not None and not _is_const(default, False):
+                            bad.append(f"{_where(path, node)} {node.name}(trust_remote_code=...) default is not False")
+            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id == "trust_remote_code":
+                seen += 1
+                value = node.value
+                if isinstance(value, ast.Call) and _dotted(value.func) == "field":  # dataclasses.field(default=False)
+                    value = _kw(value, "default")
+                if not _is_const(value, False):
+                    bad.append(f"{_where(path, node)} field trust_remote_code is not False by default")
+            elif isinstance(node, ast.Call) and _is_const(_kw(node, "trust_remote_code"), True):
+                bad.append(f"{_where(path, node)} passes trust_remote_code=True")
+    assert seen >= 3, "expected the embed functions, the config field and the scripts to expose the flag"
+    assert not bad, bad
+
+
+def test_the_config_and_embed_defaults_at_run_time():
+    import inspect
+
+    import hf_otselect
+    from hf_otselect.config import EmbeddingConfig
+
+    assert EmbeddingConfig().trust_remote_code is False
+    for fn in (hf_otselect.embed, hf_otselect.iter_embeddings, sys.modules["hf_otselect.embed"].load_encoder):
+        assert inspect.signature(fn).parameters["trust_remote_code"].default is False
+
+
+@pytest.mark.slow
+def test_a_job_never_prints_logs_or_writes_the_hub_token(tmp_path):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    env = {
+        **os.environ, "HF_TOKEN": FAKE_TOKEN, "HUGGING_FACE_HUB_TOKEN": FAKE_TOKEN, "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "ds_cache"),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "hf_otselect.cli", "--verbose", "select", "--config", str(REPO / "configs/demo.yaml"),
+         f"pool.path={REPO / 'data/sample/pool.jsonl'}", f"target.path={REPO / 'data/sample/target.jsonl'}",
+         "pool.max_rows=40", "target.max_rows=6", "k=5", "embedding.max_length=32", "report=true",
+         f"cache_dir={cache}", f"output_dir={out}"],
+        capture_output=True, env=env, timeout=600, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:]
+    assert (out / "selection.json").is_file() and (out / "report.html").is_file()
+    token = FAKE_TOKEN.encode()
+    assert token not in proc.stdout and token not in proc.stderr
+    written = [p for root in (out, cache, tmp_path / "ds_cache") for p in root.rglob("*") if p.is_file()]
+    assert len(written) > 10
+    leaks = [str(p) for p in written if token in p.read_bytes()]
+    assert not leaks, f"the token was written to {leaks}"
