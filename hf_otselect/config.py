@@ -19,7 +19,10 @@ import yaml
 
 from ._checks import param_error
 
-__all__ = ["DataConfig", "EmbeddingConfig", "HubConfig", "SelectionConfig", "load_config"]
+__all__ = [
+    "DataConfig", "DecontaminateConfig", "DedupConfig", "EmbeddingConfig", "HubConfig", "PrefilterConfig",
+    "SelectionConfig", "load_config",
+]
 
 
 @dataclass
@@ -90,6 +93,71 @@ class EmbeddingConfig:
 
 
 @dataclass
+class PrefilterConfig:
+    """Source pre-filter before the selection (Kang et al. 2024; :mod:`hf_otselect.prefilter`).
+
+    Needs ``source_column`` in the job. The ranking goes to ``selection.json`` (``prefilter``),
+    the report and ``prefilter/`` in the output folder.
+
+    Attributes
+    ----------
+    keep : int or None
+        Keep the ``keep`` sources nearest the target by OT distance (paper: 2 of 7).
+    max_distance : float or None
+        Keep only sources whose OT distance is at most this (with ``keep`` too, both must hold).
+    sample_size : int
+        Rows sampled per source for its distance (paper: 10,000).
+    eps : float
+        Entropic regularisation of the OT distance (absolute).
+    """
+
+    keep: int | None = 2
+    max_distance: float | None = None
+    sample_size: int = 10_000
+    eps: float = 0.1
+
+
+@dataclass
+class DedupConfig:
+    """Near-duplicate guard for any selector (:mod:`hf_otselect.dedup`).
+
+    Attributes
+    ----------
+    radius : float
+        Euclidean distance on L2-normalised embeddings in ``(0, 2]`` (0.2 is cosine 0.98): no two
+        chosen rows closer than this (greedy), or the Epanechnikov kernel radius (kde).
+    mode : str
+        ``auto`` (greedy for top-k and sampling without replacement, kde for sampling with
+        replacement), ``greedy`` or ``kde``.
+    """
+
+    radius: float = 0.2
+    mode: str = "auto"
+
+
+@dataclass
+class DecontaminateConfig(DataConfig):
+    """A "never train on this" split (e.g. the target's evaluation split) and how close is too close.
+
+    Pool rows near it are removed before scoring; counts (total, per reason, per source) go to
+    ``selection.json`` (``decontamination``) and the removed rows to ``decontaminated/``. The data
+    keys are those of :class:`DataConfig`.
+
+    Attributes
+    ----------
+    radius : float
+        Drop pool rows within this Euclidean distance of a held-out row (unit vectors; 0.3 is cosine
+        0.955).
+    ngram : int or None
+        Also drop pool rows sharing a word n-gram of this length (lower-cased, whitespace-split)
+        with a held-out row; null turns the n-gram test off.
+    """
+
+    radius: float = 0.3
+    ngram: int | None = 13
+
+
+@dataclass
 class HubConfig:
     """Where ``push_to_hub`` sends the selected split.
 
@@ -148,6 +216,15 @@ class SelectionConfig:
         Push the selected split and its card when the job is done.
     hub : HubConfig
         Repository settings for the push.
+    source_column : str or None
+        Pool column naming each row's source (``domain``...): ranked by the pre-filter, and the
+        breakdown of the decontamination counts.
+    prefilter : PrefilterConfig or None
+        Source pre-filter; null (default) keeps every source.
+    dedup : DedupConfig or None
+        Near-duplicate guard; null (default) turns it off.
+    decontaminate : DecontaminateConfig or None
+        Held-out split whose (near) copies are removed from the pool; null (default) turns it off.
     """
 
     pool: DataConfig = field(default_factory=DataConfig)
@@ -167,6 +244,10 @@ class SelectionConfig:
     save_embeddings: bool = True
     push_to_hub: bool = False
     hub: HubConfig = field(default_factory=HubConfig)
+    source_column: str | None = None
+    prefilter: PrefilterConfig | None = None
+    dedup: DedupConfig | None = None
+    decontaminate: DecontaminateConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form (what ``selection.json`` and the dataset card record)."""
@@ -189,6 +270,7 @@ class SelectionConfig:
             raise param_error("seed", owner, "an int >= 0", self.seed)
         if self.push_to_hub and not self.hub.repo_id:
             raise param_error("hub.repo_id", owner, "a repository id such as 'user/name' when push_to_hub is true", None)
+        self._validate_pipeline(owner)
         self._check_work_settings()
         return self
 
@@ -207,6 +289,29 @@ class SelectionConfig:
                 max_length=e.max_length, normalize=e.normalize, pooling=e.pooling, revision=e.revision,
                 trust_remote_code=e.trust_remote_code, cache_dir=None, use_cache=False,
                 shard_rows=e.shard_rows, max_batch_tokens=None, num_proc=None, show_progress=False)
+
+
+    def _validate_pipeline(self, owner: str) -> None:
+        """The pre-filter, guard and decontamination sections (same checks as select_by_ot)."""
+        from ._checks import check_choice, check_float, check_int
+
+        if self.prefilter is not None:
+            from .prefilter import check_prefilter
+
+            check_prefilter(dataclasses.asdict(self.prefilter), owner)
+            if not self.source_column:
+                raise param_error("source_column", owner, "the pool column naming each row's source when prefilter is set", self.source_column)
+        if self.dedup is not None:
+            from .dedup import DEDUP_MODES
+
+            check_float(self.dedup.radius, "dedup.radius", owner, 0.0, 2.0, low_open=True)
+            check_choice(self.dedup.mode, "dedup.mode", owner, list(DEDUP_MODES))
+        if self.decontaminate is not None:
+            if not self.decontaminate.path:
+                raise param_error("decontaminate.path", owner, "a data file, folder or Hub id", self.decontaminate.path)
+            check_float(self.decontaminate.radius, "decontaminate.radius", owner, 0.0, 2.0, low_open=True)
+            if self.decontaminate.ngram is not None:
+                check_int(self.decontaminate.ngram, "decontaminate.ngram", owner, 1)
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:

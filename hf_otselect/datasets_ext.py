@@ -61,6 +61,12 @@ class SelectionRun:
         Fingerprints of pool and target (and negative target).
     timings : dict
         Seconds per stage.
+    prefilter, decontamination, dedup : dict or None
+        What the source pre-filter, the decontamination and the near-duplicate guard did (None
+        when off); ``selection.json`` records them under the same keys.
+    extra_splits : dict of Dataset
+        ``"prefilter"`` (the source ranking, one row per source) and ``"decontaminated"`` (the
+        dropped pool rows with ``pool_index``, reason and nearest held-out distance), when on.
     """
 
     scored: Dataset
@@ -71,6 +77,10 @@ class SelectionRun:
     target_embeddings: np.ndarray | None
     fingerprints: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    prefilter: dict[str, Any] | None = None
+    decontamination: dict[str, Any] | None = None
+    dedup: dict[str, Any] | None = None
+    extra_splits: dict[str, Dataset] = field(default_factory=dict)
 
 
 def _digest(*parts: Any) -> str:
@@ -158,6 +168,111 @@ def _scores_cached(
     return scores, info
 
 
+def _check_extras(
+    dataset: Dataset | IterableDataset,
+    owner: str,
+    *,
+    source_column: str | None,
+    prefilter: Any,
+    dedup_radius: Any,
+    dedup_mode: Any,
+    decontaminate: Any,
+    decontaminate_column: str,
+    decontaminate_radius: Any,
+    decontaminate_ngram: Any,
+) -> dict[str, Any]:
+    """Validate the pre-filter, guard and decontamination arguments before any work."""
+    from ._checks import check_choice, check_float
+
+    streamed = isinstance(dataset, IterableDataset)
+    if source_column is not None:
+        if not isinstance(source_column, str) or not source_column:
+            raise param_error("source_column", owner, "None or a non-empty str", source_column, exc=TypeError)
+        if not streamed and source_column not in dataset.column_names:
+            raise ValueError(f"Column {source_column!r} (source_column) not in the dataset. Current columns: {dataset.column_names}")
+    opts = None
+    if prefilter is not None:
+        from .prefilter import check_prefilter
+
+        opts = check_prefilter(prefilter, owner)
+        if source_column is None:
+            raise param_error("source_column", owner, "the column naming each row's source when prefilter is set (or pass a DatasetDict / list of datasets)", None)
+        if streamed:
+            raise param_error("prefilter", owner, "None for a streamed pool (IterableDataset)", dict(opts))
+    if dedup_radius is not None:
+        dedup_radius = check_float(dedup_radius, "dedup_radius", owner, 0.0, 2.0, low_open=True)
+    from .dedup import DEDUP_MODES
+
+    check_choice(dedup_mode, "dedup_mode", owner, list(DEDUP_MODES))
+    decontaminate_radius = check_float(decontaminate_radius, "decontaminate_radius", owner, 0.0, 2.0, low_open=True)
+    if decontaminate_ngram is not None:
+        decontaminate_ngram = check_int(decontaminate_ngram, "decontaminate_ngram", owner, 1)
+    if decontaminate is not None:
+        _check_target(decontaminate, "decontaminate")
+        if streamed:
+            raise param_error("decontaminate", owner, "None for a streamed pool (IterableDataset)", type(decontaminate).__name__)
+        if isinstance(decontaminate, Dataset) and decontaminate_column not in decontaminate.column_names:
+            raise ValueError(f"Column {decontaminate_column!r} not in the decontaminate dataset. Current columns: {decontaminate.column_names}")
+        if isinstance(decontaminate, np.ndarray) and decontaminate_ngram is not None:
+            raise param_error("decontaminate_ngram", owner, "None when the held-out set is given as embeddings (the n-gram test needs texts)", decontaminate_ngram)
+    return {
+        "source_column": source_column, "prefilter": opts, "dedup_radius": dedup_radius, "dedup_mode": dedup_mode,
+        "decontaminate": decontaminate, "decontaminate_column": decontaminate_column,
+        "decontaminate_radius": decontaminate_radius, "decontaminate_ngram": decontaminate_ngram,
+        "filters": opts is not None or decontaminate is not None,
+        "active": opts is not None or decontaminate is not None or dedup_radius is not None,
+    }
+
+
+def _apply_filters(
+    dataset: Dataset,
+    column: str,
+    pool_emb: np.ndarray,
+    target_emb: np.ndarray,
+    extras: dict[str, Any],
+    embed_kwargs: dict[str, Any],
+    cache: Path,
+    seed: int,
+    reports: dict[str, Any],
+    extra_splits: dict[str, Dataset],
+    fingerprints: dict[str, str],
+) -> np.ndarray:
+    """Decontaminate, then pre-filter the sources; return the (n_pool,) mask of selectable rows."""
+    n = pool_emb.shape[0]
+    eligible = np.ones(n, dtype=bool)
+    src_col = extras["source_column"]
+    sources = list(dataset[src_col]) if src_col is not None else None
+    held = extras["decontaminate"]
+    if held is not None:
+        from .decontaminate import decontaminate
+
+        dcol, ngram = extras["decontaminate_column"], extras["decontaminate_ngram"]
+        held_emb = _embed_side(held, dcol, embed_kwargs, cache)
+        fingerprints["decontaminate"] = _fingerprint(held, dcol)
+        res = decontaminate(
+            pool_emb, held_emb, radius=extras["decontaminate_radius"], ngram=ngram, sources=sources,
+            candidate_texts=_texts_of(dataset, column, "dataset") if ngram else None,
+            heldout_texts=_texts_of(held, dcol, "decontaminate") if ngram else None,
+        )
+        eligible &= ~res.dropped
+        reports["decontamination"] = {**res.to_dict(), "source_column": src_col}
+        rows = np.flatnonzero(res.dropped)
+        reason = np.where(res.by_embedding & res.by_ngram, "embedding+ngram", np.where(res.by_embedding, "embedding", "ngram"))
+        extra_splits["decontaminated"] = (
+            dataset.select(rows).add_column("pool_index", rows.astype(np.int64))
+            .add_column("reason", reason[rows].tolist()).add_column("nearest_distance", res.nearest_distance[rows])
+        )
+    opts = extras["prefilter"]
+    if opts is not None:
+        from .prefilter import prefilter_sources
+
+        ranking = prefilter_sources(pool_emb, sources, target_emb, seed=seed, eligible=eligible, **opts)
+        eligible &= ranking.mask
+        reports["prefilter"] = {**ranking.to_dict(), "source_column": src_col}
+        extra_splits["prefilter"] = ranking.to_dataset()
+    return eligible
+
+
 def _ranks(scores: np.ndarray) -> np.ndarray:
     order = np.lexsort((np.arange(scores.size), -scores))
     ranks = np.empty(scores.size, dtype=np.int64)
@@ -184,6 +299,14 @@ def run_selection(
     cache_dir: str | os.PathLike | None = None,
     embedding: dict[str, Any] | None = None,
     embeddings: tuple[np.ndarray, np.ndarray] | None = None,
+    source_column: str | None = None,
+    prefilter: dict[str, Any] | None = None,
+    dedup_radius: float | None = None,
+    dedup_mode: str = "auto",
+    decontaminate: Target | None = None,
+    decontaminate_column: str | None = None,
+    decontaminate_radius: float = 0.3,
+    decontaminate_ngram: int | None = 13,
     **params: Any,
 ) -> SelectionRun:
     """Run one selection and return every product of it (see :func:`select_by_ot`).
@@ -193,8 +316,13 @@ def run_selection(
     """
     owner = "select_by_ot"
     t0 = time.perf_counter()
+    if isinstance(dataset, DatasetDict) or (isinstance(dataset, (list, tuple)) and dataset and all(isinstance(d, Dataset) for d in dataset)):
+        from .prefilter import combine_sources
+
+        source_column = source_column or "source"
+        dataset = combine_sources(dataset, source_column)
     if not isinstance(dataset, (Dataset, IterableDataset)):
-        raise param_error("dataset", owner, "a datasets.Dataset or IterableDataset", type(dataset).__name__, exc=TypeError)
+        raise param_error("dataset", owner, "a datasets.Dataset, IterableDataset, DatasetDict or list of Dataset", type(dataset).__name__, exc=TypeError)
     streamed = isinstance(dataset, IterableDataset)
     if not streamed:
         if len(dataset) == 0:
@@ -218,7 +346,16 @@ def run_selection(
     if unknown:
         raise param_error("embedding", owner, f"a dict with keys among {list(_EMBED_KEYS)}", unknown)
 
+    extras = _check_extras(
+        dataset, owner, source_column=source_column, prefilter=prefilter, dedup_radius=dedup_radius, dedup_mode=dedup_mode,
+        decontaminate=decontaminate, decontaminate_column=decontaminate_column or target_column,
+        decontaminate_radius=decontaminate_radius, decontaminate_ngram=decontaminate_ngram,
+    )
     probe = get_selector(method, **params) if not isinstance(method, Selector) else method
+    if dedup_radius is not None:
+        from .dedup import resolve_dedup_mode
+
+        resolve_dedup_mode(dedup_mode, probe.choice, probe.replaces, owner)
     if negative_target is not None and "negative_target" not in probe.get_params():
         raise param_error("negative_target", owner, f"None for method {probe.name!r} (only GOT-D uses one)", "a negative target")
     if not streamed:
@@ -239,6 +376,14 @@ def run_selection(
         target_side: Any = _texts_of(target, target_column, "target")
         selector = probe
         key_parts: tuple[Any, ...] = (fingerprints["pool"], fingerprints["target"])
+        if extras["active"]:  # the filters and the guard work on vectors; embed once (cached)
+            t = time.perf_counter()
+            if embeddings is not None:
+                pool_emb, target_emb = embeddings
+            else:
+                pool_emb = _embed_side(dataset, column, embed_kwargs, cache)
+                target_emb = _embed_side(target, target_column, embed_kwargs, cache)
+            timings["embed_s"] = time.perf_counter() - t
     else:
         t = time.perf_counter()
         if embeddings is not None:
@@ -270,9 +415,43 @@ def run_selection(
         candidates, target_side = pool_emb, target_emb
         key_parts = (_digest(np.asarray(pool_emb)), _digest(np.asarray(target_emb)))
 
+    n_pool = len(candidates) if pool_emb is None else pool_emb.shape[0]
+    eligible = None
+    reports: dict[str, Any] = {}
+    extra_splits: dict[str, Dataset] = {}
+    if extras["filters"]:
+        t = time.perf_counter()
+        eligible = _apply_filters(dataset, column, pool_emb, target_emb, extras, embed_kwargs, cache, seed, reports, extra_splits, fingerprints)
+        timings["filters_s"] = time.perf_counter() - t
+        n_eligible = int(eligible.sum())
+        if n_eligible < (1 if probe.replaces else k):
+            raise param_error("k", owner, f"at most the {n_eligible} rows left after pre-filter and decontamination", k)
+        if n_eligible == n_pool:
+            eligible = None
+    keep_rows = None if eligible is None else np.flatnonzero(eligible)
+    if keep_rows is not None:
+        if probe.needs_text:
+            candidates = [candidates[i] for i in keep_rows]
+            key_parts = (*key_parts, _digest(keep_rows))
+        else:
+            candidates = np.asarray(candidates)[keep_rows]
+            key_parts = (_digest(candidates), key_parts[1])
+
     t = time.perf_counter()
-    scores, info = _scores_cached(selector, candidates, target_side, cache, key_parts)
-    indices = selector.choose_rows(scores, k, seed=seed)
+    sub_scores, info = _scores_cached(selector, candidates, target_side, cache, key_parts)
+    if dedup_radius is not None:
+        from .dedup import guarded_choose
+
+        guard_emb = np.asarray(pool_emb) if keep_rows is None else np.asarray(pool_emb)[keep_rows]
+        indices, reports["dedup"] = guarded_choose(selector, sub_scores, k, seed=seed, candidates=guard_emb, radius=dedup_radius, mode=dedup_mode)
+    else:
+        indices = selector.choose_rows(sub_scores, k, seed=seed)
+    if keep_rows is None:
+        scores = sub_scores
+    else:  # back to pool rows: excluded rows are not scored (NaN) and rank after every scored row
+        indices = keep_rows[indices]
+        scores = np.full(n_pool, np.nan)
+        scores[keep_rows] = sub_scores
     timings["score_s"] = time.perf_counter() - t
     result = SelectionResult(indices=indices, scores=scores, info=info)
 
@@ -290,7 +469,11 @@ def run_selection(
     selected = scored.select(indices)
     timings["build_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
-    return SelectionRun(scored, selected, result, selector, pool_emb, target_emb, fingerprints, timings)
+    return SelectionRun(
+        scored, selected, result, selector, pool_emb, target_emb, fingerprints, timings,
+        prefilter=reports.get("prefilter"), decontamination=reports.get("decontamination"), dedup=reports.get("dedup"),
+        extra_splits=extra_splits,
+    )
 
 
 def select_by_ot(
@@ -307,15 +490,26 @@ def select_by_ot(
     seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
     embedding: dict[str, Any] | None = None,
+    source_column: str | None = None,
+    prefilter: dict[str, Any] | None = None,
+    dedup_radius: float | None = None,
+    dedup_mode: str = "auto",
+    decontaminate: Target | None = None,
+    decontaminate_column: str | None = None,
+    decontaminate_radius: float = 0.3,
+    decontaminate_ngram: int | None = 13,
     **params: Any,
 ) -> Dataset | DatasetDict:
     """Select the ``k`` pool rows that best serve the target.
 
     Parameters
     ----------
-    dataset : Dataset or IterableDataset
+    dataset : Dataset, IterableDataset, DatasetDict or list of Dataset
         The candidate pool (``n_candidates`` rows). A streamed pool is embedded shard by shard into
-        a memory-mapped file, so memory stays bounded by the embedding matrix.
+        a memory-mapped file, so memory stays bounded by the embedding matrix. A ``DatasetDict`` or
+        list of datasets is one pool of several sources: the members are concatenated in order
+        (``pool_index`` points into that concatenation) with a column ``source_column`` (default
+        ``"source"``) holding the split name (or ``"0"``, ``"1"``... for a list).
     target : Dataset, list of str, or ndarray of shape (n_target, dim)
         The target examples, as text or already embedded (with the same encoder as the pool).
     method : str or Selector
@@ -342,6 +536,34 @@ def select_by_ot(
         Encoder settings passed to :func:`hf_otselect.embed` (``model``, ``revision``,
         ``batch_size``, ``max_length``, ``pooling``, ``normalize``, ``device``,
         ``trust_remote_code``).
+    source_column : str or None
+        Column naming each row's source (``domain``...): what the pre-filter ranks and what the
+        decontamination counts are broken down by.
+    prefilter : dict or None
+        Source pre-filter (Kang et al. 2024; :mod:`hf_otselect.prefilter`), run before scoring:
+        ``sample_size`` rows (default 10,000) are sampled from each source, each sample's OT
+        distance to the target is computed, and only the ``keep`` nearest sources (default 2)
+        and/or those with distance at most ``max_distance`` stay selectable; ``eps`` (default 0.1)
+        is the entropic regularisation. Needs ``source_column`` (or a multi-source pool).
+    dedup_radius : float or None
+        Near-duplicate guard (:mod:`hf_otselect.dedup`): no two selected rows closer than this
+        (Euclidean distance of L2-normalised embeddings, in ``(0, 2]``; ``0.2`` is cosine 0.98), or
+        for sampling with replacement, probabilities divided by the Epanechnikov density of that
+        radius. None (default) turns the guard off.
+    dedup_mode : {"auto", "greedy", "kde"}
+        ``"auto"``: greedy skip for top-k selectors and sampling without replacement, KDE
+        weighting for sampling with replacement (TSDS's default).
+    decontaminate : Dataset, list of str, ndarray or None
+        A "never train on this" set (e.g. the target's evaluation split); pool rows within
+        ``decontaminate_radius`` of one of its rows, or sharing a ``decontaminate_ngram``-word
+        n-gram with it, are removed before scoring (:mod:`hf_otselect.decontaminate`).
+    decontaminate_column : str or None
+        Text column of a ``decontaminate`` Dataset (default: ``target_column``).
+    decontaminate_radius : float
+        Embedding distance threshold (Euclidean on unit vectors), default 0.3 (cosine 0.955).
+    decontaminate_ngram : int or None
+        Word n-gram length of the exact-overlap test (default 13, lower-cased, whitespace-split);
+        None turns it off (required when ``decontaminate`` is an array).
     **params
         Keyword arguments of the selector (e.g. ``eps=0.1`` for GOT-D).
 
@@ -349,15 +571,22 @@ def select_by_ot(
     -------
     Dataset or DatasetDict
         The selected rows (every original column, plus ``pool_index`` back into the pool, the score
-        column and ``rank``, 1 = best), best first; or both splits when ``return_scored``.
+        column and ``rank``, 1 = best), best first; or both splits when ``return_scored``. Rows
+        removed by the pre-filter or the decontamination stay in ``scored`` with a NaN score and
+        the last ranks; with ``return_scored`` the dict also holds ``prefilter`` (the source
+        ranking: source, ot_distance, rows, sampled, kept) and ``decontaminated`` (the dropped
+        rows with ``pool_index``, ``reason``, ``nearest_distance``) when those ran.
     """
     run = run_selection(
         dataset, target, method, k, column=column, target_column=target_column,
         negative_target=negative_target, score_column=score_column, seed=seed,
-        cache_dir=cache_dir, embedding=embedding, **params,
+        cache_dir=cache_dir, embedding=embedding, source_column=source_column, prefilter=prefilter,
+        dedup_radius=dedup_radius, dedup_mode=dedup_mode, decontaminate=decontaminate,
+        decontaminate_column=decontaminate_column, decontaminate_radius=decontaminate_radius,
+        decontaminate_ngram=decontaminate_ngram, **params,
     )
     if return_scored:
-        return DatasetDict({"scored": run.scored, "selected": run.selected})
+        return DatasetDict({"scored": run.scored, "selected": run.selected, **run.extra_splits})
     return run.selected
 
 

@@ -7,6 +7,8 @@ Outputs go to one folder (see DESIGN.md)::
       selected/         the chosen rows, best first
       selection.json    provenance: method, params, model, fingerprints, version, seed, OT distances, timings
       embeddings/       pool.npy, target.npy (when save_embeddings)
+      prefilter/        the source ranking (when the pre-filter ran)
+      decontaminated/   the pool rows removed as too close to the held-out split (when it ran)
       README.md         the dataset card pushed with the selection
       report.html       and its PNGs (when report)
 
@@ -21,6 +23,7 @@ chooses and writes, so the selection equals the one-process run.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import logging
@@ -155,10 +158,15 @@ def _ot_distances(run: SelectionRun, info: dict[str, Any]) -> dict[str, float | 
     pool = np.asarray(run.pool_embeddings)
     target = np.asarray(run.target_embeddings)
     to_pool = info.get("ot_distance")
-    if to_pool is None:
+    filtered = bool(np.isnan(run.result.scores).any())  # pre-filter/decontamination left rows unscored
+    eligible_pool = to_pool if filtered else None
+    if to_pool is None or filtered:
         to_pool = ot_distance(pool, target)
     chosen = np.unique(run.result.indices)
-    return {"target_pool": float(to_pool), "target_selection": float(ot_distance(pool[chosen], target))}
+    out = {"target_pool": float(to_pool), "target_selection": float(ot_distance(pool[chosen], target))}
+    if filtered:  # the selector's own figure is over the rows left selectable
+        out["target_eligible_pool"] = None if eligible_pool is None else float(eligible_pool)
+    return out
 
 
 def _provenance(config: SelectionConfig, run: SelectionRun, distances: dict[str, Any], n_pool: int) -> dict[str, Any]:
@@ -187,7 +195,22 @@ def _provenance(config: SelectionConfig, run: SelectionRun, distances: dict[str,
         "versions": {"python": platform.python_version(), "torch": str(torch.__version__),
                      "transformers": transformers.__version__, "datasets": datasets.__version__},
         "config": _jsonable(config.to_dict()),
+        # Present only when they ran (the report shows a section per key it finds).
+        **{key: value for key, value in (("prefilter", run.prefilter), ("decontamination", run.decontamination), ("dedup", run.dedup)) if value is not None},
     }
+
+
+def _pipeline_kwargs(config: SelectionConfig, heldout: Dataset | None) -> dict[str, Any]:
+    """The pre-filter, guard and decontamination arguments of run_selection, from the config."""
+    kwargs: dict[str, Any] = {"source_column": config.source_column}
+    if config.prefilter is not None:
+        kwargs["prefilter"] = dataclasses.asdict(config.prefilter)
+    if config.dedup is not None:
+        kwargs.update(dedup_radius=config.dedup.radius, dedup_mode=config.dedup.mode)
+    if config.decontaminate is not None:
+        d = config.decontaminate
+        kwargs.update(decontaminate=heldout, decontaminate_column=d.column, decontaminate_radius=d.radius, decontaminate_ngram=d.ngram)
+    return kwargs
 
 
 def run_job(config: SelectionConfig) -> Path | None:
@@ -215,6 +238,9 @@ def run_job(config: SelectionConfig) -> Path | None:
         target = Dataset.from_list(list(target))
     if isinstance(negative, IterableDataset):
         negative = Dataset.from_list(list(negative))
+    heldout = load_split(config.decontaminate, "decontaminate") if config.decontaminate else None
+    if isinstance(heldout, IterableDataset):
+        heldout = Dataset.from_list(list(heldout))
     if rank == 0:
         if partial.exists():
             logger.info("Removing the partial output of an earlier run: %s", partial)
@@ -230,7 +256,7 @@ def run_job(config: SelectionConfig) -> Path | None:
     run = run_selection(
         pool, target, config.method, config.k, column=config.pool.column, target_column=config.target.column,
         negative_target=negative, score_column=config.score_column, seed=config.seed, cache_dir=config.cache_dir,
-        embedding=_embedding_kwargs(config), embeddings=embeddings, **config.params,
+        embedding=_embedding_kwargs(config), embeddings=embeddings, **_pipeline_kwargs(config, heldout), **config.params,
     )
     if run.pool_embeddings is None and (config.report or config.save_embeddings):
         from .embed import embed
@@ -243,6 +269,8 @@ def run_job(config: SelectionConfig) -> Path | None:
     t = time.perf_counter()
     run.scored.save_to_disk(str(partial / "scored"))
     run.selected.save_to_disk(str(partial / "selected"))
+    for name, split in run.extra_splits.items():  # prefilter/ (source ranking), decontaminated/ (dropped rows)
+        split.save_to_disk(str(partial / name))
     if config.save_embeddings and run.pool_embeddings is not None:
         (partial / "embeddings").mkdir()
         np.save(partial / "embeddings" / "pool.npy", np.asarray(run.pool_embeddings), allow_pickle=False)

@@ -1,0 +1,209 @@
+"""Near-duplicate guard: a duplicated candidate must not take the budget many times.
+
+Two rules, both on L2-normalised embeddings with a radius ``h`` (Euclidean; on unit vectors
+``||x - y||^2 = 2 (1 - cos)``, so ``h = 0.2`` means cosine similarity above 0.98):
+
+``"greedy"`` (top-k selectors and sampling without replacement)
+    Walk the candidates in the selector's own order (stable top-k: descending score, ties by
+    index; sampling: the seeded Gumbel-top-k draw order of :func:`~hf_otselect.selectors.choose`)
+    and skip any candidate within ``h`` of one already taken, until ``k`` are taken. The result is
+    deterministic, has exactly ``k`` rows, and holds at most one row of each near-duplicate cluster
+    (if the pool has fewer than ``k`` mutually distant rows, the skipped ones fill the rest, in
+    order, with a warning). Chosen for top-k selectors because their scores (GOT-D's signed
+    calibrated gradients, cosine similarities, DSIR's log-weights) are not densities: dividing them
+    by a kernel density has no meaning, while the greedy skip is exact and keeps the ranking.
+
+``"kde"`` (sampling with replacement, e.g. TSDS's default)
+    TSDS's diversity device (Liu et al., NeurIPS 2024, Sec. 3): the Epanechnikov kernel density
+    ``rho_j = sum_{||x_j - x'|| < h} (1 - ||x_j - x'||^2 / h^2)`` over the pool (itself included,
+    so ``rho_j >= 1``), and the sampling probabilities become ``p_j / rho_j`` (renormalised; for
+    log-weights ``s_j - log rho_j``). ``c`` exact copies of a row each get ``rho = c``, so together
+    they keep the mass of one copy: duplicates are drawn in proportion, not ``c`` times as often.
+    With replacement a row may be drawn again by design, so the greedy skip (which would have to
+    refuse repeats too) does not apply; the density weighting does.
+
+``"auto"`` picks greedy for ``top_k`` and for sampling without replacement, kde for sampling with
+replacement. Neighbours come from :func:`hf_otselect.knn.radius_search` (exact, flat index).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from . import knn
+from ._checks import check_choice, check_embeddings, check_float, check_int, param_error
+from .selectors.base import Selector, choose
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DEDUP_MODES", "epanechnikov_density", "greedy_distinct", "guarded_choose", "resolve_dedup_mode"]
+
+DEDUP_MODES = ("auto", "greedy", "kde")
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.ascontiguousarray(x / np.maximum(norms, 1e-12), dtype=np.float32)
+
+
+def resolve_dedup_mode(mode: str, choice: str, replaces: bool, owner: str) -> str:
+    """The rule ``mode`` means for a selector choosing by ``choice`` (see the module docstring)."""
+    check_choice(mode, "dedup_mode", owner, list(DEDUP_MODES))
+    if mode == "auto":
+        return "kde" if (choice != "top_k" and replaces) else "greedy"
+    if mode == "kde" and choice == "top_k":
+        raise param_error("dedup_mode", owner, "'greedy' or 'auto' for a top-k selector (its scores are not probabilities)", mode)
+    if mode == "greedy" and replaces:
+        raise param_error("dedup_mode", owner, "'kde' or 'auto' for a selector sampling with replacement", mode)
+    return mode
+
+
+def epanechnikov_density(candidates: np.ndarray, rows: np.ndarray, radius: float) -> np.ndarray:
+    """Epanechnikov kernel density of ``candidates[rows]`` over all candidates (unit-normalised).
+
+    Parameters
+    ----------
+    candidates : ndarray of shape (n_candidates, dim)
+        Normalised to unit length inside.
+    rows : ndarray of shape (n_rows,), int
+        The rows whose density is wanted.
+    radius : float
+        Bandwidth ``h > 0`` (plain Euclidean distance on unit vectors).
+
+    Returns
+    -------
+    ndarray of shape (n_rows,), float64
+        ``rho_j = sum_{||x_j - x'|| < h} (1 - ||x_j - x'||^2 / h^2)``, at least 1 (the row itself).
+    """
+    unit = _unit(check_embeddings(candidates, "candidates", "epanechnikov_density"))
+    radius = check_float(radius, "radius", "epanechnikov_density", 0.0, low_open=True)
+    rows = np.asarray(rows, dtype=np.int64)
+    h2 = radius * radius
+    lims, _, nbrs = knn.radius_search(unit[rows], unit, h2, index="flat")
+    owner = np.repeat(np.arange(rows.size), np.diff(lims))
+    diff = unit[rows[owner]].astype(np.float64) - unit[nbrs]  # float64 kernel, as TSDS does
+    sq = np.einsum("ij,ij->i", diff, diff)
+    rho = np.bincount(owner, weights=np.maximum(0.0, 1.0 - sq / h2), minlength=rows.size)
+    return np.maximum(rho, 1.0)
+
+
+def greedy_distinct(order: np.ndarray, candidates: np.ndarray, k: int, radius: float) -> tuple[np.ndarray, int, int]:
+    """Take candidates in ``order``, skipping any within ``radius`` of one already taken.
+
+    Parameters
+    ----------
+    order : ndarray of shape (n_order,), int
+        Candidate rows, most wanted first (each at most once).
+    candidates : ndarray of shape (n_candidates, dim)
+        Normalised to unit length inside.
+    k : int
+        Rows to take, ``1 <= k <= n_order``.
+    radius : float
+        Skip radius ``h > 0`` (Euclidean on unit vectors; strict ``<``, as FAISS's range search).
+
+    Returns
+    -------
+    chosen : ndarray of shape (k,), int64
+        In ``order``'s order; exactly ``k`` rows.
+    n_skipped : int
+        Candidates passed over as near-duplicates before ``k`` distinct ones were found.
+    n_refilled : int
+        Skipped candidates put back (in order) because fewer than ``k`` distinct ones exist.
+
+    Notes
+    -----
+    Neighbours are searched only within a prefix of ``order`` (first ``2k``, doubled while too
+    few distinct rows are found): a candidate can only be blocked by one taken before it. The
+    search is exact (flat) and costs ``O(prefix^2 dim)``.
+    """
+    order = np.asarray(order, dtype=np.int64)
+    k = check_int(k, "k", "greedy_distinct", 1, order.size)
+    radius = check_float(radius, "radius", "greedy_distinct", 0.0, low_open=True)
+    unit = _unit(np.asarray(candidates))
+    h2 = radius * radius
+    prefix = min(order.size, max(2 * k, 64))
+    while True:
+        lims, _, nbrs = knn.radius_search(unit[order[:prefix]], unit[order[:prefix]], h2, index="flat")
+        # A plain loop: each decision depends on the ones before it (no vectorised form).
+        blocked = np.zeros(prefix, dtype=bool)
+        taken: list[int] = []
+        for pos in range(prefix):
+            if blocked[pos]:
+                continue
+            taken.append(pos)
+            if len(taken) == k:
+                break
+            blocked[nbrs[lims[pos] : lims[pos + 1]]] = True
+        if len(taken) == k or prefix == order.size:
+            break
+        prefix = min(order.size, 2 * prefix)
+    last = taken[-1] if taken else -1
+    n_skipped = int(last + 1 - len(taken)) if len(taken) == k else int(prefix - len(taken))
+    n_refilled = 0
+    if len(taken) < k:
+        n_refilled = k - len(taken)
+        logger.warning("dedup: only %d candidates are more than %.3g apart; %d near-duplicates fill the budget of %d.", len(taken), radius, n_refilled, k)
+        chosen_set = set(taken)
+        taken += [p for p in range(prefix) if p not in chosen_set][:n_refilled]
+    return order[np.asarray(taken, dtype=np.int64)], n_skipped, n_refilled
+
+
+def guarded_choose(
+    selector: Selector,
+    scores: np.ndarray,
+    k: int,
+    *,
+    seed: int,
+    candidates: np.ndarray,
+    radius: float,
+    mode: str = "auto",
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """``selector.choose_rows(scores, k, seed=seed)`` with the near-duplicate guard.
+
+    Parameters
+    ----------
+    selector : Selector
+        Its ``choice`` and ``replaces`` decide the rule under ``mode="auto"``.
+    scores : ndarray of shape (n_candidates,)
+    k : int
+    seed : int
+    candidates : ndarray of shape (n_candidates, dim)
+        The embeddings the radius applies to.
+    radius : float
+        ``h > 0``.
+    mode : {"auto", "greedy", "kde"}
+
+    Returns
+    -------
+    indices : ndarray of shape (k,), int64
+        As ``choose_rows`` would return them (best or first drawn first).
+    info : dict
+        ``mode``, ``radius`` and what the guard did (rows skipped, or the density range).
+    """
+    owner = "guarded_choose"
+    scores = np.asarray(scores, dtype=np.float64)
+    radius = check_float(radius, "dedup_radius", owner, 0.0, low_open=True)
+    rule = resolve_dedup_mode(mode, selector.choice, selector.replaces, owner)
+    info: dict[str, Any] = {"mode": rule, "radius": radius}
+    if rule == "kde":
+        # Densities only where the selector puts mass: rows it can never draw need none.
+        if selector.choice == "sample":
+            support = np.flatnonzero(scores > 0)
+        else:
+            support = np.flatnonzero(np.isfinite(scores))
+        rho = np.ones(scores.size)
+        rho[support] = epanechnikov_density(candidates, support, radius)
+        weighted = scores / rho if selector.choice == "sample" else scores - np.log(rho)
+        info.update(rows_with_neighbours=int((rho > 1.0 + 1e-9).sum()), max_density=float(rho.max()))
+        return selector.choose_rows(weighted, k, seed=seed), info
+    if selector.choice == "top_k":
+        order = np.lexsort((np.arange(scores.size), -scores))
+    else:  # sampling without replacement: the seeded draw order over every drawable row
+        drawable = int((scores > 0).sum()) if selector.choice == "sample" else int(np.isfinite(scores).sum())
+        order = choose(scores, drawable, mode=selector.choice, seed=seed, replace=False)
+    chosen, skipped, refilled = greedy_distinct(order, candidates, k, radius)
+    info.update(skipped=skipped, refilled=refilled)
+    return chosen, info

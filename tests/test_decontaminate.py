@@ -1,0 +1,157 @@
+"""Decontamination: planted copies and light paraphrases of held-out rows go, unrelated rows stay."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from datasets import Dataset, load_from_disk
+
+from hf_otselect.config import load_config
+from hf_otselect.datasets_ext import run_selection, select_by_ot
+from hf_otselect.decontaminate import decontaminate, word_ngrams
+from hf_otselect.embed import embed
+from hf_otselect.job import run_job
+from tests.conftest import REPO, SAMPLE, read_jsonl
+
+EMB = {"max_length": 64}
+
+
+def _paraphrases(texts: list[str]) -> list[tuple[str, str]]:
+    """(kind, text): exact copies, case changes and whitespace changes of held-out rows."""
+    out = []
+    for i, t in enumerate(texts):
+        kind = ("copy", "upper", "lower-spaced", "newlines")[i % 4]
+        words = t.split()
+        variant = {
+            "copy": t,
+            "upper": t.upper(),
+            "lower-spaced": "   ".join(w.lower() for w in words) + "  ",
+            "newlines": "\n".join(" ".join(words[j : j + 5]) for j in range(0, len(words), 5)),
+        }[kind]
+        out.append((kind, variant))
+    return out
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("decon_cache")
+
+
+@pytest.fixture(scope="module")
+def data(cache):
+    heldout = [r["text"] for r in read_jsonl(SAMPLE / "target_eval.jsonl")]
+    unrelated = read_jsonl(SAMPLE / "pool.jsonl", 150)
+    same_domain = [{"text": r["text"], "domain": "chemprot_dev"} for r in read_jsonl(SAMPLE / "target.jsonl", 40)]
+    planted = [{"text": t, "domain": "planted"} for _, t in _paraphrases(heldout[:24])]
+    # n-gram only: 15 words of a held-out row inside a long unrelated text
+    news = [r["text"] for r in unrelated if r["domain"] == "news"][:3]
+    long_rows = [t for t in heldout[30:] if len(t.split()) >= 25][:3]
+    spliced = [{"text": f"{n} {' '.join(h.split()[5:20])} {n}", "domain": "spliced"} for n, h in zip(news, long_rows)]
+    pool = Dataset.from_list(unrelated + same_domain + planted + spliced)
+    emb = embed(pool, cache_dir=cache / "embeddings", **EMB)
+    held_emb = embed(heldout, cache_dir=cache / "embeddings", **EMB)
+    return pool, heldout, emb, held_emb
+
+
+def test_word_ngrams_normalise_case_and_whitespace():
+    a = word_ngrams("The  quick\nbrown FOX jumps", 3)
+    assert a == {("the", "quick", "brown"), ("quick", "brown", "fox"), ("brown", "fox", "jumps")}
+    assert word_ngrams("Short text", 13) == {("short", "text")}  # shorter than n: the whole text
+    assert word_ngrams("   ", 13) == set()
+
+
+def test_planted_copies_and_paraphrases_are_removed_unrelated_rows_are_not(data):
+    pool, heldout, emb, held_emb = data
+    domain = np.asarray(pool["domain"])
+    res = decontaminate(emb, held_emb, radius=0.3, candidate_texts=pool["text"], heldout_texts=heldout, ngram=13, sources=domain)
+    planted, spliced = domain == "planted", domain == "spliced"
+    assert res.dropped[planted].all()
+    assert res.by_embedding[planted].all()  # every copy/paraphrase is also caught by distance alone
+    assert res.dropped[spliced].all() and res.by_ngram[spliced].all()
+    assert not res.dropped[~(planted | spliced)].any()  # same-domain ChemProt rows included
+    assert res.by_source == {"planted": 24, "spliced": 3}
+    summary = res.to_dict()
+    assert summary["dropped"] == 27 and summary["n_heldout"] == len(heldout) and summary["ngram"] == 13
+    # each copy's nearest held-out row is the one it was made from
+    assert res.nearest_index[np.flatnonzero(planted)].tolist() == list(range(24))
+    # an independent nearest-distance computation agrees
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    d = np.sqrt(np.maximum(2 - 2 * unit(emb.astype(np.float64)) @ unit(held_emb.astype(np.float64)).T, 0)).min(axis=1)
+    assert np.allclose(res.nearest_distance, d, atol=1e-3)
+
+
+def test_ngram_test_alone_and_embedding_test_alone(data):
+    pool, heldout, emb, held_emb = data
+    domain = np.asarray(pool["domain"])
+    only_ngram = decontaminate(emb, held_emb, radius=1e-3, candidate_texts=pool["text"], heldout_texts=heldout, ngram=13)
+    # with a tiny radius, copies still go by n-gram (case/whitespace normalised) when long enough
+    long_enough = np.array([len(t.split()) >= 13 or d == "planted" for t, d in zip(pool["text"], domain)])
+    assert only_ngram.by_ngram[(domain == "planted") & long_enough].all()
+    assert only_ngram.by_ngram[domain == "spliced"].all()
+    no_ngram = decontaminate(emb, held_emb, radius=0.3, ngram=None)
+    assert not no_ngram.by_ngram.any() and no_ngram.dropped[domain == "planted"].all()
+
+
+def test_select_by_ot_never_selects_dropped_rows(data, cache):
+    pool, heldout, emb, held_emb = data
+    # similarity to the held-out set itself: the planted rows would be its first choices
+    dd = select_by_ot(
+        pool, heldout, "similarity", 30, cache_dir=cache, embedding=EMB, return_scored=True,
+        decontaminate=heldout, source_column="domain",
+    )
+    selected, scored, dropped = dd["selected"], dd["scored"], dd["decontaminated"]
+    assert not {"planted", "spliced"} & set(selected["domain"])
+    assert set(dropped["domain"]) == {"planted", "spliced"} and len(dropped) == 27
+    for row in list(selected) + list(dropped):  # indices still point into the original pool
+        assert pool[row["pool_index"]]["text"] == row["text"]
+    scores = np.asarray(scored["score"], dtype=float)
+    assert np.isnan(scores[dropped["pool_index"]]).all() and np.isfinite(np.delete(scores, dropped["pool_index"])).all()
+    # without decontamination the same call does pick planted rows: the test can fail
+    plain = select_by_ot(pool, heldout, "similarity", 30, cache_dir=cache, embedding=EMB)
+    assert "planted" in set(plain["domain"])
+    run = run_selection(pool, heldout, "got_d", 10, cache_dir=cache, embeddings=(emb, held_emb), decontaminate=held_emb, decontaminate_ngram=None, source_column="domain")
+    assert run.decontamination["by_source"] == {"planted": 24} and run.decontamination["ngram"] is None
+    assert not set(run.result.indices.tolist()) & set(np.flatnonzero(np.asarray(pool["domain"]) == "planted").tolist())
+
+
+def test_bad_decontamination_arguments_fail_up_front(data, cache):
+    pool, heldout, _, held_emb = data
+    with pytest.raises(ValueError, match=r"'decontaminate_radius' parameter of select_by_ot must be a float in \(0.0, 2.0\]"):
+        select_by_ot(pool, heldout, k=3, decontaminate=heldout, decontaminate_radius=3.0, cache_dir=cache)
+    with pytest.raises(ValueError, match="'decontaminate_ngram' parameter of select_by_ot must be None when the held-out set is given as embeddings"):
+        select_by_ot(pool, heldout, k=3, decontaminate=held_emb, cache_dir=cache)
+    with pytest.raises(ValueError, match="'decontaminate' parameter of select_by_ot must be a non-empty"):
+        select_by_ot(pool, heldout, k=3, decontaminate=[], cache_dir=cache)
+    with pytest.raises(ValueError, match="Column 'sentence' not in the decontaminate dataset"):
+        select_by_ot(pool, heldout, k=3, decontaminate=Dataset.from_dict({"text": ["a"]}), decontaminate_column="sentence", cache_dir=cache)
+
+
+def test_yaml_job_runs_all_three_and_records_them(tmp_path):
+    """configs/pipeline.yaml (pre-filter, decontamination, guard) on a small slice of the sample."""
+    rows = read_jsonl(SAMPLE / "pool.jsonl", 120)
+    evals = read_jsonl(SAMPLE / "target_eval.jsonl", 20)
+    rows += [{"text": r["text"].upper(), "domain": "biomedical"} for r in evals[:4]]
+    rows += [{"text": rows[0]["text"], "domain": rows[0]["domain"]}] * 30  # one text 30 times
+    pool_path = tmp_path / "pool.jsonl"
+    pool_path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    eval_path = tmp_path / "eval.jsonl"
+    eval_path.write_text("".join(json.dumps(r) + "\n" for r in evals), encoding="utf-8")
+    config = load_config(REPO / "configs" / "pipeline.yaml", [
+        f"pool.path={pool_path}", f"target.path={SAMPLE / 'target.jsonl'}", "target.max_rows=20",
+        f"decontaminate.path={eval_path}", "prefilter.keep=3", "prefilter.sample_size=40", "k=15",
+        "embedding.max_length=64", f"cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'out'}", "report=false",
+    ])
+    out = run_job(config)
+    prov = json.loads((out / "selection.json").read_text())
+    assert prov["prefilter"]["keep"] == 3 and len(prov["prefilter"]["ranking"]) == 6
+    assert prov["prefilter"]["source_column"] == "domain" and prov["config"]["prefilter"]["sample_size"] == 40
+    assert prov["decontamination"]["dropped"] >= 4 and prov["decontamination"]["by_source"].get("biomedical", 0) >= 4
+    assert prov["dedup"]["mode"] == "greedy" and prov["dedup"]["radius"] == 0.2
+    selected = load_from_disk(str(out / "selected"))
+    assert len(selected) == 15 and len(set(selected["text"])) == 15
+    assert set(selected["domain"]) <= set(prov["prefilter"]["kept_sources"])
+    assert not {r["text"].upper() for r in evals} & set(selected["text"])
+    assert load_from_disk(str(out / "prefilter"))["source"] == [r["source"] for r in prov["prefilter"]["ranking"]]
+    assert len(load_from_disk(str(out / "decontaminated"))) == prov["decontamination"]["dropped"]

@@ -1,0 +1,182 @@
+"""Near-duplicate guard: 1% of the pool injected 100 times must not take the budget 100 times."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+from datasets import Dataset
+
+from hf_otselect.datasets_ext import run_selection, select_by_ot
+from hf_otselect.dedup import epanechnikov_density, greedy_distinct, guarded_choose, resolve_dedup_mode
+from hf_otselect.embed import embed
+from hf_otselect.selectors import get_selector
+from tests.conftest import SAMPLE, read_jsonl
+
+EMB = {"max_length": 64}
+N_POOL = 200
+N_DUP, COPIES = 2, 100  # 1% of the pool, each text 100 times
+K = 20
+RADIUS = 0.2
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("dedup_cache")
+
+
+@pytest.fixture(scope="module")
+def clean(cache):
+    rows = read_jsonl(SAMPLE / "pool.jsonl", N_POOL)
+    pool = Dataset.from_list(rows)
+    target = Dataset.from_list(read_jsonl(SAMPLE / "target.jsonl", 30))
+    return pool, target, embed(pool, cache_dir=cache / "embeddings", **EMB), embed(target, cache_dir=cache / "embeddings", **EMB)
+
+
+def _run(pool, target, pool_emb, target_emb, method, cache, **kw):
+    return run_selection(pool, target, method, K, cache_dir=cache, embeddings=(pool_emb, target_emb), **kw)
+
+
+def _injected(clean, method, cache):
+    """The clean pool plus its ``N_DUP`` best-ranked rows (for ``method``) repeated ``COPIES`` times.
+
+    Copies of a text get that text's vector (the encoder is deterministic per text; the test
+    below checks it on real copies).
+    """
+    pool, target, pool_emb, target_emb = clean
+    base = _run(pool, target, pool_emb, target_emb, method, cache)
+    dup_rows = [int(i) for i in dict.fromkeys(base.result.indices.tolist())][:N_DUP]
+    extra = np.repeat(dup_rows, COPIES - 1)
+    big = Dataset.from_list(pool.to_list() + [pool[int(i)] for i in extra])
+    big_emb = np.concatenate([pool_emb, pool_emb[extra]])
+    return base, big, big_emb, {pool[i]["text"] for i in dup_rows}
+
+
+def test_copies_of_a_text_embed_identically(clean, cache):
+    pool = clean[0]
+    texts = [pool[0]["text"]] * 3 + [pool[1]["text"]]
+    emb = embed(texts, cache_dir=cache / "embeddings", **EMB)
+    assert np.abs(emb[:3] - emb[0]).max() < 1e-5
+
+
+@pytest.mark.parametrize("method", ["got_d", "similarity", "random", "dsir"])
+def test_guard_keeps_each_duplicated_text_at_most_once(clean, cache, method):
+    pool, target, pool_emb, target_emb = clean
+    base, big, big_emb, dup_texts = _injected(clean, method, cache)
+    off = _run(big, target, big_emb, target_emb, method, cache)
+    on = _run(big, target, big_emb, target_emb, method, cache, dedup_radius=RADIUS)
+    on_counts = collections.Counter(on.selected["text"])
+    assert len(on.selected) == K and len(set(on.result.indices.tolist())) == K
+    assert max(on_counts.values()) == 1  # no text twice, injected or not
+    assert on.dedup["mode"] == "greedy" and on.dedup["radius"] == RADIUS
+    if method in ("got_d", "similarity"):  # without the guard the copies do take the budget
+        off_counts = collections.Counter(off.selected["text"])
+        assert sum(off_counts[t] for t in dup_texts) > N_DUP
+    # the rest of the selection stays in spirit: overlap with the clean pool's guarded selection
+    clean_on = _run(pool, target, pool_emb, target_emb, method, cache, dedup_radius=RADIUS)
+    overlap = len(set(on.selected["text"]) & set(clean_on.selected["text"])) / K
+    floor = {"similarity": 1.0, "got_d": 0.8, "dsir": 0.9, "random": 0.5}[method]  # measured: 1.0, 0.9, 1.0, 1.0
+    assert overlap >= floor, (method, overlap)
+    # determinism: the same call gives the same rows, pool_index points into the pool
+    again = _run(big, target, big_emb, target_emb, method, cache, dedup_radius=RADIUS)
+    assert again.result.indices.tolist() == on.result.indices.tolist()
+    for row in on.selected:
+        assert big[row["pool_index"]]["text"] == row["text"]
+
+
+def test_similarity_guard_is_exact_on_the_clean_ranking(clean, cache):
+    """Similarity scores each row on its own, so with the guard the selection equals the greedy
+    rule applied by hand to the clean ranking (copies are skipped, nothing else changes)."""
+    pool, target, pool_emb, target_emb = clean
+    base, big, big_emb, _ = _injected(clean, "similarity", cache)
+    on = _run(big, target, big_emb, target_emb, "similarity", cache, dedup_radius=RADIUS)
+    unit = pool_emb / np.linalg.norm(pool_emb, axis=1, keepdims=True)
+    taken: list[int] = []
+    for i in np.lexsort((np.arange(N_POOL), -base.result.scores)):
+        if all(np.sum((unit[i] - unit[j]) ** 2) >= RADIUS**2 for j in taken):
+            taken.append(int(i))
+        if len(taken) == K:
+            break
+    assert on.selected["text"] == [pool[i]["text"] for i in taken]
+
+
+def test_tsds_kde_guard_draws_duplicates_in_proportion(clean, cache):
+    """TSDS samples with replacement: the guard divides p by the Epanechnikov density, so a text
+    copied 100 times keeps about the mass of one copy instead of taking 100 times the draws."""
+    pool, target, pool_emb, target_emb = clean
+    params = {"alpha": 0.5, "sigma": 0.0, "max_K": 200, "kde_K": 50}  # KNN-Uniform: no TSDS density of its own
+    base, big, big_emb, dup_texts = _injected(clean, "tsds", cache)
+    sel = get_selector("tsds", **params)
+    p_clean = sel.score(pool_emb, target_emb)
+    p_big = sel.score(big_emb, target_emb)
+    rho = epanechnikov_density(big_emb, np.arange(len(big_emb)), RADIUS)
+    guarded = p_big / rho
+    guarded /= guarded.sum()
+    texts = np.asarray(big["text"])
+    for t in dup_texts:
+        copies = texts == t
+        assert copies.sum() == COPIES and np.allclose(rho[copies], COPIES, rtol=1e-3)
+        one = p_clean[np.flatnonzero(np.asarray(pool["text"]) == t)[0]]
+        # unguarded the cluster holds far more than one copy's mass; guarded, about one copy's
+        assert p_big[copies].sum() > 1.5 * guarded[copies].sum()
+        assert guarded[copies].sum() == pytest.approx(one, rel=0.6)
+    run = _run(big, target, big_emb, target_emb, "tsds", cache, dedup_radius=RADIUS, **params)
+    assert run.dedup["mode"] == "kde" and run.dedup["max_density"] == pytest.approx(COPIES, rel=1e-3)
+    assert len(run.result.indices) == K
+    assert run.result.indices.tolist() == sel.choose_rows(guarded, K, seed=0).tolist()
+
+
+def test_epanechnikov_density_matches_a_direct_sum():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 8)).astype(np.float32)
+    x[5] = x[4]
+    h = 0.9
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    from scipy.spatial.distance import cdist
+
+    d2 = cdist(unit.astype(np.float64), unit.astype(np.float64), "sqeuclidean")
+    expected = np.clip(1 - d2 / h**2, 0, None).sum(axis=1)
+    rows = np.array([0, 4, 5, 77])
+    assert np.allclose(epanechnikov_density(x, rows, h), expected[rows], rtol=1e-5)
+    assert epanechnikov_density(x, rows, h)[1] >= 2.0  # a copy counts fully
+
+
+def test_greedy_distinct_against_a_reference_loop():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(300, 4)).astype(np.float32)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    order = rng.permutation(300)
+    h = 0.5
+    chosen, skipped, refilled = greedy_distinct(order, x, 40, h)
+    ref: list[int] = []
+    for i in order:
+        if all(np.sum((unit[i] - unit[j]) ** 2) >= h * h for j in ref):
+            ref.append(int(i))
+        if len(ref) == 40:
+            break
+    assert chosen.tolist() == ref and refilled == 0
+    assert skipped == int(np.flatnonzero(order == ref[-1])[0]) + 1 - 40
+    # fewer distinct rows than k: exact k all the same, the skipped ones fill in order
+    same = np.repeat(x[:3], 10, axis=0)
+    out, _, refilled = greedy_distinct(np.arange(30), same, 5, 0.1)
+    assert out.tolist() == [0, 10, 20, 1, 2] and refilled == 2
+
+
+def test_modes_and_bad_arguments(clean, cache):
+    pool, target, pool_emb, target_emb = clean
+    assert resolve_dedup_mode("auto", "top_k", False, "x") == "greedy"
+    assert resolve_dedup_mode("auto", "sample", True, "x") == "kde"
+    assert resolve_dedup_mode("auto", "sample", False, "x") == "greedy"
+    with pytest.raises(ValueError, match="'dedup_mode' parameter of select_by_ot must be 'greedy' or 'auto' for a top-k selector"):
+        select_by_ot(pool, target, "got_d", 3, dedup_radius=0.2, dedup_mode="kde", cache_dir=cache)
+    with pytest.raises(ValueError, match="'dedup_mode' parameter of select_by_ot must be 'kde' or 'auto'"):
+        select_by_ot(pool, target, "tsds", 3, dedup_radius=0.2, dedup_mode="greedy", cache_dir=cache)
+    with pytest.raises(ValueError, match=r"'dedup_radius' parameter of select_by_ot must be a float in \(0.0, 2.0\]"):
+        select_by_ot(pool, target, "got_d", 3, dedup_radius=0.0, cache_dir=cache)
+    with pytest.raises(ValueError, match="'dedup_mode' parameter of select_by_ot must be one of"):
+        select_by_ot(pool, target, "got_d", 3, dedup_radius=0.2, dedup_mode="off", cache_dir=cache)
+    sel = get_selector("similarity")
+    idx, info = guarded_choose(sel, sel.score(pool_emb, target_emb), K, seed=0, candidates=pool_emb, radius=1e-4)
+    # a radius below every pairwise distance changes nothing
+    assert idx.tolist() == sel.choose_rows(sel.score(pool_emb, target_emb), K).tolist() and info["skipped"] == 0

@@ -1,0 +1,154 @@
+"""Source pre-filter: real domains, the target's own domain ranks first, seeded and reachable."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from datasets import Dataset, DatasetDict
+
+from hf_otselect.datasets_ext import run_selection, select_by_ot
+from hf_otselect.embed import embed
+from hf_otselect.prefilter import check_prefilter, combine_sources, prefilter_sources
+
+EMB = {"max_length": 64}
+N_PER_DOMAIN = 50
+
+
+def _jsonl_texts(path: Path, n: int, skip: int = 0) -> list[str]:
+    out, seen = [], set()
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            text = json.loads(line)["text"]
+            if text not in seen:  # ChemProt repeats a sentence once per entity pair
+                seen.add(text)
+                out.append(text)
+    return out[skip : skip + n]
+
+
+def _domains(root: Path) -> DatasetDict:
+    with (root / "ag_news" / "test.csv").open(encoding="utf-8") as fh:
+        news = [row[2] for row, _ in zip(csv.reader(fh), range(N_PER_DOMAIN))]
+    with (root / "sst2" / "train.tsv").open(encoding="utf-8") as fh:
+        sst = [row[0] for row in csv.reader(fh, delimiter="\t")][1:][:N_PER_DOMAIN]
+    parts = {
+        "news": news,
+        "chemprot": _jsonl_texts(root / "chemprot" / "train.txt", N_PER_DOMAIN),
+        "movies": sst,
+        "cs": _jsonl_texts(root / "sciie" / "train.txt", N_PER_DOMAIN),
+    }
+    return DatasetDict({name: Dataset.from_dict({"text": texts}) for name, texts in parts.items()})
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("prefilter_cache")
+
+
+@pytest.fixture(scope="module")
+def real(shared_data, cache):
+    sources = _domains(shared_data)
+    pool = combine_sources(sources, "domain")
+    target = Dataset.from_dict({"text": _jsonl_texts(shared_data / "chemprot" / "dev.txt", 40)})
+    pool_emb = embed(pool, "text", cache_dir=cache / "embeddings", **EMB)
+    target_emb = embed(target, "text", cache_dir=cache / "embeddings", **EMB)
+    return sources, pool, target, pool_emb, target_emb
+
+
+def test_target_domain_ranks_first_and_is_stable_under_a_seed(real):
+    _, pool, _, pool_emb, target_emb = real
+    labels = pool["domain"]
+    a = prefilter_sources(pool_emb, labels, target_emb, keep=1, sample_size=30, seed=0)
+    b = prefilter_sources(pool_emb, labels, target_emb, keep=1, sample_size=30, seed=0)
+    assert a.sources[0] == "chemprot"
+    assert a.sources == b.sources and a.distances == b.distances  # same seed, same ranking
+    assert a.distances == sorted(a.distances)
+    assert a.kept == [True, False, False, False]
+    assert a.mask.sum() == N_PER_DOMAIN and set(np.asarray(labels)[a.mask]) == {"chemprot"}
+    assert a.sampled == [30] * 4 and a.rows == [N_PER_DOMAIN] * 4
+    for seed in (1, 2):  # another sample, same winner
+        assert prefilter_sources(pool_emb, labels, target_emb, keep=1, sample_size=30, seed=seed).sources[0] == "chemprot"
+
+
+def test_ranking_agrees_with_exact_ot(real):
+    """Independent check: POT's exact (unregularised) OT on the same rows gives the same winner."""
+    ot = pytest.importorskip("ot")
+    _, pool, _, pool_emb, target_emb = real
+    labels = np.asarray(pool["domain"])
+    ours = prefilter_sources(pool_emb, labels, target_emb, keep=4, sample_size=N_PER_DOMAIN)
+    exact = {}
+    for name in ours.sources:
+        x = pool_emb[labels == name].astype(np.float64)
+        exact[name] = ot.emd2([], [], ot.dist(x, target_emb.astype(np.float64)))
+    assert min(exact, key=exact.get) == ours.sources[0] == "chemprot"
+
+
+def test_keep_and_max_distance(real):
+    _, pool, _, pool_emb, target_emb = real
+    labels = pool["domain"]
+    full = prefilter_sources(pool_emb, labels, target_emb, keep=None, max_distance=100.0, sample_size=20)
+    assert all(full.kept) and full.mask.all()
+    cut = (full.distances[1] + full.distances[2]) / 2
+    two = prefilter_sources(pool_emb, labels, target_emb, keep=None, max_distance=cut, sample_size=20)
+    assert two.kept == [True, True, False, False]
+    both = prefilter_sources(pool_emb, labels, target_emb, keep=1, max_distance=cut, sample_size=20)
+    assert both.kept == [True, False, False, False]
+    # rows excluded up front are neither sampled nor kept
+    eligible = np.asarray(labels) != "chemprot"
+    rest = prefilter_sources(pool_emb, labels, target_emb, keep=1, sample_size=20, eligible=eligible)
+    assert "chemprot" not in rest.sources and not rest.mask[~eligible].any()
+
+
+def test_select_by_ot_with_a_source_column(real, cache):
+    _, pool, target, _, _ = real
+    dd = select_by_ot(
+        pool, target, "similarity", 10, cache_dir=cache, embedding=EMB, return_scored=True,
+        source_column="domain", prefilter={"keep": 1, "sample_size": 30},
+    )
+    selected, scored, ranking = dd["selected"], dd["scored"], dd["prefilter"]
+    assert set(selected["domain"]) == {"chemprot"}
+    assert ranking["source"][0] == "chemprot" and ranking["kept"] == [True, False, False, False]
+    for row in selected:  # pool_index still points into the whole pool
+        assert pool[row["pool_index"]]["text"] == row["text"]
+    scores = np.asarray(scored["score"], dtype=float)
+    domains = np.asarray(scored["domain"])
+    assert np.isnan(scores[domains != "chemprot"]).all() and np.isfinite(scores[domains == "chemprot"]).all()
+    assert sorted(scored["rank"]) == list(range(1, len(pool) + 1))
+    assert max(np.asarray(scored["rank"])[domains == "chemprot"]) == N_PER_DOMAIN  # dropped rows rank last
+
+
+def test_a_datasetdict_pool_is_one_pool_of_sources(real, cache):
+    sources, pool, target, pool_emb, target_emb = real
+    run = run_selection(sources, target, "got_d", 8, cache_dir=cache, embeddings=(pool_emb, target_emb), prefilter={"keep": 2, "sample_size": 30})
+    assert run.scored["source"] == pool["domain"]  # split names, in order
+    assert run.prefilter["source_column"] == "source" and run.prefilter["kept_sources"][0] == "chemprot"
+    assert run.prefilter["rows_kept"] == 2 * N_PER_DOMAIN
+    assert set(run.selected["source"]) <= set(run.prefilter["kept_sources"])
+
+
+def test_bad_prefilter_arguments_fail_up_front(real, cache):
+    _, pool, target, _, _ = real
+    with pytest.raises(ValueError, match="'prefilter' parameter of select_by_ot must be a mapping with keys among"):
+        select_by_ot(pool, target, k=3, source_column="domain", prefilter={"top": 2}, cache_dir=cache)
+    with pytest.raises(ValueError, match="'prefilter.keep' parameter of select_by_ot must be an int in \\[1, inf\\]"):
+        select_by_ot(pool, target, k=3, source_column="domain", prefilter={"keep": 0}, cache_dir=cache)
+    with pytest.raises(ValueError, match="'source_column' parameter of select_by_ot must be the column"):
+        select_by_ot(pool, target, k=3, prefilter={"keep": 1}, cache_dir=cache)
+    with pytest.raises(ValueError, match="Column 'src' \\(source_column\\) not in the dataset"):
+        select_by_ot(pool, target, k=3, source_column="src", prefilter={"keep": 1}, cache_dir=cache)
+    with pytest.raises(ValueError, match="sets 'keep' or 'max_distance'"):
+        check_prefilter({"keep": None}, "x")
+    with pytest.raises(ValueError, match="'source_column' parameter of combine_sources"):
+        combine_sources(DatasetDict({"a": pool}), "domain")
+
+
+def test_a_list_pool_names_its_members_by_position(real):
+    sources = real[0]
+    combined = combine_sources([sources["news"], sources["cs"]])
+    assert combined["source"] == ["0"] * N_PER_DOMAIN + ["1"] * N_PER_DOMAIN
+    assert list(combined["text"]) == list(sources["news"]["text"]) + list(sources["cs"]["text"])
+    with pytest.raises(TypeError, match="'dataset' parameter of combine_sources must be a DatasetDict or a list of Dataset"):
+        combine_sources(["a", "b"])
