@@ -38,6 +38,7 @@ import numpy as np
 from datasets import Dataset, DatasetDict, IterableDataset, load_dataset, load_from_disk
 
 from . import __version__
+from ._checks import param_error
 from .config import DataConfig, SelectionConfig
 from .datasets_ext import SelectionRun, default_cache_dir, run_selection
 
@@ -65,9 +66,16 @@ def load_split(spec: DataConfig, name: str = "pool") -> Dataset | IterableDatase
             if not glob.glob(spec.path):
                 raise FileNotFoundError(f"The '{name}.path' file {spec.path!r} does not exist.")
             kwargs: dict[str, Any] = {"delimiter": "\t"} if suffix == ".tsv" else {}
-            data = load_dataset(_FORMATS[suffix], data_files=spec.path, split="train", streaming=spec.streaming, **kwargs)
+            try:
+                data = load_dataset(_FORMATS[suffix], data_files=spec.path, split="train", streaming=spec.streaming, **kwargs)
+            except StopIteration as err:  # datasets' json builder on a file without a single row
+                raise param_error(f"{name}.path", "the job config", "a data file with at least one row", spec.path) from err
         else:
-            data = load_dataset(spec.path, spec.name, split=spec.split, streaming=spec.streaming)
+            try:
+                data = load_dataset(spec.path, spec.name, split=spec.split, streaming=spec.streaming)
+            except ConnectionError as err:  # offline, or the Hub unreachable: say which setting, one line
+                raise param_error(f"{name}.path", "the job config", "a data file, a save_to_disk folder or a Hub dataset id "
+                                  f"that can be reached ({err})", spec.path) from err
     if spec.max_rows is not None:
         data = data.take(spec.max_rows) if isinstance(data, IterableDataset) else data.select(range(min(spec.max_rows, len(data))))
     return data

@@ -387,3 +387,19 @@ def test_the_installed_command_prints_one_line_and_no_traceback(tmp_path):
     assert lines == ["hf-otselect: error: The 'eps' parameter of GOTDSelector must be a float in (0.0, inf]. Got -1.0 instead."]
     assert proc.stdout == ""
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+@pytest.mark.parametrize("side", ["pool", "target"])
+def test_cli_an_empty_data_file(tmp_path, capsys, no_encoder, side):
+    empty = _write(tmp_path, "empty.jsonl", "")
+    status = cli.main(["select", "--config", str(REPO / "configs/demo.yaml"), *_overrides(tmp_path, f"{side}.path={empty}")])
+    assert status == 2
+    assert re.search(template(f"{side}.path") + "a data file with at least one row", _error_lines(capsys)[0])
+    assert not output_paths(tmp_path / "out")[0].exists()
+
+
+def test_cli_a_hub_dataset_id_that_cannot_be_reached(tmp_path, capsys, no_encoder, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    status = cli.main(["select", "--config", str(REPO / "configs/demo.yaml"), *_overrides(tmp_path, "pool.path=someone/no_such_dataset")])
+    assert status == 2
+    assert re.search(template("pool.path") + ".*Hub dataset id that can be reached.*Got 'someone/no_such_dataset'", _error_lines(capsys)[0])
