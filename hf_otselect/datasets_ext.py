@@ -535,7 +535,7 @@ def select_by_ot(
     embedding : dict or None
         Encoder settings passed to :func:`hf_otselect.embed` (``model``, ``revision``,
         ``batch_size``, ``max_length``, ``pooling``, ``normalize``, ``device``,
-        ``trust_remote_code``).
+        ``trust_remote_code``, and ``shard_rows``: rows per cached shard, the unit a killed run resumes from).
     source_column : str or None
         Column naming each row's source (``domain``...): what the pre-filter ranks and what the
         decontamination counts are broken down by.
