@@ -403,3 +403,14 @@ def test_cli_a_hub_dataset_id_that_cannot_be_reached(tmp_path, capsys, no_encode
     status = cli.main(["select", "--config", str(REPO / "configs/demo.yaml"), *_overrides(tmp_path, "pool.path=someone/no_such_dataset")])
     assert status == 2
     assert re.search(template("pool.path") + ".*Hub dataset id that can be reached.*Got 'someone/no_such_dataset'", _error_lines(capsys)[0])
+
+
+def test_cli_push_with_a_malformed_repo_id_touches_nothing(tmp_path, capsys):
+    assert cli.main(["push", str(tmp_path / "missing"), "--repo-id", "not a repo/x"]) == 2
+    assert re.search(template("repo_id") + ".*Got 'not a repo/x' instead", _error_lines(capsys)[0])
+
+
+def test_cli_report_on_a_folder_that_is_no_selection(tmp_path, capsys):
+    assert cli.main(["report", str(tmp_path)]) == 2
+    assert "is not a selection output folder" in _error_lines(capsys)[0]
+    assert not (tmp_path / "report.html").exists()
