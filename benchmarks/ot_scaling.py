@@ -1,0 +1,171 @@
+"""Seconds and peak memory of entropic OT dual potentials against N, ours vs POT and GeomLoss.
+
+Problem (PEERS.md): N candidates x 1,000 targets, 384-d float32 unit rows, clustered; cost
+||x - y||^2 (no 1/2), uniform weights, eps absolute, stop at L1 marginal error < 1e-3.
+Each configuration runs in its own subprocess so that its peak RSS (``ru_maxrss``) is its own.
+"agree" is the Spearman correlation of the candidate potentials with a float64 reference run to
+tol 1e-9: POT ``sinkhorn_log`` (numpy float64, stopThr 1e-10) at N = 10k, and our own
+tensorized back end in float64 at N >= 100k, where POT float64 would not finish in the time
+budget (the tests pin our float64 duals to POT's within 1e-6).
+
+    .venv/bin/python benchmarks/ot_scaling.py --sizes 10000 100000 --out benchmarks/results/ot_scaling.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+M_TARGET = 1000
+
+
+def problem(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """PEERS.md's recipe, drawn in 10k-row slices (same random stream) so that making the data
+    does not dominate the subprocess's peak memory."""
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(200, 384))
+    labels = rng.integers(0, 200, n)
+    x = np.empty((n, 384), np.float32)
+    for s in range(0, n, 10000):
+        part = centers[labels[s : s + 10000]] * 0.5 + rng.normal(size=(len(labels[s : s + 10000]), 384))
+        x[s : s + 10000] = part / np.linalg.norm(part, axis=1, keepdims=True)
+    y = centers[rng.integers(0, 20, M_TARGET)] * 0.5 + rng.normal(size=(M_TARGET, 384))
+    y /= np.linalg.norm(y, axis=1, keepdims=True)
+    return x, y.astype(np.float32)
+
+
+def child(method: str, n: int, eps: float, out: str) -> None:
+    """Run one configuration; write f to ``out`` and print a JSON line of figures."""
+    import geomloss  # noqa: F401  every library is imported before timing, for all methods alike
+    import ot
+    import torch
+
+    import hf_otselect.ot
+
+    x, y = problem(n)
+    info: dict = {}
+    t0 = time.perf_counter()
+    if method in ("tensorized", "blocked", "reference"):
+        sinkhorn_potentials = hf_otselect.ot.sinkhorn_potentials
+        if method == "reference":
+            r = sinkhorn_potentials(x.astype(np.float64), y.astype(np.float64), eps, backend="tensorized",
+                                    tol=1e-9, max_iter=100000, memory_budget=1 << 34)
+        else:
+            r = sinkhorn_potentials(x, y, eps, backend=method)
+        f = r.f
+        info = {"n_iter": r.n_iter, "err": r.marginal_error}
+    elif method in ("pot", "pot_ref"):
+        if method == "pot_ref":
+            x64, y64 = x.astype(np.float64), y.astype(np.float64)
+            C = ot.dist(x64, y64)
+            a, b = np.full(n, 1 / n), np.full(M_TARGET, 1 / M_TARGET)
+            _, log = ot.sinkhorn(a, b, C, eps, method="sinkhorn_log", log=True, stopThr=1e-10, numItermax=100000)
+            f = eps * log["log_u"]
+        else:  # as in PEERS.md: torch float32, full matrix, stopThr 1e-3
+            X, Y = torch.from_numpy(x), torch.from_numpy(y)
+            C = ot.dist(X, Y)
+            a, b = torch.full((n,), 1 / n), torch.full((M_TARGET,), 1 / M_TARGET)
+            _, log = ot.sinkhorn(a, b, C, eps, method="sinkhorn_log", log=True, stopThr=1e-3, numItermax=100000)
+            f = (eps * log["log_u"]).double().numpy()
+            info = {"n_iter": int(log["niter"])}
+    elif method == "geomloss":
+        from geomloss import SamplesLoss
+
+        # GeomLoss's cost is ||x - y||^2 / 2 and eps = blur^2: the same plan needs eps / 2.
+        loss = SamplesLoss("sinkhorn", p=2, blur=(eps / 2) ** 0.5, scaling=0.5, debias=False,
+                           potentials=True, backend="tensorized")
+        F, _ = loss(torch.from_numpy(x), torch.from_numpy(y))
+        f = 2.0 * F.detach().double().reshape(-1).numpy()
+    else:
+        raise SystemExit(f"unknown method {method}")
+    sec = time.perf_counter() - t0
+    np.save(out, np.asarray(f, dtype=np.float64), allow_pickle=False)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    print(json.dumps({"method": method, "n": n, "eps": eps, "seconds": sec, "peak_gib": rss, **info}))
+
+
+def run_one(method: str, n: int, eps: float, tmp: str, timeout: int) -> dict:
+    out = os.path.join(tmp, f"{method}_{n}_{eps}.npy")
+    cmd = [sys.executable, __file__, "--child", method, str(n), str(eps), out]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"method": method, "n": n, "eps": eps, "error": f"timeout {timeout}s"}
+    if p.returncode != 0:
+        return {"method": method, "n": n, "eps": eps, "error": p.stderr.strip().splitlines()[-1][:120]}
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    res["f"] = out
+    return res
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), sys.argv[5])
+        return
+    from scipy.stats import spearmanr
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--sizes", type=int, nargs="+", default=[10000, 100000])
+    p.add_argument("--eps", type=float, nargs="+", default=[0.1, 0.01])
+    p.add_argument("--peers-max-n", type=int, default=100000, help="largest N for POT/GeomLoss")
+    p.add_argument("--blocked-only-n", type=int, nargs="*", default=[], help="extra sizes, blocked back end only")
+    p.add_argument("--methods", nargs="+", default=["tensorized", "blocked", "pot", "geomloss"])
+    p.add_argument("--timeout", type=int, default=400)
+    p.add_argument("--out", default="benchmarks/results/ot_scaling.md")
+    args = p.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in sorted(set(args.sizes) | set(args.blocked_only_n)):
+            for eps in args.eps:
+                only_blocked = n in args.blocked_only_n and n not in args.sizes
+                methods = ["blocked"] if only_blocked else ["tensorized", "blocked"]
+                if n <= args.peers_max_n and not only_blocked:
+                    methods += ["pot", "geomloss"]
+                ref = None
+                if not only_blocked:
+                    ref = run_one("pot_ref" if n <= 10000 else "reference", n, eps, tmp, args.timeout)
+                for m in methods:
+                    if m not in args.methods:
+                        continue
+                    r = run_one(m, n, eps, tmp, args.timeout)
+                    if ref and "f" in ref and "f" in r:
+                        r["agree"] = float(spearmanr(np.load(ref["f"]), np.load(r["f"])).statistic)
+                    r["ref"] = ref["method"] if ref else "-"
+                    rows.append(r)
+                    print(json.dumps({k: v for k, v in r.items() if k != "f"}), flush=True)
+    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    lines = [
+        "# Entropic OT potentials: seconds and peak memory against N",
+        "",
+        f"Run {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on 2 shared CPU cores; `uptime` after: `{load}`.",
+        "Command: `.venv/bin/python benchmarks/ot_scaling.py " + " ".join(sys.argv[1:]) + "`",
+        "",
+        "Problem of PEERS.md (N x 1,000, 384-d unit rows, cost ||x-y||^2, stop at L1 marginal error < 1e-3).",
+        "Peak = ru_maxrss of the configuration's own subprocess (includes ~0.3 GiB of torch).",
+        "agree = Spearman of candidate potentials vs the float64 reference (see the script docstring).",
+        "",
+        "| N | eps | method | seconds | peak GiB | iterations | agree |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['n']} | {r['eps']} | {r['method']} | {r['error']} | | | |")
+            continue
+        agree = f"{r['agree']:.6f}" if "agree" in r else "-"
+        lines.append(f"| {r['n']} | {r['eps']} | {r['method']} | {r['seconds']:.2f} | {r['peak_gib']:.2f} | {r.get('n_iter', '-')} | {agree} |")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
