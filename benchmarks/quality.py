@@ -739,7 +739,8 @@ def write_markdown(res: dict[str, Any], command: str, load: str, path: Path) -> 
           f"augmented pool {meta['n_aug']} rows, {100 * meta['pool_dup_share']:.1f}% of them duplicated content)", "",
           "Share of the selection that is duplicated content (copies or their originals), mean over targets; distinct = distinct "
           "original rows selected (mean over targets).", "",
-          f"`+guard`: the same scores chosen through `hf_otselect.dedup.guarded_choose` (radius {cfg['guard_radius']}).", "",
+          (f"`+guard`: the same scores chosen through `hf_otselect.dedup.guarded_choose` (radius {cfg['guard_radius']})."
+           if cfg["guard_radius"] > 0 else "Near-duplicate guard off (`--guard-radius 0`)."), "",
           "| k | selector | dup share | distinct rows | domain frac |", "|---|---|---|---|---|"]
     for k in cfg["budgets"]:
         for s in [x + g for x in order[1:] for g in ("", "+guard")]:
