@@ -61,6 +61,9 @@ def resolve_dedup_mode(mode: str, choice: str, replaces: bool, owner: str) -> st
     return mode
 
 
+_PAIR_CHUNK = 1 << 15  # neighbour pairs per float64 difference block (~100 MB at 384-d)
+
+
 def epanechnikov_density(candidates: np.ndarray, rows: np.ndarray, radius: float) -> np.ndarray:
     """Epanechnikov kernel density of ``candidates[rows]`` over all candidates (unit-normalised).
 
@@ -84,9 +87,14 @@ def epanechnikov_density(candidates: np.ndarray, rows: np.ndarray, radius: float
     h2 = radius * radius
     lims, _, nbrs = knn.radius_search(unit[rows], unit, h2, index="flat")
     owner = np.repeat(np.arange(rows.size), np.diff(lims))
-    diff = unit[rows[owner]].astype(np.float64) - unit[nbrs]  # float64 kernel, as TSDS does
-    sq = np.einsum("ij,ij->i", diff, diff)
-    rho = np.bincount(owner, weights=np.maximum(0.0, 1.0 - sq / h2), minlength=rows.size)
+    rho = np.zeros(rows.size)
+    # float64 kernel, as TSDS does, over fixed-size chunks of neighbour pairs: a heavily duplicated
+    # pool has millions of pairs, and one (pairs, dim) difference array would not fit in memory.
+    for s in range(0, nbrs.size, _PAIR_CHUNK):
+        o = owner[s : s + _PAIR_CHUNK]
+        diff = unit[rows[o]].astype(np.float64) - unit[nbrs[s : s + _PAIR_CHUNK]]
+        sq = np.einsum("ij,ij->i", diff, diff)
+        rho += np.bincount(o, weights=np.maximum(0.0, 1.0 - sq / h2), minlength=rows.size)
     return np.maximum(rho, 1.0)
 
 
