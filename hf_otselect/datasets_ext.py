@@ -141,7 +141,14 @@ def _embed_stream(pool: IterableDataset, column: str, embed_kwargs: dict[str, An
     folder = cache_dir / "streams"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{uuid.uuid4().hex}.npy"
-    return embed_to_file(pool, path, column=column, cache_dir=cache_dir / "embeddings", **embed_kwargs)
+    vectors = embed_to_file(pool, path, column=column, cache_dir=cache_dir / "embeddings", **embed_kwargs)
+    # The shards are cached by content already; this file is a working copy. Unlinking it now keeps
+    # the mapping valid (POSIX) and frees the space when the array is dropped, so no run leaves it.
+    try:
+        os.unlink(path)
+    except OSError:  # a platform that refuses to unlink a mapped file: leave it in the cache folder
+        logger.debug("Could not unlink the stream working copy %s", path)
+    return vectors
 
 
 def _scores_cached(

@@ -134,3 +134,13 @@ def test_got_d_prefers_the_target_domain_on_real_data(target, cache):
     picked = select_by_ot(pool, target, "got_d", 20, cache_dir=cache, embedding=EMB)
     counts = collections.Counter(picked["domain"])
     assert counts["biomedical"] + counts["citations"] == 20, counts
+
+
+def test_a_streamed_pool_leaves_no_working_file_behind(pool, target, tmp_path):
+    path = tmp_path / "pool.jsonl"
+    pool.to_json(str(path))
+    stream = load_dataset("json", data_files=str(path), split="train", streaming=True)
+    cache = tmp_path / "cache"
+    stream.select_by_ot(target, method="similarity", k=3, cache_dir=cache, embedding=EMB)
+    assert list((cache / "streams").glob("*")) == []
+    assert list((cache / "embeddings").rglob("*.npy"))  # the content cache itself stays

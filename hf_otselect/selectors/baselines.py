@@ -146,7 +146,7 @@ class SimilaritySelector(Selector):
             centre = y.double().mean(dim=0)
             out = np.empty(n, dtype=np.float64)
             for lo in range(0, n, block):
-                x = _unit_rows(torch.from_numpy(candidates[lo : lo + block])).double()
+                x = _unit_rows(torch.tensor(candidates[lo : lo + block])).double()  # a copy: the pool may be a read-only memmap
                 out[lo : lo + block] = (x @ centre).numpy()
             return out
 
@@ -160,7 +160,7 @@ class SimilaritySelector(Selector):
 
         blocks = range(0, n, block)
         for lo in tqdm(blocks, desc="similarity", unit="block", disable=_progress_disabled() or len(blocks) < 4):
-            x = _unit_rows(torch.from_numpy(candidates[lo : lo + block]))
+            x = _unit_rows(torch.tensor(candidates[lo : lo + block]))
             sim = y @ x.T  # (m, b)
             best[lo : lo + sim.shape[1]] = sim.max(dim=0).values.double().numpy()
             if depth:
