@@ -337,7 +337,7 @@ def _clip(text: str, tok: Any, max_length: int) -> str:
     while len(text) > bound:
         cut = text.rfind(" ", bound // 2, bound)
         prefix = text[: cut if cut > 0 else bound]
-        if bound >= ceiling or len(tok(prefix, add_special_tokens=False)["input_ids"]) >= max_length:
+        if bound >= ceiling or len(tok(prefix, add_special_tokens=False, verbose=False)["input_ids"]) >= max_length:
             return prefix
         bound *= 2
     return text
