@@ -74,7 +74,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -348,7 +348,7 @@ def run_selectors(names: list[str], pool_emb: np.ndarray, pool_text: list[str], 
         info.update(getattr(sel, "diagnostics_", {}) or {})
         t_score = time.perf_counter() - t0
         seeds = random_seeds if name == "random" else (seed,)
-        base = f"random/s{{}}" if name == "random" else name + ("+pf" if variant == "pf" else "")
+        base = "random/s{}" if name == "random" else name + ("+pf" if variant == "pf" else "")
         for k in budgets:
             for s in seeds:
                 label = base.format(s)
@@ -661,7 +661,7 @@ def write_markdown(res: dict[str, Any], command: str, load: str, path: Path) -> 
     order = ["pretrained", "got_d", "got_d+pf", "got_d_neg", "tsds", "similarity", "dsir", "random"]
     stats = {k: _agg(rows, k) for k in ("domain_frac", "ot", "ppl", "select_s", "toxic_frac", "gen_toxic_frac", "gen_toxic_prob")}
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    L = [f"# Quality benchmark: selectors x targets x budgets on real text", "",
+    L = ["# Quality benchmark: selectors x targets x budgets on real text", "",
          f"Command: `{command}`  ", f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit}  ",
          f"Machine: {os.cpu_count()} CPUs visible, torch threads {cfg['threads']}, device {cfg['device']}; load at start: `{load}`  ",
          f"Total wall time: {res['total_seconds'] / 60:.1f} min (embedding {res['embed_seconds']:.0f} s, pre-training "

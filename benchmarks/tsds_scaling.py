@@ -228,7 +228,7 @@ def write_report(rows: list[dict], args: argparse.Namespace) -> None:
         "user+system time of the case's process, a load-independent measure (about 2x the wall time",
         "on 2 idle cores when both are busy).  ",
         "alpha 0.5, C 5, sigma 0.75, kde_K 1000; PEERS.md data (clustered, unit rows, 384-d);",
-        f"dup = fraction of the pool replaced by near copies (noise 0.02). See the script's docstring.",
+        "dup = fraction of the pool replaced by near copies (noise 0.02). See the script's docstring.",
         "",
         "| method | N | M | max_K | dup | wall s | CPU s | peak RSS GB (data) | TV vs ours-flat | prefetch recall | notes |",
         "|---|---|---|---|---|---|---|---|---|---|---|",

@@ -253,6 +253,11 @@ class SelectionConfig:
         """Plain-dict form (what ``selection.json`` and the dataset card record)."""
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SelectionConfig:
+        """Build and validate a config from its plain-dict form (unknown keys and wrong types refused)."""
+        return _build(cls, data, "").validate()
+
     def validate(self) -> SelectionConfig:
         """Check the values that need no data; raise before any work is done."""
         from .selectors import available_selectors
@@ -276,19 +281,18 @@ class SelectionConfig:
 
     def _check_work_settings(self) -> None:
         """Selector parameters and encoder settings, checked before any data is read or written."""
-        from .embed import _Engine
+        from .embed import check_embedding_settings
         from .selectors import get_selector
 
         selector = get_selector(self.method, **self.params)  # unknown keys, bad values (eps < 0...) fail here
         if selector.needs_text:
             return
         e = self.embedding
-        # Building the embedding engine validates every setting, the device and a local model
-        # path without loading the model (use_cache=False: nothing is hashed or written).
-        _Engine("SelectionConfig.embedding", e.model, batch_size=e.batch_size, device=e.device,
-                max_length=e.max_length, normalize=e.normalize, pooling=e.pooling, revision=e.revision,
-                trust_remote_code=e.trust_remote_code, cache_dir=None, use_cache=False,
-                shard_rows=e.shard_rows, max_batch_tokens=None, num_proc=None, show_progress=False)
+        check_embedding_settings(
+            e.model, owner="SelectionConfig.embedding", batch_size=e.batch_size, device=e.device,
+            max_length=e.max_length, normalize=e.normalize, pooling=e.pooling, revision=e.revision,
+            trust_remote_code=e.trust_remote_code, shard_rows=e.shard_rows,
+        )
 
 
     def _validate_pipeline(self, owner: str) -> None:
@@ -428,5 +432,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         except yaml.YAMLError as err:
             raise ValueError(f"The override {item!r} has a value that is not valid YAML: {err}") from err
         _set_dotted(data, key.strip(), value)
-    config = _build(SelectionConfig, data, "")
-    return config.validate()
+    return SelectionConfig.from_dict(data)

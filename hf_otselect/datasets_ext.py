@@ -21,24 +21,17 @@ import numpy as np
 from datasets import Dataset, DatasetDict, IterableDataset
 
 from ._checks import check_embeddings, check_int, param_error
+from .embed import cache_root
 from .selectors import SelectionResult, Selector, get_selector
+from .selectors.base import descending_order
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SelectionRun", "default_cache_dir", "register_dataset_methods", "run_selection", "select_by_ot"]
+__all__ = ["SelectionRun", "register_dataset_methods", "run_selection", "select_by_ot"]
 
 Target = Dataset | Sequence[str] | np.ndarray
 _EMBED_KEYS = ("model", "revision", "batch_size", "max_length", "pooling", "normalize", "device", "trust_remote_code",
                "shard_rows")
-
-
-def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    """``cache_dir`` if given, else ``$HF_DATASETS_CACHE/hf_otselect`` (never the current folder)."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    from datasets import config as ds_config
-
-    return Path(ds_config.HF_DATASETS_CACHE) / "hf_otselect"
 
 
 @dataclass
@@ -281,7 +274,7 @@ def _apply_filters(
 
 
 def _ranks(scores: np.ndarray) -> np.ndarray:
-    order = np.lexsort((np.arange(scores.size), -scores))
+    order = descending_order(scores)  # unscored (NaN) rows rank after every scored row
     ranks = np.empty(scores.size, dtype=np.int64)
     ranks[order] = np.arange(1, scores.size + 1)
     return ranks
@@ -369,7 +362,7 @@ def run_selection(
         k = check_int(k, "k", owner, 1, None if probe.replaces else len(dataset))
     if score_column in (dataset.column_names or []) or score_column in ("pool_index", "rank"):
         raise param_error("score_column", owner, f"a name not already in the pool's columns {dataset.column_names}", score_column)
-    cache = default_cache_dir(cache_dir)
+    cache = cache_root(cache_dir)
     timings: dict[str, float] = {}
     fingerprints = {"pool": _fingerprint(dataset, column), "target": _fingerprint(target, target_column)}
 
@@ -396,13 +389,13 @@ def run_selection(
         if embeddings is not None:
             pool_emb, target_emb = embeddings
         else:
-            from .embed import _check_texts
+            from .embed import check_texts
 
             # The (small) targets' texts are checked before the pool's encoder pass, not after it.
             for side, name in ((target, "target"), (negative_target, "negative_target")):
                 if side is not None and not isinstance(side, np.ndarray):
                     named = target_column if isinstance(side, Dataset) else None
-                    _check_texts(_texts_of(side, target_column, name), 0, named, f"select_by_ot ({name})")
+                    check_texts(_texts_of(side, target_column, name), column=named, owner=f"select_by_ot ({name})")
             pool_emb = (
                 _embed_stream(dataset, column, embed_kwargs, cache)
                 if streamed

@@ -207,11 +207,13 @@ def guarded_choose(
         weighted = scores / rho if selector.choice == "sample" else scores - np.log(rho)
         info.update(rows_with_neighbours=int((rho > 1.0 + 1e-9).sum()), max_density=float(rho.max()))
         return selector.choose_rows(weighted, k, seed=seed), info
+    # The selector's own order over every row it could take: the full top-k order, or the seeded
+    # draw order (sampling without replacement) over every drawable row.
     if selector.choice == "top_k":
-        order = np.lexsort((np.arange(scores.size), -scores))
-    else:  # sampling without replacement: the seeded draw order over every drawable row
-        drawable = int((scores > 0).sum()) if selector.choice == "sample" else int(np.isfinite(scores).sum())
-        order = choose(scores, drawable, mode=selector.choice, seed=seed, replace=False)
+        n_order = scores.size
+    else:
+        n_order = int((scores > 0).sum()) if selector.choice == "sample" else int(np.isfinite(scores).sum())
+    order = choose(scores, n_order, mode=selector.choice, seed=seed, replace=False)
     chosen, skipped, refilled = greedy_distinct(order, candidates, k, radius)
     info.update(skipped=skipped, refilled=refilled)
     return chosen, info

@@ -196,11 +196,21 @@ def _precision(dev: str) -> str:
     return "fp32"
 
 
-def default_cache_dir() -> Path:
-    """``$HF_DATASETS_CACHE/hf_otselect/embeddings`` (never the current folder)."""
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The package's cache folder: ``cache_dir`` if given, else ``$HF_DATASETS_CACHE/hf_otselect``.
+
+    Never the current folder. Embeddings go to ``embeddings/`` below it, scores to ``scores/``.
+    """
+    if cache_dir is not None:
+        return Path(cache_dir)
     import datasets.config
 
-    return Path(datasets.config.HF_DATASETS_CACHE) / "hf_otselect" / "embeddings"
+    return Path(datasets.config.HF_DATASETS_CACHE) / "hf_otselect"
+
+
+def default_cache_dir() -> Path:
+    """``$HF_DATASETS_CACHE/hf_otselect/embeddings``: where :func:`embed` keeps its shards."""
+    return cache_root() / "embeddings"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,6 +253,48 @@ def _check_texts(texts: Sequence[Any], start: int, column: str | None, owner: st
                          f"{' ...' if len(empty) > _MAX_SHOWN else ''} instead. Drop them first, e.g. "
                          f"dataset.filter(lambda row: row[{column or 'text'!r}].strip() != '').")
     return [_SURROGATES.sub("\ufffd", t) for t in out]
+
+
+def check_texts(texts: Sequence[Any], *, column: str | None = None, owner: str = "embed") -> list[str]:
+    """Validate texts exactly as :func:`embed` does, before any model work.
+
+    Parameters
+    ----------
+    texts : sequence
+        The values to embed.
+    column : str, optional
+        Column they came from, for the message.
+    owner : str
+        Function named in the message.
+
+    Returns
+    -------
+    list of str
+        The texts, lone surrogates replaced by U+FFFD.
+
+    Raises
+    ------
+    TypeError
+        A value that is not a str (None included); the message names the first rows.
+    ValueError
+        An empty or whitespace-only value.
+    """
+    return _check_texts(texts, 0, column, owner)
+
+
+def check_embedding_settings(model: str | os.PathLike | None = None, *, owner: str = "embed", **knobs: Any) -> None:
+    """Validate :func:`embed`'s settings, the device and a local model path, loading nothing.
+
+    ``knobs`` are :func:`embed`'s keywords (``batch_size``, ``max_length``, ``pooling``...); the
+    ones left out take :func:`embed`'s defaults. Nothing is hashed, written or loaded.
+    """
+    settings = {"batch_size": 64, "device": None, "max_length": 256, "normalize": True, "pooling": "mean",
+                "revision": None, "trust_remote_code": False, "shard_rows": _SHARD_ROWS,
+                "max_batch_tokens": None, "num_proc": None}
+    unknown = sorted(set(knobs) - set(settings))
+    if unknown:
+        raise param_error("knobs", "check_embedding_settings", f"keywords among {sorted(settings)}", unknown, exc=TypeError)
+    _Engine(owner, model, **{**settings, **knobs}, cache_dir=None, use_cache=False, show_progress=False)
 
 
 def _is_dataset(data: Any) -> bool:

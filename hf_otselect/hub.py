@@ -20,7 +20,7 @@ import yaml
 from huggingface_hub import DatasetCard
 
 from ._checks import param_error
-from .config import SelectionConfig, _build
+from .config import SelectionConfig
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def config_from_card(card: str | os.PathLike | DatasetCard) -> SelectionConfig:
     meta = card.data.to_dict().get("hf_otselect")
     if not isinstance(meta, dict) or "config" not in meta:
         raise param_error("card", "config_from_card", "a card written by hf_otselect (YAML key 'hf_otselect.config')", "a card without it")
-    return _build(SelectionConfig, meta["config"], "").validate()
+    return SelectionConfig.from_dict(meta["config"])
 
 
 def push(

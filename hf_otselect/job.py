@@ -40,7 +40,8 @@ from datasets import Dataset, DatasetDict, IterableDataset, load_dataset, load_f
 from . import __version__
 from ._checks import param_error
 from .config import DataConfig, SelectionConfig
-from .datasets_ext import SelectionRun, default_cache_dir, run_selection
+from .datasets_ext import SelectionRun, run_selection
+from .embed import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def _distributed_embeddings(config: SelectionConfig, pool: Any, target: Any, par
     kwargs = _embedding_kwargs(config)
     if kwargs["device"] is None and state.device.type == "cuda":
         kwargs["device"] = str(state.device)
-    cache = default_cache_dir(config.cache_dir) / "embeddings"
+    cache = cache_root(config.cache_dir) / "embeddings"
     shard_dir = partial / "rank_embeddings"
     if state.is_main_process:
         shard_dir.mkdir(parents=True, exist_ok=True)
@@ -269,7 +270,7 @@ def run_job(config: SelectionConfig) -> Path | None:
     if run.pool_embeddings is None and (config.report or config.save_embeddings):
         from .embed import embed
 
-        cache = default_cache_dir(config.cache_dir) / "embeddings"
+        cache = cache_root(config.cache_dir) / "embeddings"
         kw = _embedding_kwargs(config)
         run.pool_embeddings = embed(pool, column=config.pool.column, cache_dir=cache, **kw)
         run.target_embeddings = embed(target, column=config.target.column, cache_dir=cache, **kw)

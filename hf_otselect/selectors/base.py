@@ -177,6 +177,25 @@ def get_selector(method: str | Selector, **params: Any) -> Selector:
     return selector
 
 
+def descending_order(keys: np.ndarray) -> np.ndarray:
+    """Row indices by descending key, ties broken by the lower index, NaN last.
+
+    The one tie rule of the package: top-k, Gumbel-top-k and the ranks of the scored split all
+    order rows this way, so the same scores give the same order on every run.
+
+    Parameters
+    ----------
+    keys : ndarray of shape (n,)
+
+    Returns
+    -------
+    ndarray of shape (n,), int64
+    """
+    keys = np.asarray(keys, dtype=np.float64)
+    # lexsort sorts by the last key first: descending key (NaN, negated, still sorts last), then index.
+    return np.lexsort((np.arange(keys.size), -keys)).astype(np.int64)
+
+
 def choose(
     scores: np.ndarray,
     k: int,
@@ -221,9 +240,7 @@ def choose(
     n = scores.size
     k = check_int(k, "k", "choose", 1, None if (mode == "sample" and replace) else n)
     if mode == "top_k":
-        # lexsort sorts by the last key first: descending score, then ascending index.
-        order = np.lexsort((np.arange(n), -scores))
-        return order[:k].astype(np.int64)
+        return descending_order(scores)[:k]
     if mode == "log_sample":
         if replace:
             raise param_error("replace", "choose(mode='log_sample')", "False", replace)
@@ -233,8 +250,7 @@ def choose(
         if k > support:
             raise param_error("k", "choose(mode='log_sample')", f"at most the {support} rows with a finite log-weight", k)
         # Gumbel-top-k (Kool et al. 2019): k draws without replacement, proportional to exp(scores).
-        keys = scores + np.random.default_rng(seed).gumbel(size=n)
-        return np.lexsort((np.arange(n), -keys))[:k].astype(np.int64)
+        return descending_order(scores + np.random.default_rng(seed).gumbel(size=n))[:k]
     if (scores < 0).any() or not np.isfinite(scores).all() or scores.sum() <= 0:
         raise param_error("scores", "choose(mode='sample')", "finite, non-negative with a positive sum", "other values")
     rng = np.random.default_rng(seed)
@@ -248,8 +264,7 @@ def choose(
     # probabilities proportional to p (Kool et al. 2019); rows with p = 0 get -inf and never come.
     with np.errstate(divide="ignore"):
         keys = np.log(p) + rng.gumbel(size=n)
-    order = np.lexsort((np.arange(n), -keys))
-    return order[:k].astype(np.int64)
+    return descending_order(keys)[:k]
 
 
 def as_texts(values: Sequence[Any], name: str, owner: str) -> list[str]:
