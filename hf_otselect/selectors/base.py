@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from .._checks import check_choice, check_embeddings, check_int, param_error
+from ..dist import LOCAL, Comm, PoolView, TextView
 
 ChoiceMode = Literal["top_k", "sample", "log_sample"]
 
@@ -47,7 +48,9 @@ class Selector(ABC):
     """Base class of every selector.
 
     Subclasses set ``name`` (the registry key), store their constructor parameters unchanged and
-    implement :meth:`score`. Diagnostics of the last :meth:`score` call go into ``diagnostics_``.
+    implement :meth:`fit` (the small global state, computed through collectives over a sharded pool)
+    and :meth:`score_batch` (a pure per-row function of that state). :meth:`score` on in-memory
+    arrays is the two in a row. Diagnostics of the last fit go into ``diagnostics_``.
 
     Class attributes
     ----------------
@@ -67,8 +70,47 @@ class Selector(ABC):
     diagnostics_: dict[str, Any]
 
     @abstractmethod
+    def fit(self, pool: PoolView | TextView, target: Any, *, comm: Comm | None = None) -> Any:
+        """Compute the small global state that every row's score needs.
+
+        Parameters
+        ----------
+        pool : PoolView (TextView if ``needs_text``)
+            This process's rows of the pool, read in blocks with their global indices; a fit never
+            needs them in memory at once.
+        target : ndarray of shape (n_target, dim), or sequence of str if ``needs_text``
+            The whole target, on every process.
+        comm : Comm, optional
+            The only channel to the other processes (default: this process alone). Every process
+            calls ``fit`` and gets the same state.
+
+        Returns
+        -------
+        state
+            A selector-specific object whose size does not grow with ``n_candidates`` (TSDS keeps
+            O(n_target x max_K) neighbour lists). Diagnostics go into ``diagnostics_``.
+        """
+
+    @abstractmethod
+    def score_batch(self, state: Any, rows: Any, index: np.ndarray) -> np.ndarray:
+        """Score a block of rows from the fitted state alone (a pure per-row function).
+
+        Parameters
+        ----------
+        state
+            What :meth:`fit` returned.
+        rows : ndarray of shape (b, dim), or list of str if ``needs_text``
+        index : ndarray of shape (b,), int64
+            The rows' global indices (a row's score may depend on its index, never on other rows).
+
+        Returns
+        -------
+        ndarray of shape (b,), float64
+            Higher means "select".
+        """
+
     def score(self, candidates: Any, target: Any) -> np.ndarray:
-        """Score every candidate against the target.
+        """Score every candidate against the target: :meth:`fit` then :meth:`score_batch`.
 
         Parameters
         ----------
@@ -80,6 +122,16 @@ class Selector(ABC):
         ndarray of shape (n_candidates,), float64
             Higher means "select".
         """
+        self.check_params()
+        if self.needs_text:
+            candidates, target = as_texts(candidates, "candidates", f"{type(self).__name__}.score"), as_texts(target, "target", f"{type(self).__name__}.score")
+            view: PoolView | TextView = TextView(candidates)
+        else:
+            candidates, target = self._check_pair(candidates, target)
+            view = PoolView(candidates)
+        state = self.fit(view, target)
+        parts = [np.asarray(self.score_batch(state, rows, idx), dtype=np.float64) for idx, rows in view.blocks()]
+        return np.concatenate(parts) if parts else np.zeros(0)
 
     def select(self, candidates: Any, target: Any, k: int, *, seed: int = 0) -> SelectionResult:
         """Score the candidates and choose ``k`` of them (see :func:`choose`).
@@ -108,9 +160,9 @@ class Selector(ABC):
         """Whether :meth:`choose_rows` samples with replacement (then any ``k >= 1`` is allowed)."""
         return bool(getattr(self, "replace", False)) and self.choice == "sample"
 
-    def choose_rows(self, scores: np.ndarray, k: int, *, seed: int = 0) -> np.ndarray:
-        """Turn this selector's scores into ``k`` row indices with :func:`choose`, its way."""
-        return choose(scores, k, mode=self.choice, seed=seed, replace=self.replaces)
+    def choose_rows(self, scores: np.ndarray, k: int, *, seed: int = 0, index: np.ndarray | None = None, comm: Comm | None = None) -> np.ndarray:
+        """Turn this selector's scores into ``k`` global row indices with :func:`choose`, its way."""
+        return choose(scores, k, mode=self.choice, seed=seed, replace=self.replaces, index=index, comm=comm)
 
     def check_params(self) -> None:
         """Validate the stored constructor parameters; raise with the shared message template.
@@ -196,6 +248,47 @@ def descending_order(keys: np.ndarray) -> np.ndarray:
     return np.lexsort((np.arange(keys.size), -keys)).astype(np.int64)
 
 
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser (Steele et al. 2014), element-wise on uint64 (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        z = x + _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def row_uniforms(seed: int, index: np.ndarray) -> np.ndarray:
+    """Uniform numbers in (0, 1), one per global row index, from a counter-based generator.
+
+    The number of row ``i`` depends on ``(seed, i)`` alone, so any process can draw its own rows'
+    numbers without another's stream, and the same rows come out for any number of processes (a
+    ``numpy.random.Generator`` stream would depend on how rows are split). SplitMix64 mixes the seed
+    into a stream offset and then the offset row counter, as in its original use for parallel streams.
+
+    Parameters
+    ----------
+    seed : int
+    index : ndarray of shape (n,), int
+        Global row indices.
+
+    Returns
+    -------
+    ndarray of shape (n,), float64
+    """
+    base = _splitmix64(np.array([seed], dtype=np.uint64))[0]
+    with np.errstate(over="ignore"):
+        bits = _splitmix64(np.asarray(index, dtype=np.int64).astype(np.uint64) + base)
+    return ((bits >> np.uint64(11)).astype(np.float64) + 0.5) / float(1 << 53)
+
+
+def row_gumbels(seed: int, index: np.ndarray) -> np.ndarray:
+    """Standard Gumbel noise per global row index (see :func:`row_uniforms`)."""
+    return -np.log(-np.log(row_uniforms(seed, index)))
+
+
 def choose(
     scores: np.ndarray,
     k: int,
@@ -203,68 +296,118 @@ def choose(
     mode: ChoiceMode = "top_k",
     seed: int = 0,
     replace: bool = False,
+    index: np.ndarray | None = None,
+    comm: Comm | None = None,
 ) -> np.ndarray:
-    """Choose ``k`` rows from per-row scores.
+    """Choose ``k`` rows from per-row scores, the same rows for any number of processes.
+
+    Each process passes the scores of its own rows and their global indices; every process gets
+    back the same ``k`` global indices. Nothing of size ``n`` crosses processes: top-k gathers each
+    process's best ``k`` (score, index) pairs, sampling derives each row's random key from
+    ``(seed, global index)`` (:func:`row_uniforms`), and sampling with replacement exchanges one
+    integer mass per process.
 
     Parameters
     ----------
     scores : ndarray of shape (n,)
-        Higher means "select". For ``mode="sample"`` they are read as unnormalised probabilities
-        (non-negative, positive sum).
+        This process's scores; higher means "select". For ``mode="sample"`` they are read as
+        unnormalised probabilities (non-negative, positive sum over all processes).
     k : int
-        How many rows.
+        How many rows, over all processes.
     mode : {"top_k", "sample", "log_sample"}
-        ``"top_k"``: the ``k`` highest scores, ties broken by the lower index, so the result is the
-        same on every run. ``"sample"``: ``k`` draws from ``scores / scores.sum()`` with a
-        ``numpy.random.Generator`` seeded by ``seed``; with ``replace=False`` this is the
-        Gumbel-top-k trick (exactly sampling without replacement, proportional to the scores).
-        ``"log_sample"``: the scores are log-weights (``-inf`` = never); Gumbel-top-k on them
-        directly, so weights that would underflow in ``exp`` are still drawn in proportion
-        (without replacement only).
+        ``"top_k"``: the ``k`` highest scores, ties broken by the lower global index.
+        ``"sample"`` without replacement: Gumbel-top-k on ``log(scores)`` (Kool et al. 2019:
+        exactly sampling without replacement in proportion to the scores); with replacement:
+        ``k`` inverse-CDF draws, the probabilities quantised to integers so that the cumulative
+        sums (and so the rows drawn) are exact for any split of the rows: a row's mass is
+        ``floor(score / max_score * floor(2**62 / n_global))``, so a row below ``2**-62 * n_global``
+        of the largest score is never drawn. ``"log_sample"``: the scores are log-weights
+        (``-inf`` = never); Gumbel-top-k on them directly (without replacement only).
     seed : int
-        Seed for ``mode="sample"``.
+        Seed of the sampling modes.
     replace : bool
-        Sample with replacement (as the TSDS paper does) when True.
+        Sample with replacement (as the TSDS paper does).
+    index : ndarray of shape (n,), int, optional
+        Global row indices of ``scores`` (default ``arange(n)``: one process holding every row).
+    comm : Comm, optional
+        The process group (default: this process alone).
 
     Returns
     -------
     ndarray of shape (k,), int64
-        Row indices, best (or first drawn) first.
+        Global row indices, best (or first drawn) first; identical on every process.
     """
+    comm = comm or LOCAL
     scores = np.asarray(scores, dtype=np.float64)
-    if scores.ndim != 1 or scores.size == 0:
-        raise param_error("scores", "choose", "a non-empty 1-D array", f"an array of shape {scores.shape}")
-    if np.isnan(scores).any():
-        raise param_error("scores", "choose", "free of NaN", f"{int(np.isnan(scores).sum())} NaN value(s)")
+    if scores.ndim != 1:
+        raise param_error("scores", "choose", "a 1-D array", f"an array of shape {scores.shape}")
+    index = np.arange(scores.size, dtype=np.int64) if index is None else np.asarray(index, dtype=np.int64)
+    if index.shape != scores.shape:
+        raise param_error("index", "choose", f"an int array of shape {scores.shape} like the scores", f"shape {index.shape}")
     check_choice(mode, "mode", "choose", ["top_k", "sample", "log_sample"])
-    n = scores.size
+    n_nan, n = (int(v) for v in comm.all_reduce(np.array([np.isnan(scores).sum(), scores.size], dtype=np.int64)))
+    if n == 0:
+        raise param_error("scores", "choose", "a non-empty 1-D array", "0 rows")
+    if n_nan:
+        raise param_error("scores", "choose", "free of NaN", f"{n_nan} NaN value(s)")
     k = check_int(k, "k", "choose", 1, None if (mode == "sample" and replace) else n)
     if mode == "top_k":
-        return descending_order(scores)[:k]
+        return _top_k(scores, index, k, comm)
     if mode == "log_sample":
         if replace:
             raise param_error("replace", "choose(mode='log_sample')", "False", replace)
         if np.isposinf(scores).any():
             raise param_error("scores", "choose(mode='log_sample')", "log-weights below +inf", "+inf")
-        support = int(np.isfinite(scores).sum())
+        support = int(comm.all_reduce(np.array([np.isfinite(scores).sum()], dtype=np.int64))[0])
         if k > support:
             raise param_error("k", "choose(mode='log_sample')", f"at most the {support} rows with a finite log-weight", k)
-        # Gumbel-top-k (Kool et al. 2019): k draws without replacement, proportional to exp(scores).
-        return descending_order(scores + np.random.default_rng(seed).gumbel(size=n))[:k]
-    if (scores < 0).any() or not np.isfinite(scores).all() or scores.sum() <= 0:
+        return _top_k(scores + row_gumbels(seed, index), index, k, comm)
+    bad = int((scores < 0).any() or not np.isfinite(scores).all())
+    total, bad = comm.all_reduce(np.array([scores.sum() if not bad else 0.0, bad], dtype=np.float64))
+    if bad or total <= 0:
         raise param_error("scores", "choose(mode='sample')", "finite, non-negative with a positive sum", "other values")
-    rng = np.random.default_rng(seed)
-    p = scores / scores.sum()
     if replace:
-        return rng.choice(n, size=k, replace=True, p=p).astype(np.int64)
-    support = int((p > 0).sum())
+        return _draw_with_replacement(scores, index, k, seed, n, comm)
+    support = int(comm.all_reduce(np.array([(scores > 0).sum()], dtype=np.int64))[0])
     if k > support:
         raise param_error("k", "choose(mode='sample', replace=False)", f"at most the {support} rows with positive probability", k)
-    # Gumbel-top-k: argsort of log p + Gumbel noise samples k rows without replacement with
-    # probabilities proportional to p (Kool et al. 2019); rows with p = 0 get -inf and never come.
-    with np.errstate(divide="ignore"):
-        keys = np.log(p) + rng.gumbel(size=n)
-    return descending_order(keys)[:k]
+    with np.errstate(divide="ignore"):  # p = 0 gives -inf and never comes
+        keys = np.log(scores) + row_gumbels(seed, index)
+    return _top_k(keys, index, k, comm)
+
+
+def _top_k(keys: np.ndarray, index: np.ndarray, k: int, comm: Comm) -> np.ndarray:
+    """Global indices of the ``k`` largest keys (ties: lower global index), merged across processes."""
+    local = _order(keys, index)[:k]
+    if comm.world_size == 1:
+        return index[local]
+    k_all = np.concatenate(comm.all_gather(keys[local]))
+    i_all = np.concatenate(comm.all_gather(index[local]))
+    return i_all[_order(k_all, i_all)[:k]]
+
+
+def _order(keys: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Positions by descending key, ties to the lower global index, NaN last."""
+    return np.lexsort((index, -np.asarray(keys, dtype=np.float64))).astype(np.int64)
+
+
+def _draw_with_replacement(scores: np.ndarray, index: np.ndarray, k: int, seed: int, n: int, comm: Comm) -> np.ndarray:
+    """``k`` inverse-CDF draws over integer masses; exact, so any split of the rows draws the same."""
+    top = float(comm.all_reduce(np.array([scores.max(initial=0.0)]), op="max")[0])
+    unit = float((1 << 62) // n)
+    order = np.argsort(index, kind="stable")  # the cumulative sum runs in global row order
+    mass = np.floor(scores[order] / top * unit).astype(np.int64)
+    offset, total = comm.exclusive_offset(int(mass.sum()))
+    draws = np.random.default_rng(seed).integers(0, total, size=k, dtype=np.int64)
+    mine = np.flatnonzero((draws >= offset) & (draws < offset + int(mass.sum())))
+    rows = index[order][np.searchsorted(np.cumsum(mass), draws[mine] - offset, side="right")]
+    if comm.world_size == 1:
+        return rows.astype(np.int64)
+    which = np.concatenate(comm.all_gather(mine.astype(np.int64)))
+    got = np.concatenate(comm.all_gather(rows.astype(np.int64)))
+    out = np.empty(k, dtype=np.int64)
+    out[which] = got
+    return out
 
 
 def as_texts(values: Sequence[Any], name: str, owner: str) -> list[str]:

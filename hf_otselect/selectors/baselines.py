@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 
 from .._checks import check_choice, check_float, check_int, param_error
+from ..dist import LOCAL, Comm, PoolView, TextView
 from .base import Selector, as_texts, register
 
 logger = logging.getLogger(__name__)
@@ -50,20 +52,13 @@ class RandomSelector(Selector):
         if not isinstance(self.replace, bool):
             raise param_error("replace", type(self).__name__, "a bool", self.replace, exc=TypeError)
 
-    def score(self, candidates: Any, target: Any) -> np.ndarray:
-        """Return ones of shape (n_candidates,), float64, after validating the embedding pair.
-
-        Parameters
-        ----------
-        candidates : ndarray of shape (n_candidates, dim)
-        target : ndarray of shape (n_target, dim)
-            Not used for the score; validated so that every vector selector refuses the same bad
-            inputs.
-        """
-        self._check_params()
-        candidates, _ = self._check_pair(candidates, target)
+    def fit(self, pool: PoolView | TextView, target: Any, *, comm: Comm | None = None) -> None:
+        """Nothing to fit: every row scores the same."""
         self.diagnostics_ = {}
-        return np.ones(candidates.shape[0], dtype=np.float64)
+
+    def score_batch(self, state: None, rows: Any, index: np.ndarray) -> np.ndarray:
+        """Ones of shape (b,), float64: :func:`choose` turns equal scores into a uniform draw."""
+        return np.ones(len(index), dtype=np.float64)
 
 
 @register("similarity")
@@ -122,89 +117,103 @@ class SimilaritySelector(Selector):
             check_int(self.n_neighbors, "n_neighbors", owner, 1)
         return block
 
-    def score(self, candidates: Any, target: Any) -> np.ndarray:
-        """Score every candidate by cosine similarity to the target (see the class docstring).
+    def fit(self, pool: PoolView | TextView, target: Any, *, comm: Comm | None = None) -> _SimilarityState:
+        """Unit target rows, their mean direction, and for ``"round_robin"`` the merged neighbour lists.
 
-        Parameters
-        ----------
-        candidates : ndarray of shape (n_candidates, dim)
-        target : ndarray of shape (n_target, dim)
-
-        Returns
-        -------
-        ndarray of shape (n_candidates,), float64
+        For ``"round_robin"`` every process keeps, per target point, its best ``L`` rows by
+        (cosine, lower global index); the lists are gathered and merged, so the state is
+        ``O(n_target * L)`` whatever the pool size, and the same for any number of processes.
         """
-        block = self._check_params()
-        candidates, target = self._check_pair(candidates, target)
+        comm = comm or LOCAL
+        self._check_params()
+        y = _unit64(np.asarray(target))
+        m = y.shape[0]
+        state = _SimilarityState(target=y, centre=y.mean(axis=0))
+        self.diagnostics_ = {"reduce": self.reduce}
+        if self.reduce != "round_robin":
+            return state
         import torch
 
-        n, m = candidates.shape[0], target.shape[0]
-        y = _unit_rows(torch.from_numpy(target))
-        self.diagnostics_ = {"reduce": self.reduce}
-        if self.reduce == "mean":
-            # The mean of cosines is the cosine-weighted dot with the mean target direction.
-            centre = y.double().mean(dim=0)
-            out = np.empty(n, dtype=np.float64)
-            for lo in range(0, n, block):
-                x = _unit_rows(torch.tensor(candidates[lo : lo + block])).double()  # a copy: the pool may be a read-only memmap
-                out[lo : lo + block] = (x @ centre).numpy()
-            return out
-
-        depth = 0
-        if self.reduce == "round_robin":
-            depth = min(n, self.n_neighbors if self.n_neighbors is not None else max(1, 2**24 // m))
-        best = np.empty(n, dtype=np.float64)
-        top_val = torch.empty((m, 0), dtype=torch.float32)
-        top_idx = torch.empty((m, 0), dtype=torch.int64)
+        depth = min(int(pool.n_global), self.n_neighbors if self.n_neighbors is not None else max(1, 2**24 // m))
+        if pool.n_global > 2**32:
+            raise param_error("candidates", "SimilaritySelector(reduce='round_robin')", "at most 2**32 rows", pool.n_global)
+        keys = torch.empty((m, 0), dtype=torch.int64)
+        yt = torch.from_numpy(y.astype(np.float32))
         from tqdm.auto import tqdm
 
-        blocks = range(0, n, block)
-        for lo in tqdm(blocks, desc="similarity", unit="block", disable=_progress_disabled() or len(blocks) < 4):
-            x = _unit_rows(torch.tensor(candidates[lo : lo + block]))
-            sim = y @ x.T  # (m, b)
-            best[lo : lo + sim.shape[1]] = sim.max(dim=0).values.double().numpy()
-            if depth:
-                idx = torch.arange(lo, lo + sim.shape[1], dtype=torch.int64).expand(m, -1)
-                vals = torch.cat([top_val, sim], dim=1)
-                ids = torch.cat([top_idx, idx], dim=1)
-                keep = min(depth, vals.shape[1])
-                top_val, pos = torch.topk(vals, keep, dim=1, largest=True, sorted=False)
-                top_idx = torch.gather(ids, 1, pos)
-        if not depth:
+        for idx, rows in tqdm(pool.blocks(self.block_size), desc="similarity", unit="block",
+                              total=-(-pool.n_local // self.block_size), disable=_progress_disabled() or pool.n_local < 4 * self.block_size):
+            sim = yt @ torch.from_numpy(_unit64(rows).astype(np.float32)).T  # (m, b)
+            keys = torch.cat([keys, _rank_keys(sim, torch.from_numpy(idx))], dim=1)
+            keys = torch.topk(keys, min(depth, keys.shape[1]), dim=1).values
+        if comm.world_size > 1:  # merge every process's lists: each keeps at most `depth` per target
+            parts = comm.all_gather(keys.numpy())
+            keys = torch.topk(torch.from_numpy(np.concatenate(parts, axis=1)), min(depth, sum(p.shape[1] for p in parts)), dim=1).values
+        keys = torch.sort(keys, dim=1, descending=True).values.numpy()  # row j: nearest first, ties to the lower index
+        ids = (np.int64(0xFFFFFFFF) - (keys & np.int64(0xFFFFFFFF))).astype(np.int64)
+        # Position in the round-robin sequence: p = r * m + j; a row keeps its first position.
+        pos = np.arange(keys.shape[1], dtype=np.int64)[None, :] * m + np.arange(m, dtype=np.int64)[:, None]
+        flat_ids, flat_pos = ids.ravel(), pos.ravel()
+        order = np.lexsort((flat_pos, flat_ids))
+        first_of = np.ones(order.size, dtype=bool)
+        first_of[1:] = flat_ids[order][1:] != flat_ids[order][:-1]
+        state.reached = flat_ids[order][first_of]
+        state.first = flat_pos[order][first_of]
+        state.depth = int(keys.shape[1])
+        self.diagnostics_.update({"n_neighbors": state.depth, "n_reached": int(state.reached.size)})
+        if state.reached.size < pool.n_global:
+            logger.info("round_robin: %d of %d candidates are in no target point's %d-neighbour list; they "
+                        "follow the others, ordered by max cosine.", pool.n_global - state.reached.size, pool.n_global, state.depth)
+        return state
+
+    def score_batch(self, state: _SimilarityState, rows: Any, index: np.ndarray) -> np.ndarray:
+        """Cosine scores of a block (see the class docstring), float64 ``(b,)``."""
+        x = _unit64(rows)
+        if self.reduce == "mean":
+            return x @ state.centre
+        import torch
+
+        y = torch.from_numpy(state.target.astype(np.float32))
+        best = np.concatenate([(torch.from_numpy(x[s : s + self.block_size].astype(np.float32)) @ y.T).max(dim=1).values.double().numpy()
+                               for s in range(0, x.shape[0], self.block_size)]) if x.shape[0] else np.zeros(0)
+        if self.reduce == "max" or state.reached is None:
             return best
-
-        # Order every list by (descending cosine, ascending candidate index): the ranks r_j(i).
-        vals_np, ids_np = top_val.numpy(), top_idx.numpy()
-        by_id = np.argsort(ids_np, axis=1, kind="stable")
-        by_val = np.argsort(-np.take_along_axis(vals_np, by_id, axis=1), axis=1, kind="stable")
-        order = np.take_along_axis(by_id, by_val, axis=1)  # row j: list positions, nearest first
-        rank_in_row = np.empty_like(order)
-        np.put_along_axis(rank_in_row, order, np.arange(order.shape[1])[None, :].repeat(m, axis=0), axis=1)
-        # Position in the round-robin sequence: p = r * m + j; a candidate keeps its first position.
-        pos = rank_in_row.astype(np.int64) * m + np.arange(m, dtype=np.int64)[:, None]
-        first = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
-        np.minimum.at(first, ids_np.ravel(), pos.ravel())
-        reached = first < np.iinfo(np.int64).max
-        out = best.copy()
-        out[reached] = 1.0 + float(depth * m) - first[reached].astype(np.float64)
-        self.diagnostics_.update({"n_neighbors": int(depth), "n_reached": int(reached.sum())})
-        if not reached.all():
-            logger.info(
-                "round_robin: %d of %d candidates are in no target point's %d-neighbour list; they "
-                "follow the others, ordered by max cosine.",
-                int((~reached).sum()),
-                n,
-                depth,
-            )
-        return out
+        at = np.searchsorted(state.reached, index)
+        hit = at < state.reached.size
+        hit[hit] = state.reached[at[hit]] == index[hit]
+        best[hit] = 1.0 + float(state.depth * state.target.shape[0]) - state.first[at[hit]].astype(np.float64)
+        return best
 
 
-def _unit_rows(x: Any) -> Any:
-    """Rows divided by their L2 norm (zero rows stay zero), float32 torch tensor."""
+@dataclass
+class _SimilarityState:
+    """Fitted similarity state: unit target rows (m, dim) float64, their mean, round-robin positions."""
+
+    target: np.ndarray
+    centre: np.ndarray
+    reached: np.ndarray | None = None  # sorted global indices in some neighbour list
+    first: np.ndarray | None = None  # their first round-robin position
+    depth: int = 0
+
+
+def _unit64(x: Any) -> np.ndarray:
+    """Rows divided by their L2 norm in float64 (zero rows stay zero): exact for any finite float32.
+
+    float32 norms overflow from magnitudes ~1e19 on (the square passes float32's 3.4e38), which
+    would turn every cosine into 0; float64 holds the square of any float32.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norms > 0, norms, 1.0)
+
+
+def _rank_keys(sim: Any, index: Any) -> Any:
+    """int64 keys ordering (cosine desc, global index asc): float32 bits above, inverted index below."""
     import torch
 
-    x = x.float()
-    return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-12)
+    bits = sim.contiguous().view(torch.int32).to(torch.int64)
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # float order as signed-int order
+    return (bits << 32) | (0xFFFFFFFF - index.to(torch.int64)).expand(sim.shape[0], -1)
 
 
 # Word-punct tokenisation as in the DSIR reference code (nltk's WordPunctTokenizer): runs of word
@@ -317,49 +326,44 @@ class DSIRSelector(Selector):
         )
         return vec.transform(texts)
 
-    def score(self, candidates: Any, target: Any) -> np.ndarray:
-        """Log importance weights of the candidates (see the class docstring).
-
-        Parameters
-        ----------
-        candidates : sequence of str, length n_candidates
-            The raw pool; its n-gram distribution is the "raw" model.
-        target : sequence of str
-            Target texts; their n-gram distribution is the "target" model.
+    def fit(self, pool: PoolView | TextView, target: Any, *, comm: Comm | None = None) -> np.ndarray:
+        """Hashed n-gram counts of target and pool (the pool's summed across processes).
 
         Returns
         -------
-        ndarray of shape (n_candidates,), float64
-            :math:`\\log w_i`; higher means "select".
+        ndarray of shape (num_buckets,), float64
+            :math:`\\log(p_{target} + \\delta) - \\log(p_{raw} + \\delta)` per bucket, the log
+            importance weight of one n-gram; a row's weight is the sum over its n-grams.
         """
+        comm = comm or LOCAL
         self._check_params()
-        owner = f"{type(self).__name__}.score"
-        candidates = as_texts(candidates, "candidates", owner)
+        owner = f"{type(self).__name__}.fit"
         target = as_texts(target, "target", owner)
         from tqdm.auto import tqdm
 
         tgt_counts = np.asarray(self.featurize(target).sum(axis=0)).ravel()
         if tgt_counts.sum() == 0:
             raise param_error("target", owner, "texts with at least one word or punctuation token", "only empty texts")
-        n, bs = len(candidates), self.batch_size
-        blocks = [self.featurize(candidates[lo : lo + bs]) for lo in tqdm(
-            range(0, n, bs), desc="dsir: hashing", unit="batch", disable=_progress_disabled() or n <= bs
-        )]
         raw_counts = np.zeros(self.num_buckets, dtype=np.float64)
-        for feats in blocks:
-            raw_counts += np.asarray(feats.sum(axis=0)).ravel()
+        n_blocks = -(-pool.n_local // self.batch_size)
+        for _, texts in tqdm(pool.blocks(self.batch_size), total=n_blocks, desc="dsir: hashing", unit="batch",
+                             disable=_progress_disabled() or n_blocks <= 1):
+            raw_counts += np.asarray(self.featurize(texts).sum(axis=0)).ravel()
+        raw_counts = comm.all_reduce(raw_counts)  # O(num_buckets) bytes, once
         if raw_counts.sum() == 0:
             raise param_error("candidates", owner, "texts with at least one word or punctuation token", "only empty texts")
         delta = float(self.smoothing)
-        log_diff = np.log(tgt_counts / tgt_counts.sum() + delta) - np.log(raw_counts / raw_counts.sum() + delta)
-        out = np.concatenate([feats @ log_diff for feats in blocks])
         self.diagnostics_ = {
             "num_buckets": int(self.num_buckets),
             "target_ngrams": int(tgt_counts.sum()),
             "raw_ngrams": int(raw_counts.sum()),
             "resample": bool(self.resample),
         }
-        return out.astype(np.float64)
+        return np.log(tgt_counts / tgt_counts.sum() + delta) - np.log(raw_counts / raw_counts.sum() + delta)
+
+    def score_batch(self, state: np.ndarray, rows: Any, index: np.ndarray) -> np.ndarray:
+        """Log importance weights :math:`\\log w_i` of a block of texts; higher means "select"."""
+        return np.asarray(self.featurize(list(rows)) @ state, dtype=np.float64)
 
     @property
     def choice(self) -> str:  # type: ignore[override]

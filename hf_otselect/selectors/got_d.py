@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from .._checks import check_choice, check_embeddings, check_float, check_int
+from .._checks import check_choice, check_embeddings, check_float, check_int, param_error
+from ..dist import LOCAL, Comm, PoolView
 from ..ot import BACKENDS, EPS_MODES, sinkhorn_potentials
 from .base import Selector, register
 
@@ -180,7 +181,17 @@ class GOTDSelector(Selector):
                 "n_chunks": int(n_chunks)}
         return score, pot, diag, None
 
-    def score(self, candidates: Any, target: Any) -> np.ndarray:
+    def fit(self, pool: PoolView, target: Any, *, comm: Comm | None = None) -> np.ndarray:
+        """Score the whole pool in this process (one process only, for now); the state is the scores."""
+        if (comm or LOCAL).world_size > 1:
+            raise param_error("comm", f"{type(self).__name__}.fit", "a single process (the sharded fit is not built yet)", (comm or LOCAL).world_size)
+        return self._score_all(np.asarray(pool.data), target)
+
+    def score_batch(self, state: np.ndarray, rows: Any, index: np.ndarray) -> np.ndarray:
+        """The fitted scores of these rows."""
+        return state[index]
+
+    def _score_all(self, candidates: Any, target: Any) -> np.ndarray:
         """Negated calibrated OT gradient of every candidate (higher = select).
 
         Parameters

@@ -53,6 +53,7 @@ import numpy as np
 
 from .. import knn
 from .._checks import check_choice, check_float, check_int, param_error
+from ..dist import LOCAL, Comm, PoolView
 from .base import Selector, choose, register
 
 logger = logging.getLogger(__name__)
@@ -242,7 +243,17 @@ class TSDSSelector(Selector):
         check_int(self.density_nprobe, "density_nprobe", owner, 1)
         check_int(self.seed, "seed", owner, 0)
 
-    def score(self, candidates: Any, target: Any) -> np.ndarray:
+    def fit(self, pool: PoolView, target: Any, *, comm: Comm | None = None) -> np.ndarray:
+        """Score the whole pool in this process (one process only, for now); the state is the scores."""
+        if (comm or LOCAL).world_size > 1:
+            raise param_error("comm", f"{type(self).__name__}.fit", "a single process (the sharded fit is not built yet)", (comm or LOCAL).world_size)
+        return self._score_all(np.asarray(pool.data), target)
+
+    def score_batch(self, state: np.ndarray, rows: Any, index: np.ndarray) -> np.ndarray:
+        """The fitted scores of these rows."""
+        return state[index]
+
+    def _score_all(self, candidates: Any, target: Any) -> np.ndarray:
         """Selection probabilities ``p`` of the candidates.
 
         Parameters
