@@ -21,9 +21,9 @@ import numpy as np
 from datasets import Dataset, DatasetDict, IterableDataset
 
 from ._checks import check_embeddings, check_int, param_error
+from .dist import LOCAL, Comm, PoolView, TextView
 from .embed import cache_root
 from .selectors import SelectionResult, Selector, get_selector
-from .selectors.base import descending_order
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ __all__ = ["SelectionRun", "register_dataset_methods", "run_selection", "select_
 
 Target = Dataset | Sequence[str] | np.ndarray
 _EMBED_KEYS = ("model", "revision", "batch_size", "max_length", "pooling", "normalize", "device", "trust_remote_code",
-               "shard_rows")
+               "shard_rows", "num_proc")
 
 
 @dataclass
@@ -41,11 +41,15 @@ class SelectionRun:
     Attributes
     ----------
     scored : Dataset
-        Every pool row with ``pool_index``, the score column and ``rank`` (1 = best).
+        This process's pool rows with ``pool_index``, the score column (NaN where a filter removed
+        the row) and ``selected`` (how many times the row was chosen).
     selected : Dataset
-        The chosen rows, best (or first drawn) first, with the same extra columns.
+        This process's chosen rows in pool order (a row drawn twice appears twice), with
+        ``pool_index``, the score column, ``rank`` (by score in the whole pool, 1 = best, ties to
+        the lower index) and, for sampling selectors, ``draw_order`` (1 = first drawn).
     result : SelectionResult
-        Indices, scores and the selector's diagnostics.
+        ``indices``: the chosen global rows, best (or first drawn) first, the same on every
+        process; ``scores``: this process's scores; ``info``: the selector's diagnostics.
     selector : Selector
         The selector instance that scored.
     pool_embeddings, target_embeddings : ndarray or None
@@ -60,6 +64,10 @@ class SelectionRun:
     extra_splits : dict of Dataset
         ``"prefilter"`` (the source ranking, one row per source) and ``"decontaminated"`` (the
         dropped pool rows with ``pool_index``, reason and nearest held-out distance), when on.
+    comm : Comm
+        The processes that shared the pool.
+    offset, n_pool : int
+        Global index of this process's first row; rows of the whole pool.
     """
 
     scored: Dataset
@@ -74,6 +82,9 @@ class SelectionRun:
     decontamination: dict[str, Any] | None = None
     dedup: dict[str, Any] | None = None
     extra_splits: dict[str, Dataset] = field(default_factory=dict)
+    comm: Comm = LOCAL
+    offset: int = 0
+    n_pool: int = 0
 
 
 def _digest(*parts: Any) -> str:
@@ -145,19 +156,31 @@ def _embed_stream(pool: IterableDataset, column: str, embed_kwargs: dict[str, An
 
 
 def _scores_cached(
-    selector: Selector, candidates: Any, target: Any, cache_dir: Path, key_parts: tuple[Any, ...]
+    selector: Selector, candidates: Any, target: Any, cache_dir: Path, key_parts: tuple[Any, ...], comm: Comm | None = None,
+    *, use_cache: bool = True,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Score once per (candidates, target, selector parameters); reruns read the saved scores."""
+    """This process's scores, once per (pool, target, selector parameters); reruns read them back.
+
+    The fit is collective, so every process reads the cache only when every process finds its
+    entry (one all-reduce decides); otherwise all of them fit again.
+    """
+    comm = comm or LOCAL
     params = {k: (_digest(v) if isinstance(v, np.ndarray) else v) for k, v in selector.get_params().items()}
     key = _digest(selector.name, params, *key_parts)
     folder = cache_dir / "scores" / key
     scores_path, info_path = folder / "scores.npy", folder / "info.json"
-    if scores_path.is_file() and info_path.is_file():
+    hit = use_cache and scores_path.is_file() and info_path.is_file()
+    if int(comm.all_reduce(np.array([hit], dtype=np.int64), op="min")[0]):
         logger.info("Scores read from the cache (%s)", folder)
         return np.load(scores_path, allow_pickle=False), json.loads(info_path.read_text())
     selector.diagnostics_ = {}
-    scores = np.asarray(selector.score(candidates, target), dtype=np.float64)
+    view = TextView.of(candidates, comm) if selector.needs_text else PoolView.of(candidates, comm)
+    state = selector.fit(view, target, comm=comm)
+    parts = [np.asarray(selector.score_batch(state, rows, idx), dtype=np.float64) for idx, rows in view.blocks()]
+    scores = np.concatenate(parts) if parts else np.zeros(0)
     info = dict(getattr(selector, "diagnostics_", {}))
+    if not use_cache:
+        return scores, info
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".scores-{uuid.uuid4().hex}.npy"
     np.save(tmp, scores, allow_pickle=False)
@@ -273,16 +296,63 @@ def _apply_filters(
     return eligible
 
 
-def _ranks(scores: np.ndarray) -> np.ndarray:
-    order = descending_order(scores)  # unscored (NaN) rows rank after every scored row
-    ranks = np.empty(scores.size, dtype=np.int64)
-    ranks[order] = np.arange(1, scores.size + 1)
-    return ranks
+def global_ranks(scores: np.ndarray, index: np.ndarray, q_scores: np.ndarray, q_index: np.ndarray, comm: Comm) -> np.ndarray:
+    """Rank by score in the whole pool (1 = best, ties to the lower index) of a few query rows.
+
+    Every process counts its own rows that beat each query (higher score, or the same score and a
+    lower global index) and the counts are summed: O(n_queries) bytes, no scores leave a process.
+
+    Parameters
+    ----------
+    scores, index : ndarray of shape (n,)
+        This process's scores (NaN = unscored, never counted) and their global indices.
+    q_scores, q_index : ndarray of shape (q,)
+        The query rows, the same on every process.
+
+    Returns
+    -------
+    ndarray of shape (q,), int64
+    """
+    ok = ~np.isnan(scores)
+    neg, idx = -scores[ok], index[ok]
+    order = np.lexsort((idx, neg))
+    neg, idx = neg[order], idx[order]
+    q_neg = -np.asarray(q_scores, dtype=np.float64)
+    before = np.searchsorted(neg, q_neg, side="left")  # strictly higher scores
+    # Among equal scores the indices are ascending: number each run of equal scores and search
+    # (run, index) pairs as one monotone int64 key.
+    run = np.cumsum(np.r_[True, neg[1:] != neg[:-1]]) if neg.size else np.zeros(0, dtype=np.int64)
+    span = int(max(int(idx.max(initial=0)), int(np.max(q_index, initial=0))) + 1)
+    key = run.astype(np.int64) * span + idx
+    has_equal = (before < neg.size) & (neg[np.minimum(before, max(neg.size - 1, 0))] == q_neg) if neg.size else np.zeros(q_neg.size, bool)
+    q_key = np.where(has_equal, run[np.minimum(before, max(neg.size - 1, 0))] if neg.size else 0, 0).astype(np.int64) * span + q_index
+    tied = np.where(has_equal, np.searchsorted(key, q_key, side="left") - before, 0)
+    return comm.all_reduce((before + tied).astype(np.int64)) + 1
 
 
-def _stream_rows(pool: IterableDataset, scores: np.ndarray, ranks: np.ndarray, score_column: str) -> Iterator[dict]:
+def _shard_of(dataset: Dataset | IterableDataset, comm: Comm, owner: str) -> Dataset | IterableDataset:
+    """This process's contiguous rows (the whole pool for one process)."""
+    if comm.world_size == 1:
+        return dataset
+    if isinstance(dataset, IterableDataset) and dataset.n_shards < comm.world_size:
+        raise param_error("dataset", owner, f"a stream with at least as many file shards as the {comm.world_size} processes",
+                          f"{dataset.n_shards} shard(s)")
+    return dataset.shard(num_shards=comm.world_size, index=comm.rank, contiguous=True)
+
+
+def _stream_rows(pool: IterableDataset, offset: int, columns: dict[str, np.ndarray]) -> Iterator[dict]:
     for i, row in enumerate(pool):
-        yield {**row, "pool_index": i, score_column: float(scores[i]), "rank": int(ranks[i])}
+        yield {**row, "pool_index": offset + i, **{name: values[i].item() for name, values in columns.items()}}
+
+
+def _with_columns(part: Dataset | IterableDataset, offset: int, columns: dict[str, np.ndarray], fingerprint: str) -> Dataset:
+    """``part`` plus ``pool_index`` and the given per-row columns (a stream is read once more)."""
+    if isinstance(part, IterableDataset):
+        return Dataset.from_generator(_stream_rows, gen_kwargs={"pool": part, "offset": offset, "columns": columns}, fingerprint=fingerprint)
+    out = part.add_column("pool_index", np.arange(offset, offset + len(part), dtype=np.int64))
+    for name, values in columns.items():
+        out = out.add_column(name, values)
+    return out
 
 
 def run_selection(
@@ -307,14 +377,20 @@ def run_selection(
     decontaminate_column: str | None = None,
     decontaminate_radius: float = 0.3,
     decontaminate_ngram: int | None = 13,
+    comm: Comm | None = None,
     **params: Any,
 ) -> SelectionRun:
-    """Run one selection and return every product of it (see :func:`select_by_ot`).
+    """Run one selection, this process's part of it, and return every product (see :func:`select_by_ot`).
 
-    ``embeddings=(pool_emb, target_emb)`` skips the encoder (used by distributed jobs whose ranks
-    already embedded the pool).
+    Every process of ``comm`` calls this with the whole pool and takes its contiguous shard
+    (``Dataset.shard(contiguous=True)``): it embeds only that shard, the selector's fit talks to the
+    other processes through ``comm``, and each process scores its own rows. ``scored`` and
+    ``selected`` hold this process's rows only; ``result.indices`` (the chosen global rows) is the
+    same on every process. ``embeddings=(pool_emb, target_emb)`` passes this shard's vectors in and
+    skips the encoder.
     """
     owner = "select_by_ot"
+    comm = comm or LOCAL
     t0 = time.perf_counter()
     if isinstance(dataset, DatasetDict) or (isinstance(dataset, (list, tuple)) and dataset and all(isinstance(d, Dataset) for d in dataset)):
         from .prefilter import combine_sources
@@ -351,6 +427,24 @@ def run_selection(
         decontaminate=decontaminate, decontaminate_column=decontaminate_column or target_column,
         decontaminate_radius=decontaminate_radius, decontaminate_ngram=decontaminate_ngram,
     )
+    if extras["active"] and comm.world_size > 1:
+        raise param_error("prefilter/dedup_radius/decontaminate", owner,
+                          "off when several processes share the pool (they need every row's vector in one process)", "set")
+    if not isinstance(method, Selector):
+        from ._checks import check_choice
+        from .selectors import available_selectors
+        from .selectors.base import selector_class
+
+        check_choice(method, "method", owner, available_selectors())
+        accepted = selector_class(method).param_names()
+        unknown = sorted(set(params) - set(accepted))
+        if unknown:
+            raise param_error(
+                ", ".join(unknown), owner,
+                f"a keyword of select_by_ot, or of the {method!r} selector ({', '.join(accepted) or 'none'}); encoder "
+                f"settings go as keywords of their own or in embedding={{...}} (keys {', '.join(_EMBED_KEYS)})",
+                {key: params[key] for key in unknown}, exc=TypeError,
+            )
     probe = get_selector(method, **params) if not isinstance(method, Selector) else method
     if dedup_radius is not None:
         from .dedup import resolve_dedup_mode
@@ -360,32 +454,46 @@ def run_selection(
         raise param_error("negative_target", owner, f"None for method {probe.name!r} (only GOT-D uses one)", "a negative target")
     if not streamed:
         k = check_int(k, "k", owner, 1, None if probe.replaces else len(dataset))
-    if score_column in (dataset.column_names or []) or score_column in ("pool_index", "rank"):
-        raise param_error("score_column", owner, f"a name not already in the pool's columns {dataset.column_names}", score_column)
+    reserved = {score_column, "pool_index", "rank", "draw_order", "selected"}
+    if score_column in (dataset.column_names or []) or score_column in ("pool_index", "rank", "draw_order", "selected"):
+        raise param_error("score_column", owner, f"a name not already in the pool's columns {dataset.column_names} "
+                          "nor one of 'pool_index', 'rank', 'draw_order', 'selected'", score_column)
+    taken = sorted(reserved & set(dataset.column_names or []))
+    if taken:
+        raise param_error("dataset", owner, f"a pool without the columns {sorted(reserved)} that the selection adds "
+                          "(re-selecting from a selection? drop them with remove_columns first)", taken)
     cache = cache_root(cache_dir)
+    from datasets import is_caching_enabled
+
+    caching = is_caching_enabled()  # datasets.disable_caching() turns our caches off too
+    if not caching:
+        embed_kwargs["use_cache"] = False
     timings: dict[str, float] = {}
-    fingerprints = {"pool": _fingerprint(dataset, column), "target": _fingerprint(target, target_column)}
+    part = _shard_of(dataset, comm, owner)
+    fingerprints = {"pool": _fingerprint(part, column), "target": _fingerprint(target, target_column)}
 
     pool_emb = target_emb = None
+    selector = probe
+    t = time.perf_counter()
     if probe.needs_text:
         if streamed:
             raise param_error("dataset", owner, f"an in-memory Dataset for the text selector {probe.name!r}", "an IterableDataset")
         if isinstance(target, np.ndarray):
             raise param_error("target", owner, f"texts (a Dataset or list of str) for the text selector {probe.name!r}", "an embedding array", exc=TypeError)
-        candidates: Any = _texts_of(dataset, column, "dataset")
+        candidates: Any = _texts_of(part, column, "dataset")
         target_side: Any = _texts_of(target, target_column, "target")
-        selector = probe
         key_parts: tuple[Any, ...] = (fingerprints["pool"], fingerprints["target"])
         if extras["active"]:  # the filters and the guard work on vectors; embed once (cached)
-            t = time.perf_counter()
             if embeddings is not None:
                 pool_emb, target_emb = embeddings
             else:
-                pool_emb = _embed_side(dataset, column, embed_kwargs, cache)
+                pool_emb = _embed_side(part, column, embed_kwargs, cache)
                 target_emb = _embed_side(target, target_column, embed_kwargs, cache)
-            timings["embed_s"] = time.perf_counter() - t
+    elif not probe.needs_vectors and not extras["active"]:
+        n_local = len(part) if not streamed else sum(1 for _ in part)
+        candidates, target_side = np.zeros((n_local, 0), dtype=np.float32), None
+        key_parts = (fingerprints["pool"], n_local)
     else:
-        t = time.perf_counter()
         if embeddings is not None:
             pool_emb, target_emb = embeddings
         else:
@@ -396,83 +504,81 @@ def run_selection(
                 if side is not None and not isinstance(side, np.ndarray):
                     named = target_column if isinstance(side, Dataset) else None
                     check_texts(_texts_of(side, target_column, name), column=named, owner=f"select_by_ot ({name})")
-            pool_emb = (
-                _embed_stream(dataset, column, embed_kwargs, cache)
-                if streamed
-                else _embed_side(dataset, column, embed_kwargs, cache)
-            )
+            pool_emb = _embed_stream(part, column, embed_kwargs, cache) if streamed else _embed_side(part, column, embed_kwargs, cache)
             target_emb = _embed_side(target, target_column, embed_kwargs, cache)
         if target_emb.shape[1] != pool_emb.shape[1]:
             raise param_error("target", owner, f"embeddings with {pool_emb.shape[1]} columns like the pool", f"shape {target_emb.shape}")
-        selector = probe
         if negative_target is not None:
             neg_emb = _embed_side(negative_target, target_column, embed_kwargs, cache)
             fingerprints["negative_target"] = _fingerprint(negative_target, target_column)
             selector = get_selector(probe.name, **{**probe.get_params(), "negative_target": neg_emb})
-        timings["embed_s"] = time.perf_counter() - t
-        if streamed:
-            k = check_int(k, "k", owner, 1, pool_emb.shape[0])
         candidates, target_side = pool_emb, target_emb
         key_parts = (_digest(np.asarray(pool_emb)), _digest(np.asarray(target_emb)))
+    timings["embed_s"] = time.perf_counter() - t
+    n_local = len(candidates) if pool_emb is None else pool_emb.shape[0]
+    offset, n_pool = comm.exclusive_offset(n_local)
+    if not probe.replaces and k > n_pool:
+        raise param_error("k", owner, f"an int in [1, {n_pool}] (the pool's rows)", k)
+    key_parts = (*key_parts, comm.rank, comm.world_size, _digest(np.concatenate(comm.all_gather(np.frombuffer(
+        bytes.fromhex(_digest(*key_parts)), dtype=np.uint8)))))
 
-    n_pool = len(candidates) if pool_emb is None else pool_emb.shape[0]
     eligible = None
     reports: dict[str, Any] = {}
     extra_splits: dict[str, Dataset] = {}
     if extras["filters"]:
         t = time.perf_counter()
-        eligible = _apply_filters(dataset, column, pool_emb, target_emb, extras, embed_kwargs, cache, seed, reports, extra_splits, fingerprints)
+        eligible = _apply_filters(part, column, pool_emb, target_emb, extras, embed_kwargs, cache, seed, reports, extra_splits, fingerprints)
         timings["filters_s"] = time.perf_counter() - t
         n_eligible = int(eligible.sum())
         if n_eligible < (1 if probe.replaces else k):
             raise param_error("k", owner, f"at most the {n_eligible} rows left after pre-filter and decontamination", k)
         if n_eligible == n_pool:
             eligible = None
-    keep_rows = None if eligible is None else np.flatnonzero(eligible)
-    if keep_rows is not None:
-        if probe.needs_text:
-            candidates = [candidates[i] for i in keep_rows]
-            key_parts = (*key_parts, _digest(keep_rows))
-        else:
-            candidates = np.asarray(candidates)[keep_rows]
-            key_parts = (_digest(candidates), key_parts[1])
+    keep_rows = np.arange(n_local, dtype=np.int64) if eligible is None else np.flatnonzero(eligible)
+    if eligible is not None:  # one process (filters are refused for several): the eligible rows are the pool
+        candidates = [candidates[i] for i in keep_rows] if probe.needs_text else np.asarray(candidates)[keep_rows]
+        key_parts = (*key_parts, _digest(keep_rows))
 
     t = time.perf_counter()
-    sub_scores, info = _scores_cached(selector, candidates, target_side, cache, key_parts)
+    sub_scores, info = _scores_cached(selector, candidates, target_side, cache, key_parts, comm, use_cache=caching)
+    sub_index = (offset + keep_rows) if eligible is None else np.arange(keep_rows.size, dtype=np.int64)
     if dedup_radius is not None:
         from .dedup import guarded_choose
 
-        guard_emb = np.asarray(pool_emb) if keep_rows is None else np.asarray(pool_emb)[keep_rows]
+        guard_emb = np.asarray(pool_emb)[keep_rows]
         indices, reports["dedup"] = guarded_choose(selector, sub_scores, k, seed=seed, candidates=guard_emb, radius=dedup_radius, mode=dedup_mode)
     else:
-        indices = selector.choose_rows(sub_scores, k, seed=seed)
-    if keep_rows is None:
-        scores = sub_scores
-    else:  # back to pool rows: excluded rows are not scored (NaN) and rank after every scored row
+        indices = selector.choose_rows(sub_scores, k, seed=seed, index=sub_index, comm=comm)
+    scores = np.full(n_local, np.nan)
+    scores[keep_rows] = sub_scores
+    if eligible is not None:  # back to pool rows: excluded rows are not scored (NaN)
         indices = keep_rows[indices]
-        scores = np.full(n_pool, np.nan)
-        scores[keep_rows] = sub_scores
     timings["score_s"] = time.perf_counter() - t
     result = SelectionResult(indices=indices, scores=scores, info=info)
 
     t = time.perf_counter()
-    ranks = _ranks(scores)
-    if streamed:
-        scored = Dataset.from_generator(
-            _stream_rows,
-            gen_kwargs={"pool": dataset, "scores": scores, "ranks": ranks, "score_column": score_column},
-            fingerprint=_digest("scored", fingerprints["pool"], key_parts, score_column),
-        )
-    else:
-        scored = dataset.add_column("pool_index", np.arange(len(dataset), dtype=np.int64))
-        scored = scored.add_column(score_column, scores).add_column("rank", ranks)
-    selected = scored.select(indices)
+    index = np.arange(offset, offset + n_local, dtype=np.int64)
+    # This process's chosen rows: pool order, a drawn-again row once per draw.
+    draw = np.flatnonzero((indices >= offset) & (indices < offset + n_local))
+    draw = draw[np.lexsort((draw, indices[draw]))]
+    local = indices[draw] - offset
+    chosen_scores = comm.all_reduce(np.bincount(draw, weights=scores[local], minlength=indices.size)) if comm.world_size > 1 else scores[indices - offset]
+    ranks = global_ranks(scores, index, chosen_scores, indices, comm)
+    times = np.bincount(local, minlength=n_local).astype(np.int64)
+    fp = _digest("scored", key_parts, score_column, seed, k, selector.name)
+    scored = _with_columns(part, offset, {score_column: scores, "selected": times}, fp)
+    columns = {score_column: scores[local], "rank": ranks[draw]}
+    if selector.choice != "top_k":
+        columns["draw_order"] = draw.astype(np.int64) + 1
+    selected = scored.select(local).remove_columns([score_column, "selected"])
+    for name, values in columns.items():
+        selected = selected.add_column(name, values)
     timings["build_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
     return SelectionRun(
         scored, selected, result, selector, pool_emb, target_emb, fingerprints, timings,
         prefilter=reports.get("prefilter"), decontamination=reports.get("decontamination"), dedup=reports.get("dedup"),
-        extra_splits=extra_splits,
+        extra_splits=extra_splits, comm=comm, offset=offset, n_pool=n_pool,
     )
 
 
@@ -498,6 +604,17 @@ def select_by_ot(
     decontaminate_column: str | None = None,
     decontaminate_radius: float = 0.3,
     decontaminate_ngram: int | None = 13,
+    model: Any = None,
+    revision: str | None = None,
+    batch_size: int | None = None,
+    max_length: int | None = None,
+    pooling: str | None = None,
+    normalize: bool | None = None,
+    num_proc: int | None = None,
+    shard_rows: int | None = None,
+    trust_remote_code: bool = False,
+    device: str | None = None,
+    solver_device: str | None = None,
     **params: Any,
 ) -> Dataset | DatasetDict:
     """Select the ``k`` pool rows that best serve the target.
@@ -534,8 +651,17 @@ def select_by_ot(
         reads both back instead of recomputing.
     embedding : dict or None
         Encoder settings passed to :func:`hf_otselect.embed` (``model``, ``revision``,
-        ``batch_size``, ``max_length``, ``pooling``, ``normalize``, ``device``,
-        ``trust_remote_code``, and ``shard_rows``: rows per cached shard, the unit a killed run resumes from).
+        ``batch_size``, ``max_length``, ``pooling``, ``normalize``, ``device``, ``num_proc``,
+        ``trust_remote_code``, and ``shard_rows``: rows per cached shard, the unit a killed run
+        resumes from). Each can also be given as a keyword argument of its own (below).
+    model, revision, batch_size, max_length, pooling, normalize, num_proc, shard_rows, trust_remote_code
+        The same encoder settings as keyword arguments (a Hub id or local folder for ``model``;
+        None keeps the default). Giving one both here and in ``embedding`` with different values
+        is an error.
+    device : str or None
+        Device of the encoder (``"cpu"``, ``"cuda"``, ``"cuda:1"``); None picks CUDA when present.
+    solver_device : str or None
+        Device of the OT solver (GOT-D's ``device``); None follows the data.
     source_column : str or None
         Column naming each row's source (``domain``...): what the pre-filter ranks and what the
         decontamination counts are broken down by.
@@ -571,12 +697,25 @@ def select_by_ot(
     -------
     Dataset or DatasetDict
         The selected rows (every original column, plus ``pool_index`` back into the pool, the score
-        column and ``rank``, 1 = best), best first; or both splits when ``return_scored``. Rows
-        removed by the pre-filter or the decontamination stay in ``scored`` with a NaN score and
-        the last ranks; with ``return_scored`` the dict also holds ``prefilter`` (the source
+        column, ``rank``: the row's rank by score in the whole pool, 1 = best, ties to the lower
+        index, and for sampling selectors ``draw_order``: 1 = first drawn), best (or first drawn)
+        first; or both splits when ``return_scored``: ``scored`` is every pool row with
+        ``pool_index``, the score and ``selected`` (times chosen). Rows removed by the pre-filter
+        or the decontamination stay in ``scored`` with a NaN score; with ``return_scored`` the dict also holds ``prefilter`` (the source
         ranking: source, ot_distance, rows, sampled, kept) and ``decontaminated`` (the dropped
         rows with ``pool_index``, ``reason``, ``nearest_distance``) when those ran.
     """
+    given = {"model": model, "revision": revision, "batch_size": batch_size, "max_length": max_length, "pooling": pooling,
+             "normalize": normalize, "num_proc": num_proc, "shard_rows": shard_rows, "device": device,
+             "trust_remote_code": trust_remote_code or None}  # False is the default, not a setting
+    embedding = _merge_embedding(embedding, {key: v for key, v in given.items() if v is not None})
+    if solver_device is not None:
+        from .selectors.base import selector_class
+
+        names = method.param_names() if isinstance(method, Selector) else selector_class(method).param_names()
+        if "device" not in names:
+            raise param_error("solver_device", "select_by_ot", f"None for method {getattr(method, 'name', method)!r} (it runs no solver on a device)", solver_device)
+        params["device"] = solver_device
     run = run_selection(
         dataset, target, method, k, column=column, target_column=target_column,
         negative_target=negative_target, score_column=score_column, seed=seed,
@@ -585,9 +724,24 @@ def select_by_ot(
         decontaminate_column=decontaminate_column, decontaminate_radius=decontaminate_radius,
         decontaminate_ngram=decontaminate_ngram, **params,
     )
+    # One process holds every row here: hand the selection back best (or first drawn) first.
+    key = "draw_order" if "draw_order" in run.selected.column_names else "rank"
+    selected = run.selected.select(np.argsort(np.asarray(run.selected[key]), kind="stable"))
     if return_scored:
-        return DatasetDict({"scored": run.scored, "selected": run.selected, **run.extra_splits})
-    return run.selected
+        return DatasetDict({"scored": run.scored, "selected": selected, **run.extra_splits})
+    return selected
+
+
+def _merge_embedding(embedding: dict[str, Any] | None, given: dict[str, Any]) -> dict[str, Any]:
+    """``embedding`` plus the encoder settings given as keyword arguments; a disagreement is an error."""
+    if embedding is not None and not isinstance(embedding, dict):
+        raise param_error("embedding", "select_by_ot", f"None or a dict with keys among {list(_EMBED_KEYS)}", type(embedding).__name__, exc=TypeError)
+    merged = dict(embedding or {})
+    for key, value in given.items():
+        if key in merged and merged[key] != value:
+            raise param_error(key, "select_by_ot", f"the same value as embedding[{key!r}] ({merged[key]!r}) when both are given", value)
+        merged[key] = value
+    return merged
 
 
 def _method(self: Dataset | IterableDataset, target: Target, method: str | Selector = "got_d", k: int = 100, **kwargs: Any) -> Dataset | DatasetDict:

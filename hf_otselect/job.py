@@ -1,24 +1,28 @@
 """Run a selection job from a :class:`~hf_otselect.config.SelectionConfig`.
 
-Outputs go to one folder (see DESIGN.md)::
+Outputs go to one folder (see DESIGN.md), which ``datasets.load_from_disk(output_dir)`` reads as a
+``DatasetDict`` with the splits ``scored`` and ``selected``::
 
     <output_dir>/
-      scored/           every pool row + pool_index, score, rank (datasets save_to_disk)
-      selected/         the chosen rows, best first
-      selection.json    provenance: method, params, model, fingerprints, version, seed, OT distances, timings
-      embeddings/       pool.npy, target.npy (when save_embeddings)
-      prefilter/        the source ranking (when the pre-filter ran)
-      decontaminated/   the pool rows removed as too close to the held-out split (when it ran)
-      README.md         the dataset card pushed with the selection
-      report.html       and its PNGs (when report)
+      dataset_dict.json  the two splits below
+      scored/            every pool row + pool_index, score, selected (times chosen), in pool order
+      selected/          the chosen rows in pool order + pool_index, score, rank (by score in the
+                         pool, 1 = best), draw_order (sampling selectors); sort by either for "best first"
+      selection.json     provenance: method, params, model, fingerprints, version, seed, OT distances, timings
+      embeddings/        pool.npy (pool-RANK-of-WORLD.npy per process), target.npy (when save_embeddings)
+      prefilter/         the source ranking (when the pre-filter ran)
+      decontaminated/    the pool rows removed as too close to the held-out split (when it ran)
+      README.md          the dataset card pushed with the selection
+      report.html        and its PNGs (when report)
 
 Everything is written to ``<output_dir>.partial/`` first and renamed into place only when complete,
 so a crashed job never leaves an output that looks finished. A rerun clears the partial folder and
 starts again; the embedding and score caches make that cheap (finished shards are not recomputed).
 
-Under ``accelerate launch`` or ``torchrun`` (``WORLD_SIZE > 1``), each rank embeds a contiguous
-shard of the pool and saves it to the partial folder; rank 0 gathers the shards in order, scores,
-chooses and writes, so the selection equals the one-process run.
+Under ``accelerate launch`` or ``torchrun`` (``WORLD_SIZE > 1``) each process takes a contiguous
+shard of the pool, embeds it, joins the selector's fit through collectives (no process holds the
+pool's vectors or scores), scores and writes its own rows; the rows chosen are the same for any
+number of processes.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from . import __version__
 from ._checks import param_error
 from .config import DataConfig, SelectionConfig
 from .datasets_ext import SelectionRun, run_selection
+from .dist import Comm, get_comm
 from .embed import cache_root
 
 logger = logging.getLogger(__name__)
@@ -88,10 +93,6 @@ def output_paths(output_dir: str | os.PathLike) -> tuple[Path, Path]:
     return out, out.with_name(out.name + ".partial")
 
 
-def _world() -> tuple[int, int]:
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def _embedding_kwargs(config: SelectionConfig) -> dict[str, Any]:
     e = config.embedding
     return {
@@ -101,50 +102,33 @@ def _embedding_kwargs(config: SelectionConfig) -> dict[str, Any]:
     }
 
 
-def _distributed_embeddings(config: SelectionConfig, pool: Any, target: Any, partial: Path) -> tuple[np.ndarray, np.ndarray] | None:
-    """Each rank embeds its contiguous pool shard; rank 0 returns the gathered arrays, others None."""
-    from accelerate import PartialState
+def _save_split(split: Dataset, folder: Path, comm: Comm) -> int:
+    """Write this process's rows of a split into one ``save_to_disk`` folder shared by all processes.
 
-    from .embed import embed, embed_to_file
-
-    state = PartialState(cpu=config.embedding.device in (None, "cpu") and not _cuda_available())
-    rank, world = state.process_index, state.num_processes
-    kwargs = _embedding_kwargs(config)
-    if kwargs["device"] is None and state.device.type == "cuda":
-        kwargs["device"] = str(state.device)
-    cache = cache_root(config.cache_dir) / "embeddings"
-    shard_dir = partial / "rank_embeddings"
-    if state.is_main_process:
-        shard_dir.mkdir(parents=True, exist_ok=True)
-    state.wait_for_everyone()
-    if isinstance(pool, IterableDataset):
-        from datasets.distributed import split_dataset_by_node
-
-        # Contiguous file shards per rank keep the gathered order equal to the stream's order only
-        # when every rank gets whole shards; split_dataset_by_node does that when n_shards % world == 0.
-        if pool.n_shards % world:
-            raise ValueError(
-                f"The streamed pool has {pool.n_shards} file shard(s), not a multiple of the {world} processes; "
-                "give it a multiple of the process count in files, or run with streaming: false."
-            )
-        part = split_dataset_by_node(pool, rank=rank, world_size=world)
-        embed_to_file(part, shard_dir / f"{rank:05d}.npy", column=config.pool.column, cache_dir=cache, **kwargs)
-    else:
-        part = pool.shard(num_shards=world, index=rank, contiguous=True)
-        np.save(shard_dir / f"{rank:05d}.npy", embed(part, column=config.pool.column, cache_dir=cache, **kwargs), allow_pickle=False)
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        return None
-    pool_emb = np.concatenate([np.load(shard_dir / f"{r:05d}.npy", allow_pickle=False) for r in range(world)])
-    target_emb = embed(target, column=config.target.column, cache_dir=cache, **kwargs)
-    shutil.rmtree(shard_dir)
-    return pool_emb, target_emb
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+    Each process saves its rows on its own, then moves its Arrow files into ``folder`` under names
+    that put them in rank order; process 0 writes the ``state.json`` that lists every file, so
+    ``load_from_disk`` reads the processes' rows in pool order as one dataset. ``datasets`` has no
+    writer for one split written by several processes, hence this. Returns the split's total rows.
+    """
+    own = folder.with_name(f".{folder.name}-{comm.rank:05d}")
+    split.save_to_disk(str(own))
+    files = sorted(own.glob("data-*.arrow"))
+    counts = np.concatenate(comm.all_gather(np.array([len(files), len(split)], dtype=np.int64)[None, :]))
+    if comm.is_main:
+        folder.mkdir()
+    comm.barrier()
+    names = [f"data-{comm.rank:05d}-{i:05d}-of-{comm.world_size:05d}.arrow" for i in range(len(files))]
+    for src, name in zip(files, names):
+        os.replace(src, folder / name)
+    comm.barrier()
+    if comm.is_main:
+        state = json.loads((own / "state.json").read_text(encoding="utf-8"))
+        state["_data_files"] = [{"filename": f"data-{r:05d}-{i:05d}-of-{comm.world_size:05d}.arrow"}
+                                for r in range(comm.world_size) for i in range(int(counts[r, 0]))]
+        (folder / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
+        os.replace(own / "dataset_info.json", folder / "dataset_info.json")
+    shutil.rmtree(own)
+    return int(counts[:, 1].sum())
 
 
 def _jsonable(value: Any) -> Any:
@@ -160,19 +144,27 @@ def _jsonable(value: Any) -> Any:
 
 
 def _ot_distances(run: SelectionRun, info: dict[str, Any]) -> dict[str, float | None]:
+    """OT distance of the target to the pool and to the selection (every process calls this).
+
+    The pool side comes from the selector (GOT-D solves it) or, with one process, is computed; the
+    selection side gathers the chosen rows' vectors (``k`` rows, not the pool).
+    """
     if run.pool_embeddings is None or run.target_embeddings is None:
         return {"target_pool": None, "target_selection": None}
     from .ot import ot_distance
 
+    comm = run.comm
     pool = np.asarray(run.pool_embeddings)
     target = np.asarray(run.target_embeddings)
+    mine = np.unique(run.result.indices)
+    mine = mine[(mine >= run.offset) & (mine < run.offset + pool.shape[0])] - run.offset
+    chosen = np.concatenate(comm.all_gather(pool[mine]))
     to_pool = info.get("ot_distance")
     filtered = bool(np.isnan(run.result.scores).any())  # pre-filter/decontamination left rows unscored
     eligible_pool = to_pool if filtered else None
-    if to_pool is None or filtered:
+    if (to_pool is None or filtered) and comm.world_size == 1:
         to_pool = ot_distance(pool, target)
-    chosen = np.unique(run.result.indices)
-    out = {"target_pool": float(to_pool), "target_selection": float(ot_distance(pool[chosen], target))}
+    out = {"target_pool": None if to_pool is None else float(to_pool), "target_selection": float(ot_distance(chosen, target))}
     if filtered:  # the selector's own figure is over the rows left selectable
         out["target_eligible_pool"] = None if eligible_pool is None else float(eligible_pool)
     return out
@@ -196,6 +188,7 @@ def _provenance(config: SelectionConfig, run: SelectionRun, distances: dict[str,
         "model_revision": config.embedding.revision,
         "embedding": _jsonable(_embedding_kwargs(config)),
         "fingerprints": run.fingerprints,
+        "processes": run.comm.world_size,
         "rows": {"pool": n_pool, "target": int(len(run.target_embeddings)) if run.target_embeddings is not None else None,
                  "selected": int(len(run.result.indices)), "selected_unique": int(np.unique(run.result.indices).size)},
         "ot_distance": distances,
@@ -223,7 +216,12 @@ def _pipeline_kwargs(config: SelectionConfig, heldout: Dataset | None) -> dict[s
 
 
 def run_job(config: SelectionConfig) -> Path | None:
-    """Run a selection job; return the output folder (None on ranks other than 0).
+    """Run a selection job; return the output folder (None on processes other than 0).
+
+    Under ``torchrun`` / ``accelerate launch`` every process runs this: each embeds and scores its
+    contiguous shard of the pool, the fit talks through collectives, each writes its own rows of
+    ``scored`` and ``selected``, and process 0 writes ``selection.json``, the card and the report.
+    The output folder must be shared by all processes (one file system).
 
     Raises
     ------
@@ -233,7 +231,6 @@ def run_job(config: SelectionConfig) -> Path | None:
     t0 = time.perf_counter()
     config.validate()
     out, partial = output_paths(config.output_dir)
-    rank, world = _world()
     if out.exists() and not config.overwrite:
         raise FileExistsError(f"The 'output_dir' {str(out)!r} already exists. Pass overwrite=true to replace it.")
     if config.push_to_hub:
@@ -250,50 +247,57 @@ def run_job(config: SelectionConfig) -> Path | None:
     heldout = load_split(config.decontaminate, "decontaminate") if config.decontaminate else None
     if isinstance(heldout, IterableDataset):
         heldout = Dataset.from_list(list(heldout))
-    if rank == 0:
+    comm = get_comm(config.embedding.device)
+    if comm.is_main:
         if partial.exists():
             logger.info("Removing the partial output of an earlier run: %s", partial)
             shutil.rmtree(partial)
         partial.mkdir(parents=True)
+    comm.barrier()
 
-    embeddings = None
-    if world > 1:
-        embeddings = _distributed_embeddings(config, pool, target, partial)
-        if embeddings is None:
-            return None
-
+    embedding = _embedding_kwargs(config)
+    if embedding["device"] is None and getattr(comm, "device", None) is not None and comm.device.type == "cuda":
+        embedding["device"] = str(comm.device)  # one GPU per process
     run = run_selection(
         pool, target, config.method, config.k, column=config.pool.column, target_column=config.target.column,
         negative_target=negative, score_column=config.score_column, seed=config.seed, cache_dir=config.cache_dir,
-        embedding=_embedding_kwargs(config), embeddings=embeddings, **_pipeline_kwargs(config, heldout), **config.params,
+        embedding=embedding, comm=comm, **_pipeline_kwargs(config, heldout), **config.params,
     )
     if run.pool_embeddings is None and (config.report or config.save_embeddings):
         from .embed import embed
 
         cache = cache_root(config.cache_dir) / "embeddings"
-        kw = _embedding_kwargs(config)
-        run.pool_embeddings = embed(pool, column=config.pool.column, cache_dir=cache, **kw)
-        run.target_embeddings = embed(target, column=config.target.column, cache_dir=cache, **kw)
+        part = pool if comm.world_size == 1 else pool.shard(num_shards=comm.world_size, index=comm.rank, contiguous=True)
+        run.pool_embeddings = embed(part, column=config.pool.column, cache_dir=cache, **embedding)
+        run.target_embeddings = embed(target, column=config.target.column, cache_dir=cache, **embedding)
 
     t = time.perf_counter()
-    run.scored.save_to_disk(str(partial / "scored"))
-    run.selected.save_to_disk(str(partial / "selected"))
-    for name, split in run.extra_splits.items():  # prefilter/ (source ranking), decontaminated/ (dropped rows)
-        split.save_to_disk(str(partial / name))
+    n_scored = _save_split(run.scored, partial / "scored", comm)
+    n_selected = _save_split(run.selected, partial / "selected", comm)
     if config.save_embeddings and run.pool_embeddings is not None:
-        (partial / "embeddings").mkdir()
-        np.save(partial / "embeddings" / "pool.npy", np.asarray(run.pool_embeddings), allow_pickle=False)
-        np.save(partial / "embeddings" / "target.npy", np.asarray(run.target_embeddings), allow_pickle=False)
+        (partial / "embeddings").mkdir(exist_ok=True)
+        name = "pool.npy" if comm.world_size == 1 else f"pool-{comm.rank:05d}-of-{comm.world_size:05d}.npy"
+        np.save(partial / "embeddings" / name, np.asarray(run.pool_embeddings), allow_pickle=False)
     run.timings["write_s"] = time.perf_counter() - t
     distances = _ot_distances(run, run.result.info)
+    selected_scores = np.concatenate(comm.all_gather(np.asarray(run.selected[config.score_column], dtype=np.float64)))
+    comm.barrier()
+    if not comm.is_main:
+        return None
+    (partial / "dataset_dict.json").write_text(json.dumps({"splits": ["scored", "selected"]}), encoding="utf-8")
+    for name, split in run.extra_splits.items():  # prefilter/ (source ranking), decontaminated/ (dropped rows)
+        split.save_to_disk(str(partial / name))
+    if config.save_embeddings and run.target_embeddings is not None:
+        np.save(partial / "embeddings" / "target.npy", np.asarray(run.target_embeddings), allow_pickle=False)
     run.timings["job_s"] = time.perf_counter() - t0
     # One JSON round trip: the card's YAML and selection.json hold plain types only.
-    provenance = json.loads(json.dumps(_provenance(config, run, distances, len(run.scored)), default=str))
+    provenance = json.loads(json.dumps(_provenance(config, run, distances, n_scored), default=str))
+    provenance["rows"]["selected"] = n_selected
     (partial / "selection.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     from .hub import build_card
 
-    build_card(provenance, run.selected[config.score_column]).save(str(partial / "README.md"))
+    build_card(provenance, selected_scores).save(str(partial / "README.md"))
     if config.report:
         from .report import write_report
 
@@ -301,7 +305,10 @@ def run_job(config: SelectionConfig) -> Path | None:
     if out.exists():
         shutil.rmtree(out)
     os.replace(partial, out)
-    logger.info("Selection written to %s (%d of %d rows)", out, len(run.selected), len(run.scored))
+    if config.report:
+        logger.info("Report: %s", out / "report.html")
+    logger.info("Selection written to %s (%d of %d rows; load_from_disk(%r) gives the scored and selected splits)",
+                out, n_selected, n_scored, str(out))
     if config.push_to_hub:
         from .hub import push
 

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from ._checks import check_float, check_int, param_error
+from .selectors.base import descending_order
 
 logger = logging.getLogger(__name__)
 
@@ -270,7 +271,7 @@ def _load_run(folder: Path, columns: Sequence[str] | None) -> tuple[_Run, list[s
     score_column = config.get("score_column", "score")
     scored = load_from_disk(str(folder / "scored"))
     selected = load_from_disk(str(folder / "selected"))
-    for name in ("pool_index", score_column, "rank"):
+    for name in ("pool_index", score_column):
         if name not in scored.column_names:
             raise ValueError(f"Column {name!r} not in the scored split. Current columns: {scored.column_names}")
     if columns is None:
@@ -291,9 +292,13 @@ def _load_run(folder: Path, columns: Sequence[str] | None) -> tuple[_Run, list[s
     row_of[pool_index] = np.arange(n)
     scores = np.empty(n)
     scores[pool_index] = _column(scored, score_column).astype(np.float64)
-    ranks = np.empty(n, dtype=np.int64)
-    ranks[pool_index] = _column(scored, "rank").astype(np.int64)
+    ranks = np.empty(n, dtype=np.int64)  # by score, 1 = best, ties to the lower index, unscored last
+    ranks[descending_order(scores)] = np.arange(1, n + 1)
+    # The selected split is in pool order: put it in choice order (first drawn, or best, first).
+    order_by = "draw_order" if "draw_order" in selected.column_names else "rank"
     chosen = _column(selected, "pool_index").astype(np.int64)
+    if order_by in selected.column_names:
+        chosen = chosen[np.argsort(_column(selected, order_by), kind="stable")]
     notes: list[str] = []
     pool_emb, target_emb = _load_embeddings(folder, n, notes)
     run = _Run(folder, prov, scored, selected, score_column, text_column, scores, ranks, row_of, chosen,

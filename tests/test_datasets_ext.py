@@ -39,7 +39,8 @@ def test_every_selector_returns_k_rows_with_scores(pool, target, cache, method):
     out = pool.select_by_ot(target, method=method, k=6, cache_dir=cache, embedding=EMB)
     assert isinstance(out, Dataset)
     assert len(out) == 6
-    assert out.column_names == ["text", "domain", "pool_index", "score", "rank"]
+    sampled = ["draw_order"] if method in ("tsds", "random", "dsir") else []
+    assert out.column_names == ["text", "domain", "pool_index", "score", "rank", *sampled]
     assert np.isfinite(out["score"]).all()
     for row in out:  # the index really points back into the pool
         assert pool[row["pool_index"]]["text"] == row["text"]
@@ -50,11 +51,12 @@ def test_return_scored_is_consistent(pool, target, cache):
     assert isinstance(dd, DatasetDict) and set(dd) == {"scored", "selected"}
     scored, selected = dd["scored"], dd["selected"]
     assert len(scored) == len(pool) and scored["pool_index"] == list(range(len(pool)))
-    assert sorted(scored["rank"]) == list(range(1, len(pool) + 1))
+    assert sum(scored["selected"]) == 10
+    assert {i for i, t in zip(scored["pool_index"], scored["selected"]) if t} == set(selected["pool_index"])
     # top-k: the selection is exactly ranks 1..k, best first, and scores decrease
     assert selected["rank"] == list(range(1, 11))
     assert selected["gain"] == sorted(selected["gain"], reverse=True)
-    assert min(selected["gain"]) >= max(s for s, r in zip(scored["gain"], scored["rank"]) if r > 10)
+    assert min(selected["gain"]) >= max(s for s, t in zip(scored["gain"], scored["selected"]) if not t)
 
 
 def test_same_call_twice_hits_the_score_cache(pool, target, cache, monkeypatch):
@@ -62,13 +64,51 @@ def test_same_call_twice_hits_the_score_cache(pool, target, cache, monkeypatch):
 
     first = select_by_ot(pool, target, "got_d", 5, cache_dir=cache, embedding=EMB)
     calls = []
-    original = GOTDSelector.score
-    monkeypatch.setattr(GOTDSelector, "score", lambda self, c, t: calls.append(1) or original(self, c, t))
+    original = GOTDSelector.fit
+    monkeypatch.setattr(GOTDSelector, "fit", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
     second = select_by_ot(pool, target, "got_d", 5, cache_dir=cache, embedding=EMB)
     assert calls == []
     assert first["pool_index"] == second["pool_index"]
     select_by_ot(pool, target, "got_d", 5, cache_dir=cache, embedding=EMB, eps=0.3)  # other params: a miss
     assert calls == [1]
+
+
+def test_encoder_settings_work_as_keywords_and_agree_with_the_embedding_dict(pool, target, cache):
+    by_kw = select_by_ot(pool, target, "similarity", 6, cache_dir=cache, max_length=64, batch_size=8, num_proc=1)
+    by_dict = select_by_ot(pool, target, "similarity", 6, cache_dir=cache, embedding={"max_length": 64, "batch_size": 8, "num_proc": 1})
+    assert by_kw["pool_index"] == by_dict["pool_index"]
+    with pytest.raises(ValueError, match="'max_length' parameter of select_by_ot must be the same value as embedding"):
+        select_by_ot(pool, target, "similarity", 6, cache_dir=cache, max_length=32, embedding={"max_length": 64})
+
+
+def test_an_unknown_keyword_names_the_selector_keywords_and_the_embedding_dict(pool, target, cache):
+    with pytest.raises(TypeError, match=r"'pooling_mode' parameter of select_by_ot .*eps.*embedding=\{\.\.\.\}"):
+        select_by_ot(pool, target, "got_d", 6, cache_dir=cache, pooling_mode="cls")
+
+
+def test_solver_device_goes_to_the_solver_and_device_to_the_encoder(pool, target, cache, monkeypatch):
+    from hf_otselect.selectors.got_d import GOTDSelector
+
+    seen = []
+    original = GOTDSelector.fit
+    monkeypatch.setattr(GOTDSelector, "fit", lambda self, *a, **k: seen.append(self.device) or original(self, *a, **k))
+    select_by_ot(pool, target, "got_d", 6, cache_dir=cache, embedding=EMB, device="cpu", solver_device="cpu", eps=0.11)
+    assert seen == ["cpu"]
+    with pytest.raises(ValueError, match="'solver_device' parameter of select_by_ot"):
+        select_by_ot(pool, target, "similarity", 6, cache_dir=cache, embedding=EMB, solver_device="cpu")
+
+
+def test_disable_caching_is_honoured(pool, target, tmp_path):
+    import datasets
+
+    datasets.disable_caching()
+    try:
+        select_by_ot(pool, target, "similarity", 6, cache_dir=tmp_path, embedding=EMB)
+    finally:
+        datasets.enable_caching()
+    assert not list(tmp_path.rglob("*.npy"))  # neither vectors nor scores were cached
+    select_by_ot(pool, target, "similarity", 6, cache_dir=tmp_path, embedding=EMB)
+    assert list(tmp_path.rglob("*.npy"))
 
 
 def test_target_as_embeddings_equals_target_as_text(pool, target, cache):

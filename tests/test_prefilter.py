@@ -116,8 +116,8 @@ def test_select_by_ot_with_a_source_column(real, cache):
     scores = np.asarray(scored["score"], dtype=float)
     domains = np.asarray(scored["domain"])
     assert np.isnan(scores[domains != "chemprot"]).all() and np.isfinite(scores[domains == "chemprot"]).all()
-    assert sorted(scored["rank"]) == list(range(1, len(pool) + 1))
-    assert max(np.asarray(scored["rank"])[domains == "chemprot"]) == N_PER_DOMAIN  # dropped rows rank last
+    assert sum(np.asarray(scored["selected"])[domains != "chemprot"]) == 0  # dropped rows are never chosen
+    assert sorted(selected["rank"]) == list(range(1, 11))  # ranks count scored rows only
 
 
 def test_a_datasetdict_pool_is_one_pool_of_sources(real, cache):

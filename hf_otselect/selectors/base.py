@@ -58,6 +58,9 @@ class Selector(ABC):
         Registry key, e.g. ``"got_d"``.
     needs_text : bool
         When True, :meth:`score` takes sequences of strings instead of embedding arrays.
+    needs_vectors : bool
+        When False, the scores use neither vectors nor texts (random): pipelines skip the encoder
+        and hand :meth:`fit` a zero-width view.
     choice : {"top_k", "sample", "log_sample"}
         How :meth:`select` turns scores into rows: stable top-k, or seeded sampling from the
         scores read as probabilities (``"sample"``) or as log-weights (``"log_sample"``).
@@ -65,6 +68,7 @@ class Selector(ABC):
 
     name: ClassVar[str] = ""
     needs_text: ClassVar[bool] = False
+    needs_vectors: ClassVar[bool] = True
     choice: ClassVar[ChoiceMode] = "top_k"
 
     diagnostics_: dict[str, Any]
@@ -177,6 +181,11 @@ class Selector(ABC):
             if callable(fn):
                 fn()
 
+    @classmethod
+    def param_names(cls) -> list[str]:
+        """The constructor's keyword parameters, in order."""
+        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
     def get_params(self) -> dict[str, Any]:
         """The constructor parameters, by name (as stored, unchanged)."""
         sig = inspect.signature(type(self).__init__)
@@ -212,15 +221,20 @@ def available_selectors() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def selector_class(method: str) -> type[Selector]:
+    """The registered class of ``method`` (a registry name)."""
+    check_choice(method, "method", "get_selector", available_selectors())
+    return _REGISTRY[method]
+
+
 def get_selector(method: str | Selector, **params: Any) -> Selector:
     """Return a selector instance by registry name (or pass an instance through unchanged)."""
     if isinstance(method, Selector):
         if params:
             raise param_error("params", "get_selector", "empty when an instance is given", sorted(params))
         return method
-    check_choice(method, "method", "get_selector", available_selectors())
-    cls = _REGISTRY[method]
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    cls = selector_class(method)
+    accepted = set(cls.param_names())
     unknown = sorted(set(params) - accepted)
     if unknown:
         raise param_error("params", f"get_selector({method!r})", f"keyword(s) among {sorted(accepted)}", unknown)

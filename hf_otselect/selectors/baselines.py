@@ -44,6 +44,7 @@ class RandomSelector(Selector):
     """
 
     choice = "sample"
+    needs_vectors = False
 
     def __init__(self, *, replace: bool = False) -> None:
         self.replace = replace
@@ -170,7 +171,9 @@ class SimilaritySelector(Selector):
         """Cosine scores of a block (see the class docstring), float64 ``(b,)``."""
         x = _unit64(rows)
         if self.reduce == "mean":
-            return x @ state.centre
+            # Row-wise products summed along the row: the same bits for a row in any block
+            # (a matrix-vector product may round differently with the block's shape).
+            return (x * state.centre).sum(axis=1)
         import torch
 
         y = torch.from_numpy(state.target.astype(np.float32))

@@ -1,0 +1,176 @@
+"""Scale-out benchmark: GOT-D and TSDS fits over a sharded, memory-mapped pool, 1 vs 2 processes.
+
+Each process maps the same ``.npy`` file and reads only its contiguous rows, in blocks (a
+:class:`~hf_otselect.dist.PoolView` over a memmap); the fits talk through gloo collectives. Per run
+it records wall time of fit, scoring pass and choice, each process's peak RSS, and the bytes each
+process sent per Sinkhorn iteration (``Comm.bytes_sent``).
+
+    .venv/bin/python benchmarks/scale_out.py --work-dir /tmp/scale --sizes 1000000 4000000 \
+        --procs 1 2 --out benchmarks/results/scale_out.md
+
+The pool is clustered unit vectors (the PEERS.md recipe: 200 centres, 384-d), written block by
+block, so making it never holds it in memory either.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+DIM, M, CENTRES = 384, 1000, 200
+
+
+def make_pool(path: Path, n: int, seed: int = 0, block: int = 250_000) -> None:
+    """Write ``n`` clustered unit rows to ``path`` (``.npy``) block by block."""
+    if path.exists() and np.load(path, mmap_mode="r").shape == (n, DIM):
+        return
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(CENTRES, DIM))
+    tmp = path.with_suffix(".tmp.npy")
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, DIM))
+    for s in range(0, n, block):
+        e = min(s + block, n)
+        x = centres[rng.integers(0, CENTRES, e - s)] * 0.5 + rng.normal(size=(e - s, DIM))
+        out[s:e] = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    out.flush()
+    del out
+    os.replace(tmp, path)
+
+
+def make_target(path: Path, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(CENTRES, DIM))
+    rng = np.random.default_rng(seed + 1)
+    y = centres[rng.integers(0, 20, M)] * 0.5 + rng.normal(size=(M, DIM))
+    y = (y / np.linalg.norm(y, axis=1, keepdims=True)).astype(np.float32)
+    np.save(path, y)
+    return y
+
+
+def worker(pool_path: str, target_path: str, method: str, out: str) -> None:
+    """One process's part (run directly, or under torchrun)."""
+    from hf_otselect.dist import PoolView, get_comm
+    from hf_otselect.selectors import get_selector
+
+    comm = get_comm()
+    data = np.load(pool_path, mmap_mode="r")
+    n = data.shape[0]
+    div, mod = divmod(n, comm.world_size)
+    lo = div * comm.rank + min(comm.rank, mod)
+    hi = lo + div + (comm.rank < mod)
+    view = PoolView(data[lo:hi], lo, n)
+    target = np.load(target_path)
+    params = {"eps": 0.1} if method == "got_d" else {}
+    selector = get_selector(method, **params)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    comm.barrier()
+    t0 = time.perf_counter()
+    state = selector.fit(view, target, comm=comm)
+    t1 = time.perf_counter()
+    fit_bytes = comm.bytes_sent
+    scores = np.concatenate([selector.score_batch(state, rows, idx) for idx, rows in view.blocks()])
+    t2 = time.perf_counter()
+    chosen = selector.choose_rows(scores, 1000, seed=0, index=np.arange(lo, hi), comm=comm)
+    comm.barrier()
+    t3 = time.perf_counter()
+    info = dict(selector.diagnostics_)
+    n_iter = int(info.get("n_iter", 0) or 0)
+    row = {
+        "method": method, "n": n, "procs": comm.world_size, "rank": comm.rank, "fit_s": t1 - t0, "score_s": t2 - t1,
+        "choose_s": t3 - t2, "total_s": t3 - t0, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "rss_before_fit_gb": rss0 / 2**20, "shard_gb": (hi - lo) * DIM * 4 / 2**30, "n_iter": n_iter,
+        "fit_bytes": fit_bytes, "bytes_per_iter": fit_bytes / n_iter if n_iter else None,
+        "chosen_head": chosen[:5].tolist(),
+    }
+    rows = comm.all_gather(np.frombuffer(json.dumps(row).encode().ljust(2048), dtype=np.uint8))
+    if comm.is_main:
+        with open(out, "a", encoding="utf-8") as fh:
+            for r in rows:
+                fh.write(bytes(r).decode().strip() + "\n")
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    target = work / "target.npy"
+    make_target(target)
+    raw = work / "rows.jsonl"
+    raw.unlink(missing_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, args.threads))}
+    for n in args.sizes:
+        pool = work / f"pool_{n}.npy"
+        make_pool(pool, n)
+        for method in args.methods:
+            for procs in args.procs:
+                env["OMP_NUM_THREADS"] = str(max(1, args.threads // procs))
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
+                       __file__, "--worker", str(pool), str(target), method, str(raw)]
+                t = time.perf_counter()
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                if proc.returncode:
+                    raise SystemExit(f"{method} n={n} procs={procs} failed:\n{proc.stderr[-4000:]}")
+                print(f"{method} n={n:,} procs={procs}: {time.perf_counter() - t:.1f} s launched", flush=True)
+    return [json.loads(line) for line in raw.read_text().splitlines()]
+
+
+def render(rows: list[dict], args: argparse.Namespace) -> str:
+    import torch
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    lines = [
+        "# Scale-out: sharded GOT-D and TSDS fits, 1 vs 2 processes",
+        "",
+        f"Command: `{' '.join([Path(sys.executable).name, *sys.argv])}`  ",
+        f"Commit: `{commit}`; python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}; "
+        f"{os.cpu_count()} cores, OMP threads {args.threads} split between the processes.",
+        "",
+        f"Pool: clustered unit vectors, {DIM}-d, memory-mapped; target M = {M}; GOT-D eps 0.1; TSDS defaults; k = 1000.",
+        "",
+        "| method | N | procs | fit s | score s | choose s | total s | peak RSS / proc GB | shard GB | iters | bytes/iter/proc | same rows as 1 proc |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    by = {}
+    for r in rows:
+        by.setdefault((r["method"], r["n"], r["procs"]), []).append(r)
+    for (method, n, procs), rs in sorted(by.items()):
+        worst = max(rs, key=lambda r: r["total_s"])
+        one = by.get((method, n, 1), rs)[0]
+        same = "yes" if rs[0]["chosen_head"] == one["chosen_head"] else "NO"
+        bpi = max((r["bytes_per_iter"] or 0) for r in rs)
+        lines.append(
+            f"| {method} | {n:,} | {procs} | {worst['fit_s']:.1f} | {worst['score_s']:.1f} | {worst['choose_s']:.2f} | "
+            f"{worst['total_s']:.1f} | {max(r['peak_rss_gb'] for r in rs):.2f} | {worst['shard_gb']:.2f} | {worst['n_iter']} | "
+            f"{bpi:,.0f} | {same} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        worker(*sys.argv[2:6])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work-dir", required=True)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 4_000_000])
+    parser.add_argument("--procs", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--methods", nargs="+", default=["got_d", "tsds"])
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    text = render(run(args), args)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,340 @@
+"""The sharded flow: collectives, world-size-invariant choice and ranks, the same rows for 1..N processes.
+
+Fast tests play the processes with threads (``threadcomm.ThreadComm``); the slow ones launch real
+processes with torchrun (gloo on CPU), as one node and as two "nodes" sharing a rendezvous on
+127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from datasets import Dataset, load_from_disk
+
+from hf_otselect.datasets_ext import global_ranks, run_selection
+from hf_otselect.dist import LOCAL, PoolView
+from hf_otselect.selectors import get_selector
+from hf_otselect.selectors.base import choose, row_uniforms
+
+from .conftest import REPO, SAMPLE, read_jsonl
+from .threadcomm import contiguous_bounds, run_world
+
+WORLDS = (1, 2, 3, 5)
+
+
+def _split_call(n: int, world: int, fn):
+    """Run ``fn(comm, lo, hi)`` on each rank's contiguous rows; return rank 0's result."""
+    return run_world(world, lambda comm: fn(comm, *contiguous_bounds(n, world, comm.rank)))[0]
+
+
+def _reference_top_k(keys: np.ndarray, k: int) -> list[int]:
+    return sorted(range(keys.size), key=lambda i: (-keys[i], i))[:k]  # plain Python, ties to the lower index
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_top_k_merges_to_the_plain_reference_with_ties(world):
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 6, 101).astype(np.float64)  # many ties
+    got = _split_call(101, world, lambda comm, lo, hi: choose(scores[lo:hi], 17, index=np.arange(lo, hi), comm=comm))
+    assert got.tolist() == _reference_top_k(scores, 17)
+
+
+@pytest.mark.parametrize("mode,replace", [("sample", False), ("sample", True), ("log_sample", False)])
+def test_sampling_draws_the_same_rows_for_any_world_size(mode, replace):
+    rng = np.random.default_rng(1)
+    scores = rng.random(203) * (rng.random(203) > 0.3)
+    if mode == "log_sample":
+        scores = np.log(scores + 1e-3)
+    runs = [
+        _split_call(203, w, lambda comm, lo, hi: choose(scores[lo:hi], 40, mode=mode, replace=replace, seed=7,
+                                                        index=np.arange(lo, hi), comm=comm))
+        for w in WORLDS
+    ]
+    for other in runs[1:]:
+        assert other.tolist() == runs[0].tolist()
+    assert choose(scores, 40, mode=mode, replace=replace, seed=8).tolist() != runs[0].tolist()  # the seed matters
+
+
+def test_row_uniforms_depend_on_seed_and_index_only_and_look_uniform():
+    u = row_uniforms(5, np.arange(200_000))
+    assert np.array_equal(u[1000:1010], row_uniforms(5, np.arange(1000, 1010)))
+    assert 0.0 < u.min() and u.max() < 1.0
+    # Kolmogorov-Smirnov distance to U(0, 1): 1.36/sqrt(n) is the 5% critical value.
+    d = np.abs(np.sort(u) - (np.arange(1, u.size + 1) - 0.5) / u.size).max()
+    assert d < 1.36 / np.sqrt(u.size)
+    assert abs(np.corrcoef(u[:-1], u[1:])[0, 1]) < 0.01  # neighbouring rows are not correlated
+
+
+def test_sampling_frequencies_follow_the_probabilities():
+    p = np.array([0.5, 0.3, 0.15, 0.05])
+    # Without replacement, the first draw is a draw from p (Gumbel-max); over seeds, its frequency is p.
+    firsts = np.bincount([choose(p, 1, mode="sample", seed=s)[0] for s in range(4000)], minlength=4) / 4000
+    assert np.abs(firsts - p).max() < 0.03
+    draws = np.bincount(choose(p, 20_000, mode="sample", replace=True, seed=0), minlength=4) / 20_000
+    assert np.abs(draws - p).max() < 0.015
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_global_ranks_equal_a_full_sort(world):
+    rng = np.random.default_rng(2)
+    scores = rng.integers(0, 5, 60).astype(np.float64)
+    scores[[3, 20]] = np.nan  # unscored rows are never counted
+    queries = np.array([0, 7, 19, 33, 59])
+    order = [i for i in sorted(range(60), key=lambda i: (-scores[i], i)) if not np.isnan(scores[i])]
+    expected = [order.index(q) + 1 for q in queries]
+    got = _split_call(60, world, lambda comm, lo, hi: global_ranks(scores[lo:hi], np.arange(lo, hi), scores[queries], queries, comm))
+    assert got.tolist() == expected
+
+
+@pytest.mark.parametrize("method,params", [
+    ("random", {}), ("similarity", {"reduce": "mean"}), ("similarity", {"reduce": "max"}),
+    ("similarity", {"reduce": "round_robin", "block_size": 7}), ("got_d", {}), ("tsds", {}),
+])
+@pytest.mark.parametrize("world", (2, 3))
+def test_vector_fits_give_the_one_process_scores(method, params, world):
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(4, 8))
+    x = (centres[rng.integers(0, 4, 90)] + 0.3 * rng.normal(size=(90, 8))).astype(np.float32)
+    x[10] = x[11]  # an exact duplicate pair
+    y = (centres[:2].repeat(6, axis=0) + 0.3 * rng.normal(size=(12, 8))).astype(np.float32)
+    selector = get_selector(method, **params)
+    whole = selector.score(x, y)
+
+    def scores(comm, lo, hi):
+        sel = get_selector(method, **params)
+        view = PoolView.of(x[lo:hi], comm)
+        state = sel.fit(view, y, comm=comm)
+        local = np.concatenate([sel.score_batch(state, rows, idx) for idx, rows in view.blocks(5)])
+        return np.concatenate(comm.all_gather(local))
+
+    if method in ("got_d", "tsds") and not hasattr(selector, "_sharded_fit_ready"):
+        pytest.skip("sharded fit lands with the GOT-D/TSDS work")
+    got = _split_call(90, world, scores)
+    np.testing.assert_allclose(got, whole, rtol=1e-6 if method == "got_d" else 0, atol=1e-12 if method == "got_d" else 0)
+
+
+@pytest.mark.parametrize("world", (2, 3))
+def test_dsir_fit_gives_the_one_process_weights(world):
+    rows = read_jsonl(SAMPLE / "pool.jsonl", 120)
+    texts = [r["text"] for r in rows]
+    target = [r["text"] for r in read_jsonl(SAMPLE / "target.jsonl", 30)]
+    whole = get_selector("dsir").score(texts, target)
+    from hf_otselect.dist import TextView
+
+    def scores(comm, lo, hi):
+        sel = get_selector("dsir")
+        view = TextView.of(texts[lo:hi], comm)
+        state = sel.fit(view, target, comm=comm)
+        return np.concatenate(comm.all_gather(np.concatenate([sel.score_batch(state, t, i) for i, t in view.blocks(16)])))
+
+    np.testing.assert_allclose(_split_call(120, world, scores), whole, rtol=1e-12)
+
+
+def _pool_and_vectors(n: int = 140, dim: int = 16):
+    rows = read_jsonl(SAMPLE / "pool.jsonl", n)
+    pool = Dataset.from_list(rows)
+    target = Dataset.from_list(read_jsonl(SAMPLE / "target.jsonl", 20))
+    rng = np.random.default_rng(4)
+    domains = sorted({r["domain"] for r in rows})
+    centres = rng.normal(size=(len(domains), dim))
+    pool_emb = np.stack([centres[domains.index(r["domain"])] + 0.5 * rng.normal(size=dim) for r in rows]).astype(np.float32)
+    target_emb = (centres[0] + 0.5 * rng.normal(size=(20, dim))).astype(np.float32)
+    return pool, target, pool_emb, target_emb
+
+
+@pytest.mark.parametrize("method", ["random", "similarity", "dsir"])
+def test_run_selection_splits_are_the_same_for_any_world_size(method, tmp_path):
+    pool, target, pool_emb, target_emb = _pool_and_vectors()
+    n = len(pool)
+
+    def run(world):
+        def part(comm):
+            lo, hi = contiguous_bounds(n, world, comm.rank)
+            r = run_selection(pool, target, method, 25, seed=1, cache_dir=tmp_path / f"c{world}", comm=comm,
+                              embeddings=(pool_emb[lo:hi], target_emb))
+            return r.result.indices.tolist(), r.scored.to_dict(), r.selected.to_dict()
+        ranks = run_world(world, part)
+        merged = [{key: sum((r[j][key] for r in ranks), []) for key in ranks[0][j]} for j in (1, 2)]
+        return ranks[0][0], merged
+
+    one = run(1)
+    assert len(one[0]) == 25 and one[1][1]["pool_index"] == sorted(one[1][1]["pool_index"])
+    for world in (2, 3):
+        assert run(world) == one
+
+
+def test_selected_rank_is_the_rank_by_score_and_draw_order_the_draw(tmp_path):
+    pool, target, pool_emb, target_emb = _pool_and_vectors()
+    run = run_selection(pool, target, "random", 10, seed=2, cache_dir=tmp_path, embeddings=(pool_emb, target_emb))
+    sel = run.selected
+    assert sorted(sel["draw_order"]) == list(range(1, 11))
+    by_draw = [p for _, p in sorted(zip(sel["draw_order"], sel["pool_index"]))]
+    assert by_draw == run.result.indices.tolist()
+    # Random gives every row the same score: rank by score is then pool order (ties to the lower index).
+    assert sel["rank"] == [p + 1 for p in sel["pool_index"]]
+    run = run_selection(pool, target, "similarity", 10, cache_dir=tmp_path, embeddings=(pool_emb, target_emb))
+    assert sorted(run.selected["rank"]) == list(range(1, 11)) and "draw_order" not in run.selected.column_names
+
+
+def test_random_needs_no_encoder(tmp_path, monkeypatch):
+    import importlib
+
+    embed_mod = importlib.import_module("hf_otselect.embed")
+
+    def tripwire(*a, **k):
+        raise AssertionError("random loaded the encoder")
+
+    monkeypatch.setattr(embed_mod, "load_encoder", tripwire)
+    pool = Dataset.from_list(read_jsonl(SAMPLE / "pool.jsonl", 50))
+    out = pool.select_by_ot(["any target"], method="random", k=5, cache_dir=tmp_path)
+    assert len(out) == 5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+            "PYTHONPATH": str(REPO)}
+
+
+@pytest.mark.slow
+def test_torchrun_two_and_three_processes_select_what_one_does(tmp_path):
+    pool, target, pool_emb, target_emb = _pool_and_vectors(120)
+    pool.to_json(tmp_path / "pool.jsonl")
+    target.to_json(tmp_path / "target.jsonl")
+    np.save(tmp_path / "emb.npy", np.concatenate([pool_emb, target_emb]))
+    outs = {}
+    for world in (1, 2, 3):
+        out = tmp_path / f"w{world}.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
+               str(REPO / "tests" / "dist_worker.py"), str(tmp_path / "pool.jsonl"), str(tmp_path / "target.jsonl"),
+               str(tmp_path / "emb.npy"), str(out), str(tmp_path / f"cache{world}")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs[world] = json.loads(out.read_text())["results"]
+    for world in (2, 3):
+        for method, res in outs[world].items():
+            ref = outs[1][method]
+            assert res["indices"] == ref["indices"], method
+            assert res["selected_pool_index"] == ref["selected_pool_index"], method
+            assert res["selected_rank"] == ref["selected_rank"], method
+            tol = 1e-6 if method == "got_d" else 0.0
+            np.testing.assert_allclose(res["scores"], ref["scores"], rtol=tol, atol=tol * 1e-6, err_msg=method)
+
+
+def _job_overrides(tmp_path: Path, out: Path, cache: Path) -> list[str]:
+    rows = read_jsonl(SAMPLE / "pool.jsonl")
+    picked = rows[::18][:80]  # every domain
+    (tmp_path / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in picked), encoding="utf-8")
+    return [f"pool.path={tmp_path / 'pool.jsonl'}", "target.max_rows=20", f"target.path={SAMPLE / 'target.jsonl'}",
+            "k=10", "embedding.max_length=32", f"cache_dir={cache}", f"output_dir={out}", "report=false",
+            "method=similarity"]
+
+
+@pytest.mark.slow
+def test_two_nodes_sharing_a_rendezvous_write_the_one_process_output(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    base = [sys.executable, "-m", "hf_otselect.cli", "select", "--config", str(REPO / "configs" / "demo.yaml")]
+    proc = subprocess.run([*base, *_job_overrides(tmp_path, one, tmp_path / "c1")], capture_output=True, text=True,
+                          env=_env(), timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    port = _free_port()
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
+             "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "hf_otselect.cli", "select",
+             "--config", str(REPO / "configs" / "demo.yaml"), *_job_overrides(tmp_path, two, tmp_path / "c2")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=tmp_path,
+        )
+        for rank in (0, 1)
+    ]
+    for p in nodes:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    a, b = load_from_disk(str(one)), load_from_disk(str(two))
+    for split in ("scored", "selected"):
+        assert a[split].to_dict() == b[split].to_dict(), split
+    meta = json.loads((two / "selection.json").read_text())
+    assert meta["processes"] == 2 and meta["rows"]["pool"] == 80
+    shutil.rmtree(tmp_path / "c2")
+
+
+def test_local_comm_is_a_no_op():
+    x = np.arange(5.0)
+    assert LOCAL.world_size == 1 and LOCAL.all_reduce(x).tolist() == x.tolist()
+    assert [a.tolist() for a in LOCAL.all_gather(x)] == [x.tolist()]
+    assert LOCAL.exclusive_offset(7) == (0, 7)
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out]
+
+
+@pytest.mark.slow
+def test_a_killed_process_stops_the_job_cleanly_and_the_rerun_resumes(tmp_path):
+    import signal
+    import time
+
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    overrides = [*_job_overrides(tmp_path, out, cache), "embedding.shard_rows=4", "embedding.batch_size=4"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "hf_otselect.cli",
+           "select", "--config", str(REPO / "configs" / "demo.yaml"), *overrides]
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=tmp_path)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list(cache.glob("embeddings/*/*.npy"))) < 3:
+        time.sleep(0.2)
+    assert job.poll() is None, "the job ended before any shard was cached"
+    workers = _children(job.pid)
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGKILL)
+    t0 = time.monotonic()
+    _, err = job.communicate(timeout=300)  # every process must stop: no hang on a collective
+    assert job.returncode != 0 and time.monotonic() - t0 < 300
+    assert "exitcode" in err and "-9" in err  # torchrun names the killed process and its signal
+    assert not out.exists()
+    cached = {p: p.stat().st_mtime_ns for p in cache.glob("embeddings/*/*.npy")}
+    assert cached
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert all(p.stat().st_mtime_ns == m for p, m in cached.items())  # finished shards were reused, not rewritten
+    assert len(load_from_disk(str(out))["selected"]) == 10
+
+
+@pytest.mark.slow
+def test_peak_memory_per_process_grows_with_its_shard_not_the_pool(tmp_path):
+    peaks = {}
+    for n in (40_000, 160_000):
+        rng = np.random.default_rng(0)
+        pool = np.lib.format.open_memmap(tmp_path / f"pool{n}.npy", mode="w+", dtype=np.float32, shape=(n, 384))
+        for s in range(0, n, 40_000):
+            x = rng.normal(size=(min(40_000, n - s), 384))
+            pool[s : s + x.shape[0]] = x / np.linalg.norm(x, axis=1, keepdims=True)
+        pool.flush()
+        del pool
+        np.save(tmp_path / "target.npy", rng.normal(size=(200, 384)).astype(np.float32))
+        out = tmp_path / f"rows{n}.jsonl"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(REPO / "benchmarks" / "scale_out.py"), "--worker", str(tmp_path / f"pool{n}.npy"),
+               str(tmp_path / "target.npy"), "similarity", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        peaks[n] = max(r["peak_rss_gb"] for r in rows)
+    shard_growth = (160_000 - 40_000) / 2 * 384 * 4 / 2**30
+    pool_growth = 2 * shard_growth
+    growth = peaks[160_000] - peaks[40_000]
+    assert growth < 1.2 * shard_growth + 0.03, (peaks, shard_growth)
+    assert growth < 0.75 * pool_growth
