@@ -96,6 +96,7 @@ def worker(pool_path: str, target_path: str, method: str, out: str) -> None:
         with open(out, "a", encoding="utf-8") as fh:
             for r in rows:
                 fh.write(bytes(r).decode().strip() + "\n")
+    comm.close()
 
 
 def run(args: argparse.Namespace) -> list[dict]:

@@ -28,8 +28,9 @@ __all__ = ["LOCAL", "Comm", "PoolView", "TextView", "TorchComm", "get_comm"]
 
 ReduceOp = Literal["sum", "max", "min"]
 
-#: Rows per block a fit reads at once unless told otherwise (64k x 384 float32 = 96 MiB).
-DEFAULT_BLOCK_ROWS = 65_536
+#: Rows per block a fit reads at once unless told otherwise (16k x 384 float32 = 24 MiB): large enough
+#: for fast matrix products, small enough that the per-block temporaries do not rival a shard.
+DEFAULT_BLOCK_ROWS = 16_384
 
 
 class Comm:
@@ -65,6 +66,9 @@ class Comm:
 
     def barrier(self) -> None:
         """Wait until every process reaches this point."""
+
+    def close(self) -> None:
+        """Leave the process group (no collective may follow); nothing for one process."""
 
     def exclusive_offset(self, count: int) -> tuple[int, int]:
         """(sum of ``count`` over lower ranks, sum over all ranks): where this process's rows start."""
@@ -131,6 +135,11 @@ class TorchComm(Comm):
 
     def barrier(self) -> None:
         self._dist.barrier()
+
+    def close(self) -> None:
+        # Without this, gloo's threads can outlive the interpreter and abort it at exit.
+        if self._dist.is_initialized():
+            self._dist.destroy_process_group()
 
 
 _DTYPES = ["<f8", "<f4", "<i8", "<i4", "|b1", "<u8", "|u1"]

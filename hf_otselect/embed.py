@@ -104,13 +104,32 @@ def resolve_device(device: str | None, owner: str = "embed") -> str:
     return device
 
 
-def _model_name(model: str | os.PathLike | None, owner: str) -> str:
+def is_sentence_transformer(model: Any) -> bool:
+    """Whether ``model`` is a loaded ``sentence_transformers.SentenceTransformer`` (duck-typed, so
+    sentence-transformers stays an optional dependency)."""
+    return any(cls.__name__ == "SentenceTransformer" for cls in type(model).__mro__) and callable(getattr(model, "encode", None))
+
+
+def _sentence_transformer_identity(model: Any) -> dict[str, Any]:
+    """What names a loaded SentenceTransformer's outputs: its modules (pooling, normalisation, max
+    length, as ``repr`` shows them) and a hash of every weight, so a fine-tuned copy misses the cache."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return {"sentence_transformer": repr(model), "max_seq_length": getattr(model, "max_seq_length", None), "weights": h.hexdigest()}
+
+
+def _model_name(model: Any, owner: str) -> str:
+    if is_sentence_transformer(model):
+        return f"SentenceTransformer({getattr(model, 'model_card_data', None) and model.model_card_data.base_model or type(model).__name__})"
     if model is None:
         return DEFAULT_MODEL
     if isinstance(model, os.PathLike):
         model = os.fspath(model)
     if not isinstance(model, str) or not model.strip():
-        raise param_error("model", owner, "a Hub model id or a local folder path, or None for the bundled model", model, exc=TypeError)
+        raise param_error("model", owner, "a Hub model id, a local folder path, a SentenceTransformer, or None for the "
+                          "bundled model", type(model).__name__, exc=TypeError)
     return model
 
 
@@ -480,10 +499,15 @@ class _Engine:
 
             show_progress = is_progress_bar_enabled()
         self.show_progress = show_progress
-        _check_model_path(self.name, owner)
+        self.st = model if is_sentence_transformer(model) else None
+        if self.st is None:
+            _check_model_path(self.name, owner)
+        elif self.num_proc > 1:  # a loaded model cannot be sent to spawned workers
+            raise param_error("num_proc", owner, "1 when model is a SentenceTransformer instance (pass its path to use workers)", num_proc)
         self.folder: Path | None = None
         if use_cache:
-            key = {"v": _CACHE_VERSION, "encoder": _encoder_identity(self.name, revision), "pooling": pooling,
+            identity = _encoder_identity(self.name, revision) if self.st is None else _sentence_transformer_identity(self.st)
+            key = {"v": _CACHE_VERSION, "encoder": identity, "pooling": pooling,
                    "max_length": max_length, "normalize": normalize, "precision": _precision(self.device)}
             self.settings_key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
             root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -534,6 +558,12 @@ class _Engine:
             raise
 
     def compute(self, texts: list[str]) -> np.ndarray:
+        if self.st is not None:  # its own tokenizer, pooling and max length decide; we keep the batching
+            out = self.st.encode(texts, batch_size=self.batch_size, convert_to_numpy=True, device=self.device,
+                                 normalize_embeddings=self.normalize, show_progress_bar=False)
+            if self.bar is not None:
+                self.bar.update(len(texts))
+            return np.ascontiguousarray(out, dtype=np.float32)
         tok, enc, dev = self.encoder()
         return _encode(texts, tok, enc, dev, batch_size=self.batch_size, max_length=self.max_length,
                        max_batch_tokens=self.max_batch_tokens, pooling=self.pooling,
@@ -637,8 +667,11 @@ def _worker_embed(texts: list[str]) -> np.ndarray:
 
 _KNOBS_DOC = """column : str, default "text"
         Text column (for a Dataset, IterableDataset or dict rows).
-    model : str or None
-        Hub id or local folder; None is :data:`DEFAULT_MODEL` (all-MiniLM-L6-v2, 384-d).
+    model : str, SentenceTransformer or None
+        Hub id or local folder (loaded with ``AutoModel``); or a loaded
+        ``sentence_transformers.SentenceTransformer``, whose own pooling, normalisation and max
+        length then apply (``pooling``/``max_length`` are ignored; its weights key the cache);
+        None is :data:`DEFAULT_MODEL` (all-MiniLM-L6-v2, 384-d).
     batch_size : int, default 64
         Most rows per forward pass.
     device : str, optional

@@ -283,6 +283,7 @@ def run_job(config: SelectionConfig) -> Path | None:
     selected_scores = np.concatenate(comm.all_gather(np.asarray(run.selected[config.score_column], dtype=np.float64)))
     comm.barrier()
     if not comm.is_main:
+        comm.close()
         return None
     (partial / "dataset_dict.json").write_text(json.dumps({"splits": ["scored", "selected"]}), encoding="utf-8")
     for name, split in run.extra_splits.items():  # prefilter/ (source ranking), decontaminated/ (dropped rows)
@@ -313,4 +314,5 @@ def run_job(config: SelectionConfig) -> Path | None:
         from .hub import push
 
         push(out, config.hub.repo_id, private=config.hub.private, split=config.hub.split)
+    comm.close()
     return out

@@ -41,6 +41,7 @@ def main() -> None:
     if comm.is_main:
         with open(out_path, "w", encoding="utf-8") as fh:
             json.dump({"world": comm.world_size, "results": results}, fh)
+    comm.close()
 
 
 if __name__ == "__main__":

@@ -264,3 +264,23 @@ def test_text_units_concat_is_greedy_and_ordered(texts):
         make_text_units(ds, mode="words")
     with pytest.raises(ValueError, match="'column'.*Current columns: \\['text'\\]"):
         make_text_units(ds, "body")
+
+
+def test_a_sentence_transformer_instance_embeds_like_its_encode(tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    import hf_otselect
+
+    st = SentenceTransformer(hf_otselect.DEFAULT_MODEL, device="cpu")
+    texts = ["A protein binds its receptor.", "The film was long and slow.", "def f(x): return x"]
+    got = hf_otselect.embed(texts, model=st, cache_dir=tmp_path, batch_size=2)
+    ref = st.encode(texts, normalize_embeddings=True)  # the model's own pooling and length
+    np.testing.assert_allclose(got, ref, atol=1e-6)
+    cached = list(tmp_path.rglob("*.npy"))
+    assert cached
+    with torch.no_grad():  # a changed weight is another model: the cache must miss
+        next(iter(st.parameters())).add_(0.01)
+    changed = hf_otselect.embed(texts, model=st, cache_dir=tmp_path, batch_size=2)
+    assert not np.allclose(changed, got)
+    with pytest.raises(ValueError, match="'num_proc' parameter of embed"):
+        hf_otselect.embed(texts, model=st, num_proc=2, cache_dir=tmp_path)
