@@ -21,6 +21,7 @@ import numpy as np
 from datasets import Dataset, DatasetDict, IterableDataset
 
 from ._checks import check_embeddings, check_int, param_error
+from .cache import load_array, load_json, save_array, save_json
 from .embed import cache_root
 from .selectors import SelectionResult, Selector, get_selector
 from .selectors.base import descending_order
@@ -96,13 +97,62 @@ def _texts_of(data: Dataset | Sequence[str], column: str, name: str) -> list[str
     return list(data)
 
 
+def _json_default(value: Any) -> Any:
+    """Canonical JSON for the values a stream row may hold beyond JSON's own types."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"bytes": bytes(value).hex()}
+    if isinstance(value, np.ndarray):
+        return {"array": value.tolist(), "dtype": value.dtype.str}
+    if isinstance(value, np.generic):
+        return value.item()
+    if hasattr(value, "tobytes"):  # decoded images and the like: their pixels, not their repr
+        return {type(value).__name__: hashlib.blake2b(value.tobytes(), digest_size=16).hexdigest()}
+    return {type(value).__name__: str(value)}
+
+
+class _StreamDigest:
+    """A running BLAKE2b over every row of a stream (canonical JSON, keys sorted), in order.
+
+    Fed by the pass that reads the rows anyway (the embedding pass), so a streamed pool is
+    fingerprinted by its full content, every column and row, at the cost of one JSON dump per row.
+    """
+
+    def __init__(self) -> None:
+        self._hash = hashlib.blake2b(digest_size=16)
+        self.rows = 0
+        self.complete = False
+
+    def wrap(self, rows: Any) -> Iterator[Any]:
+        """Yield ``rows`` unchanged, hashing each; :attr:`complete` once the stream is exhausted."""
+        for row in rows:
+            self._hash.update(json.dumps(row, sort_keys=True, default=_json_default).encode("ascii"))
+            self._hash.update(b"\n")  # JSON escapes newlines inside values: the separator is unambiguous
+            self.rows += 1
+            yield row
+        self.complete = True
+
+    def fingerprint(self, column: str) -> str:
+        if not self.complete:
+            raise RuntimeError("the stream was not read to its end; its fingerprint would cover part of it")
+        return f"stream:{self._hash.hexdigest()}:{self.rows}:{column}"
+
+
 def _fingerprint(data: Any, column: str) -> str:
+    """What names the content of one side: every row and column (``column`` is the one embedded).
+
+    A ``Dataset`` has datasets' own fingerprint (derived from its files' or its transforms'
+    fingerprints); a stream is read once to the end and hashed row by row (see
+    :class:`_StreamDigest`; :func:`run_selection` feeds it from the embedding pass instead).
+    """
     if isinstance(data, Dataset):
         return f"{data._fingerprint}:{column}"
     if isinstance(data, np.ndarray):
         return "emb:" + _digest(data)
     if isinstance(data, IterableDataset):
-        return "stream:" + _digest(repr(data.info.config_name), repr(data.n_shards), column)
+        digest = _StreamDigest()
+        for _ in digest.wrap(data):
+            pass
+        return digest.fingerprint(column)
     return "texts:" + _digest(list(data))
 
 
@@ -127,7 +177,7 @@ def _embed_side(data: Any, column: str, embed_kwargs: dict[str, Any], cache_dir:
     return embed(data, column=column, cache_dir=cache_dir / "embeddings", **embed_kwargs)
 
 
-def _embed_stream(pool: IterableDataset, column: str, embed_kwargs: dict[str, Any], cache_dir: Path) -> np.ndarray:
+def _embed_stream(pool: IterableDataset | Iterator[dict], column: str, embed_kwargs: dict[str, Any], cache_dir: Path) -> np.ndarray:
     """Spill a streamed pool's vectors to a memory-mapped file (bounded memory)."""
     from .embed import embed_to_file
 
@@ -144,27 +194,36 @@ def _embed_stream(pool: IterableDataset, column: str, embed_kwargs: dict[str, An
     return vectors
 
 
+_SCORES_CACHE_VERSION = 2  # bump when what a score entry holds changes for the same key
+
+
 def _scores_cached(
     selector: Selector, candidates: Any, target: Any, cache_dir: Path, key_parts: tuple[Any, ...]
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Score once per (candidates, target, selector parameters); reruns read the saved scores."""
+    """Score once per (candidates, target, selector and its parameters); reruns read the saved scores.
+
+    The key covers everything that decides the stored scores and diagnostics: the package version
+    (the scoring code), the selector's name and class, every parameter (arrays by content), and
+    ``key_parts`` (the candidates' and target's content: vector digests, or text fingerprints).
+    Both files are verified on read (:mod:`hf_otselect.cache`); a damaged one is logged, removed
+    and the scores recomputed.
+    """
+    from . import __version__
+
     params = {k: (_digest(v) if isinstance(v, np.ndarray) else v) for k, v in selector.get_params().items()}
-    key = _digest(selector.name, params, *key_parts)
+    key = _digest(_SCORES_CACHE_VERSION, __version__, selector.name, type(selector).__qualname__, params, *key_parts)
     folder = cache_dir / "scores" / key
     scores_path, info_path = folder / "scores.npy", folder / "info.json"
-    if scores_path.is_file() and info_path.is_file():
+    scores = load_array(scores_path, dtype=np.float64, ndim=1, rows=len(candidates))
+    info = load_json(info_path) if scores is not None else None
+    if scores is not None and isinstance(info, dict):
         logger.info("Scores read from the cache (%s)", folder)
-        return np.load(scores_path, allow_pickle=False), json.loads(info_path.read_text())
+        return scores, info
     selector.diagnostics_ = {}
     scores = np.asarray(selector.score(candidates, target), dtype=np.float64)
     info = dict(getattr(selector, "diagnostics_", {}))
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".scores-{uuid.uuid4().hex}.npy"
-    np.save(tmp, scores, allow_pickle=False)
-    os.replace(tmp, scores_path)
-    tmp_info = folder / f".info-{uuid.uuid4().hex}.json"
-    tmp_info.write_text(json.dumps(info, default=float))
-    os.replace(tmp_info, info_path)
+    save_array(scores_path, scores)
+    save_json(info_path, info)
     return scores, info
 
 
@@ -364,7 +423,9 @@ def run_selection(
         raise param_error("score_column", owner, f"a name not already in the pool's columns {dataset.column_names}", score_column)
     cache = cache_root(cache_dir)
     timings: dict[str, float] = {}
-    fingerprints = {"pool": _fingerprint(dataset, column), "target": _fingerprint(target, target_column)}
+    # A stream is fingerprinted by its full content during the pass that embeds it (below).
+    stream_digest = _StreamDigest() if streamed else None
+    fingerprints = {"pool": "" if streamed else _fingerprint(dataset, column), "target": _fingerprint(target, target_column)}
 
     pool_emb = target_emb = None
     if probe.needs_text:
@@ -397,8 +458,8 @@ def run_selection(
                     named = target_column if isinstance(side, Dataset) else None
                     check_texts(_texts_of(side, target_column, name), column=named, owner=f"select_by_ot ({name})")
             pool_emb = (
-                _embed_stream(dataset, column, embed_kwargs, cache)
-                if streamed
+                _embed_stream(stream_digest.wrap(dataset), column, embed_kwargs, cache)
+                if stream_digest is not None
                 else _embed_side(dataset, column, embed_kwargs, cache)
             )
             target_emb = _embed_side(target, target_column, embed_kwargs, cache)
@@ -412,6 +473,8 @@ def run_selection(
         timings["embed_s"] = time.perf_counter() - t
         if streamed:
             k = check_int(k, "k", owner, 1, pool_emb.shape[0])
+            # Fed by the embedding pass; vectors handed in (distributed jobs) need a pass of its own.
+            fingerprints["pool"] = stream_digest.fingerprint(column) if stream_digest.complete else _fingerprint(dataset, column)
         candidates, target_side = pool_emb, target_emb
         key_parts = (_digest(np.asarray(pool_emb)), _digest(np.asarray(target_emb)))
 
@@ -461,7 +524,8 @@ def run_selection(
         scored = Dataset.from_generator(
             _stream_rows,
             gen_kwargs={"pool": dataset, "scores": scores, "ranks": ranks, "score_column": score_column},
-            fingerprint=_digest("scored", fingerprints["pool"], key_parts, score_column),
+            # Every input of the rows written: the pool's full content, the scores, ranks and column name.
+            fingerprint=_digest("scored", _SCORES_CACHE_VERSION, fingerprints["pool"], scores, ranks, score_column),
         )
     else:
         scored = dataset.add_column("pool_index", np.arange(len(dataset), dtype=np.int64))
