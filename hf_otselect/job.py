@@ -13,8 +13,9 @@ Outputs go to one folder (see DESIGN.md)::
       report.html       and its PNGs (when report)
 
 Everything is written to ``<output_dir>.partial/`` first and renamed into place only when complete,
-so a crashed job never leaves an output that looks finished. A rerun clears the partial folder and
-starts again; the embedding and score caches make that cheap (finished shards are not recomputed).
+so a crashed job never leaves an output that looks finished. Only a folder this package wrote is
+ever removed or replaced, and one job at a time writes a given folder (see :mod:`hf_otselect.outdir`).
+A rerun clears the partial folder and starts again; the embedding and score caches make that cheap (finished shards are not recomputed).
 
 Under ``accelerate launch`` or ``torchrun`` (``WORLD_SIZE > 1``), each rank embeds a contiguous
 shard of the pool and saves it to the partial folder; rank 0 gathers the shards in order, scores,
@@ -42,6 +43,7 @@ from ._checks import param_error
 from .config import DataConfig, SelectionConfig
 from .datasets_ext import SelectionRun, run_selection
 from .embed import cache_root
+from .outdir import OutputFolder
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +85,9 @@ def load_split(spec: DataConfig, name: str = "pool") -> Dataset | IterableDatase
 
 
 def output_paths(output_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """(final folder, partial folder)."""
-    out = Path(output_dir).resolve()
-    return out, out.with_name(out.name + ".partial")
+    """(final folder, partial folder): ``~`` expanded, a symbolic link at the end never followed."""
+    folder = OutputFolder(output_dir, overwrite=False)
+    return folder.final, folder.partial
 
 
 def _world() -> tuple[int, int]:
@@ -228,18 +230,29 @@ def run_job(config: SelectionConfig) -> Path | None:
     Raises
     ------
     FileExistsError
-        ``output_dir`` exists and ``overwrite`` is false (checked before any work).
+        ``output_dir`` exists and ``overwrite`` is false, or it (or its ``.partial``) is a link, a
+        file, or a folder this package did not write; or another job holds its lock
+        (:class:`~hf_otselect.outdir.OutputFolderBusy`). All checked before any work.
+    ValueError
+        ``output_dir`` is empty, the working directory, a home or root folder or above one.
     """
     t0 = time.perf_counter()
     config.validate()
-    out, partial = output_paths(config.output_dir)
-    rank, world = _world()
-    if out.exists() and not config.overwrite:
-        raise FileExistsError(f"The 'output_dir' {str(out)!r} already exists. Pass overwrite=true to replace it.")
+    folder = OutputFolder(config.output_dir, overwrite=config.overwrite)
+    folder.check()  # see hf_otselect/outdir.py: a job deletes only what it wrote
     if config.push_to_hub:
         from .hub import check_repo_id
 
         check_repo_id(config.hub.repo_id)
+    if _world()[0] != 0:  # rank 0 alone writes the output and holds its lock
+        return _run_job(config, folder, t0)
+    with folder.locked():  # one writer per output folder, for the whole job
+        return _run_job(config, folder, t0)
+
+
+def _run_job(config: SelectionConfig, folder: OutputFolder, t0: float) -> Path | None:
+    out, partial = folder.final, folder.partial
+    rank, world = _world()
     pool = load_split(config.pool, "pool")
     target = load_split(config.target, "target")
     negative = load_split(config.negative_target, "negative_target") if config.negative_target else None
@@ -251,10 +264,7 @@ def run_job(config: SelectionConfig) -> Path | None:
     if isinstance(heldout, IterableDataset):
         heldout = Dataset.from_list(list(heldout))
     if rank == 0:
-        if partial.exists():
-            logger.info("Removing the partial output of an earlier run: %s", partial)
-            shutil.rmtree(partial)
-        partial.mkdir(parents=True)
+        folder.begin()  # clears an earlier run's partial folder (only if ours), creates it
 
     embeddings = None
     if world > 1:
@@ -298,9 +308,7 @@ def run_job(config: SelectionConfig) -> Path | None:
         from .report import write_report
 
         write_report(partial, columns=config.report_columns)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(partial, out)
+    folder.commit()  # manifest, old output aside, os.replace into place, old output removed
     logger.info("Selection written to %s (%d of %d rows)", out, len(run.selected), len(run.scored))
     if config.push_to_hub:
         from .hub import push

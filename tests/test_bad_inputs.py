@@ -368,11 +368,16 @@ def test_cli_existing_output_folder_is_refused_unless_overwrite(tmp_path, capsys
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
 
-def test_existing_output_folder_is_replaced_with_overwrite(tmp_path):
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "stale.txt").write_text("old")
-    out = run_job(load_config(REPO / "configs/demo.yaml", _overrides(tmp_path, "overwrite=true", "save_embeddings=false")))
-    assert not (out / "stale.txt").exists() and (out / "selected").is_dir()
+def test_existing_output_folder_is_replaced_with_overwrite_only_if_ours(tmp_path):
+    first = run_job(load_config(REPO / "configs/demo.yaml", _overrides(tmp_path, "save_embeddings=true")))
+    assert (first / "embeddings").is_dir()
+    out = run_job(load_config(REPO / "configs/demo.yaml", _overrides(tmp_path, "overwrite=true", "save_embeddings=false", "k=4")))
+    assert out == first and not (out / "embeddings").exists() and (out / "selected").is_dir()
+    assert json.loads((out / "selection.json").read_text())["k"] == 4
+    (out / "stale.txt").write_text("the user's")  # a file we did not write: the folder is no longer ours to replace
+    with pytest.raises(FileExistsError, match=r"holds files hf_otselect did not write.*\['stale.txt'\]"):
+        run_job(load_config(REPO / "configs/demo.yaml", _overrides(tmp_path, "overwrite=true")))
+    assert (out / "stale.txt").read_text() == "the user's" and (out / "selected").is_dir()
 
 
 def test_the_installed_command_prints_one_line_and_no_traceback(tmp_path):
