@@ -238,13 +238,14 @@ def run_job(config: SelectionConfig) -> Path | None:
     """
     t0 = time.perf_counter()
     config.validate()
+    rank = _world()[0]
     folder = OutputFolder(config.output_dir, overwrite=config.overwrite)
-    folder.check()  # see hf_otselect/outdir.py: a job deletes only what it wrote
+    folder.check(leftovers=rank == 0)  # see hf_otselect/outdir.py: a job deletes only what it wrote
     if config.push_to_hub:
         from .hub import check_repo_id
 
         check_repo_id(config.hub.repo_id)
-    if _world()[0] != 0:  # rank 0 alone writes the output and holds its lock
+    if rank != 0:  # rank 0 alone writes the output, clears leftovers and holds the lock
         return _run_job(config, folder, t0)
     with folder.locked():  # one writer per output folder, for the whole job
         return _run_job(config, folder, t0)

@@ -234,8 +234,11 @@ class OutputFolder:
         self._begun = False
 
     # -- checks ---------------------------------------------------------------------------
-    def check(self) -> None:
+    def check(self, *, leftovers: bool = True) -> None:
         """Refuse every output folder this job may not write or replace (reads only).
+
+        ``leftovers=False`` skips the ``.partial``/``.previous`` folders: for the other processes
+        of a distributed job, which never remove them and must not race the one that does.
 
         Raises
         ------
@@ -264,7 +267,7 @@ class OutputFolder:
             if not self.overwrite:
                 raise FileExistsError(f"The 'output_dir' {str(final)!r} already exists. Pass overwrite=true to replace it.")
             self._refuse_unless_ours(final, complete=True)
-        for path, complete in ((self.partial, False), (self.previous, True)):
+        for path, complete in ((self.partial, False), (self.previous, True)) if leftovers else ():
             if os.path.lexists(path):
                 self._refuse_unless_ours(path, complete=complete)
 
