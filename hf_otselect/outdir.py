@@ -289,8 +289,8 @@ class OutputFolder:
     def locked(self) -> Iterator[OutputFolder]:
         """Hold ``<name>.lock`` for the block; fail at once if another job holds it.
 
-        If the block raises, the partial folder :meth:`begin` created in it is removed (a failed
-        job leaves nothing behind; a killed one leaves the partial folder for the next run).
+        If the block raises an error, the partial folder :meth:`begin` created in it is removed (a
+        failed job leaves nothing behind; an interrupted or killed one leaves it for the next run).
 
         Raises
         ------
@@ -315,7 +315,7 @@ class OutputFolder:
             os.replace(tmp, self.holder_path)
             try:
                 yield self
-            except BaseException:
+            except Exception:  # an error; an interruption (Ctrl-C, like kill -9) leaves it for the next run
                 if self._begun and _not_ours(self.partial, complete=False) is None:
                     shutil.rmtree(self.partial, ignore_errors=True)
                 raise

@@ -323,3 +323,13 @@ def test_a_job_that_fails_after_starting_leaves_nothing_but_what_was_there(tmp_p
     assert not folder.partial.exists()
     assert (folder.final / "selection.json").read_text() == "kept"
     folder.check()  # still ours, still replaceable
+
+
+def test_an_interrupted_job_leaves_its_partial_folder_for_the_next_run(tmp_path):
+    folder = OutputFolder(tmp_path / "sel", overwrite=False)
+    with pytest.raises(KeyboardInterrupt), folder.locked():
+        (folder.begin() / "scored").mkdir()
+        raise KeyboardInterrupt
+    assert (folder.partial / MARKER).is_file() and not folder.final.exists()
+    _ours(folder, {"selection.json": "rerun"})  # the next run clears it and finishes
+    assert not folder.partial.exists() and (folder.final / "selection.json").read_text() == "rerun"
