@@ -21,6 +21,7 @@ import numpy as np
 from datasets import Dataset, DatasetDict, IterableDataset
 
 from ._checks import check_embeddings, check_int, param_error
+from .cache import load_array, load_json, save_array, save_json
 from .dist import LOCAL, Comm, PoolView, TextView
 from .embed import cache_root
 from .selectors import SelectionResult, Selector, get_selector
@@ -107,13 +108,62 @@ def _texts_of(data: Dataset | Sequence[str], column: str, name: str) -> list[str
     return list(data)
 
 
+def _json_default(value: Any) -> Any:
+    """Canonical JSON for the values a stream row may hold beyond JSON's own types."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"bytes": bytes(value).hex()}
+    if isinstance(value, np.ndarray):
+        return {"array": value.tolist(), "dtype": value.dtype.str}
+    if isinstance(value, np.generic):
+        return value.item()
+    if hasattr(value, "tobytes"):  # decoded images and the like: their pixels, not their repr
+        return {type(value).__name__: hashlib.blake2b(value.tobytes(), digest_size=16).hexdigest()}
+    return {type(value).__name__: str(value)}
+
+
+class _StreamDigest:
+    """A running BLAKE2b over every row of a stream (canonical JSON, keys sorted), in order.
+
+    Fed by the pass that reads the rows anyway (the embedding pass), so a streamed pool is
+    fingerprinted by its full content, every column and row, at the cost of one JSON dump per row.
+    """
+
+    def __init__(self) -> None:
+        self._hash = hashlib.blake2b(digest_size=16)
+        self.rows = 0
+        self.complete = False
+
+    def wrap(self, rows: Any) -> Iterator[Any]:
+        """Yield ``rows`` unchanged, hashing each; :attr:`complete` once the stream is exhausted."""
+        for row in rows:
+            self._hash.update(json.dumps(row, sort_keys=True, default=_json_default).encode("ascii"))
+            self._hash.update(b"\n")  # JSON escapes newlines inside values: the separator is unambiguous
+            self.rows += 1
+            yield row
+        self.complete = True
+
+    def fingerprint(self, column: str) -> str:
+        if not self.complete:
+            raise RuntimeError("the stream was not read to its end; its fingerprint would cover part of it")
+        return f"stream:{self._hash.hexdigest()}:{self.rows}:{column}"
+
+
 def _fingerprint(data: Any, column: str) -> str:
+    """What names the content of one side: every row and column (``column`` is the one embedded).
+
+    A ``Dataset`` has datasets' own fingerprint (derived from its files' or its transforms'
+    fingerprints); a stream is read once to the end and hashed row by row (see
+    :class:`_StreamDigest`; :func:`run_selection` feeds it from the embedding pass instead).
+    """
     if isinstance(data, Dataset):
         return f"{data._fingerprint}:{column}"
     if isinstance(data, np.ndarray):
         return "emb:" + _digest(data)
     if isinstance(data, IterableDataset):
-        return "stream:" + _digest(repr(data.info.config_name), repr(data.n_shards), column)
+        digest = _StreamDigest()
+        for _ in digest.wrap(data):
+            pass
+        return digest.fingerprint(column)
     return "texts:" + _digest(list(data))
 
 
@@ -138,7 +188,7 @@ def _embed_side(data: Any, column: str, embed_kwargs: dict[str, Any], cache_dir:
     return embed(data, column=column, cache_dir=cache_dir / "embeddings", **embed_kwargs)
 
 
-def _embed_stream(pool: IterableDataset, column: str, embed_kwargs: dict[str, Any], cache_dir: Path) -> np.ndarray:
+def _embed_stream(pool: IterableDataset | Iterator[dict], column: str, embed_kwargs: dict[str, Any], cache_dir: Path) -> np.ndarray:
     """Spill a streamed pool's vectors to a memory-mapped file (bounded memory)."""
     from .embed import embed_to_file
 
@@ -155,24 +205,36 @@ def _embed_stream(pool: IterableDataset, column: str, embed_kwargs: dict[str, An
     return vectors
 
 
+_SCORES_CACHE_VERSION = 2  # bump when what a score entry holds changes for the same key
+
+
 def _scores_cached(
     selector: Selector, candidates: Any, target: Any, cache_dir: Path, key_parts: tuple[Any, ...], comm: Comm | None = None,
     *, use_cache: bool = True,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """This process's scores, once per (pool, target, selector parameters); reruns read them back.
+    """This process's scores, once per (pool, target, selector and its parameters); reruns read them back.
 
-    The fit is collective, so every process reads the cache only when every process finds its
-    entry (one all-reduce decides); otherwise all of them fit again.
+    The key covers everything that decides the stored scores and diagnostics: the package version
+    (the scoring code), the selector's name and class, every parameter (arrays by content), and
+    ``key_parts`` (the candidates' and target's content: vector digests, or text fingerprints, and
+    the process layout). Both files are verified on read (:mod:`hf_otselect.cache`); a damaged one
+    is logged, removed and the scores recomputed. The fit is collective, so every process reads
+    the cache only when every process finds a sound entry (one all-reduce decides); otherwise all
+    of them fit again.
     """
+    from . import __version__
+
     comm = comm or LOCAL
     params = {k: (_digest(v) if isinstance(v, np.ndarray) else v) for k, v in selector.get_params().items()}
-    key = _digest(selector.name, params, *key_parts)
+    key = _digest(_SCORES_CACHE_VERSION, __version__, selector.name, type(selector).__qualname__, params, *key_parts)
     folder = cache_dir / "scores" / key
     scores_path, info_path = folder / "scores.npy", folder / "info.json"
-    hit = use_cache and scores_path.is_file() and info_path.is_file()
+    scores = load_array(scores_path, dtype=np.float64, ndim=1, rows=len(candidates)) if use_cache else None
+    info = load_json(info_path) if scores is not None else None
+    hit = scores is not None and isinstance(info, dict)
     if int(comm.all_reduce(np.array([hit], dtype=np.int64), op="min")[0]):
         logger.info("Scores read from the cache (%s)", folder)
-        return np.load(scores_path, allow_pickle=False), json.loads(info_path.read_text())
+        return scores, info
     selector.diagnostics_ = {}
     view = TextView.of(candidates, comm) if selector.needs_text else PoolView.of(candidates, comm)
     state = selector.fit(view, target, comm=comm)
@@ -181,13 +243,8 @@ def _scores_cached(
     info = dict(getattr(selector, "diagnostics_", {}))
     if not use_cache:
         return scores, info
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".scores-{uuid.uuid4().hex}.npy"
-    np.save(tmp, scores, allow_pickle=False)
-    os.replace(tmp, scores_path)
-    tmp_info = folder / f".info-{uuid.uuid4().hex}.json"
-    tmp_info.write_text(json.dumps(info, default=float))
-    os.replace(tmp_info, info_path)
+    save_array(scores_path, scores)
+    save_json(info_path, info)
     return scores, info
 
 
@@ -470,7 +527,9 @@ def run_selection(
         embed_kwargs["use_cache"] = False
     timings: dict[str, float] = {}
     part = _shard_of(dataset, comm, owner)
-    fingerprints = {"pool": _fingerprint(part, column), "target": _fingerprint(target, target_column)}
+    # A stream is fingerprinted by its full content during the pass that embeds it (below).
+    stream_digest = _StreamDigest() if streamed else None
+    fingerprints = {"pool": "" if streamed else _fingerprint(part, column), "target": _fingerprint(target, target_column)}
 
     pool_emb = target_emb = None
     selector = probe
@@ -490,7 +549,9 @@ def run_selection(
                 pool_emb = _embed_side(part, column, embed_kwargs, cache)
                 target_emb = _embed_side(target, target_column, embed_kwargs, cache)
     elif not probe.needs_vectors and not extras["active"]:
-        n_local = len(part) if not streamed else sum(1 for _ in part)
+        n_local = len(part) if stream_digest is None else sum(1 for _ in stream_digest.wrap(part))
+        if stream_digest is not None:
+            fingerprints["pool"] = stream_digest.fingerprint(column)
         candidates, target_side = np.zeros((n_local, 0), dtype=np.float32), None
         key_parts = (fingerprints["pool"], n_local)
     else:
@@ -504,7 +565,11 @@ def run_selection(
                 if side is not None and not isinstance(side, np.ndarray):
                     named = target_column if isinstance(side, Dataset) else None
                     check_texts(_texts_of(side, target_column, name), column=named, owner=f"select_by_ot ({name})")
-            pool_emb = _embed_stream(part, column, embed_kwargs, cache) if streamed else _embed_side(part, column, embed_kwargs, cache)
+            pool_emb = (
+                _embed_stream(stream_digest.wrap(part), column, embed_kwargs, cache)
+                if stream_digest is not None
+                else _embed_side(part, column, embed_kwargs, cache)
+            )
             target_emb = _embed_side(target, target_column, embed_kwargs, cache)
         if target_emb.shape[1] != pool_emb.shape[1]:
             raise param_error("target", owner, f"embeddings with {pool_emb.shape[1]} columns like the pool", f"shape {target_emb.shape}")
@@ -512,6 +577,9 @@ def run_selection(
             neg_emb = _embed_side(negative_target, target_column, embed_kwargs, cache)
             fingerprints["negative_target"] = _fingerprint(negative_target, target_column)
             selector = get_selector(probe.name, **{**probe.get_params(), "negative_target": neg_emb})
+        if stream_digest is not None:
+            # Fed by the embedding pass; vectors handed in need a pass of its own.
+            fingerprints["pool"] = stream_digest.fingerprint(column) if stream_digest.complete else _fingerprint(part, column)
         candidates, target_side = pool_emb, target_emb
         key_parts = (_digest(np.asarray(pool_emb)), _digest(np.asarray(target_emb)))
     timings["embed_s"] = time.perf_counter() - t
@@ -565,7 +633,8 @@ def run_selection(
     chosen_scores = comm.all_reduce(np.bincount(draw, weights=scores[local], minlength=indices.size)) if comm.world_size > 1 else scores[indices - offset]
     ranks = global_ranks(scores, index, chosen_scores, indices, comm)
     times = np.bincount(local, minlength=n_local).astype(np.int64)
-    fp = _digest("scored", key_parts, score_column, seed, k, selector.name)
+    # Every input of the rows written: the pool's full content, the scores, the counts, the column name.
+    fp = _digest("scored", _SCORES_CACHE_VERSION, fingerprints["pool"], scores, times, score_column)
     scored = _with_columns(part, offset, {score_column: scores, "selected": times}, fp)
     columns = {score_column: scores[local], "rank": ranks[draw]}
     if selector.choice != "top_k":

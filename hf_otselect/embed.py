@@ -35,7 +35,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -43,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from ._checks import check_choice, check_int, param_error
+from .cache import load_array, save_array
 
 if TYPE_CHECKING:  # keep `import hf_otselect` light: torch/transformers load on first use
     from datasets import Dataset, IterableDataset
@@ -58,7 +58,7 @@ DEFAULT_MODEL: str = str(_bundled.MODEL_DIR)
 
 Pooling = Literal["mean", "cls"]
 
-_CACHE_VERSION = 1  # bump when the numbers a shard holds would change for the same key
+_CACHE_VERSION = 2  # bump when the numbers a shard holds would change for the same key
 _SHARD_ROWS = 4096
 _MAX_SHOWN = 10
 _SURROGATES = re.compile("[\ud800-\udfff]")
@@ -531,31 +531,14 @@ class _Engine:
         return self.folder / f"{h.hexdigest()}.npy"
 
     def read(self, path: Path | None, rows: int) -> np.ndarray | None:
-        if path is None or not path.is_file():
+        """A cached shard of ``rows`` float32 vectors, verified against its checksum; else None."""
+        if path is None:
             return None
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as err:
-            logger.warning("Ignoring unreadable embedding shard %s (%s); recomputing it.", path, err)
-            return None
-        if arr.dtype != np.float32 or arr.ndim != 2 or arr.shape[0] != rows:
-            logger.warning("Ignoring embedding shard %s of shape %s; recomputing it.", path, arr.shape)
-            return None
-        return arr
+        return load_array(path, dtype=np.float32, ndim=2, rows=rows)
 
     def write(self, path: Path | None, arr: np.ndarray) -> None:
-        if path is None:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npy")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.save(fh, arr, allow_pickle=False)
-            os.replace(tmp, path)  # atomic: a killed run never leaves a half-written shard
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        if path is not None:
+            save_array(path, arr)  # atomic, checksum beside it: a killed run never leaves a half shard
 
     def compute(self, texts: list[str]) -> np.ndarray:
         if self.st is not None:  # its own tokenizer, pooling and max length decide; we keep the batching

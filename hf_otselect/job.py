@@ -16,8 +16,9 @@ Outputs go to one folder (see DESIGN.md), which ``datasets.load_from_disk(output
       report.html        and its PNGs (when report)
 
 Everything is written to ``<output_dir>.partial/`` first and renamed into place only when complete,
-so a crashed job never leaves an output that looks finished. A rerun clears the partial folder and
-starts again; the embedding and score caches make that cheap (finished shards are not recomputed).
+so a crashed job never leaves an output that looks finished. Only a folder this package wrote is
+ever removed or replaced, and one job at a time writes a given folder (see :mod:`hf_otselect.outdir`).
+A rerun clears the partial folder and starts again; the embedding and score caches make that cheap (finished shards are not recomputed).
 
 Under ``accelerate launch`` or ``torchrun`` (``WORLD_SIZE > 1``) each process takes a contiguous
 shard of the pool, embeds it, joins the selector's fit through collectives (no process holds the
@@ -47,6 +48,7 @@ from .config import DataConfig, SelectionConfig
 from .datasets_ext import SelectionRun, run_selection
 from .dist import Comm, get_comm
 from .embed import cache_root
+from .outdir import OutputFolder
 
 logger = logging.getLogger(__name__)
 
@@ -88,9 +90,9 @@ def load_split(spec: DataConfig, name: str = "pool") -> Dataset | IterableDatase
 
 
 def output_paths(output_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """(final folder, partial folder)."""
-    out = Path(output_dir).resolve()
-    return out, out.with_name(out.name + ".partial")
+    """(final folder, partial folder): ``~`` expanded, a symbolic link at the end never followed."""
+    folder = OutputFolder(output_dir, overwrite=False)
+    return folder.final, folder.partial
 
 
 def _embedding_kwargs(config: SelectionConfig) -> dict[str, Any]:
@@ -226,17 +228,29 @@ def run_job(config: SelectionConfig) -> Path | None:
     Raises
     ------
     FileExistsError
-        ``output_dir`` exists and ``overwrite`` is false (checked before any work).
+        ``output_dir`` exists and ``overwrite`` is false, or it (or its ``.partial``) is a link, a
+        file, or a folder this package did not write; or another job holds its lock
+        (:class:`~hf_otselect.outdir.OutputFolderBusy`). All checked before any work.
+    ValueError
+        ``output_dir`` is empty, the working directory, a home or root folder or above one.
     """
     t0 = time.perf_counter()
     config.validate()
-    out, partial = output_paths(config.output_dir)
-    if out.exists() and not config.overwrite:
-        raise FileExistsError(f"The 'output_dir' {str(out)!r} already exists. Pass overwrite=true to replace it.")
+    comm = get_comm(config.embedding.device)
+    folder = OutputFolder(config.output_dir, overwrite=config.overwrite)
+    folder.check(leftovers=comm.is_main)  # see hf_otselect/outdir.py: a job deletes only what it wrote
     if config.push_to_hub:
         from .hub import check_repo_id
 
         check_repo_id(config.hub.repo_id)
+    if not comm.is_main:  # process 0 alone clears leftovers, holds the lock and renames into place
+        return _run_job(config, folder, comm, t0)
+    with folder.locked():  # one writer per output folder, for the whole job
+        return _run_job(config, folder, comm, t0)
+
+
+def _run_job(config: SelectionConfig, folder: OutputFolder, comm: Comm, t0: float) -> Path | None:
+    out, partial = folder.final, folder.partial
     pool = load_split(config.pool, "pool")
     target = load_split(config.target, "target")
     negative = load_split(config.negative_target, "negative_target") if config.negative_target else None
@@ -247,12 +261,8 @@ def run_job(config: SelectionConfig) -> Path | None:
     heldout = load_split(config.decontaminate, "decontaminate") if config.decontaminate else None
     if isinstance(heldout, IterableDataset):
         heldout = Dataset.from_list(list(heldout))
-    comm = get_comm(config.embedding.device)
     if comm.is_main:
-        if partial.exists():
-            logger.info("Removing the partial output of an earlier run: %s", partial)
-            shutil.rmtree(partial)
-        partial.mkdir(parents=True)
+        folder.begin()  # clears an earlier run's partial folder (only if ours), creates it
     comm.barrier()
 
     embedding = _embedding_kwargs(config)
@@ -303,9 +313,7 @@ def run_job(config: SelectionConfig) -> Path | None:
         from .report import write_report
 
         write_report(partial, columns=config.report_columns)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(partial, out)
+    folder.commit()  # manifest, old output aside, os.replace into place, old output removed
     if config.report:
         logger.info("Report: %s", out / "report.html")
     logger.info("Selection written to %s (%d of %d rows; load_from_disk(%r) gives the scored and selected splits)",

@@ -839,6 +839,9 @@ def write_report(
     out.write_text(page, encoding="utf-8")
     (folder / "report.json").write_text(json.dumps(numbers, indent=2, sort_keys=True, default=_json_default) + "\n", encoding="utf-8")
     logger.info("Report written to %s", out)
+    from .outdir import record_written
+
+    record_written(folder, [out, folder / "report.json", assets])  # ours: a later overwrite may replace them
     return out
 
 

@@ -368,11 +368,16 @@ def test_cli_existing_output_folder_is_refused_unless_overwrite(tmp_path, capsys
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
 
-def test_existing_output_folder_is_replaced_with_overwrite(tmp_path):
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "stale.txt").write_text("old")
-    out = run_job(load_config(REPO / "configs/demo.yaml", _overrides(tmp_path, "overwrite=true", "save_embeddings=false")))
-    assert not (out / "stale.txt").exists() and (out / "selected").is_dir()
+def test_existing_output_folder_is_replaced_with_overwrite_only_if_ours(tmp_path):
+    first = run_job(load_config(REPO / "configs/demo.yaml", _overrides(tmp_path, "save_embeddings=true")))
+    assert (first / "embeddings").is_dir()
+    out = run_job(load_config(REPO / "configs/demo.yaml", _overrides(tmp_path, "overwrite=true", "save_embeddings=false", "k=4")))
+    assert out == first and not (out / "embeddings").exists() and (out / "selected").is_dir()
+    assert json.loads((out / "selection.json").read_text())["k"] == 4
+    (out / "stale.txt").write_text("the user's")  # a file we did not write: the folder is no longer ours to replace
+    with pytest.raises(FileExistsError, match=r"holds files hf_otselect did not write.*\['stale.txt'\]"):
+        run_job(load_config(REPO / "configs/demo.yaml", _overrides(tmp_path, "overwrite=true")))
+    assert (out / "stale.txt").read_text() == "the user's" and (out / "selected").is_dir()
 
 
 def test_the_installed_command_prints_one_line_and_no_traceback(tmp_path):
@@ -414,3 +419,58 @@ def test_cli_report_on_a_folder_that_is_no_selection(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path)]) == 2
     assert "is not a selection output folder" in _error_lines(capsys)[0]
     assert not (tmp_path / "report.html").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# stale results: a streamed pool's second run returns its own rows and scores
+
+
+def _pool_rows(labels: list[int], source: str) -> list[dict]:
+    topics = ["cooking pasta", "tax law", "football scores", "protein folding"]
+    return [{"text": f"note {i}: a few words about {topics[i % 4]} and item {i}", "label": lab, "source": source, "weight": i / 7}
+            for i, lab in enumerate(labels)]
+
+
+def _streamed(path: Path, rows: list[dict]):
+    from datasets import load_dataset
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return load_dataset("json", data_files=str(path), split="train", streaming=True)
+
+
+STALE_EMB = {"max_length": 32, "shard_rows": 10}
+
+
+@pytest.mark.parametrize(("first", "second"), [("got_d", "similarity"), ("similarity", "got_d"), ("random", "tsds")])
+def test_a_streamed_pool_never_returns_the_scores_of_another_method(tmp_path, first, second):
+    rows = _pool_rows([i % 3 for i in range(26)], "web")
+    cache = tmp_path / "cache"
+    runs = {}
+    for method in (first, second):  # the same file, the same caches, only the method changes
+        runs[method] = _streamed(tmp_path / "pool.jsonl", rows).select_by_ot(
+            TARGET, method=method, k=4, cache_dir=cache, return_scored=True, embedding=STALE_EMB)
+    # An independent reference: the in-memory pool, its own fresh cache.
+    ref = hf_otselect.select_by_ot(Dataset.from_list(rows), TARGET, second, 4, cache_dir=tmp_path / "ref",
+                                   return_scored=True, embedding=STALE_EMB)
+    got = np.asarray(runs[second]["scored"]["score"])
+    assert not np.allclose(got, np.asarray(runs[first]["scored"]["score"]))  # the methods do differ here
+    np.testing.assert_allclose(got, np.asarray(ref["scored"]["score"]), rtol=1e-12, atol=0)
+    assert runs[second]["selected"]["pool_index"] == ref["selected"]["pool_index"]
+
+
+@pytest.mark.parametrize("change", ["every row", "one row"])
+def test_a_streamed_pool_carries_the_new_values_of_its_other_columns(tmp_path, change):
+    before = _pool_rows([i % 3 for i in range(23)], "web")
+    if change == "every row":
+        after = _pool_rows([(7 * i) % 5 + 10 for i in range(23)], "books")
+    else:
+        after = [dict(r) for r in before]
+        after[17]["source"] = "forum"
+    cache = tmp_path / "cache"
+    path = tmp_path / "pool.jsonl"
+    for rows in (before, after):  # only non-text columns differ: the vectors and scores are the same
+        dd = _streamed(path, rows).select_by_ot(TARGET, method="got_d", k=5, cache_dir=cache, return_scored=True,
+                                                embedding=STALE_EMB)
+    assert dd["scored"]["label"] == [r["label"] for r in after]
+    assert dd["scored"]["source"] == [r["source"] for r in after]
+    assert dd["selected"]["source"] == [after[i]["source"] for i in dd["selected"]["pool_index"]]

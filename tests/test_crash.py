@@ -12,6 +12,7 @@ never interrupted and used a cache of its own.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -19,8 +20,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from hf_otselect.cache import load_json
 from tests.conftest import REPO
 
 N_POOL, N_TARGET, SHARD = 240, 20, 20
@@ -127,3 +130,134 @@ def test_kill_9_while_embedding_and_while_scoring_then_resume_byte_identical(tmp
     assert not out.with_name("out.partial").exists()
     for part in ("scored", "selected", "embeddings"):
         assert _files(out / part) == _files(ref / part), f"{part}/ differs from the uninterrupted run"
+
+
+# ----------------------------------------------------------------------------------------------
+# damaged cache entries: logged, discarded, recomputed; never used, never a permanent failure
+
+
+def _small_pool(n: int = 36):
+    from datasets import Dataset
+
+    from tests.conftest import SAMPLE, read_jsonl
+
+    return Dataset.from_list(read_jsonl(SAMPLE / "pool.jsonl", n))
+
+
+def _select(cache: Path, pool, method: str = "got_d", k: int = 5):
+    from hf_otselect import select_by_ot
+    from tests.conftest import SAMPLE, read_jsonl
+
+    target = [r["text"] for r in read_jsonl(SAMPLE / "target.jsonl", 6)]
+    dd = select_by_ot(pool, target, method, k, cache_dir=cache, return_scored=True,
+                      embedding={"max_length": 32, "shard_rows": 12})
+    return dd["selected"]["pool_index"], np.asarray(dd["scored"]["score"])
+
+
+def _data_offset(path: Path) -> int:
+    """Where a .npy file's numbers start (after its header)."""
+    with path.open("rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        read(fh)
+        return fh.tell()
+
+
+@pytest.mark.parametrize("row", [0, 7], ids=["first-row", "middle-row"])
+def test_a_shard_with_changed_numbers_and_an_intact_header_is_recomputed(tmp_path, caplog, row):
+    pool = _small_pool()
+    want_rows, want_scores = _select(tmp_path / "ref_cache", pool)
+    cache = tmp_path / "cache"
+    _select(cache, pool)
+    shards = sorted((cache / "embeddings").rglob("*.npy"))
+    assert len(shards) == 4  # 3 pool shards of 12 rows + the target's
+    victim = next(p for p in shards if np.load(p).shape[0] == 12)
+    original = victim.read_bytes()
+    vectors = np.load(victim)
+    damaged = vectors.copy()
+    damaged[row] = -vectors[row]  # still finite unit vectors: only a checksum can tell
+    at = _data_offset(victim)
+    victim.write_bytes(original[:at] + damaged.astype("<f4").tobytes())
+    assert np.load(victim).shape == vectors.shape and not np.array_equal(np.load(victim), vectors)
+    with caplog.at_level("WARNING", logger="hf_otselect.cache"):
+        rows, scores = _select(cache, pool)
+    assert any("Discarding the damaged cache entry" in r.getMessage() and victim.name in r.getMessage() for r in caplog.records)
+    assert rows == want_rows
+    np.testing.assert_array_equal(scores, want_scores)
+    assert victim.read_bytes() == original  # recomputed and written back whole
+
+
+def _damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "flip":  # the last number's bytes, the header untouched
+        path.write_bytes(data[:-8] + bytes(b ^ 0x5A for b in data[-8:]))
+    elif how == "no-checksum":
+        Path(str(path) + ".check.json").unlink()
+    else:
+        raise AssertionError(how)
+
+
+@pytest.mark.parametrize(
+    ("method", "name", "how"),
+    [("got_d", "scores.npy", "truncate"), ("got_d", "scores.npy", "flip"), ("got_d", "info.json", "truncate"),
+     ("tsds", "info.json", "empty"), ("similarity", "scores.npy", "no-checksum"), ("got_d", "scores.npy.check.json", "truncate")],
+)
+def test_a_damaged_score_entry_is_recomputed_and_never_a_permanent_failure(tmp_path, caplog, method, name, how):
+    pool = _small_pool(30)
+    cache = tmp_path / "cache"
+    want_rows, want_scores = _select(cache, pool, method)
+    (entry,) = list((cache / "scores").glob("*"))
+    intact = {p.name: p.read_bytes() for p in entry.iterdir()}
+    _damage(entry / name, how)
+    with caplog.at_level("INFO"):
+        rows, scores = _select(cache, pool, method)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("Discarding the damaged cache entry" in m for m in messages), messages
+    assert not any("Scores read from the cache" in m for m in messages)
+    assert rows == want_rows
+    np.testing.assert_array_equal(scores, want_scores)
+    # Rewritten whole and verified (info.json holds timings, so only its keys are compared).
+    assert (entry / "scores.npy").read_bytes() == intact["scores.npy"]
+    assert sorted(p.name for p in entry.iterdir()) == sorted(intact)
+    info = load_json(entry / "info.json")
+    assert info is not None and sorted(info) == sorted(json.loads(intact["info.json"]))
+    caplog.clear()
+    with caplog.at_level("INFO"):  # and the entry is good again: read, not recomputed
+        assert _select(cache, pool, method)[0] == want_rows
+    assert any("Scores read from the cache" in r.getMessage() for r in caplog.records)
+
+
+# ----------------------------------------------------------------------------------------------
+# two jobs on one output folder
+
+
+def test_two_jobs_started_together_on_one_folder_leave_a_consistent_output(tmp_path):
+    """One holds the lock; the other fails at once naming it, or runs after it. Either way the
+    folder left is one job's whole output: selection.json describes exactly the splits beside it."""
+    from datasets import load_from_disk
+
+    out = tmp_path / "out"
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    procs = []
+    for log, k in zip(logs, (4, 9)):
+        cmd = [*_command(tmp_path / f"cache_{k}", out), f"k={k}", "overwrite=true", "pool.max_rows=60"]
+        with log.open("w") as fh:
+            procs.append(subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env(), cwd=tmp_path))
+    codes = [p.wait(timeout=600) for p in procs]
+    texts = [log.read_text() for log in logs]
+    assert 0 in codes, texts
+    for code, text in zip(codes, texts):
+        if code != 0:
+            errors = [ln for ln in text.splitlines() if ln.startswith("hf-otselect: error: ")]
+            assert len(errors) == 1 and "is being written by another job (pid " in errors[0], text[-2000:]
+            assert "Traceback" not in text
+    prov = json.loads((out / "selection.json").read_text())
+    selected, scored = load_from_disk(str(out / "selected")), load_from_disk(str(out / "scored"))
+    assert prov["rows"]["selected"] == len(selected) == prov["k"]
+    assert prov["rows"]["pool"] == len(scored) == 60
+    assert sorted(selected["rank"]) == list(range(1, prov["k"] + 1))
+    assert not out.with_name("out.partial").exists() and not out.with_name("out.previous").exists()

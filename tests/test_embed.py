@@ -118,7 +118,9 @@ def test_interrupted_run_resumes_only_unfinished_shards(texts, tmp_path, forward
     finally:
         handle.remove()
     files = list((tmp_path / "cache").rglob("*"))
-    assert sorted(p.suffix for p in files if p.is_file()) == [".npy", ".npy"]  # no half-written shard
+    names = sorted(p.name for p in files if p.is_file())
+    assert not [n for n in names if n.startswith(".")]  # no half-written shard or checksum
+    assert sorted(n.endswith(".npy.check.json") for n in names) == [False, False, True, True]  # 2 shards, 2 checksums
     forwards.clear()
     resumed = embed(texts, shard_rows=8, **_kw(tmp_path))
     assert sum(forwards) == len(texts) - 16

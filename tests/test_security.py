@@ -175,3 +175,64 @@ def test_a_job_never_prints_logs_or_writes_the_hub_token(tmp_path):
     assert len(written) > 10
     leaks = [str(p) for p in written if token in p.read_bytes()]
     assert not leaks, f"the token was written to {leaks}"
+
+
+# ----------------------------------------------------------------------------------------------
+# a job deletes only what it wrote
+
+# Where the package may remove a folder tree: the output folder's life cycle, and two folders
+# that lie inside an output of ours (the ranks' shards in .partial/, report_files/ of a report).
+RMTREE_ALLOWED = {"hf_otselect/outdir.py", "hf_otselect/job.py", "hf_otselect/report.py"}
+
+
+def test_only_the_output_folder_module_removes_folder_trees():
+    found = {
+        str(path.relative_to(REPO)): _where(path, call)
+        for path in _sources(USER_FACING)
+        for call in _calls(path)
+        if _dotted(call.func).endswith("rmtree")
+    }
+    assert "hf_otselect/outdir.py" in found
+    assert set(found) <= RMTREE_ALLOWED, f"rmtree outside the reviewed places: {found}"
+    # and the reviewed places in job.py/report.py remove a folder inside one the package made
+    job = (PACKAGE / "job.py").read_text(encoding="utf-8")
+    assert "shard_dir = partial / " in job and "shutil.rmtree(out" not in job
+
+
+def _cli_select(tmp_path: Path, output_dir: Path, *, home: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), **({"HOME": str(home)} if home else {})}
+    return subprocess.run(
+        [sys.executable, "-m", "hf_otselect.cli", "select", "--config", str(REPO / "configs/demo.yaml"),
+         f"pool.path={REPO / 'data/sample/pool.jsonl'}", f"target.path={REPO / 'data/sample/target.jsonl'}",
+         "pool.max_rows=20", "k=2", f"cache_dir={tmp_path / 'cache'}", f"output_dir={output_dir}", "overwrite=true"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env,
+    )
+
+
+def _plant(folder: Path) -> dict[Path, bytes]:
+    files = {folder / "thesis.tex": b"\\documentclass{article}", folder / "runs" / "seed1" / "log.txt": b"loss 0.1\n" * 40}
+    for path, data in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return files
+
+
+@pytest.mark.parametrize("where", ["output_dir", "partial", "home"])
+def test_a_hostile_output_dir_is_refused_in_one_line_and_the_users_files_stay(tmp_path, where):
+    """A symlinked output_dir or .partial, or ~ itself, with overwrite=true: exit 2, one line, nothing deleted."""
+    victim = tmp_path / "victim"
+    planted = _plant(victim)
+    if where == "output_dir":
+        (tmp_path / "sel").symlink_to(victim, target_is_directory=True)
+        proc = _cli_select(tmp_path, tmp_path / "sel")
+    elif where == "partial":
+        (tmp_path / "sel.partial").symlink_to(victim, target_is_directory=True)
+        proc = _cli_select(tmp_path, tmp_path / "sel")
+    else:
+        proc = _cli_select(tmp_path, Path("~"), home=victim)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("hf-otselect: error: The 'output_dir'"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for path, data in planted.items():
+        assert path.read_bytes() == data
+    assert sorted(p.name for p in victim.iterdir()) == ["runs", "thesis.tex"]
