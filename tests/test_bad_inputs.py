@@ -91,7 +91,7 @@ def select(tmp_path: Path, data, target, **kwargs):
         ("negative alpha", {"method": "tsds", "alpha": -0.5}, ValueError, template("alpha") + r".*\[0.0, 1.0\]\. Got -0.5"),
         ("negative sigma", {"method": "tsds", "sigma": -1.0}, ValueError, template("sigma") + ".*Got -1.0"),
         ("bad similarity reduce", {"method": "similarity", "reduce": "median"}, ValueError, template("reduce") + ".*Got 'median'"),
-        ("unknown selector keyword", {"method": "got_d", "epsilon": 0.1}, ValueError, template("params") + r".*'eps'.*Got \['epsilon'\]"),
+        ("unknown selector keyword", {"method": "got_d", "epsilon": 0.1}, TypeError, template("epsilon") + r".*'got_d' selector \(eps, .*embedding=\{\.\.\.\}.*Got \{'epsilon': 0\.1\}"),
         ("unknown embedding key", {"embedding": {"modle": "x"}}, ValueError, template("embedding") + r".*Got \['modle'\]"),
         ("model path that does not exist", {"embedding": {"model": "/no/such/model"}}, ValueError, template("model") + ".*'/no/such/model'"),
         ("relative model path that does not exist", {"embedding": {"model": "./no_model_here"}}, ValueError, template("model")),

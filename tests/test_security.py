@@ -196,7 +196,7 @@ def test_only_the_output_folder_module_removes_folder_trees():
     assert set(found) <= RMTREE_ALLOWED, f"rmtree outside the reviewed places: {found}"
     # and the reviewed places in job.py/report.py remove a folder inside one the package made
     job = (PACKAGE / "job.py").read_text(encoding="utf-8")
-    assert "shard_dir = partial / " in job and "shutil.rmtree(out" not in job
+    assert 'own = folder.with_name(f".{folder.name}-' in job and "shutil.rmtree(out" not in job
 
 
 def _cli_select(tmp_path: Path, output_dir: Path, *, home: Path | None = None) -> subprocess.CompletedProcess:
