@@ -10,18 +10,32 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import reprlib
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 
+# reprlib bounds the work as well as the text: it visits at most ``maxlist``/``maxdict`` items per
+# level and ``maxlevel`` levels, so a value with a billion shared leaves (YAML aliases) is shown in
+# microseconds; a plain repr() would expand all of it before any truncation could happen.
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict, _SHORT.maxset = 3, 8, 8, 8, 8
+_SHORT.maxstring, _SHORT.maxlong, _SHORT.maxother = 200, 60, 200
+
+
+def short_repr(value: Any, limit: int = 200) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, in bounded time whatever the value's size."""
+    shown = _SHORT.repr(value)
+    return shown if len(shown) <= limit else shown[:limit] + "..."
+
+
 def param_error(name: str, owner: str, expected: str, got: Any, *, exc: type = ValueError) -> Exception:
     """Build the standard error for a bad parameter (returned, so callers ``raise`` it)."""
-    shown = repr(got)
-    if len(shown) > 200:
-        shown = shown[:200] + "..."
-    return exc(f"The '{name}' parameter of {owner} must be {expected}. Got {shown} instead.")
+    return exc(f"The '{name}' parameter of {owner} must be {expected}. Got {short_repr(got)} instead.")
 
 
 def check_int(value: Any, name: str, owner: str, low: int | None = None, high: int | None = None) -> int:
@@ -97,3 +111,76 @@ def check_embeddings(x: Any, name: str, owner: str, *, dim: int | None = None) -
         bad = int((~np.isfinite(arr)).any(axis=1).sum())
         raise param_error(name, owner, "finite (no NaN or Inf)", f"{bad} row(s) with NaN or Inf")
     return arr
+
+
+def check_writable_folder(folder: str | os.PathLike, name: str, owner: str) -> Path:
+    """Refuse a folder that could not be created or written: a file in its path, or no write permission.
+
+    The folder need not exist; its nearest existing ancestor must be a folder this process may
+    write into. Nothing is created. Returns the folder with ``~`` expanded.
+    """
+    folder = Path(folder).expanduser()
+    probe = folder.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise param_error(name, owner, f"a folder path (its part {short_repr(str(probe))} is a file)", str(folder))
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(f"The '{name}' parameter of {owner} must be a folder this process can write. "
+                              f"Got {short_repr(str(folder))} instead ({short_repr(str(probe))} is not writable).")
+    return folder
+
+
+def check_solver_device(selector: Any) -> None:
+    """Refuse a selector ``device`` parameter naming a device this machine lacks (``cuda`` on CPU)."""
+    device = getattr(selector, "device", None)
+    if device is None or not isinstance(device, str) or "device" not in selector.get_params():
+        return  # None picks a device itself; a torch.device object is the caller's own
+    from .embed import resolve_device
+
+    resolve_device(device, owner=type(selector).__name__)
+
+
+def check_json_lines(pattern: str, name: str, max_rows: int | None = None) -> None:
+    """Refuse JSON-lines data files with a malformed line, naming the file and the line.
+
+    Reads the files matched by ``pattern`` (sorted, as ``datasets`` orders them) line by line with
+    the standard ``json`` parser, stopping after ``max_rows`` rows when given. A ``.json`` file that
+    is one JSON document (an array or object) passes as a whole. Used before a streamed pool is
+    embedded (the stream would meet the bad line mid-run) and to explain a failed load.
+
+    Raises
+    ------
+    ValueError
+        ``The 'pool.path' file 'x.jsonl' has a malformed JSON line 7: ...``.
+    """
+    import glob
+    import json
+
+    seen = 0
+    for path in sorted(glob.glob(pattern)):
+        if path.endswith(".json"):
+            try:
+                with open(path, "rb") as fh:
+                    json.load(fh)
+                continue  # one JSON document (an array, or a single row); JSON lines fail with "Extra data"
+            except (ValueError, UnicodeDecodeError):
+                pass  # the line scan below names the line
+        with open(path, "rb") as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    row = json.loads(raw)
+                except UnicodeDecodeError as err:
+                    raise ValueError(f"The '{name}' file {short_repr(path)} has a line that is not UTF-8: line {lineno} "
+                                     f"(byte offset {err.start} in the line).") from None
+                except ValueError as err:
+                    raise ValueError(f"The '{name}' file {short_repr(path)} has a malformed JSON line {lineno}: "
+                                     f"{' '.join(str(err).split())}. Fix or remove that line.") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"The '{name}' file {short_repr(path)} has a JSON line {lineno} that is not an "
+                                     f"object (got {type(row).__name__}); each line must be one row like {{\"text\": ...}}.")
+                seen += 1
+                if max_rows is not None and seen >= max_rows:
+                    return
