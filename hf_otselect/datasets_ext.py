@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from datasets import Dataset, DatasetDict, IterableDataset
 
-from ._checks import check_embeddings, check_int, param_error
+from ._checks import check_embeddings, check_int, check_solver_device, check_writable_folder, param_error
 from .embed import cache_root
 from .selectors import SelectionResult, Selector, get_selector
 from .selectors.base import descending_order
@@ -362,7 +362,11 @@ def run_selection(
         k = check_int(k, "k", owner, 1, None if probe.replaces else len(dataset))
     if score_column in (dataset.column_names or []) or score_column in ("pool_index", "rank"):
         raise param_error("score_column", owner, f"a name not already in the pool's columns {dataset.column_names}", score_column)
-    cache = cache_root(cache_dir)
+    taken = [c for c in ("pool_index", "rank") if c in (dataset.column_names or [])]
+    if taken:  # re-selecting from a selection: the added columns would clash only after the scoring
+        raise param_error("dataset", owner, f"a pool without the columns a selection adds (remove {taken} first)", f"columns {dataset.column_names}")
+    check_solver_device(probe)
+    cache = check_writable_folder(cache_root(cache_dir), "cache_dir", owner)
     timings: dict[str, float] = {}
     fingerprints = {"pool": _fingerprint(dataset, column), "target": _fingerprint(target, target_column)}
 

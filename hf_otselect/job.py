@@ -36,9 +36,10 @@ from typing import Any
 
 import numpy as np
 from datasets import Dataset, DatasetDict, IterableDataset, load_dataset, load_from_disk
+from datasets.exceptions import DatasetGenerationError
 
 from . import __version__
-from ._checks import param_error
+from ._checks import check_json_lines, param_error, short_repr
 from .config import DataConfig, SelectionConfig
 from .datasets_ext import SelectionRun, run_selection
 from .embed import cache_root
@@ -67,10 +68,17 @@ def load_split(spec: DataConfig, name: str = "pool") -> Dataset | IterableDatase
             if not glob.glob(spec.path):
                 raise FileNotFoundError(f"The '{name}.path' file {spec.path!r} does not exist.")
             kwargs: dict[str, Any] = {"delimiter": "\t"} if suffix == ".tsv" else {}
+            if spec.streaming and _FORMATS[suffix] == "json":  # a stream meets a bad line mid-embedding: look first
+                check_json_lines(spec.path, f"{name}.path", spec.max_rows)
             try:
                 data = load_dataset(_FORMATS[suffix], data_files=spec.path, split="train", streaming=spec.streaming, **kwargs)
             except StopIteration as err:  # datasets' json builder on a file without a single row
                 raise param_error(f"{name}.path", "the job config", "a data file with at least one row", spec.path) from err
+            except DatasetGenerationError as err:  # a malformed row: say which file (and line, for JSON)
+                if _FORMATS[suffix] == "json":
+                    check_json_lines(spec.path, f"{name}.path")
+                cause = " ".join(str(err.__cause__ or err).split())
+                raise ValueError(f"The '{name}.path' file(s) {spec.path!r} could not be read as {_FORMATS[suffix]}: {cause}") from err
         else:
             try:
                 data = load_dataset(spec.path, spec.name, split=spec.split, streaming=spec.streaming)
@@ -222,6 +230,25 @@ def _pipeline_kwargs(config: SelectionConfig, heldout: Dataset | None) -> dict[s
     return kwargs
 
 
+def _check_pool_columns(config: SelectionConfig, pool: Dataset | IterableDataset) -> None:
+    """Columns the job will read or add, checked on the loaded pool before any embedding."""
+    columns = pool.column_names
+    if columns is None:  # a stream without declared features: its first row tells
+        first = next(iter(pool.take(1)), None)
+        columns = list(first) if first is not None else []
+    owner = "SelectionConfig"
+    taken = [c for c in ("pool_index", "rank", config.score_column) if c in columns]
+    if taken:
+        raise param_error("pool.path", owner, "a pool without the columns a selection adds ('pool_index', 'rank', "
+                          f"score_column {config.score_column!r}); re-selecting from a selection? remove them first, "
+                          f"e.g. dataset.remove_columns({taken}), or set score_column to a new name", f"columns {columns}")
+    if config.report:
+        missing = [c for c in config.report_columns if c not in columns]
+        if missing:
+            raise param_error("report_columns", owner, f"columns of the pool (it has {short_repr(columns)}), or [] to show none",
+                              config.report_columns)
+
+
 def run_job(config: SelectionConfig) -> Path | None:
     """Run a selection job; return the output folder (None on ranks other than 0).
 
@@ -231,7 +258,7 @@ def run_job(config: SelectionConfig) -> Path | None:
         ``output_dir`` exists and ``overwrite`` is false (checked before any work).
     """
     t0 = time.perf_counter()
-    config.validate()
+    config.validate().check_environment()
     out, partial = output_paths(config.output_dir)
     rank, world = _world()
     if out.exists() and not config.overwrite:
@@ -241,6 +268,7 @@ def run_job(config: SelectionConfig) -> Path | None:
 
         check_repo_id(config.hub.repo_id)
     pool = load_split(config.pool, "pool")
+    _check_pool_columns(config, pool)
     target = load_split(config.target, "target")
     negative = load_split(config.negative_target, "negative_target") if config.negative_target else None
     if isinstance(target, IterableDataset):
