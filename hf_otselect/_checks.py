@@ -106,11 +106,88 @@ def check_embeddings(x: Any, name: str, owner: str, *, dim: int | None = None) -
         raise param_error(name, owner, "a non-empty array of shape (n >= 1, dim)", f"an array of shape {arr.shape}")
     if dim is not None and arr.shape[1] != dim:
         raise param_error(name, owner, f"an array with {dim} columns (the other side's dimension)", f"an array of shape {arr.shape}")
+    original = arr
     arr = np.ascontiguousarray(arr, dtype=np.float32)
     if not np.isfinite(arr).all():
+        if np.isfinite(original).all():  # finite float64 values beyond float32's range became Inf in the cast
+            top = float(max(np.max(original), -np.min(original)))
+            raise param_error(name, owner, f"values within float32's range (|value| <= {_F32_MAX:.3g}; "
+                              "rescale the vectors, e.g. normalise them)", f"largest |value| {top:.3g}")
         bad = int((~np.isfinite(arr)).any(axis=1).sum())
         raise param_error(name, owner, "finite (no NaN or Inf)", f"{bad} row(s) with NaN or Inf")
     return arr
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
+# The distance-based selectors (GOT-D, TSDS: FAISS and the Sinkhorn solver) compute squared
+# distances in float32. With the largest |value| inside this range, squared norms and distances stay
+# between float32's smallest normal number (1.2e-38) and its largest (3.4e38) for any dimension up to
+# ~10^8; outside it they overflow to Inf or flush to 0 (every distance equal, ties everywhere).
+MAGNITUDE_RANGE = (1e-15, 1e15)
+# eps / (mean squared distance) for the Sinkhorn solver: above 1e4 the cost differences fall below
+# float32's resolution inside exp((g - C) / eps) and the ranking turns to noise (measured: planted
+# rows stay first up to a ratio 5e3, unrelated rows from 5e5); below 1e-20, C / eps nears float32's
+# largest number (the solve fails at 1e-40).
+EPS_RATIO_RANGE = (1e-20, 1e4)
+
+
+def check_magnitude(x: np.ndarray, name: str, owner: str) -> float:
+    """Refuse embeddings whose largest |value| lies outside :data:`MAGNITUDE_RANGE`.
+
+    An all-zero array passes (identical rows are valid input). Returns the largest |value|.
+    Reads ``x`` twice (max and min), with no copy.
+    """
+    top = float(max(np.max(x), -np.min(x))) if x.size else 0.0
+    lo, hi = MAGNITUDE_RANGE
+    if top != 0.0 and not lo <= top <= hi:
+        raise param_error(name, owner, f"embeddings whose largest |value| lies in [{lo:g}, {hi:g}] (distances are "
+                          "computed in float32; rescale the vectors, e.g. normalise them)", f"largest |value| {top:.3g}")
+    return top
+
+
+def mean_sq_distance(x: np.ndarray, y: np.ndarray, block_rows: int = 65_536) -> float:
+    """Mean of ``||x_i - y_j||^2`` over all pairs, in float64, O((n + m) d), by blocks.
+
+    Uses ``E||x - y||^2 = E||x'||^2 + E||y'||^2 - 2 <E x', E y'>`` on points shifted by the mean of
+    ``y`` (a translation changes no distance, and the shift keeps the cancellation small when the
+    cloud sits far from the origin). Own code rather than :func:`hf_otselect.ot.mean_sq_distance`
+    because that one copies both sides to float64 at once and works unshifted.
+    """
+    centre = np.mean(y, axis=0, dtype=np.float64)
+
+    def moments(z: np.ndarray) -> tuple[np.ndarray, float]:
+        first, second = np.zeros(z.shape[1]), 0.0
+        for i in range(0, len(z), block_rows):
+            block = z[i:i + block_rows].astype(np.float64) - centre
+            first += block.sum(axis=0)
+            second += float(np.einsum("ij,ij->", block, block))
+        return first / len(z), second / len(z)
+
+    mx, qx = moments(x)
+    my, qy = moments(y)
+    return max(qx + qy - 2.0 * float(mx @ my), 0.0)
+
+
+def check_eps_scale(eps: float, eps_mode: str, candidates: np.ndarray, target: np.ndarray, owner: str) -> None:
+    """Refuse an entropic ``eps`` too large or too small for these embeddings (see :data:`EPS_RATIO_RANGE`).
+
+    ``eps`` absolute is compared with the mean squared distance between ``candidates`` and
+    ``target``; ``eps`` relative is that ratio itself. The message gives the valid range in the
+    user's own units. Identical points (mean distance 0) are left to the solver.
+    """
+    lo, hi = EPS_RATIO_RANGE
+    if eps_mode == "relative":
+        if not lo <= eps <= hi:
+            raise param_error("eps", owner, f"a float in [{lo:g}, {hi:g}] with eps_mode='relative' (a multiple of the "
+                              "mean squared distance; the solver's float32 arithmetic loses the ranking outside it)", eps)
+        return
+    scale = mean_sq_distance(candidates, target)
+    if scale > 0.0 and not lo * scale <= eps <= hi * scale:
+        raise param_error("eps", owner, f"a float in [{lo * scale:.3g}, {hi * scale:.3g}] for these embeddings "
+                          f"({lo:g} to {hi:g} times their mean squared distance {scale:.3g}; the solver's float32 "
+                          "arithmetic loses the ranking outside it), or a multiple of that distance with "
+                          "eps_mode='relative'", eps)
+
 
 
 def check_writable_folder(folder: str | os.PathLike, name: str, owner: str) -> Path:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from datasets import Dataset, DatasetDict, IterableDataset
 
-from ._checks import check_embeddings, check_int, check_solver_device, check_writable_folder, param_error
+from ._checks import check_embeddings, check_int, check_magnitude, check_solver_device, check_writable_folder, param_error
 from .embed import cache_root
 from .selectors import SelectionResult, Selector, get_selector
 from .selectors.base import descending_order
@@ -366,6 +366,10 @@ def run_selection(
     if taken:  # re-selecting from a selection: the added columns would clash only after the scoring
         raise param_error("dataset", owner, f"a pool without the columns a selection adds (remove {taken} first)", f"columns {dataset.column_names}")
     check_solver_device(probe)
+    if not probe.needs_text and not probe.scale_invariant:  # the user's own vectors, before the pool's encoder pass
+        for side, name in ((target, "target"), (negative_target, "negative_target")):
+            if isinstance(side, np.ndarray):
+                check_magnitude(check_embeddings(side, name, owner), name, owner)
     cache = check_writable_folder(cache_root(cache_dir), "cache_dir", owner)
     timings: dict[str, float] = {}
     fingerprints = {"pool": _fingerprint(dataset, column), "target": _fingerprint(target, target_column)}

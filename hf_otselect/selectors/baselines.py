@@ -44,6 +44,7 @@ class RandomSelector(Selector):
     """
 
     choice = "sample"
+    scale_invariant = True
 
     def __init__(self, *, replace: bool = False) -> None:
         self.replace = replace
@@ -96,6 +97,8 @@ class SimilaritySelector(Selector):
     block_size : int, default 16384
         Candidate rows per similarity block.
     """
+
+    scale_invariant = True  # cosines of rows normalised in float64: any finite magnitude
 
     def __init__(
         self,
