@@ -107,7 +107,8 @@ def check_embeddings(x: Any, name: str, owner: str, *, dim: int | None = None) -
     if dim is not None and arr.shape[1] != dim:
         raise param_error(name, owner, f"an array with {dim} columns (the other side's dimension)", f"an array of shape {arr.shape}")
     original = arr
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    with np.errstate(over="ignore"):  # values beyond float32 are reported below, by name
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
     if not np.isfinite(arr).all():
         if np.isfinite(original).all():  # finite float64 values beyond float32's range became Inf in the cast
             top = float(max(np.max(original), -np.min(original)))
