@@ -16,6 +16,7 @@ one (where ``010`` is 8, ``0x1F`` is 31 and ``on`` is True).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import re
 import types
 import typing
@@ -168,6 +169,10 @@ def read_text_file(path: Path, name: str) -> str:
         raise ValueError(f"The {name!r} file {short_repr(str(path))} is a folder, not a file.") from None
     except PermissionError:
         raise PermissionError(f"The {name!r} file {short_repr(str(path))} cannot be read (permission denied).") from None
+    except OSError as err:
+        if err.errno != errno.ENAMETOOLONG:
+            raise
+        raise ValueError(f"The {name!r} file name is too long to be a path: {short_repr(str(path), 80)}.") from None
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:

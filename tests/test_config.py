@@ -231,6 +231,8 @@ def test_config_from_card_accepts_the_text_a_path_and_a_card(tmp_path):
     assert config_from_card(str(tmp_path / "README.md")).k == 7
     with pytest.raises(FileNotFoundError, match=r"The 'card' file '.*nope\.md' does not exist"):
         config_from_card(str(tmp_path / "nope.md"))
+    with pytest.raises(ValueError, match=r"The 'card' file name is too long to be a path: 'aaaa"):
+        config_from_card("a" * 300)
 
 
 def test_a_card_header_with_aliases_or_duplicates_is_refused(tmp_path):
