@@ -262,3 +262,15 @@ def check_json_lines(pattern: str, name: str, max_rows: int | None = None) -> No
                 seen += 1
                 if max_rows is not None and seen >= max_rows:
                     return
+
+
+def unit_rows64(x: Any) -> np.ndarray:
+    """Rows divided by their L2 norm in float64 (zero rows stay zero): exact for any finite float32.
+
+    float32 norms overflow from magnitudes ~1e19 on (the square passes float32's 3.4e38) and
+    flush to 0 below ~1e-19, which would turn every cosine into 0 and every unit vector into the
+    zero vector; float64 holds the square of any float32.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norms > 0, norms, 1.0)

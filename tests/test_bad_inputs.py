@@ -764,3 +764,19 @@ def test_a_dollar_in_a_category_value_renders_as_text_in_the_report(tmp_path):
     html = (out / "report.html").read_text(encoding="utf-8")
     assert "$x^$" in html and r"$\frac$" in html
     assert len(list(out.rglob("composition_0.png"))) == 1
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e20, 1e30])
+def test_decontamination_and_the_guard_normalise_at_any_finite_scale(scale):
+    """Both work on unit vectors: scaling every row by one factor changes nothing (float32 norms used to
+    overflow or flush to 0 here, dropping every row)."""
+    from hf_otselect.decontaminate import decontaminate
+    from hf_otselect.dedup import epanechnikov_density
+
+    x, _ = _planted(n=40)
+    held = x[[3, 17]] + 0.01  # near-copies of rows 3 and 17
+    at_one = decontaminate(x, held, radius=0.1, ngram=None).dropped
+    assert np.flatnonzero(at_one).tolist() == [3, 17]
+    assert np.array_equal(decontaminate(x * scale, held * scale, radius=0.1, ngram=None).dropped, at_one)
+    rows = np.arange(len(x))
+    assert np.allclose(epanechnikov_density(x * scale, rows, radius=0.5), epanechnikov_density(x, rows, radius=0.5))
