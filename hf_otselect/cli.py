@@ -12,6 +12,7 @@ hf_otselect.cli select ...``). The CLI holds no logic of its own: it parses, the
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 import traceback
@@ -49,8 +50,13 @@ _NETWORK_PACKAGES = {"httpx", "httpx2", "requests", "urllib3", "huggingface_hub"
 
 def _one_line(err: BaseException) -> str:
     """The error as one line: YAML and Hub errors carry newlines; a terminal wants the gist."""
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= 2000 else text[:2000] + "..."
+    from ._checks import short_repr
+
+    if isinstance(err, OSError) and err.strerror and err.filename is not None:  # the OS's own text, path shortened
+        text = f"{err.strerror}: {short_repr(str(err.filename))}"
+    else:
+        text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 1000 else text[:1000] + "..."
 
 
 def _is_environment(err: BaseException) -> bool:
@@ -89,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         _explain(args.verbose, "interrupted (Ctrl-C); finished cache shards are kept and a rerun resumes from them")
         return EXIT_INTERRUPTED
     except Exception as err:  # noqa: BLE001 - the CLI's one job here is to turn any failure into one line
-        if isinstance(err, _BAD_INPUT) and not isinstance(err, PermissionError):
+        if (isinstance(err, _BAD_INPUT) and not isinstance(err, PermissionError)) or getattr(err, "errno", None) == errno.ENAMETOOLONG:
             _explain(args.verbose, _one_line(err))
             return EXIT_BAD_INPUT
         if _is_environment(err):

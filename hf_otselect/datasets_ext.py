@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from datasets import Dataset, DatasetDict, IterableDataset
 
-from ._checks import check_embeddings, check_int, check_magnitude, check_solver_device, check_writable_folder, param_error
+from ._checks import check_embeddings, check_int, check_magnitude, check_solver_device, check_writable_folder, param_error, short_repr
 from .embed import cache_root
 from .selectors import SelectionResult, Selector, get_selector
 from .selectors.base import descending_order
@@ -91,7 +91,7 @@ def _digest(*parts: Any) -> str:
 def _texts_of(data: Dataset | Sequence[str], column: str, name: str) -> list[str]:
     if isinstance(data, Dataset):
         if column not in data.column_names:
-            raise ValueError(f"The '{name}' dataset has no column {column!r}. Current columns: {data.column_names}")
+            raise ValueError(f"The '{name}' dataset has no column {short_repr(column)}. Current columns: {data.column_names}")
         return list(data[column])
     return list(data)
 
@@ -189,7 +189,7 @@ def _check_extras(
         if not isinstance(source_column, str) or not source_column:
             raise param_error("source_column", owner, "None or a non-empty str", source_column, exc=TypeError)
         if not streamed and source_column not in dataset.column_names:
-            raise ValueError(f"Column {source_column!r} (source_column) not in the dataset. Current columns: {dataset.column_names}")
+            raise ValueError(f"Column {short_repr(source_column)} (source_column) not in the dataset. Current columns: {dataset.column_names}")
     opts = None
     if prefilter is not None:
         from .prefilter import check_prefilter
@@ -212,7 +212,7 @@ def _check_extras(
         if streamed:
             raise param_error("decontaminate", owner, "None for a streamed pool (IterableDataset)", type(decontaminate).__name__)
         if isinstance(decontaminate, Dataset) and decontaminate_column not in decontaminate.column_names:
-            raise ValueError(f"Column {decontaminate_column!r} not in the decontaminate dataset. Current columns: {decontaminate.column_names}")
+            raise ValueError(f"Column {short_repr(decontaminate_column)} not in the decontaminate dataset. Current columns: {decontaminate.column_names}")
         if isinstance(decontaminate, np.ndarray) and decontaminate_ngram is not None:
             raise param_error("decontaminate_ngram", owner, "None when the held-out set is given as embeddings (the n-gram test needs texts)", decontaminate_ngram)
     return {
@@ -328,15 +328,15 @@ def run_selection(
         if len(dataset) == 0:
             raise param_error("dataset", owner, "a non-empty Dataset", "a Dataset with 0 rows")
         if column not in dataset.column_names:
-            raise ValueError(f"Column {column!r} not in the dataset. Current columns: {dataset.column_names}")
+            raise ValueError(f"Column {short_repr(column)} not in the dataset. Current columns: {dataset.column_names}")
     elif dataset.column_names is not None and column not in dataset.column_names:
-        raise ValueError(f"Column {column!r} not in the dataset. Current columns: {dataset.column_names}")
+        raise ValueError(f"Column {short_repr(column)} not in the dataset. Current columns: {dataset.column_names}")
     _check_target(target, "target")
     if negative_target is not None:
         _check_target(negative_target, "negative_target")
     target_column = target_column or column
     if isinstance(target, Dataset) and target_column not in target.column_names:
-        raise ValueError(f"Column {target_column!r} not in the target dataset. Current columns: {target.column_names}")
+        raise ValueError(f"Column {short_repr(target_column)} not in the target dataset. Current columns: {target.column_names}")
     k = check_int(k, "k", owner, 1)
     seed = check_int(seed, "seed", owner, 0)
     if not isinstance(score_column, str) or not score_column:

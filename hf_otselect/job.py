@@ -58,7 +58,7 @@ def load_split(spec: DataConfig, name: str = "pool") -> Dataset | IterableDatase
         data = load_from_disk(str(path))
         if isinstance(data, DatasetDict):
             if spec.split not in data:
-                raise ValueError(f"The '{name}.split' {spec.split!r} is not in {str(path)!r}. Splits: {list(data)}")
+                raise ValueError(f"The '{name}.split' {short_repr(spec.split)} is not in {str(path)!r}. Splits: {list(data)}")
             data = data[spec.split]
         if spec.streaming:
             data = data.to_iterable_dataset()
@@ -66,7 +66,7 @@ def load_split(spec: DataConfig, name: str = "pool") -> Dataset | IterableDatase
         suffix = "".join(Path(spec.path.replace("*", "x")).suffixes[-1:]).lower()
         if suffix in _FORMATS:
             if not glob.glob(spec.path):
-                raise FileNotFoundError(f"The '{name}.path' file {spec.path!r} does not exist.")
+                raise FileNotFoundError(f"The '{name}.path' file {short_repr(spec.path)} does not exist.")
             kwargs: dict[str, Any] = {"delimiter": "\t"} if suffix == ".tsv" else {}
             if spec.streaming and _FORMATS[suffix] == "json":  # a stream meets a bad line mid-embedding: look first
                 check_json_lines(spec.path, f"{name}.path", spec.max_rows)
@@ -78,7 +78,7 @@ def load_split(spec: DataConfig, name: str = "pool") -> Dataset | IterableDatase
                 if _FORMATS[suffix] == "json":
                     check_json_lines(spec.path, f"{name}.path")
                 cause = " ".join(str(err.__cause__ or err).split())
-                raise ValueError(f"The '{name}.path' file(s) {spec.path!r} could not be read as {_FORMATS[suffix]}: {cause}") from err
+                raise ValueError(f"The '{name}.path' file(s) {short_repr(spec.path)} could not be read as {_FORMATS[suffix]}: {cause}") from err
         else:
             try:
                 data = load_dataset(spec.path, spec.name, split=spec.split, streaming=spec.streaming)
@@ -240,7 +240,7 @@ def _check_pool_columns(config: SelectionConfig, pool: Dataset | IterableDataset
     taken = [c for c in ("pool_index", "rank", config.score_column) if c in columns]
     if taken:
         raise param_error("pool.path", owner, "a pool without the columns a selection adds ('pool_index', 'rank', "
-                          f"score_column {config.score_column!r}); re-selecting from a selection? remove them first, "
+                          f"score_column {short_repr(config.score_column)}); re-selecting from a selection? remove them first, "
                           f"e.g. dataset.remove_columns({taken}), or set score_column to a new name", f"columns {columns}")
     if config.report:
         missing = [c for c in config.report_columns if c not in columns]

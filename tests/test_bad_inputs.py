@@ -780,3 +780,11 @@ def test_decontamination_and_the_guard_normalise_at_any_finite_scale(scale):
     assert np.array_equal(decontaminate(x * scale, held * scale, radius=0.1, ngram=None).dropped, at_one)
     rows = np.arange(len(x))
     assert np.allclose(epanechnikov_density(x * scale, rows, radius=0.5), epanechnikov_density(x, rows, radius=0.5))
+
+
+@pytest.mark.parametrize("setting", ["pool.column", "pool.path", "target.column"])
+def test_a_huge_config_value_gives_a_short_error_line(tmp_path, capsys, no_encoder, setting):
+    value = ("data/" if setting == "pool.path" else "") + "c" * 100_000 + (".jsonl" if setting == "pool.path" else "")
+    assert _select_cli(tmp_path, f"{setting}={value}") == 2
+    line = _error_lines(capsys)[0]
+    assert len(line) < 700 and "ccc...ccc" in line, line[:300]
