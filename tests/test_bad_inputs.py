@@ -788,3 +788,14 @@ def test_a_huge_config_value_gives_a_short_error_line(tmp_path, capsys, no_encod
     assert _select_cli(tmp_path, f"{setting}={value}") == 2
     line = _error_lines(capsys)[0]
     assert len(line) < 700 and "ccc...ccc" in line, line[:300]
+
+
+def test_a_partial_folder_that_is_a_symlink_is_one_line_and_its_target_survives(tmp_path, capsys, no_encoder):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "precious.txt").write_text("keep me")
+    (tmp_path / "out.partial").symlink_to(elsewhere, target_is_directory=True)
+    status = _select_cli(tmp_path)
+    _error_lines(capsys)  # exactly one line, no traceback
+    assert status in (1, 2)
+    assert (elsewhere / "precious.txt").read_text() == "keep me"
