@@ -10,18 +10,32 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import reprlib
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 
+# reprlib bounds the work as well as the text: it visits at most ``maxlist``/``maxdict`` items per
+# level and ``maxlevel`` levels, so a value with a billion shared leaves (YAML aliases) is shown in
+# microseconds; a plain repr() would expand all of it before any truncation could happen.
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict, _SHORT.maxset = 3, 8, 8, 8, 8
+_SHORT.maxstring, _SHORT.maxlong, _SHORT.maxother = 200, 60, 200
+
+
+def short_repr(value: Any, limit: int = 200) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, in bounded time whatever the value's size."""
+    shown = _SHORT.repr(value)
+    return shown if len(shown) <= limit else shown[:limit] + "..."
+
+
 def param_error(name: str, owner: str, expected: str, got: Any, *, exc: type = ValueError) -> Exception:
     """Build the standard error for a bad parameter (returned, so callers ``raise`` it)."""
-    shown = repr(got)
-    if len(shown) > 200:
-        shown = shown[:200] + "..."
-    return exc(f"The '{name}' parameter of {owner} must be {expected}. Got {shown} instead.")
+    return exc(f"The '{name}' parameter of {owner} must be {expected}. Got {short_repr(got)} instead.")
 
 
 def check_int(value: Any, name: str, owner: str, low: int | None = None, high: int | None = None) -> int:
@@ -92,8 +106,171 @@ def check_embeddings(x: Any, name: str, owner: str, *, dim: int | None = None) -
         raise param_error(name, owner, "a non-empty array of shape (n >= 1, dim)", f"an array of shape {arr.shape}")
     if dim is not None and arr.shape[1] != dim:
         raise param_error(name, owner, f"an array with {dim} columns (the other side's dimension)", f"an array of shape {arr.shape}")
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    original = arr
+    with np.errstate(over="ignore"):  # values beyond float32 are reported below, by name
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
     if not np.isfinite(arr).all():
+        if np.isfinite(original).all():  # finite float64 values beyond float32's range became Inf in the cast
+            top = float(max(np.max(original), -np.min(original)))
+            raise param_error(name, owner, f"values within float32's range (|value| <= {_F32_MAX:.3g}; "
+                              "rescale the vectors, e.g. normalise them)", f"largest |value| {top:.3g}")
         bad = int((~np.isfinite(arr)).any(axis=1).sum())
         raise param_error(name, owner, "finite (no NaN or Inf)", f"{bad} row(s) with NaN or Inf")
     return arr
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
+# The distance-based selectors (GOT-D, TSDS: FAISS and the Sinkhorn solver) compute squared
+# distances in float32. With the largest |value| inside this range, squared norms and distances stay
+# between float32's smallest normal number (1.2e-38) and its largest (3.4e38) for any dimension up to
+# ~10^8; outside it they overflow to Inf or flush to 0 (every distance equal, ties everywhere).
+MAGNITUDE_RANGE = (1e-15, 1e15)
+# eps / (mean squared distance) for the Sinkhorn solver: above 1e4 the cost differences fall below
+# float32's resolution inside exp((g - C) / eps) and the ranking turns to noise (measured: planted
+# rows stay first up to a ratio 5e3, unrelated rows from 5e5); below 1e-20, C / eps nears float32's
+# largest number (the solve fails at 1e-40).
+EPS_RATIO_RANGE = (1e-20, 1e4)
+
+
+def check_magnitude(x: np.ndarray, name: str, owner: str) -> float:
+    """Refuse embeddings whose largest |value| lies outside :data:`MAGNITUDE_RANGE`.
+
+    An all-zero array passes (identical rows are valid input). Returns the largest |value|.
+    Reads ``x`` twice (max and min), with no copy.
+    """
+    top = float(max(np.max(x), -np.min(x))) if x.size else 0.0
+    lo, hi = MAGNITUDE_RANGE
+    if top != 0.0 and not lo <= top <= hi:
+        raise param_error(name, owner, f"embeddings whose largest |value| lies in [{lo:g}, {hi:g}] (distances are "
+                          "computed in float32; rescale the vectors, e.g. normalise them)", f"largest |value| {top:.3g}")
+    return top
+
+
+def mean_sq_distance(x: np.ndarray, y: np.ndarray, block_rows: int = 65_536) -> float:
+    """Mean of ``||x_i - y_j||^2`` over all pairs, in float64, O((n + m) d), by blocks.
+
+    Uses ``E||x - y||^2 = E||x'||^2 + E||y'||^2 - 2 <E x', E y'>`` on points shifted by the mean of
+    ``y`` (a translation changes no distance, and the shift keeps the cancellation small when the
+    cloud sits far from the origin). Own code rather than :func:`hf_otselect.ot.mean_sq_distance`
+    because that one copies both sides to float64 at once and works unshifted.
+    """
+    centre = np.mean(y, axis=0, dtype=np.float64)
+
+    def moments(z: np.ndarray) -> tuple[np.ndarray, float]:
+        first, second = np.zeros(z.shape[1]), 0.0
+        for i in range(0, len(z), block_rows):
+            block = z[i:i + block_rows].astype(np.float64) - centre
+            first += block.sum(axis=0)
+            second += float(np.einsum("ij,ij->", block, block))
+        return first / len(z), second / len(z)
+
+    mx, qx = moments(x)
+    my, qy = moments(y)
+    return max(qx + qy - 2.0 * float(mx @ my), 0.0)
+
+
+def check_eps_scale(eps: float, eps_mode: str, candidates: np.ndarray, target: np.ndarray, owner: str) -> None:
+    """Refuse an entropic ``eps`` too large or too small for these embeddings (see :data:`EPS_RATIO_RANGE`).
+
+    ``eps`` absolute is compared with the mean squared distance between ``candidates`` and
+    ``target``; ``eps`` relative is that ratio itself. The message gives the valid range in the
+    user's own units. Identical points (mean distance 0) are left to the solver.
+    """
+    lo, hi = EPS_RATIO_RANGE
+    if eps_mode == "relative":
+        if not lo <= eps <= hi:
+            raise param_error("eps", owner, f"a float in [{lo:g}, {hi:g}] with eps_mode='relative' (a multiple of the "
+                              "mean squared distance; the solver's float32 arithmetic loses the ranking outside it)", eps)
+        return
+    scale = mean_sq_distance(candidates, target)
+    if scale > 0.0 and not lo * scale <= eps <= hi * scale:
+        raise param_error("eps", owner, f"a float in [{lo * scale:.3g}, {hi * scale:.3g}] for these embeddings "
+                          f"({lo:g} to {hi:g} times their mean squared distance {scale:.3g}; the solver's float32 "
+                          "arithmetic loses the ranking outside it), or a multiple of that distance with "
+                          "eps_mode='relative'", eps)
+
+
+
+def check_writable_folder(folder: str | os.PathLike, name: str, owner: str) -> Path:
+    """Refuse a folder that could not be created or written: a file in its path, or no write permission.
+
+    The folder need not exist; its nearest existing ancestor must be a folder this process may
+    write into. Nothing is created. Returns the folder with ``~`` expanded.
+    """
+    folder = Path(folder).expanduser()
+    probe = folder.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise param_error(name, owner, f"a folder path (its part {short_repr(str(probe))} is a file)", str(folder))
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(f"The '{name}' parameter of {owner} must be a folder this process can write. "
+                              f"Got {short_repr(str(folder))} instead ({short_repr(str(probe))} is not writable).")
+    return folder
+
+
+def check_solver_device(selector: Any) -> None:
+    """Refuse a selector ``device`` parameter naming a device this machine lacks (``cuda`` on CPU)."""
+    device = getattr(selector, "device", None)
+    if device is None or not isinstance(device, str) or "device" not in selector.get_params():
+        return  # None picks a device itself; a torch.device object is the caller's own
+    from .embed import resolve_device
+
+    resolve_device(device, owner=type(selector).__name__)
+
+
+def check_json_lines(pattern: str, name: str, max_rows: int | None = None) -> None:
+    """Refuse JSON-lines data files with a malformed line, naming the file and the line.
+
+    Reads the files matched by ``pattern`` (sorted, as ``datasets`` orders them) line by line with
+    the standard ``json`` parser, stopping after ``max_rows`` rows when given. A ``.json`` file that
+    is one JSON document (an array or object) passes as a whole. Used before a streamed pool is
+    embedded (the stream would meet the bad line mid-run) and to explain a failed load.
+
+    Raises
+    ------
+    ValueError
+        ``The 'pool.path' file 'x.jsonl' has a malformed JSON line 7: ...``.
+    """
+    import glob
+    import json
+
+    seen = 0
+    for path in sorted(glob.glob(pattern)):
+        if path.endswith(".json"):
+            try:
+                with open(path, "rb") as fh:
+                    json.load(fh)
+                continue  # one JSON document (an array, or a single row); JSON lines fail with "Extra data"
+            except (ValueError, UnicodeDecodeError):
+                pass  # the line scan below names the line
+        with open(path, "rb") as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    row = json.loads(raw)
+                except UnicodeDecodeError as err:
+                    raise ValueError(f"The '{name}' file {short_repr(path)} has a line that is not UTF-8: line {lineno} "
+                                     f"(byte offset {err.start} in the line).") from None
+                except ValueError as err:
+                    raise ValueError(f"The '{name}' file {short_repr(path)} has a malformed JSON line {lineno}: "
+                                     f"{' '.join(str(err).split())}. Fix or remove that line.") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"The '{name}' file {short_repr(path)} has a JSON line {lineno} that is not an "
+                                     f"object (got {type(row).__name__}); each line must be one row like {{\"text\": ...}}.")
+                seen += 1
+                if max_rows is not None and seen >= max_rows:
+                    return
+
+
+def unit_rows64(x: Any) -> np.ndarray:
+    """Rows divided by their L2 norm in float64 (zero rows stay zero): exact for any finite float32.
+
+    float32 norms overflow from magnitudes ~1e19 on (the square passes float32's 3.4e38) and
+    flush to 0 below ~1e-19, which would turn every cosine into 0 and every unit vector into the
+    zero vector; float64 holds the square of any float32.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norms > 0, norms, 1.0)

@@ -12,8 +12,10 @@ hf_otselect.cli select ...``). The CLI holds no logic of its own: it parses, the
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
+import traceback
 
 __all__ = ["main"]
 
@@ -39,8 +41,38 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Exit statuses: 2 bad input (argument, config, data), 1 the environment failed (disk, network,
+# permissions) or an unexpected error, 130 interrupted (128 + SIGINT, what shells report for Ctrl-C).
+EXIT_BAD_INPUT, EXIT_ENVIRONMENT, EXIT_INTERRUPTED = 2, 1, 130
+_BAD_INPUT = (ValueError, TypeError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, ImportError)
+_NETWORK_PACKAGES = {"httpx", "httpx2", "requests", "urllib3", "huggingface_hub", "fsspec", "aiohttp"}
+
+
+def _one_line(err: BaseException) -> str:
+    """The error as one line: YAML and Hub errors carry newlines; a terminal wants the gist."""
+    from ._checks import short_repr
+
+    if isinstance(err, OSError) and err.strerror and err.filename is not None:  # the OS's own text, path shortened
+        text = f"{err.strerror}: {short_repr(str(err.filename))}"
+    else:
+        text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 1000 else text[:1000] + "..."
+
+
+def _is_environment(err: BaseException) -> bool:
+    """Disk, permission and network failures: the input may be fine, the machine or network is not."""
+    return isinstance(err, (OSError, MemoryError)) or any(
+        c.__module__.split(".")[0] in _NETWORK_PACKAGES for c in type(err).__mro__[:-2]
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status (2 for a bad argument or config, with no traceback)."""
+    """Entry point; returns the exit status.
+
+    2 for a bad argument, config or data file; 1 for an environment failure (disk full, permission
+    denied, network) or an unexpected error; 130 for Ctrl-C. Each prints one line on stderr and no
+    traceback, unless ``--verbose``, which prints the traceback first.
+    """
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -59,11 +91,25 @@ def main(argv: list[str] | None = None) -> int:
             from .report import write_report
 
             print(write_report(args.output_dir, columns=args.columns))
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError) as err:
-        # One line, no traceback: YAML and Hub errors carry newlines; a user's terminal wants the gist.
-        print(f"hf-otselect: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        _explain(args.verbose, "interrupted (Ctrl-C); finished cache shards are kept and a rerun resumes from them")
+        return EXIT_INTERRUPTED
+    except Exception as err:  # noqa: BLE001 - the CLI's one job here is to turn any failure into one line
+        if (isinstance(err, _BAD_INPUT) and not isinstance(err, PermissionError)) or getattr(err, "errno", None) == errno.ENAMETOOLONG:
+            _explain(args.verbose, _one_line(err))
+            return EXIT_BAD_INPUT
+        if _is_environment(err):
+            _explain(args.verbose, _one_line(err))
+            return EXIT_ENVIRONMENT
+        _explain(args.verbose, f"{type(err).__name__}: {_one_line(err)} (an unexpected error; --verbose shows the traceback)")
+        return EXIT_ENVIRONMENT
     return 0
+
+
+def _explain(verbose: bool, line: str) -> None:
+    if verbose:
+        traceback.print_exc()
+    print(f"hf-otselect: error: {line}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,23 @@
 """Selection jobs as dataclasses: YAML in, validated config out.
 
-A job file is YAML read with ``yaml.safe_load``; every key must be a field below (unknown keys are
-refused with the list of known ones), and ``key=value`` overrides from the command line use dotted
-paths (``pool.path=...``, ``params.eps=0.05``). Values of overrides are parsed as YAML scalars, so
-``k=200`` is an int and ``overwrite=true`` a bool.
+A job file is YAML read with :func:`load_yaml` (``yaml.SafeLoader``, bounded); every key must be a
+field below (unknown keys are refused with the list of known ones), and ``key=value`` overrides from
+the command line use dotted paths (``pool.path=...``, ``params.eps=0.05``). Values of overrides are
+parsed as YAML 1.2 core scalars, so ``k=200`` is an int, ``k=010`` is 10 and ``overwrite=true`` a
+bool; ``0x1F``, ``on`` and ``yes`` stay strings, which a field typed int or bool refuses by name.
+
+Job files and dataset cards are untrusted input. :func:`load_yaml` refuses anchors and aliases
+(a few hundred bytes of nested aliases expand to gigabytes once walked), duplicate keys (YAML says
+they are an error; PyYAML keeps the last one silently), nesting deeper than 64 levels and documents
+over 1 MiB, and reads every plain scalar by the YAML 1.2 core schema instead of PyYAML's YAML 1.1
+one (where ``010`` is 8, ``0x1F`` is 31 and ``on`` is True).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,12 +26,158 @@ from typing import Any
 
 import yaml
 
-from ._checks import param_error
+from ._checks import param_error, short_repr
 
 __all__ = [
     "DataConfig", "DecontaminateConfig", "DedupConfig", "EmbeddingConfig", "HubConfig", "PrefilterConfig",
-    "SelectionConfig", "load_config",
+    "SelectionConfig", "load_config", "load_yaml",
 ]
+
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_DEPTH = 64
+
+
+class YAMLRefused(yaml.MarkedYAMLError):
+    """A YAML construct refused on purpose (alias, anchor, duplicate key, depth, bad scalar)."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` with YAML 1.2 core scalars, no anchors or aliases, no duplicate keys.
+
+    PyYAML offers no switch for any of these, hence the subclass: the composer refuses alias and
+    anchor events before anything is built, ``construct_mapping`` refuses a key it has seen, and
+    the implicit resolvers are replaced by the YAML 1.2 core schema (decimal ints only: hex and
+    octal forms stay strings rather than being read silently as other numbers).
+    """
+
+    yaml_implicit_resolvers: dict = {}  # filled below; SafeLoader's YAML 1.1 table is not inherited
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise YAMLRefused(None, None, f"found the alias '*{short_repr(event.anchor, 40)[1:-1]}': anchors and aliases are "
+                              "not allowed (they can expand without bound)", event.start_mark)
+        if getattr(event, "anchor", None) is not None:
+            raise YAMLRefused(None, None, f"found the anchor '&{short_repr(event.anchor, 40)[1:-1]}': anchors and aliases are "
+                              "not allowed (they can expand without bound)", event.start_mark)
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise YAMLRefused(None, None, f"nesting deeper than {MAX_YAML_DEPTH} levels", event.start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:
+                raise YAMLRefused(None, None, "found a mapping key that is not a scalar", key_node.start_mark) from None
+            line = key_node.start_mark.line + 1
+            if first is not None:
+                raise YAMLRefused(None, None, f"the key {short_repr(key, 80)} appears twice (first at line {first})", key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node: Any) -> int:
+        try:
+            return int(self.construct_scalar(node))  # base 10: '010' is 10
+        except ValueError:
+            raise YAMLRefused(None, None, f"{short_repr(node.value, 60)} is not a decimal int", node.start_mark) from None
+
+    def construct_yaml_float(self, node: Any) -> float:
+        text = self.construct_scalar(node)
+        special = {".inf": "inf", "+.inf": "inf", "-.inf": "-inf", ".nan": "nan"}
+        try:
+            return float(special.get(text.lower(), text))
+        except ValueError:
+            raise YAMLRefused(None, None, f"{short_repr(node.value, 60)} is not a float", node.start_mark) from None
+
+    def construct_yaml_bool(self, node: Any) -> bool:
+        text = self.construct_scalar(node)
+        if text.lower() not in ("true", "false"):
+            raise YAMLRefused(None, None, f"{short_repr(text, 60)} is not true or false", node.start_mark)
+        return text.lower() == "true"
+
+
+for _tag, _pattern, _first in (
+    ("null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
+    ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", list("tTfF")),
+    ("int", r"^[-+]?[0-9]+$", list("-+0123456789")),
+    ("float", r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$",
+     list("-+.0123456789")),
+):
+    _BoundedLoader.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", re.compile(_pattern), _first)
+_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct_yaml_int)
+_BoundedLoader.add_constructor("tag:yaml.org,2002:float", _BoundedLoader.construct_yaml_float)
+_BoundedLoader.add_constructor("tag:yaml.org,2002:bool", _BoundedLoader.construct_yaml_bool)
+
+
+def load_yaml(text: str, source: str = "The YAML text") -> Any:
+    """Parse one untrusted YAML document, bounded (see the module docstring).
+
+    Parameters
+    ----------
+    text : str
+        The document (at most :data:`MAX_YAML_BYTES` of UTF-8).
+    source : str
+        How messages name the document, e.g. ``"The 'config' file 'job.yaml'"``.
+
+    Returns
+    -------
+    object
+        Plain dicts, lists, str, int, float, bool and None.
+
+    Raises
+    ------
+    ValueError
+        Malformed YAML, an anchor or alias, a duplicate key, too deep or too large; one message
+        that names ``source`` and the line.
+    """
+    if len(text) > MAX_YAML_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_YAML_BYTES:
+        raise ValueError(f"{source} is larger than {MAX_YAML_BYTES} bytes; a job config or card header is far smaller.")
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    except YAMLRefused as err:
+        mark = err.problem_mark
+        raise ValueError(f"{source} is refused: {err.problem} (line {mark.line + 1}, column {mark.column + 1}).") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{source} is not valid YAML: {' '.join(str(err).split())}") from None
+    finally:
+        loader.dispose()
+
+
+def read_text_file(path: Path, name: str) -> str:
+    """The UTF-8 text of a small user file, with one-line errors naming ``name`` and the file."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_YAML_BYTES:
+            raise ValueError(f"The {name!r} file {short_repr(str(path))} is larger than {MAX_YAML_BYTES} bytes "
+                             f"({size}); a job config or card is far smaller.")
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"The {name!r} file {short_repr(str(path))} does not exist.") from None
+    except IsADirectoryError:
+        raise ValueError(f"The {name!r} file {short_repr(str(path))} is a folder, not a file.") from None
+    except PermissionError:
+        raise PermissionError(f"The {name!r} file {short_repr(str(path))} cannot be read (permission denied).") from None
+    except OSError as err:
+        if err.errno != errno.ENAMETOOLONG:
+            raise
+        raise ValueError(f"The {name!r} file name is too long to be a path: {short_repr(str(path), 80)}.") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"The {name!r} file {short_repr(str(path))} is not UTF-8 text (byte 0x{data[err.start]:02x} "
+                         f"at offset {err.start}); save it as UTF-8.") from None
 
 
 @dataclass
@@ -260,6 +415,7 @@ class SelectionConfig:
 
     def validate(self) -> SelectionConfig:
         """Check the values that need no data; raise before any work is done."""
+        from ._checks import check_int
         from .selectors import available_selectors
 
         owner = "SelectionConfig"
@@ -273,6 +429,10 @@ class SelectionConfig:
             raise param_error("k", owner, "an int >= 1", self.k)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise param_error("seed", owner, "an int >= 0", self.seed)
+        for side in ("pool", "target", "negative_target", "decontaminate"):
+            spec = getattr(self, side)
+            if spec is not None and spec.max_rows is not None:
+                check_int(spec.max_rows, f"{side}.max_rows", owner, 1)
         if self.push_to_hub and not self.hub.repo_id:
             raise param_error("hub.repo_id", owner, "a repository id such as 'user/name' when push_to_hub is true", None)
         self._validate_pipeline(owner)
@@ -281,10 +441,12 @@ class SelectionConfig:
 
     def _check_work_settings(self) -> None:
         """Selector parameters and encoder settings, checked before any data is read or written."""
+        from ._checks import check_solver_device
         from .embed import check_embedding_settings
         from .selectors import get_selector
 
         selector = get_selector(self.method, **self.params)  # unknown keys, bad values (eps < 0...) fail here
+        check_solver_device(selector)
         if selector.needs_text:
             return
         e = self.embedding
@@ -294,6 +456,24 @@ class SelectionConfig:
             trust_remote_code=e.trust_remote_code, shard_rows=e.shard_rows,
         )
 
+
+    def check_environment(self) -> SelectionConfig:
+        """Check the folders the job will write, before any data is read: raise with one line.
+
+        ``output_dir`` must not be an existing file and its nearest existing ancestor must be a
+        writable folder; likewise the cache folder. (Whether an existing ``output_dir`` may be
+        replaced is decided by the job's overwrite rules.)
+        """
+        from ._checks import check_writable_folder
+        from .embed import cache_root
+
+        owner = "SelectionConfig"
+        out = Path(self.output_dir).expanduser()
+        if out.exists() and not out.is_dir():
+            raise param_error("output_dir", owner, "a folder path (it names an existing file)", self.output_dir)
+        check_writable_folder(out, "output_dir", owner)
+        check_writable_folder(cache_root(self.cache_dir), "cache_dir", owner)
+        return self
 
     def _validate_pipeline(self, owner: str) -> None:
         """The pre-filter, guard and decontamination sections (same checks as select_by_ot)."""
@@ -334,10 +514,10 @@ def _build(cls: type, data: Any, where: str) -> Any:
         raise param_error(where or "config", "the job config", f"a mapping of {cls.__name__} fields", data, exc=TypeError)
     hints = typing.get_type_hints(cls)
     known = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(known))
+    unknown = sorted(set(data) - set(known), key=str)
     if unknown:
         name = f"{where}.{unknown[0]}" if where else unknown[0]
-        raise ValueError(f"Unknown config key {name!r}. Known keys{' of ' + where if where else ''}: {known}")
+        raise ValueError(f"Unknown config key {short_repr(name)}. Known keys{' of ' + where if where else ''}: {known}")
     kwargs = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
@@ -393,7 +573,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     path : str or Path or None
         YAML file. None starts from the defaults.
     overrides : sequence of str
-        ``dotted.key=value`` items; values are parsed as YAML scalars.
+        ``dotted.key=value`` items; values are parsed as YAML 1.2 core scalars (``010`` is 10;
+        ``0x1F``, ``on``, ``yes`` are strings, refused by a field typed int or bool).
 
     Returns
     -------
@@ -405,31 +586,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     FileNotFoundError
         The file does not exist.
     ValueError
-        Malformed YAML, an unknown key, a malformed override or an invalid value.
+        Malformed YAML, an anchor or alias, a duplicate key, a file that is not UTF-8, an unknown
+        key, a malformed override or an invalid value.
     TypeError
         A value of the wrong type.
     """
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"The 'config' file {str(path)!r} does not exist.")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
-            raise ValueError(f"The 'config' file {str(path)!r} is not valid YAML: {err}") from err
+        if not path.exists():
+            raise FileNotFoundError(f"The 'config' file {short_repr(str(path))} does not exist.")
+        source = f"The 'config' file {short_repr(str(path))}"
+        loaded = load_yaml(read_text_file(path, "config"), source)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
             raise param_error("config", "load_config", "a YAML mapping at the top level", type(loaded).__name__, exc=TypeError)
         data = loaded
     for item in overrides:
+        if not isinstance(item, str):
+            raise param_error("overrides", "load_config", "items of the form key=value (str)", item, exc=TypeError)
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise param_error("overrides", "load_config", "items of the form key=value", item)
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as err:
-            raise ValueError(f"The override {item!r} has a value that is not valid YAML: {err}") from err
+        value = load_yaml(raw, f"The override {short_repr(item)}") if raw.strip() else None
         _set_dotted(data, key.strip(), value)
     return SelectionConfig.from_dict(data)

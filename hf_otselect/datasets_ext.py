@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from datasets import Dataset, DatasetDict, IterableDataset
 
-from ._checks import check_embeddings, check_int, param_error
+from ._checks import check_embeddings, check_int, check_magnitude, check_solver_device, check_writable_folder, param_error, short_repr
 from .cache import load_array, load_json, save_array, save_json
 from .dist import LOCAL, Comm, PoolView, TextView
 from .embed import cache_root
@@ -103,7 +103,7 @@ def _digest(*parts: Any) -> str:
 def _texts_of(data: Dataset | Sequence[str], column: str, name: str) -> list[str]:
     if isinstance(data, Dataset):
         if column not in data.column_names:
-            raise ValueError(f"The '{name}' dataset has no column {column!r}. Current columns: {data.column_names}")
+            raise ValueError(f"The '{name}' dataset has no column {short_repr(column)}. Current columns: {data.column_names}")
         return list(data[column])
     return list(data)
 
@@ -269,7 +269,7 @@ def _check_extras(
         if not isinstance(source_column, str) or not source_column:
             raise param_error("source_column", owner, "None or a non-empty str", source_column, exc=TypeError)
         if not streamed and source_column not in dataset.column_names:
-            raise ValueError(f"Column {source_column!r} (source_column) not in the dataset. Current columns: {dataset.column_names}")
+            raise ValueError(f"Column {short_repr(source_column)} (source_column) not in the dataset. Current columns: {dataset.column_names}")
     opts = None
     if prefilter is not None:
         from .prefilter import check_prefilter
@@ -292,7 +292,7 @@ def _check_extras(
         if streamed:
             raise param_error("decontaminate", owner, "None for a streamed pool (IterableDataset)", type(decontaminate).__name__)
         if isinstance(decontaminate, Dataset) and decontaminate_column not in decontaminate.column_names:
-            raise ValueError(f"Column {decontaminate_column!r} not in the decontaminate dataset. Current columns: {decontaminate.column_names}")
+            raise ValueError(f"Column {short_repr(decontaminate_column)} not in the decontaminate dataset. Current columns: {decontaminate.column_names}")
         if isinstance(decontaminate, np.ndarray) and decontaminate_ngram is not None:
             raise param_error("decontaminate_ngram", owner, "None when the held-out set is given as embeddings (the n-gram test needs texts)", decontaminate_ngram)
     return {
@@ -461,15 +461,15 @@ def run_selection(
         if len(dataset) == 0:
             raise param_error("dataset", owner, "a non-empty Dataset", "a Dataset with 0 rows")
         if column not in dataset.column_names:
-            raise ValueError(f"Column {column!r} not in the dataset. Current columns: {dataset.column_names}")
+            raise ValueError(f"Column {short_repr(column)} not in the dataset. Current columns: {dataset.column_names}")
     elif dataset.column_names is not None and column not in dataset.column_names:
-        raise ValueError(f"Column {column!r} not in the dataset. Current columns: {dataset.column_names}")
+        raise ValueError(f"Column {short_repr(column)} not in the dataset. Current columns: {dataset.column_names}")
     _check_target(target, "target")
     if negative_target is not None:
         _check_target(negative_target, "negative_target")
     target_column = target_column or column
     if isinstance(target, Dataset) and target_column not in target.column_names:
-        raise ValueError(f"Column {target_column!r} not in the target dataset. Current columns: {target.column_names}")
+        raise ValueError(f"Column {short_repr(target_column)} not in the target dataset. Current columns: {target.column_names}")
     k = check_int(k, "k", owner, 1)
     seed = check_int(seed, "seed", owner, 0)
     if not isinstance(score_column, str) or not score_column:
@@ -519,7 +519,12 @@ def run_selection(
     if taken:
         raise param_error("dataset", owner, f"a pool without the columns {sorted(reserved)} that the selection adds "
                           "(re-selecting from a selection? drop them with remove_columns first)", taken)
-    cache = cache_root(cache_dir)
+    check_solver_device(probe)
+    if not probe.needs_text and not probe.scale_invariant:  # the user's own vectors, before the pool's encoder pass
+        for side, name in ((target, "target"), (negative_target, "negative_target")):
+            if isinstance(side, np.ndarray):
+                check_magnitude(check_embeddings(side, name, owner), name, owner)
+    cache = check_writable_folder(cache_root(cache_dir), "cache_dir", owner)
     from datasets import is_caching_enabled
 
     caching = is_caching_enabled()  # datasets.disable_caching() turns our caches off too

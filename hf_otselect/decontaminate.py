@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from . import knn
-from ._checks import check_embeddings, check_float, check_int, param_error
+from ._checks import check_embeddings, check_float, check_int, param_error, unit_rows64
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def decontaminate(
     if sources is not None and len(sources) != n:
         raise param_error("sources", owner, f"one label per candidate ({n})", f"{len(sources)} labels")
 
-    unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # noqa: E731
+    unit = lambda x: np.ascontiguousarray(unit_rows64(x), dtype=np.float32)  # noqa: E731 - float64 norms: any finite scale
     found = knn.knn_search(unit(candidates), unit(heldout), 1, index="flat")
     nearest = np.sqrt(np.maximum(found.distances[:, 0].astype(np.float64), 0.0))
     by_embedding = nearest <= radius

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from . import knn
-from ._checks import check_choice, check_embeddings, check_float, check_int, param_error
+from ._checks import check_choice, check_embeddings, check_float, check_int, param_error, unit_rows64
 from .selectors.base import Selector, choose
 
 logger = logging.getLogger(__name__)
@@ -45,8 +45,7 @@ DEDUP_MODES = ("auto", "greedy", "kde")
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.ascontiguousarray(x / np.maximum(norms, 1e-12), dtype=np.float32)
+    return np.ascontiguousarray(unit_rows64(x), dtype=np.float32)  # normalised in float64: any finite scale
 
 
 def resolve_dedup_mode(mode: str, choice: str, replaces: bool, owner: str) -> str:

@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import re
+import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -248,6 +249,22 @@ def _missing_column(column: str, existing: Sequence[str] | None, owner: str) -> 
                       f"Got {column!r} instead. Column {column!r} not in the dataset. Current columns: {cols}")
 
 
+# Characters that render as nothing: controls (Cc), format characters (Cf: zero-width space and
+# joiners, BOM, bidi marks, soft hyphen) and separators (Zs, Zl, Zp). A text made only of them
+# carries no words, and every such text embeds to about the same vector.
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
+
+
+def _is_blank(text: str) -> bool:
+    """True for a text with no visible character (empty, whitespace, zero-width, control, BOM)."""
+    if not text.strip():
+        return True
+    if text.isprintable():  # the common case, one C-speed pass: some character is visible
+        return False
+    # `all` stops at the first visible character, so a normal text with a newline costs little.
+    return all(unicodedata.category(c) in _INVISIBLE_CATEGORIES for c in text)
+
+
 def _check_texts(texts: Sequence[Any], start: int, column: str | None, owner: str) -> list[str]:
     """Return ``texts`` as clean str, or raise naming the column and the first offending rows."""
     bad_type: list[int] = []
@@ -257,7 +274,7 @@ def _check_texts(texts: Sequence[Any], start: int, column: str | None, owner: st
         if not isinstance(t, str):
             bad_type.append(start + i)
             continue
-        if not t.strip():
+        if _is_blank(t):
             empty.append(start + i)
         out.append(t)
     where = f"column {column!r}" if column is not None else "the texts"
@@ -296,7 +313,8 @@ def check_texts(texts: Sequence[Any], *, column: str | None = None, owner: str =
     TypeError
         A value that is not a str (None included); the message names the first rows.
     ValueError
-        An empty or whitespace-only value.
+        An empty or whitespace-only value; a text made only of invisible characters (controls,
+        zero-width and other format characters such as the BOM, separators) counts as whitespace.
     """
     return _check_texts(texts, 0, column, owner)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import numpy as np
 import yaml
 from huggingface_hub import DatasetCard
 
-from ._checks import param_error
+from ._checks import param_error, short_repr
 from .config import SelectionConfig
 
 logger = logging.getLogger(__name__)
@@ -114,15 +115,51 @@ The YAML header of this card holds the full job configuration under `hf_otselect
     return DatasetCard(f"---\n{header}---\n{body}")
 
 
+_CARD_HEADER = re.compile(r"\A\s*---[ \t]*\r?\n(.*?)(?:\r?\n)?^---[ \t]*$", re.DOTALL | re.MULTILINE)
+
+
 def config_from_card(card: str | os.PathLike | DatasetCard) -> SelectionConfig:
-    """Read the job configuration back from a card (a path, a card, or the card's text)."""
-    if not isinstance(card, DatasetCard):
-        text = Path(card).read_text(encoding="utf-8") if Path(str(card)).is_file() else str(card)
-        card = DatasetCard(text)
-    meta = card.data.to_dict().get("hf_otselect")
-    if not isinstance(meta, dict) or "config" not in meta:
+    """Read the job configuration back from a card.
+
+    Parameters
+    ----------
+    card : str, PathLike or DatasetCard
+        The card's text (what ``README.md`` holds, starting with its ``---`` YAML header), the path
+        of such a file, or a loaded :class:`~huggingface_hub.DatasetCard`.
+
+    Returns
+    -------
+    SelectionConfig
+        The validated job configuration recorded under ``hf_otselect.config``.
+
+    Notes
+    -----
+    The header is untrusted input: it is parsed with :func:`hf_otselect.config.load_yaml` (no
+    anchors or aliases, no duplicate keys, bounded size and depth), never with the card library's
+    own unbounded ``yaml.safe_load``.
+    """
+    from .config import load_yaml, read_text_file
+
+    if isinstance(card, DatasetCard):
+        text, source = str(card.content), "The 'card' text"
+    elif isinstance(card, os.PathLike) or (isinstance(card, str) and not _looks_like_card_text(card)):
+        path = Path(card)
+        text, source = read_text_file(path, "card"), f"The 'card' file {short_repr(str(path))}"
+    elif isinstance(card, str):
+        text, source = card, "The 'card' text"
+    else:
+        raise param_error("card", "config_from_card", "the card's text, its path or a DatasetCard", type(card).__name__, exc=TypeError)
+    header = _CARD_HEADER.match(text.lstrip("\ufeff"))
+    meta = load_yaml(header.group(1), f"{source} (YAML header)") if header else None
+    meta = meta.get("hf_otselect") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
         raise param_error("card", "config_from_card", "a card written by hf_otselect (YAML key 'hf_otselect.config')", "a card without it")
     return SelectionConfig.from_dict(meta["config"])
+
+
+def _looks_like_card_text(card: str) -> bool:
+    """A card's text starts with its ``---`` header or spans lines; a path does neither."""
+    return card.lstrip("\ufeff \t\r\n").startswith("---") or "\n" in card
 
 
 def push(

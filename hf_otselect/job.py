@@ -41,9 +41,10 @@ from typing import Any
 
 import numpy as np
 from datasets import Dataset, DatasetDict, IterableDataset, load_dataset, load_from_disk
+from datasets.exceptions import DatasetGenerationError
 
 from . import __version__
-from ._checks import param_error
+from ._checks import check_json_lines, param_error, short_repr
 from .config import DataConfig, SelectionConfig
 from .datasets_ext import SelectionRun, run_selection
 from .dist import Comm, get_comm
@@ -64,7 +65,7 @@ def load_split(spec: DataConfig, name: str = "pool") -> Dataset | IterableDatase
         data = load_from_disk(str(path))
         if isinstance(data, DatasetDict):
             if spec.split not in data:
-                raise ValueError(f"The '{name}.split' {spec.split!r} is not in {str(path)!r}. Splits: {list(data)}")
+                raise ValueError(f"The '{name}.split' {short_repr(spec.split)} is not in {str(path)!r}. Splits: {list(data)}")
             data = data[spec.split]
         if spec.streaming:
             data = data.to_iterable_dataset()
@@ -72,12 +73,19 @@ def load_split(spec: DataConfig, name: str = "pool") -> Dataset | IterableDatase
         suffix = "".join(Path(spec.path.replace("*", "x")).suffixes[-1:]).lower()
         if suffix in _FORMATS:
             if not glob.glob(spec.path):
-                raise FileNotFoundError(f"The '{name}.path' file {spec.path!r} does not exist.")
+                raise FileNotFoundError(f"The '{name}.path' file {short_repr(spec.path)} does not exist.")
             kwargs: dict[str, Any] = {"delimiter": "\t"} if suffix == ".tsv" else {}
+            if spec.streaming and _FORMATS[suffix] == "json":  # a stream meets a bad line mid-embedding: look first
+                check_json_lines(spec.path, f"{name}.path", spec.max_rows)
             try:
                 data = load_dataset(_FORMATS[suffix], data_files=spec.path, split="train", streaming=spec.streaming, **kwargs)
             except StopIteration as err:  # datasets' json builder on a file without a single row
                 raise param_error(f"{name}.path", "the job config", "a data file with at least one row", spec.path) from err
+            except DatasetGenerationError as err:  # a malformed row: say which file (and line, for JSON)
+                if _FORMATS[suffix] == "json":
+                    check_json_lines(spec.path, f"{name}.path")
+                cause = " ".join(str(err.__cause__ or err).split())
+                raise ValueError(f"The '{name}.path' file(s) {short_repr(spec.path)} could not be read as {_FORMATS[suffix]}: {cause}") from err
         else:
             try:
                 data = load_dataset(spec.path, spec.name, split=spec.split, streaming=spec.streaming)
@@ -217,6 +225,25 @@ def _pipeline_kwargs(config: SelectionConfig, heldout: Dataset | None) -> dict[s
     return kwargs
 
 
+def _check_pool_columns(config: SelectionConfig, pool: Dataset | IterableDataset) -> None:
+    """Columns the job will read or add, checked on the loaded pool before any embedding."""
+    columns = pool.column_names
+    if columns is None:  # a stream without declared features: its first row tells
+        first = next(iter(pool.take(1)), None)
+        columns = list(first) if first is not None else []
+    owner = "SelectionConfig"
+    taken = [c for c in ("pool_index", "rank", "draw_order", "selected", config.score_column) if c in columns]
+    if taken:
+        raise param_error("pool.path", owner, "a pool without the columns a selection adds ('pool_index', 'rank', 'draw_order', 'selected', "
+                          f"score_column {short_repr(config.score_column)}); re-selecting from a selection? remove them first, "
+                          f"e.g. dataset.remove_columns({taken}), or set score_column to a new name", f"columns {columns}")
+    if config.report:
+        missing = [c for c in config.report_columns if c not in columns]
+        if missing:
+            raise param_error("report_columns", owner, f"columns of the pool (it has {short_repr(columns)}), or [] to show none",
+                              config.report_columns)
+
+
 def run_job(config: SelectionConfig) -> Path | None:
     """Run a selection job; return the output folder (None on processes other than 0).
 
@@ -235,7 +262,7 @@ def run_job(config: SelectionConfig) -> Path | None:
         ``output_dir`` is empty, the working directory, a home or root folder or above one.
     """
     t0 = time.perf_counter()
-    config.validate()
+    config.validate().check_environment()
     comm = get_comm(config.embedding.device)
     folder = OutputFolder(config.output_dir, overwrite=config.overwrite)
     folder.check(leftovers=comm.is_main)  # see hf_otselect/outdir.py: a job deletes only what it wrote
@@ -252,6 +279,7 @@ def run_job(config: SelectionConfig) -> Path | None:
 def _run_job(config: SelectionConfig, folder: OutputFolder, comm: Comm, t0: float) -> Path | None:
     out, partial = folder.final, folder.partial
     pool = load_split(config.pool, "pool")
+    _check_pool_columns(config, pool)
     target = load_split(config.target, "target")
     negative = load_split(config.negative_target, "negative_target") if config.negative_target else None
     if isinstance(target, IterableDataset):

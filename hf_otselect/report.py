@@ -413,7 +413,7 @@ def _score_section(run: _Run, top_k: bool, assets: Path) -> tuple[dict[str, Any]
                 f"proportional to <code>{_esc(run.score_column)}</code>. {_num('selected-rows', len(sel))} draws, "
                 f"{_num('selected-distinct', out['distinct_selected'])} distinct rows; "
                 f"{_num('score-zero', out['n_zero'])} of {run.n} pool rows have score 0 and can never be drawn.")
-    ax.set_xlabel(run.score_column + " (higher = select)")
+    ax.set_xlabel(run.score_column + " (higher = select)", parse_math=False)
     ax.set_ylabel("rows")
     ax.legend(loc="best", fontsize=8)
     img = _save(fig, assets, "scores.png")
@@ -498,9 +498,10 @@ def _composition_section(run: _Run, column: str, assets: Path, index: int) -> tu
     y = np.arange(len(rows))
     ax.barh(y - 0.2, [100 * r["pool_frac"] for r in rows], height=0.4, color="#9aa5b1", label="pool")
     ax.barh(y + 0.2, [100 * r["selected_frac"] for r in rows], height=0.4, color="#1f6fb4", label="selected")
-    ax.set_yticks(y, [_truncate(r["value"], 30) for r in rows], fontsize=8)
+    # Data values and column names are the user's text, not mathtext: "$x^$" would fail the render.
+    ax.set_yticks(y, [_truncate(r["value"], 30) for r in rows], fontsize=8, parse_math=False)
     ax.invert_yaxis()
-    ax.set_xlabel(f"% of rows, by '{column}'")
+    ax.set_xlabel(f"% of rows, by '{column}'", parse_math=False)
     ax.legend(loc="lower right", fontsize=8)
     img = _save(fig, assets, f"composition_{index}.png")
     body = [[_esc(r["value"]), _num(f"comp-{index}-{i}-pool", r["pool"]), f"{100 * r['pool_frac']:.1f}%",

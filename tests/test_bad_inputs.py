@@ -474,3 +474,387 @@ def test_a_streamed_pool_carries_the_new_values_of_its_other_columns(tmp_path, c
     assert dd["scored"]["label"] == [r["label"] for r in after]
     assert dd["scored"]["source"] == [r["source"] for r in after]
     assert dd["selected"]["source"] == [after[i]["source"] for i in dd["selected"]["pool_index"]]
+
+
+# issue 13: everything checkable is checked before the encoder loads (item 6), numbers at any
+# finite scale (item 5), and the CLI's exit statuses (item 7)
+
+
+def _rows(tmp_path: Path, name: str, rows: list[dict]) -> str:
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def _select_cli(tmp_path: Path, *extra: str, config: str = "configs/tsds.yaml") -> int:
+    return cli.main(["select", "--config", str(REPO / config), *_overrides(tmp_path, *extra)])
+
+
+def test_report_columns_absent_from_the_pool_fail_before_the_encoder(tmp_path, capsys, no_encoder):
+    # every bundled config names 'domain'; this pool has 'source' instead
+    pool = _rows(tmp_path, "p.jsonl", [{"text": f"line {i} of the pool", "source": "s"} for i in range(8)])
+    assert _select_cli(tmp_path, f"pool.path={pool}", "report=true") == 2
+    line = _error_lines(capsys)[0]
+    assert re.search(template("report_columns") + r"columns of the pool \(it has \['text', 'source'\]\).*Got \['domain'\]", line), line
+    assert not output_paths(tmp_path / "out")[1].exists()
+    # the same pool without a report runs past this check (report_columns are only read by the report)
+    assert _select_cli(tmp_path, f"pool.path={pool}", "report=false", "pool.column=nope") == 2
+    assert "Column 'nope' not in the dataset" in _error_lines(capsys)[0]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_pool_that_is_already_a_selection_is_refused_before_the_encoder(tmp_path, capsys, no_encoder, streaming):
+    rows = [{"text": f"row {i} of an earlier selection", "domain": "d", "pool_index": i, "score": 0.5, "rank": i + 1} for i in range(6)]
+    pool = _rows(tmp_path, "selected.jsonl", rows)
+    assert _select_cli(tmp_path, f"pool.path={pool}", f"pool.streaming={str(streaming).lower()}", "k=2") == 2
+    line = _error_lines(capsys)[0]
+    assert re.search(template("pool.path") + r"a pool without the columns a selection adds.*remove_columns\(\['pool_index', 'rank', 'score'\]\)", line), line
+
+
+def test_the_python_api_refuses_a_pool_with_pool_index_before_the_encoder(tmp_path, pool, no_encoder):
+    with pytest.raises(ValueError, match=template("dataset") + r"a pool without the columns a selection adds \(remove \['rank'\] first\)"):
+        select(tmp_path, pool.add_column("rank", list(range(len(pool)))), TARGET, k=2)
+
+
+def test_output_dir_that_is_a_file_is_refused_before_the_encoder(tmp_path, capsys, no_encoder):
+    target = tmp_path / "results.txt"
+    target.write_text("someone's notes")
+    assert _select_cli(tmp_path, f"output_dir={target}", "overwrite=true") == 2
+    assert re.search(template("output_dir") + r"a folder path \(it names an existing file\)", _error_lines(capsys)[0])
+    assert target.read_text() == "someone's notes"
+    nested = tmp_path / "results.txt" / "run1"  # a file in the middle of the path
+    assert _select_cli(tmp_path, f"output_dir={nested}") == 2
+    assert re.search(template("output_dir") + r"a folder path \(its part '.*results\.txt' is a file\)", _error_lines(capsys)[0])
+
+
+needs_permissions = pytest.mark.skipif(not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() == 0,
+                                       reason="root may write anywhere")
+
+
+@needs_permissions
+@pytest.mark.parametrize("setting", ["output_dir", "cache_dir"])
+def test_an_unwritable_output_or_cache_folder_fails_first_with_exit_1(tmp_path, capsys, no_encoder, setting):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        assert _select_cli(tmp_path, f"{setting}={locked / 'sub' / 'dir'}") == 1
+        line = _error_lines(capsys)[0]
+    finally:
+        locked.chmod(0o700)
+    assert f"The '{setting}' parameter of SelectionConfig must be a folder this process can write" in line
+    assert f"'{locked}' is not writable" in line
+    assert not any(locked.iterdir())
+
+
+def test_permission_checks_name_the_setting_even_as_root(tmp_path):
+    """The check itself, pinned where the suite runs as root: the nearest existing parent decides."""
+    from hf_otselect._checks import check_writable_folder
+
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match=template("cache_dir") + r"a folder path \(its part '.*/f' is a file\)"):
+        check_writable_folder(tmp_path / "f" / "a" / "b", "cache_dir", "X")
+    assert check_writable_folder(tmp_path / "new" / "deeper", "cache_dir", "X") == tmp_path / "new" / "deeper"
+    assert not (tmp_path / "new").exists()  # nothing created
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:3"])
+def test_a_solver_device_that_does_not_exist_fails_before_the_encoder(tmp_path, capsys, pool, no_encoder, device):
+    assert _select_cli(tmp_path, f"params.device={device}", config="configs/got_d.yaml") == 2
+    line = _error_lines(capsys)[0]
+    assert re.search(template("device") + r".*CUDA is not available.*Got '" + device + "' instead", line) and "GOTDSelector" in line
+    with pytest.raises(ValueError, match=template("device") + ".*CUDA is not available"):
+        select(tmp_path, pool, TARGET, k=2, device=device)
+
+
+@pytest.mark.parametrize(("side", "value"), [("pool", -5), ("target", 0), ("negative_target", -1)])
+def test_a_non_positive_max_rows_is_named(tmp_path, capsys, no_encoder, side, value):
+    extra = [f"negative_target.path={REPO / 'data/sample/target.jsonl'}"] if side == "negative_target" else []
+    assert _select_cli(tmp_path, *extra, f"{side}.max_rows={value}", config="configs/got_d.yaml") == 2
+    assert re.search(template(f"{side}.max_rows") + r"an int in \[1, inf\]\. Got " + str(value), _error_lines(capsys)[0])
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize(("bad", "what"), [('{"text": "seven", "domain": "d"', "malformed JSON line 7"),
+                                           ('["a list", "not a row"]', "JSON line 7 that is not an object")])
+def test_a_malformed_line_in_a_data_file_is_one_line_naming_file_and_line(tmp_path, capsys, no_encoder, streaming, bad, what):
+    good = [json.dumps({"text": f"row {i} is fine", "domain": "d"}) for i in range(9)]
+    path = tmp_path / "broken.jsonl"
+    path.write_text("\n".join(good[:6] + [bad] + good[6:]) + "\n", encoding="utf-8")
+    status = _select_cli(tmp_path, f"pool.path={path}", f"pool.streaming={str(streaming).lower()}", "pool.max_rows=null", "k=2")
+    line = _error_lines(capsys)[0]
+    assert status == 2
+    assert f"The 'pool.path' file '{path}' has a {what}" in line, line
+
+
+def test_a_streamed_pool_is_only_scanned_as_far_as_max_rows(tmp_path):
+    from hf_otselect._checks import check_json_lines
+
+    path = tmp_path / "tail_broken.jsonl"
+    path.write_text('{"text": "a"}\n{"text": "b"}\n\n{"text": "c"}\nnot json\n', encoding="utf-8")
+    check_json_lines(str(path), "pool.path", max_rows=3)  # the broken line 5 is never read
+    with pytest.raises(ValueError, match=r"'pool.path' file '.*tail_broken.jsonl' has a malformed JSON line 5"):
+        check_json_lines(str(path), "pool.path")
+
+
+INVISIBLE = ["\u200b\u200b", "\ufeff", "\x00\x07\x1b", "\u200d \u2060\u00ad", "\u202e\u2028", "\t\u3000\u200c"]
+
+
+@pytest.mark.parametrize("value", INVISIBLE, ids=[ascii(v) for v in INVISIBLE])
+def test_invisible_only_texts_count_as_empty_before_the_encoder(tmp_path, no_encoder, value):
+    data = Dataset.from_dict({"text": ["a visible row", "another one", value, "\u200bvisible after a zero-width space"]})
+    with pytest.raises(ValueError, match=r"non-empty texts in column 'text'\. Got 1 empty or whitespace-only value\(s\) at row\(s\) \[2\]"):
+        select(tmp_path, data, TARGET, k=1)
+    with pytest.raises(ValueError, match=r"Got 1 empty or whitespace-only value\(s\) at row\(s\) \[1\]"):
+        select(tmp_path, Dataset.from_dict({"text": ["row one", "row two", "row three"]}), ["a target", value], k=1)
+
+
+def test_the_cli_refuses_invisible_texts_in_a_file(tmp_path, capsys, no_encoder):
+    pool = _jsonl(tmp_path, "pool.jsonl", ["fine text", "\ufeff\u200b", "more text", "\x0c\x0b"])
+    assert _select_cli(tmp_path, f"pool.path={pool}", "pool.max_rows=null", "k=1", "report=false") == 2
+    assert re.search(r"Got 2 empty or whitespace-only value\(s\) at row\(s\) \[1, 3\]", _error_lines(capsys)[0])
+
+
+# -- numbers ------------------------------------------------------------------------------------
+
+
+def _planted(n: int = 80, dim: int = 12, m: int = 6, seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Unit candidates; the target sits on the *last* m rows, so an index-order tie-break cannot pass."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, dim))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    y = x[-m:] + 0.02 * rng.normal(size=(m, dim))
+    return x, y
+
+
+@pytest.mark.parametrize("method", ["got_d", "tsds"])
+@pytest.mark.parametrize("scale", [1e17, 1e25, 1e36, 1e-17, 1e-26, 1e-36])
+def test_distance_selectors_refuse_out_of_range_magnitudes_naming_the_argument(method, scale):
+    x, y = _planted()
+    with pytest.raises(ValueError, match=template("candidates") + r"embeddings whose largest \|value\| lies in \[1e-15, 1e\+15\].*Got 'largest \|value\| "):
+        get_selector(method).select(x * scale, y, 3)
+    with pytest.raises(ValueError, match=template("target") + r"embeddings whose largest \|value\| lies in \[1e-15, 1e\+15\]"):
+        get_selector(method).select(x, y * scale, 3)
+
+
+@pytest.mark.parametrize("scale", [1e-14, 1e-6, 1e7, 1e14])
+def test_got_d_is_correct_at_large_and_small_scales_inside_the_range(scale):
+    """Scaling the vectors by s and eps by s^2 is the same OT problem: the planted rows win at every s."""
+    x, y = _planted()
+    chosen = get_selector("got_d", eps=0.05 * scale**2).select(x * scale, y * scale, 6).indices
+    assert sorted(chosen.tolist()) == list(range(74, 80))
+    relative = get_selector("got_d", eps=0.02, eps_mode="relative").select(x * scale, y * scale, 6).indices
+    assert sorted(relative.tolist()) == list(range(74, 80))
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-12, 1e12, 1e30])
+@pytest.mark.parametrize("reduce", ["mean", "max"])
+def test_similarity_is_scale_free(scale, reduce):
+    x, y = _planted()
+    at_one = get_selector("similarity", reduce=reduce).select(x, y, 6).indices.tolist()
+    assert get_selector("similarity", reduce=reduce).select(x * scale, y * scale, 6).indices.tolist() == at_one
+    if reduce == "max":  # each planted row is its target point's nearest
+        assert sorted(at_one) == list(range(74, 80))
+
+
+@pytest.mark.parametrize(("eps", "mode"), [(1e-25, "absolute"), (3e4, "absolute"), (1e300, "absolute"), (2e4, "relative"), (1e-22, "relative")])
+def test_got_d_refuses_an_eps_the_solver_cannot_rank_with_and_gives_the_range(eps, mode):
+    x, y = _planted()
+    sel = get_selector("got_d", eps=eps, eps_mode=mode)
+    with pytest.raises(ValueError) as err:
+        sel.select(x, y, 3)
+    msg = str(err.value)
+    assert re.search(template("eps"), msg) and f"Got {eps!r} instead." in msg
+    if mode == "absolute":  # the range is in the user's units: 1e-20..1e4 times the mean squared distance
+        lo, hi = (float(v) for v in re.search(r"a float in \[([^,]+), ([^\]]+)\] for these embeddings", msg).groups())
+        from hf_otselect._checks import mean_sq_distance
+
+        mean = np.mean(((x[:, None, :] - y[None, :, :]) ** 2).sum(-1))  # the plain all-pairs mean
+        assert mean_sq_distance(x.astype(np.float32), y.astype(np.float32)) == pytest.approx(mean, rel=1e-5)
+        assert lo == pytest.approx(1e-20 * mean, rel=1e-2) and hi == pytest.approx(1e4 * mean, rel=1e-2)
+    else:
+        assert "[1e-20, 10000] with eps_mode='relative'" in msg
+
+
+@pytest.mark.parametrize("sigma", [1e-200, 1e200])
+def test_tsds_refuses_a_sigma_outside_float32_distances(sigma):
+    with pytest.raises(ValueError, match=template("sigma") + r"a float in \[1e-15, 1000000000000000.0\]\. Got " + re.escape(repr(sigma))):
+        get_selector("tsds", sigma=sigma)
+
+
+def test_float64_vectors_beyond_float32_are_named_as_such_not_as_nan():
+    x, y = _planted()
+    with pytest.raises(ValueError, match=template("candidates") + r"values within float32's range \(\|value\| <= 3.4e\+38.*Got 'largest \|value\| [0-9.]+e\+39'"):
+        get_selector("similarity").select(x * 4e39, y, 3)
+
+
+def test_select_by_ot_refuses_a_huge_target_array_before_the_encoder(tmp_path, pool, no_encoder):
+    _, y = _planted(dim=384)
+    with pytest.raises(ValueError, match=template("target") + r"embeddings whose largest \|value\| lies in \[1e-15, 1e\+15\]"):
+        select(tmp_path, pool, y * 1e22, method="tsds", k=2)
+
+
+# -- the CLI: exit statuses and one line ----------------------------------------------------------
+
+
+def _cli_process(tmp_path: Path, *args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "hf_otselect.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=tmp_path, **kwargs)
+
+
+def _one_error_line(stderr: str) -> str:
+    assert "Traceback" not in stderr, stderr
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("hf-otselect: error: ")]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def test_ctrl_c_exits_130_with_one_line(tmp_path):
+    """A real SIGINT while the job reads its pool (a FIFO that never delivers a row)."""
+    import os
+    import signal
+    import time
+
+    fifo = tmp_path / "pool.jsonl"
+    os.mkfifo(fifo)
+    proc = _cli_process(tmp_path, "select", "--config", str(REPO / "configs/demo.yaml"),
+                        *_overrides(tmp_path, f"pool.path={fifo}", "pool.streaming=true"))
+    writer, deadline = None, time.monotonic() + 120
+    while writer is None:  # opening the write end succeeds once the job has the FIFO open for reading
+        try:
+            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    try:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        os.close(writer)
+    assert proc.returncode == 130
+    assert "interrupted (Ctrl-C)" in _one_error_line(err)
+
+
+def test_a_write_failure_exits_1_with_one_line(tmp_path):
+    """A real environment failure: the file-size limit makes the cache writes fail (EFBIG, like ENOSPC)."""
+    import resource
+    import signal
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get the OSError instead of the signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    proc = _cli_process(tmp_path, "select", "--config", str(REPO / "configs/demo.yaml"), *_overrides(tmp_path, "k=2"), preexec_fn=limit)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err
+    assert re.search(r"File too large|requested and \d+ written", _one_error_line(err))
+
+
+@pytest.mark.parametrize(("exc", "status"), [
+    (OSError(28, "No space left on device"), 1),
+    (PermissionError(13, "Permission denied"), 1),
+    (ConnectionError("Hub unreachable"), 1),
+    (RuntimeError("something unforeseen"), 1),
+    (KeyboardInterrupt(), 130),
+    (ValueError("bad\nvalue"), 2),
+])
+def test_every_failure_is_one_line_with_its_status(tmp_path, capsys, monkeypatch, exc, status):
+    import hf_otselect.job as job
+
+    def fail(config):
+        raise exc
+
+    monkeypatch.setattr(job, "run_job", fail)
+    assert cli.main(["select", "--config", str(REPO / "configs/demo.yaml"), *_overrides(tmp_path)]) == status
+    line = _error_lines(capsys)[0]
+    if isinstance(exc, RuntimeError):
+        assert "RuntimeError: something unforeseen (an unexpected error; --verbose shows the traceback)" in line
+    elif not isinstance(exc, KeyboardInterrupt):
+        assert " ".join(str(exc).split()) in line
+
+
+@pytest.mark.parametrize("kind", ["http", "connect"])
+def test_a_network_error_on_push_exits_1(tmp_path, capsys, monkeypatch, kind):
+    """huggingface_hub's HTTP errors, and its transport's connection errors (not OSError subclasses)."""
+    httpx = pytest.importorskip("httpx2")
+    from huggingface_hub.errors import HfHubHTTPError
+
+    import hf_otselect.hub as hub
+
+    url = "https://huggingface.co/api/repos/create"
+    err = (HfHubHTTPError(f"503 Service Unavailable for url: {url}", response=httpx.Response(503, request=httpx.Request("POST", url)))
+           if kind == "http" else httpx.ConnectError("[Errno -3] Temporary failure in name resolution"))
+
+    def unreachable(*args, **kwargs):
+        raise err
+
+    monkeypatch.setattr(hub, "push", unreachable)
+    assert cli.main(["push", str(tmp_path), "--repo-id", "user/name"]) == 1
+    line = _error_lines(capsys)[0]
+    assert str(err) in line and "unexpected" not in line
+
+
+def test_verbose_shows_the_traceback_and_the_same_line(tmp_path):
+    proc = _cli_process(tmp_path, "--verbose", "select", "--config", str(REPO / "configs/demo.yaml"), *_overrides(tmp_path, "k=0"))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback (most recent call last)" in err
+    assert [ln for ln in err.splitlines() if ln.startswith("hf-otselect: error: ")] == [
+        "hf-otselect: error: The 'k' parameter of SelectionConfig must be an int >= 1. Got 0 instead."]
+
+
+def test_a_duplicate_key_job_file_is_one_line_and_exit_2_from_the_real_command(tmp_path):
+    job = _write(tmp_path, "dup.yaml", f"pool: {{path: {REPO / 'data/sample/pool.jsonl'}}}\ntarget: {{path: x.jsonl}}\nmethod: tsds\nmethod: got_d\n")
+    proc = _cli_process(tmp_path, "select", "--config", str(job))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert _one_error_line(err) == (f"hf-otselect: error: The 'config' file '{job}' is refused: the key 'method' appears twice "
+                                    "(first at line 3) (line 4, column 1).")
+
+
+def test_a_dollar_in_a_category_value_renders_as_text_in_the_report(tmp_path):
+    rows = [{"text": f"sentence number {i} about {['prices', 'maths', 'code'][i % 3]}", "domain": ["$x^$", r"$\frac$", "cost $5"][i % 3]}
+            for i in range(24)]
+    pool = _rows(tmp_path, "dollars.jsonl", rows)
+    out = run_job(load_config(REPO / "configs/demo.yaml", _overrides(tmp_path, f"pool.path={pool}", "pool.max_rows=null", "k=4",
+                                                                     "method=random", "report=true", "report_columns=[domain]")))
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "$x^$" in html and r"$\frac$" in html
+    assert len(list(out.rglob("composition_0.png"))) == 1
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e20, 1e30])
+def test_decontamination_and_the_guard_normalise_at_any_finite_scale(scale):
+    """Both work on unit vectors: scaling every row by one factor changes nothing (float32 norms used to
+    overflow or flush to 0 here, dropping every row)."""
+    from hf_otselect.decontaminate import decontaminate
+    from hf_otselect.dedup import epanechnikov_density
+
+    x, _ = _planted(n=40)
+    held = x[[3, 17]] + 0.01  # near-copies of rows 3 and 17
+    at_one = decontaminate(x, held, radius=0.1, ngram=None).dropped
+    assert np.flatnonzero(at_one).tolist() == [3, 17]
+    assert np.array_equal(decontaminate(x * scale, held * scale, radius=0.1, ngram=None).dropped, at_one)
+    rows = np.arange(len(x))
+    assert np.allclose(epanechnikov_density(x * scale, rows, radius=0.5), epanechnikov_density(x, rows, radius=0.5))
+
+
+@pytest.mark.parametrize("setting", ["pool.column", "pool.path", "target.column"])
+def test_a_huge_config_value_gives_a_short_error_line(tmp_path, capsys, no_encoder, setting):
+    value = ("data/" if setting == "pool.path" else "") + "c" * 100_000 + (".jsonl" if setting == "pool.path" else "")
+    assert _select_cli(tmp_path, f"{setting}={value}") == 2
+    line = _error_lines(capsys)[0]
+    assert len(line) < 700 and "ccc...ccc" in line, line[:300]
+
+
+def test_a_partial_folder_that_is_a_symlink_is_one_line_and_its_target_survives(tmp_path, capsys, no_encoder):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "precious.txt").write_text("keep me")
+    (tmp_path / "out.partial").symlink_to(elsewhere, target_is_directory=True)
+    status = _select_cli(tmp_path)
+    _error_lines(capsys)  # exactly one line, no traceback
+    assert status in (1, 2)
+    assert (elsewhere / "precious.txt").read_text() == "keep me"

@@ -236,3 +236,81 @@ def test_a_hostile_output_dir_is_refused_in_one_line_and_the_users_files_stay(tm
     for path, data in planted.items():
         assert path.read_bytes() == data
     assert sorted(p.name for p in victim.iterdir()) == ["runs", "thesis.tex"]
+
+
+# issue 13, item 4: untrusted YAML (job files, dataset cards) is bounded
+
+
+def _alias_bomb(levels: int = 11, width: int = 8) -> str:
+    """``width ** levels`` leaves (8**11 = 8.6e9 here) in a few hundred bytes of nested aliases."""
+    lines = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * width)}]" for i in range(1, levels + 1)]
+    return "\n".join(lines) + f"\npool: {{path: *a{levels}}}\ntarget: {{path: t.jsonl}}\n"
+
+
+_MEASURE = """
+import json, resource, sys
+from hf_otselect.config import load_config
+from hf_otselect.hub import config_from_card
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    (load_config if sys.argv[1] == "job" else config_from_card)(sys.argv[2])
+    outcome = "accepted"
+except ValueError as err:
+    outcome = str(err)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"outcome": outcome, "grew_kib": after - before}))
+"""
+
+
+@pytest.mark.parametrize("kind", ["job", "card"])
+def test_an_alias_bomb_is_refused_with_bounded_memory_and_one_line(tmp_path, kind):
+    import json
+
+    text = _alias_bomb()
+    assert len(text.encode()) < 700
+    path = tmp_path / ("bomb.yaml" if kind == "job" else "README.md")
+    path.write_text(text if kind == "job" else f"---\nhf_otselect:\n  config:\n{''.join('    ' + ln + chr(10) for ln in text.splitlines())}---\ncard body\n")
+    proc = subprocess.run([sys.executable, "-c", _MEASURE, kind, str(path)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["grew_kib"] < 20 * 1024, result  # peak RSS grew by less than 20 MiB (the issue saw > 1 GB)
+    outcome = result["outcome"]
+    assert "\n" not in outcome and len(outcome) < 400
+    assert "is refused: found the anchor '&a0': anchors and aliases are not allowed" in outcome
+    assert str(path) in outcome
+
+
+def test_the_real_command_refuses_an_alias_bomb_with_one_line_and_exit_2(tmp_path):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(_alias_bomb(), encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "hf_otselect.cli", "select", "--config", str(path)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        f"hf-otselect: error: The 'config' file '{path}' is refused: found the anchor '&a0': anchors and aliases are not "
+        "allowed (they can expand without bound) (line 1, column 5)."]
+
+
+def test_messages_show_a_huge_shared_structure_in_bounded_time_and_length():
+    """What the old error path did with an expanded bomb: repr() of every leaf. Now bounded."""
+    from hf_otselect._checks import param_error
+
+    leaf: list = ["lol"] * 10
+    for _ in range(12):  # 10**13 leaves through shared references
+        leaf = [leaf] * 10
+    msg = str(param_error("pool.path", "the job config", "a str", leaf))
+    assert msg.startswith("The 'pool.path' parameter of the job config must be a str. Got [[[[...]")
+    assert len(msg) < 320
+
+
+def test_yaml_is_only_parsed_through_the_bounded_loader():
+    """No YAML parser entry point in the package except :func:`hf_otselect.config.load_yaml`."""
+    parsers = {"yaml.safe_load", "yaml.load", "yaml.load_all", "yaml.safe_load_all", "yaml.full_load", "yaml.unsafe_load",
+               "yaml.compose", "yaml.parse", "DatasetCard.load", "RepoCard.load", "yaml.SafeLoader", "yaml.CSafeLoader"}
+    bad = [f"{_where(path, call)} {_dotted(call.func)}" for path in _sources([PACKAGE]) for call in _calls(path)
+           if _dotted(call.func) in parsers]
+    assert not bad, f"YAML parsed outside load_yaml: {bad}"
+    from hf_otselect.config import load_yaml
+
+    assert load_yaml("a: 1\nb: [x, y]\n") == {"a": 1, "b": ["x", "y"]}

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from .._checks import check_choice, check_embeddings, check_int, param_error
+from .._checks import check_choice, check_embeddings, check_int, check_magnitude, param_error
 from ..dist import LOCAL, Comm, PoolView, TextView
 
 ChoiceMode = Literal["top_k", "sample", "log_sample"]
@@ -64,12 +64,16 @@ class Selector(ABC):
     choice : {"top_k", "sample", "log_sample"}
         How :meth:`select` turns scores into rows: stable top-k, or seeded sampling from the
         scores read as probabilities (``"sample"``) or as log-weights (``"log_sample"``).
+    scale_invariant : bool
+        True when the scores do not depend on the vectors' magnitude (cosine, random); otherwise
+        :meth:`_check_pair` refuses vectors outside :data:`~hf_otselect._checks.MAGNITUDE_RANGE`.
     """
 
     name: ClassVar[str] = ""
     needs_text: ClassVar[bool] = False
     needs_vectors: ClassVar[bool] = True
     choice: ClassVar[ChoiceMode] = "top_k"
+    scale_invariant: ClassVar[bool] = False
 
     diagnostics_: dict[str, Any]
 
@@ -200,6 +204,9 @@ class Selector(ABC):
         owner = f"{type(self).__name__}.score"
         candidates = check_embeddings(candidates, "candidates", owner)
         target = check_embeddings(target, "target", owner, dim=candidates.shape[1])
+        if not self.scale_invariant:  # squared distances in float32 must neither overflow nor flush to 0
+            check_magnitude(candidates, "candidates", owner)
+            check_magnitude(target, "target", owner)
         return candidates, target
 
 

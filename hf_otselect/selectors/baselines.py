@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .._checks import check_choice, check_float, check_int, param_error
+from .._checks import check_choice, check_float, check_int, param_error, unit_rows64
 from ..dist import LOCAL, Comm, PoolView, TextView
 from .base import Selector, as_texts, register
 
@@ -45,6 +45,7 @@ class RandomSelector(Selector):
 
     choice = "sample"
     needs_vectors = False
+    scale_invariant = True
 
     def __init__(self, *, replace: bool = False) -> None:
         self.replace = replace
@@ -97,6 +98,8 @@ class SimilaritySelector(Selector):
     block_size : int, default 16384
         Candidate rows per similarity block.
     """
+
+    scale_invariant = True  # cosines of rows normalised in float64: any finite magnitude
 
     def __init__(
         self,
@@ -199,15 +202,7 @@ class _SimilarityState:
     depth: int = 0
 
 
-def _unit64(x: Any) -> np.ndarray:
-    """Rows divided by their L2 norm in float64 (zero rows stay zero): exact for any finite float32.
-
-    float32 norms overflow from magnitudes ~1e19 on (the square passes float32's 3.4e38), which
-    would turn every cosine into 0; float64 holds the square of any float32.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norms > 0, norms, 1.0)
+_unit64 = unit_rows64  # shared with the guard and the decontamination (moved to _checks)
 
 
 def _rank_keys(sim: Any, index: Any) -> Any:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .._checks import check_choice, check_embeddings, check_float, check_int, param_error
+from .._checks import check_choice, check_embeddings, check_eps_scale, check_float, check_int, check_magnitude, param_error
 from ..dist import LOCAL, Comm, PoolView
 from ..ot import BACKENDS, EPS_MODES, sinkhorn_potentials
 from .base import Selector, register
@@ -206,8 +206,11 @@ class GOTDSelector(Selector):
         self._validate()
         candidates, target = self._check_pair(candidates, target)
         negative = None
+        check_eps_scale(self.eps, self.eps_mode, candidates, target, type(self).__name__)
         if self.negative_target is not None:
             negative = check_embeddings(self.negative_target, "negative_target", type(self).__name__, dim=candidates.shape[1])
+            check_magnitude(negative, "negative_target", type(self).__name__)
+            check_eps_scale(self.eps, self.eps_mode, candidates, negative, type(self).__name__)
         score, pot, diag, gpot = self._direction(candidates, target)
         self.potentials_ = pot
         self.target_potentials_ = gpot

@@ -52,7 +52,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .. import knn
-from .._checks import check_choice, check_float, check_int, param_error
+from .._checks import MAGNITUDE_RANGE, check_choice, check_float, check_int, param_error
 from ..dist import LOCAL, Comm, PoolView
 from .base import Selector, choose, register
 
@@ -232,6 +232,8 @@ class TSDSSelector(Selector):
         check_float(self.alpha, "alpha", owner, 0.0, 1.0)
         check_float(self.C, "C", owner, 0.0, low_open=True)
         check_float(self.sigma, "sigma", owner, 0.0)
+        if self.sigma != 0:  # the density search squares it in float32 (a radius of 1e-300 is 0, 1e300 overflows)
+            check_float(self.sigma, "sigma", f"{owner} (0 turns the density term off)", *MAGNITUDE_RANGE)
         check_int(self.max_K, "max_K", owner, 1)
         check_int(self.kde_K, "kde_K", owner, 1)
         check_choice(self.kernel, "kernel", owner, ["kde", "uniform"])
