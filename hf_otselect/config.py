@@ -458,21 +458,15 @@ class SelectionConfig:
 
 
     def check_environment(self) -> SelectionConfig:
-        """Check the folders the job will write, before any data is read: raise with one line.
+        """Check the cache folder the job will write, before any data is read: raise with one line.
 
-        ``output_dir`` must not be an existing file and its nearest existing ancestor must be a
-        writable folder; likewise the cache folder. (Whether an existing ``output_dir`` may be
-        replaced is decided by the job's overwrite rules.)
+        Its nearest existing ancestor must be a writable folder. (``output_dir`` is checked by
+        :class:`hf_otselect.outdir.OutputFolder`, which owns the output folder's life cycle.)
         """
         from ._checks import check_writable_folder
         from .embed import cache_root
 
-        owner = "SelectionConfig"
-        out = Path(self.output_dir).expanduser()
-        if out.exists() and not out.is_dir():
-            raise param_error("output_dir", owner, "a folder path (it names an existing file)", self.output_dir)
-        check_writable_folder(out, "output_dir", owner)
-        check_writable_folder(cache_root(self.cache_dir), "cache_dir", owner)
+        check_writable_folder(cache_root(self.cache_dir), "cache_dir", "SelectionConfig")
         return self
 
     def _validate_pipeline(self, owner: str) -> None:

@@ -262,10 +262,11 @@ def run_job(config: SelectionConfig) -> Path | None:
         ``output_dir`` is empty, the working directory, a home or root folder or above one.
     """
     t0 = time.perf_counter()
-    config.validate().check_environment()
+    config.validate()
     comm = get_comm(config.embedding.device)
     folder = OutputFolder(config.output_dir, overwrite=config.overwrite)
     folder.check(leftovers=comm.is_main)  # see hf_otselect/outdir.py: a job deletes only what it wrote
+    config.check_environment()
     if config.push_to_hub:
         from .hub import check_repo_id
 

@@ -256,9 +256,12 @@ class OutputFolder:
         ancestor = final.parent
         while not os.path.lexists(ancestor):
             ancestor = ancestor.parent
-        if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-            raise param_error("output_dir", self.owner, f"a path whose parent can be created and written ({str(ancestor)!r} cannot)",
+        if not ancestor.is_dir():
+            raise param_error("output_dir", self.owner, f"a path whose parent can be created and written ({str(ancestor)!r} is a file)",
                               str(self.given))
+        if not os.access(ancestor, os.W_OK | os.X_OK):  # an environment failure (exit 1), not bad input
+            raise param_error("output_dir", self.owner, f"a path whose parent can be created and written ({str(ancestor)!r} is not "
+                              "writable)", str(self.given), exc=PermissionError)
         if os.path.lexists(final):
             if final.is_symlink() or not final.is_dir():
                 kind = "a symbolic link" if final.is_symlink() else "not a folder"

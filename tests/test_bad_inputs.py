@@ -512,7 +512,7 @@ def test_a_pool_that_is_already_a_selection_is_refused_before_the_encoder(tmp_pa
 
 
 def test_the_python_api_refuses_a_pool_with_pool_index_before_the_encoder(tmp_path, pool, no_encoder):
-    with pytest.raises(ValueError, match=template("dataset") + r"a pool without the columns a selection adds \(remove \['rank'\] first\)"):
+    with pytest.raises(ValueError, match=template("dataset") + r"a pool without the columns \[.*'rank'.*\] that the selection adds .*Got \['rank'\]"):
         select(tmp_path, pool.add_column("rank", list(range(len(pool)))), TARGET, k=2)
 
 
@@ -520,11 +520,11 @@ def test_output_dir_that_is_a_file_is_refused_before_the_encoder(tmp_path, capsy
     target = tmp_path / "results.txt"
     target.write_text("someone's notes")
     assert _select_cli(tmp_path, f"output_dir={target}", "overwrite=true") == 2
-    assert re.search(template("output_dir") + r"a folder path \(it names an existing file\)", _error_lines(capsys)[0])
+    assert re.search(r"The 'output_dir' '.*results\.txt' is not a folder; hf_otselect never replaces one", _error_lines(capsys)[0])
     assert target.read_text() == "someone's notes"
     nested = tmp_path / "results.txt" / "run1"  # a file in the middle of the path
     assert _select_cli(tmp_path, f"output_dir={nested}") == 2
-    assert re.search(template("output_dir") + r"a folder path \(its part '.*results\.txt' is a file\)", _error_lines(capsys)[0])
+    assert re.search(template("output_dir") + r"a path whose parent can be created and written", _error_lines(capsys)[0])
 
 
 needs_permissions = pytest.mark.skipif(not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() == 0,
@@ -542,8 +542,7 @@ def test_an_unwritable_output_or_cache_folder_fails_first_with_exit_1(tmp_path, 
         line = _error_lines(capsys)[0]
     finally:
         locked.chmod(0o700)
-    assert f"The '{setting}' parameter of SelectionConfig must be a folder this process can write" in line
-    assert f"'{locked}' is not writable" in line
+    assert f"The '{setting}' parameter of " in line and f"'{locked}' is not writable" in line
     assert not any(locked.iterdir())
 
 

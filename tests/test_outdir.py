@@ -194,7 +194,7 @@ def test_a_parent_that_cannot_be_written_is_refused_before_any_work(tmp_path, no
     locked.chmod(0o500)
     try:
         if not os.access(locked, os.W_OK):  # (root writes anywhere: the permission case is moot then)
-            with pytest.raises(ValueError, match="whose parent can be created and written"):
+            with pytest.raises(PermissionError, match="whose parent can be created and written"):
                 run_job(_config(tmp_path, str(locked / "a" / "b" / "sel")))
     finally:
         locked.chmod(0o700)
