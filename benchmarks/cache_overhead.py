@@ -3,9 +3,9 @@
 Two ratios, each measured interleaved in one run against the unchecked peer:
 
 - a streamed pool read once (``IterableDataset`` over a jsonl file) plain, and through
-  ``_StreamDigest`` (canonical JSON + BLAKE2b of every row, what the embedding pass now does);
+  ``_StreamDigest`` (canonical JSON + SHA-256 of every row, what the embedding pass now does);
 - a cached embedding shard (``shard_rows`` x 384 float32) read with ``np.load``, and with
-  ``hf_otselect.cache.load_array`` (read, BLAKE2b, compare, parse).
+  ``hf_otselect.cache.load_array`` (read, SHA-256, compare, parse).
 
 Usage::
 
@@ -15,6 +15,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import subprocess
@@ -76,12 +77,24 @@ def main() -> None:
     from datasets.utils import disable_progress_bars
 
     disable_progress_bars()
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         text = (REPO / "data/sample/pool.jsonl").read_text(encoding="utf-8")
         (tmp_path / "pool.jsonl").write_text(text * args.copies, encoding="utf-8")
         n, plain, digested = _stream_rates(tmp_path / "pool.jsonl", args.repeats)
         load_plain, load_checked = _shard_times(tmp_path, args.shard_rows, args.repeats)
+    import hashlib
+
+    blob = np.random.default_rng(1).bytes(args.shard_rows * 384 * 4)
+    hash_ms = {}
+    for name in ("sha256", "blake2b"):
+        times = []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            hashlib.new(name, blob).hexdigest()
+            times.append(time.perf_counter() - t)
+        hash_ms[name] = statistics.median(times) * 1e3
     sp, sd = statistics.median(plain), statistics.median(digested)
     lp, lc = statistics.median(load_plain), statistics.median(load_checked)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
@@ -92,13 +105,16 @@ def main() -> None:
         "",
         f"- Command: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/cache_overhead.py --copies {args.copies} --repeats {args.repeats} --shard-rows {args.shard_rows}`",
         f"- Commit {commit}; {platform.machine()}, Python {platform.python_version()}, numpy {np.__version__}, datasets {datasets.__version__}; "
-        "2 shared CPU cores: compare the ratios, measured interleaved in one run.",
+        "2 shared CPU cores: compare the ratios, measured interleaved in one run; load average (1/5/15 min) before "
+        f"{'/'.join(f'{x:.1f}' for x in load_before)}, after {'/'.join(f'{x:.1f}' for x in os.getloadavg())}.",
         f"- Stream: data/sample/pool.jsonl x {args.copies} = {n} rows (text + domain), read once per repeat.",
         "",
         "| what | unchecked peer | ours | ratio |",
         "|---|---|---|---|",
         f"| stream pass, rows/s | {sp:,.0f} (plain iteration) | {sd:,.0f} (with `_StreamDigest`) | {sd / sp:.2f}x |",
         f"| shard read, {args.shard_rows} x 384 float32, ms | {lp * 1e3:.2f} (`np.load`) | {lc * 1e3:.2f} (`cache.load_array`) | {lc / lp:.2f}x time |",
+        f"| hash of one shard's bytes, ms | {hash_ms['blake2b']:.2f} (BLAKE2b) | {hash_ms['sha256']:.2f} (SHA-256, the one used) | "
+        f"{hash_ms['sha256'] / hash_ms['blake2b']:.2f}x time |",
         "",
         f"Per-row digest cost: {(1 / sd - 1 / sp) * 1e6:.0f} us; the encoder embeds about 22 rows/s on this CPU "
         "(`embed_throughput.md`), about 45,000 us a row, so the digest adds about "

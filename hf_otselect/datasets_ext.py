@@ -117,19 +117,19 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     if hasattr(value, "tobytes"):  # decoded images and the like: their pixels, not their repr
-        return {type(value).__name__: hashlib.blake2b(value.tobytes(), digest_size=16).hexdigest()}
+        return {type(value).__name__: hashlib.sha256(value.tobytes()).hexdigest()}
     return {type(value).__name__: str(value)}
 
 
 class _StreamDigest:
-    """A running BLAKE2b over every row of a stream (canonical JSON, keys sorted), in order.
+    """A running SHA-256 over every row of a stream (canonical JSON, keys sorted), in order.
 
     Fed by the pass that reads the rows anyway (the embedding pass), so a streamed pool is
     fingerprinted by its full content, every column and row, at the cost of one JSON dump per row.
     """
 
     def __init__(self) -> None:
-        self._hash = hashlib.blake2b(digest_size=16)
+        self._hash = hashlib.sha256()
         self.rows = 0
         self.complete = False
 
