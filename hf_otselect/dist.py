@@ -196,12 +196,12 @@ class PoolView:
     def dim(self) -> int:
         return int(self.data.shape[1])
 
-    def blocks(self, block_rows: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield ``(global_index, rows)``: int64 ``(b,)`` and float32 ``(b, dim)`` per block."""
+    def blocks(self, block_rows: int | None = None, dtype: Any = np.float32) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield ``(global_index, rows)``: int64 ``(b,)`` and ``dtype`` (float32) ``(b, dim)`` per block."""
         step = block_rows or DEFAULT_BLOCK_ROWS
         for s in range(0, self.n_local, step):
             e = min(s + step, self.n_local)
-            yield np.arange(self.offset + s, self.offset + e, dtype=np.int64), np.ascontiguousarray(self.data[s:e], dtype=np.float32)
+            yield np.arange(self.offset + s, self.offset + e, dtype=np.int64), np.ascontiguousarray(self.data[s:e], dtype=dtype)
 
     def read(self, global_index: np.ndarray) -> np.ndarray:
         """Rows by global index (all of them local), float32 ``(len(global_index), dim)``."""
