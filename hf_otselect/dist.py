@@ -90,7 +90,9 @@ class TorchComm(Comm):
         self.device = torch.device(device)
 
     def _tensor(self, x: np.ndarray) -> Any:
-        t = self._torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+        # A copy: on CPU ``from_numpy(...).to("cpu")`` shares the caller's memory, and the in-place
+        # collectives would overwrite the caller's array (``all_reduce(x)`` changing ``x``).
+        t = self._torch.from_numpy(np.array(x, copy=True, order="C")).to(self.device)
         self.bytes_sent += t.numel() * t.element_size()
         return t
 
