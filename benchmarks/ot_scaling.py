@@ -3,7 +3,8 @@
 Methods: ``tensorized`` / ``blocked`` = ``sinkhorn_potentials`` on in-memory arrays (kernel kept /
 recomputed); ``sharded`` = ``sharded_sinkhorn`` on one process reading a memory-mapped ``.npy``
 through a ``PoolView`` (kernel kept when it fits the 1 GiB budget), ``sharded_recompute`` the same
-with the kernel recomputed every pass (the path beyond the budget); ``sharded_2proc`` = two gloo
+with the kernel recomputed every pass (no budget at all), ``sharded_halfcache`` with a budget for
+half the cost blocks (kept from the first pass; the other half recomputed); ``sharded_2proc`` = two gloo
 processes under ``torchrun``, each with half the rows, reporting the bytes one process sent per
 Sinkhorn iteration (``Comm.bytes_sent``) at N and at N / 4.
 
@@ -72,7 +73,11 @@ def child(method: str, n: int, eps: float, out: str) -> None:
     if method.startswith("sharded"):
         from hf_otselect.dist import PoolView
 
-        r = hf_otselect.ot.sharded_sinkhorn(PoolView(x), y, eps, keep_kernel=False if method == "sharded_recompute" else None)
+        # sharded_recompute: no budget, every block redone per pass; sharded_halfcache: a budget
+        # for half the cost blocks, the other half redone per pass (the path just beyond the budget)
+        budget = {"sharded_recompute": 0, "sharded_halfcache": n * M_TARGET * 4 // 2}.get(method)
+        r = hf_otselect.ot.sharded_sinkhorn(PoolView(x), y, eps, keep_kernel=None if budget is None else False,
+                                            memory_budget=budget)
         f = r.f_local
         info = {"n_iter": r.n_iter, "err": r.marginal_error}
     elif method in ("tensorized", "blocked", "reference"):
@@ -169,7 +174,7 @@ def main() -> None:
     p.add_argument("--eps", type=float, nargs="+", default=[0.1, 0.01])
     p.add_argument("--peers-max-n", type=int, default=100000, help="largest N for POT/GeomLoss")
     p.add_argument("--blocked-only-n", type=int, nargs="*", default=[], help="extra sizes, blocked back end only")
-    p.add_argument("--methods", nargs="+", default=["tensorized", "blocked", "sharded", "sharded_recompute", "sharded_2proc", "pot", "geomloss"])
+    p.add_argument("--methods", nargs="+", default=["tensorized", "blocked", "sharded", "sharded_halfcache", "sharded_recompute", "sharded_2proc", "pot", "geomloss"])
     p.add_argument("--timeout", type=int, default=400)
     p.add_argument("--out", default="benchmarks/results/ot_scaling.md")
     args = p.parse_args()
@@ -178,7 +183,7 @@ def main() -> None:
         for n in sorted(set(args.sizes) | set(args.blocked_only_n)):
             for eps in args.eps:
                 only_blocked = n in args.blocked_only_n and n not in args.sizes
-                methods = ["blocked"] if only_blocked else ["tensorized", "blocked", "sharded", "sharded_recompute", "sharded_2proc"]
+                methods = ["blocked"] if only_blocked else ["tensorized", "blocked", "sharded", "sharded_halfcache", "sharded_recompute", "sharded_2proc"]
                 if n <= args.peers_max_n and not only_blocked:
                     methods += ["pot", "geomloss"]
                 ref = None

@@ -50,10 +50,12 @@ The modes:
     When a scaling leaves ``[exp(-tau), exp(tau)]`` it is absorbed into the potentials and the
     kernel is rebuilt by an exact log-domain iteration, so tiny eps never under- or overflows.
 ``"blocked"``
-    Needs no ``(n, m)`` matrix: each iteration streams row blocks of ``x``, recomputes the cost
-    block with one GEMM (``|x|^2 + |y|^2 - 2 x y^T``) and does both log-domain half-steps in one
-    pass (row log-sum-exp for ``f``, then the column sums for ``g`` by one matrix-vector product
-    on the same exponentials). Memory is O((n + m) d + block_size * m).
+    Needs no ``(n, m)`` matrix: each iteration streams row blocks of ``x``, takes the cost block
+    (``|x|^2 + |y|^2 - 2 x y^T``, one GEMM) and does both log-domain half-steps in one pass (row
+    log-sum-exp for ``f``, then the column sums for ``g`` by one matrix-vector product on the same
+    exponentials). The cost blocks of the first rows that fit ``memory_budget`` are kept from the
+    first pass; the rest are recomputed each pass. Memory is O((n + m) d + block_size * m) plus
+    that budget.
 ``"keops"``
     The same log-domain iteration with symbolic pykeops reductions (optional; needs ``pykeops``).
 ``"geomloss"``
@@ -362,8 +364,9 @@ def sharded_sinkhorn(
     target update ``g_j = -eps log sum_i a_i exp((f_i - C_ij)/eps)`` combines each process's
     per-target (max, sum-exp) pairs with all-reduces: O(m) bytes per iteration whatever N is.
     When every process's ``(n_local, m)`` kernel fits ``memory_budget`` it is kept and iterated on
-    with two matrix-vector products per iteration (stabilised scaling); otherwise each iteration
-    recomputes the cost blocks from the rows (one GEMM per block). Costs are taken after shifting
+    with two matrix-vector products per iteration (stabilised scaling); otherwise the cost blocks
+    of the first rows that fit the budget are kept from the first pass and only the rows beyond
+    them recompute theirs (one GEMM per block) in each log-domain pass. Costs are taken after shifting
     both clouds to the target mean when they sit far from the origin, and scaled by a power of two
     near the root mean cost, so finite vectors of any magnitude neither overflow nor underflow.
 
@@ -389,10 +392,11 @@ def sharded_sinkhorn(
     comm : Comm, optional
         The process group (default: this process alone).
     keep_kernel : bool, optional
-        Force keeping (True) or recomputing (False) the kernel; by default it is kept when every
+        Force keeping (True) or not (False) the kernel; by default it is kept when every
         process's block fits ``memory_budget`` (one all-reduce decides, so all take one path).
     memory_budget : int, optional
-        Bytes per process for the kernel block (default 1 GiB).
+        Bytes per process for the kernel block, or without it for the cached cost blocks
+        (default 1 GiB; 0 recomputes every block in every pass).
     block_rows : int, optional
         Rows per block (default about 2**23 / m).
     start : {"zeros", "geomloss"}, default "zeros"
@@ -472,7 +476,7 @@ def sharded_sinkhorn(
         A = torch.from_numpy(a).to(device=dev, dtype=dt)
         if init is not None:
             init = tuple(torch.as_tensor(v).to(device=dev, dtype=dt) / s2 for v in init)  # type: ignore[assignment]
-        solver = _ShardedSinkhorn(pool, prep, np_dtype, Y, B, A, eps_abs / s2, block, keep_kernel, comm)
+        solver = _ShardedSinkhorn(pool, prep, np_dtype, Y, B, A, eps_abs / s2, block, keep_kernel, comm, memory_budget)
         f, g, g_f, it, err = solver.run(tol, max_iter, init)
         f64 = f.double().cpu().numpy() * s2
     g64 = g.double().cpu().numpy() * s2
@@ -554,7 +558,8 @@ def sinkhorn_potentials(
     block_size : int, optional
         Rows of ``x`` per block (default: about 2**23 / m).
     memory_budget : int, optional
-        Bytes allowed for the tensorized kernel (default 1 GiB).
+        Bytes allowed for the tensorized kernel, or for the cost blocks that ``"blocked"`` keeps
+        from its first pass (default 1 GiB; 0 recomputes every block in every pass).
 
     Returns
     -------
@@ -591,7 +596,8 @@ def sinkhorn_potentials(
         # kernel, "blocked" recomputes it, "geomloss" starts from GeomLoss's potentials.
         r = sharded_sinkhorn(
             PoolView(xa), ya, eps, b=wb, a_local=wa, eps_mode=eps_mode, tol=tol, max_iter=max_iter, device=dev,
-            keep_kernel=backend != "blocked", block_rows=block_size, start="geomloss" if backend == "geomloss" else "zeros",
+            keep_kernel=backend != "blocked", memory_budget=memory_budget, block_rows=block_size,
+            start="geomloss" if backend == "geomloss" else "zeros",
             owner=owner, names=("eps", "x", "y"),
         )
         f, g, it, err, eps_abs = r.f_local, r.g, r.n_iter, r.marginal_error, r.eps
@@ -670,7 +676,7 @@ class _ShardedSinkhorn:
 
     def __init__(
         self, pool: PoolView, prep: Any, np_dtype: Any, Y: Any, B: Any, A: Any, eps: float, block: int,
-        keep_kernel: bool, comm: Comm,
+        keep_kernel: bool, comm: Comm, cache_bytes: int = 0,
     ) -> None:
         import torch
 
@@ -685,6 +691,12 @@ class _ShardedSinkhorn:
         self.K = torch.empty((self.n, self.m), dtype=Y.dtype, device=Y.device) if keep_kernel else None
         self.x2 = torch.empty(self.n, dtype=Y.dtype, device=Y.device) if keep_kernel else None
         self.work = torch.empty((self.block, self.m), dtype=Y.dtype, device=Y.device)
+        # Without the whole kernel, the score blocks of the first rows that fit ``cache_bytes`` are
+        # kept from the first pass (same numbers); only the rows beyond them redo their GEMM.
+        rows = 0 if keep_kernel else min(self.n, cache_bytes // max(1, self.m * Y.element_size()))
+        self.cached = rows - rows % self.block if rows < self.n else self.n
+        self.D = torch.empty((self.cached, self.m), dtype=Y.dtype, device=Y.device) if self.cached else None
+        self.filled = 0
 
     def _blocks(self) -> Iterator[tuple[int, int, Any]]:
         """``(s, e, X)``: local row range and the prepared rows, one pool block at a time."""
@@ -737,6 +749,11 @@ class _ShardedSinkhorn:
                 self.x2[s:e] = x2
                 D = self._scores(X, self.K[s:e])
                 S = torch.add(D, hg.unsqueeze(0), out=self.work[: e - s])
+            elif e <= self.cached:
+                if self.filled < e:
+                    self._scores(X, self.D[s:e])
+                    self.filled = e
+                S = torch.add(self.D[s:e], hg.unsqueeze(0), out=self.work[: e - s])
             else:
                 S = self._scores(X, self.work[: e - s]).add_(hg.unsqueeze(0))
             # S_ij = (g_j + eps log b_j - C_ij) / eps + |x_i|^2 / eps

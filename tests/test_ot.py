@@ -206,13 +206,18 @@ def _sharded(x, y, eps, world, **kw):
     return res, np.concatenate([r.f_local for r in res])
 
 
-@pytest.mark.parametrize("keep_kernel", [True, False])
+# kernel kept; cost blocks all cached / 3 of 40 rows' blocks cached / none (recomputed every pass)
+MODES = {"kernel": (True, None), "cached": (False, None), "partial": (False, 3 * 16 * 40 * 8), "recompute": (False, 0)}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("world", [1, 3])
 @pytest.mark.parametrize("eps", [1.0, 0.3])
-def test_sharded_duals_match_pot_float64(keep_kernel, world, eps):
+def test_sharded_duals_match_pot_float64(mode, world, eps):
+    keep_kernel, budget = MODES[mode]
     x, y = _clouds()
     fr, gr, P, C = _pot_duals(x, y, eps)
-    res, f = _sharded(x, y, eps, world, keep_kernel=keep_kernel, tol=1e-11, max_iter=100000, block_rows=16)
+    res, f = _sharded(x, y, eps, world, keep_kernel=keep_kernel, memory_budget=budget, tol=1e-11, max_iter=100000, block_rows=16)
     r0 = res[0]
     assert r0.converged and r0.kernel_kept == keep_kernel and r0.n_global == len(x)
     for r in res[1:]:  # identical state on every rank
@@ -226,6 +231,16 @@ def test_sharded_duals_match_pot_float64(keep_kernel, world, eps):
     # a row's potential is the c-transform of g_f: scipy's, and the state's own c_transform
     np.testing.assert_allclose(_c_transform_reference(x, y, r0.g_f, eps), f, atol=1e-9)
     np.testing.assert_allclose(r0.c_transform(x), f, atol=1e-9)
+
+
+def test_cached_cost_blocks_give_the_recomputed_numbers():
+    x, y = _clouds(n=300, m=40, d=8, seed=6)
+    x, y = x.astype(np.float32), y.astype(np.float32)
+    runs = [sharded_sinkhorn(PoolView(x), y, 0.3, keep_kernel=False, memory_budget=b, block_rows=32, tol=1e-5)
+            for b in (0, 5 * 32 * 40 * 4, None)]  # none, 5 of 10 blocks, all cached
+    for r in runs[1:]:
+        np.testing.assert_array_equal(r.g, runs[0].g)
+        np.testing.assert_array_equal(r.f_local, runs[0].f_local)
 
 
 @pytest.mark.parametrize("keep_kernel", [True, False])

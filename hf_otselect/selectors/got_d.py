@@ -171,7 +171,7 @@ class GOTDSelector(Selector):
         n = pool.n_global
         if self.chunk_size is None or self.chunk_size >= n:
             return _Direction((self._solve(pool, target, comm, target_name),), None)
-        # Chunks are drawn from one permutation of the whole pool, as in the published code; a
+        # Chunks are drawn from one permutation of the whole pool (as before the sharded fit); a
         # sharded pool has no such permutation, so multi-process runs refuse chunk_size in fit.
         perm = np.random.default_rng(self.seed).permutation(n)
         n_chunks = -(-n // self.chunk_size)
