@@ -1,5 +1,13 @@
 """Seconds and peak memory of entropic OT dual potentials against N, ours vs POT and GeomLoss.
 
+Methods: ``tensorized`` / ``blocked`` = ``sinkhorn_potentials`` on in-memory arrays (kernel kept /
+recomputed); ``sharded`` = ``sharded_sinkhorn`` on one process reading a memory-mapped ``.npy``
+through a ``PoolView`` (kernel kept when it fits the 1 GiB budget), ``sharded_recompute`` the same
+with the kernel recomputed every pass (no budget at all), ``sharded_halfcache`` with a budget for
+half the cost blocks (kept from the first pass; the other half recomputed); ``sharded_2proc`` = two gloo
+processes under ``torchrun``, each with half the rows, reporting the bytes one process sent per
+Sinkhorn iteration (``Comm.bytes_sent``) at N and at N / 4.
+
 Problem (PEERS.md): N candidates x 1,000 targets, 384-d float32 unit rows, clustered; cost
 ||x - y||^2 (no 1/2), uniform weights, eps absolute, stop at L1 marginal error < 1e-3.
 Each configuration runs in its own subprocess so that its peak RSS (``ru_maxrss``) is its own.
@@ -51,10 +59,28 @@ def child(method: str, n: int, eps: float, out: str) -> None:
 
     import hf_otselect.ot
 
+    if method == "sharded_2proc":
+        sharded_child(n, eps, out)
+        return
     x, y = problem(n)
     info: dict = {}
+    if method.startswith("sharded"):
+        mm = out + ".pool.npy"
+        np.save(mm, x)
+        del x
+        x = np.load(mm, mmap_mode="r")
     t0 = time.perf_counter()
-    if method in ("tensorized", "blocked", "reference"):
+    if method.startswith("sharded"):
+        from hf_otselect.dist import PoolView
+
+        # sharded_recompute: no budget, every block redone per pass; sharded_halfcache: a budget
+        # for half the cost blocks, the other half redone per pass (the path just beyond the budget)
+        budget = {"sharded_recompute": 0, "sharded_halfcache": n * M_TARGET * 4 // 2}.get(method)
+        r = hf_otselect.ot.sharded_sinkhorn(PoolView(x), y, eps, keep_kernel=None if budget is None else False,
+                                            memory_budget=budget)
+        f = r.f_local
+        info = {"n_iter": r.n_iter, "err": r.marginal_error}
+    elif method in ("tensorized", "blocked", "reference"):
         sinkhorn_potentials = hf_otselect.ot.sinkhorn_potentials
         if method == "reference":
             r = sinkhorn_potentials(x.astype(np.float64), y.astype(np.float64), eps, backend="tensorized",
@@ -93,9 +119,39 @@ def child(method: str, n: int, eps: float, out: str) -> None:
     print(json.dumps({"method": method, "n": n, "eps": eps, "seconds": sec, "peak_gib": rss, **info}))
 
 
+def sharded_child(n: int, eps: float, out: str) -> None:
+    """Under torchrun: this process's half of the rows; rank 0 prints seconds and bytes/iteration."""
+    import torch  # noqa: F401
+
+    from hf_otselect.dist import PoolView, get_comm
+    from hf_otselect.ot import sharded_sinkhorn
+
+    comm = get_comm()
+    figures = {}
+    for size in (n // 4, n):
+        x, y = problem(size)
+        bounds = np.linspace(0, size, comm.world_size + 1).astype(int)
+        view = PoolView.of(x[bounds[comm.rank] : bounds[comm.rank + 1]], comm)
+        comm.barrier()
+        before, t0 = comm.bytes_sent, time.perf_counter()
+        r = sharded_sinkhorn(view, y, eps, comm=comm)
+        figures[size] = (time.perf_counter() - t0, comm.bytes_sent - before, r.n_iter)
+        f = np.concatenate(comm.all_gather(r.f_local))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if comm.rank == 0:
+        np.save(out, f, allow_pickle=False)
+        sec, sent, it = figures[n]
+        sec4, sent4, it4 = figures[n // 4]
+        print(json.dumps({"method": "sharded_2proc", "n": n, "eps": eps, "seconds": sec, "peak_gib": rss, "n_iter": it,
+                          "bytes_per_iter": sent / it, "bytes_per_iter_quarter_n": sent4 / it4}))
+
+
 def run_one(method: str, n: int, eps: float, tmp: str, timeout: int) -> dict:
     out = os.path.join(tmp, f"{method}_{n}_{eps}.npy")
     cmd = [sys.executable, __file__, "--child", method, str(n), str(eps), out]
+    if method == "sharded_2proc":
+        torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+        cmd = [torchrun, "--standalone", "--nproc_per_node", "2", *cmd[1:]]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -118,7 +174,7 @@ def main() -> None:
     p.add_argument("--eps", type=float, nargs="+", default=[0.1, 0.01])
     p.add_argument("--peers-max-n", type=int, default=100000, help="largest N for POT/GeomLoss")
     p.add_argument("--blocked-only-n", type=int, nargs="*", default=[], help="extra sizes, blocked back end only")
-    p.add_argument("--methods", nargs="+", default=["tensorized", "blocked", "pot", "geomloss"])
+    p.add_argument("--methods", nargs="+", default=["tensorized", "blocked", "sharded", "sharded_halfcache", "sharded_recompute", "sharded_2proc", "pot", "geomloss"])
     p.add_argument("--timeout", type=int, default=400)
     p.add_argument("--out", default="benchmarks/results/ot_scaling.md")
     args = p.parse_args()
@@ -127,7 +183,7 @@ def main() -> None:
         for n in sorted(set(args.sizes) | set(args.blocked_only_n)):
             for eps in args.eps:
                 only_blocked = n in args.blocked_only_n and n not in args.sizes
-                methods = ["blocked"] if only_blocked else ["tensorized", "blocked"]
+                methods = ["blocked"] if only_blocked else ["tensorized", "blocked", "sharded", "sharded_halfcache", "sharded_recompute", "sharded_2proc"]
                 if n <= args.peers_max_n and not only_blocked:
                     methods += ["pot", "geomloss"]
                 ref = None
@@ -143,25 +199,35 @@ def main() -> None:
                     rows.append(r)
                     print(json.dumps({k: v for k, v in r.items() if k != "f"}), flush=True)
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    import geomloss
+    import ot
+    import torch
+
+    versions = f"torch {torch.__version__}, POT {ot.__version__}, GeomLoss {geomloss.__version__}, numpy {np.__version__}"
     lines = [
         "# Entropic OT potentials: seconds and peak memory against N",
         "",
         f"Run {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on 2 shared CPU cores; `uptime` after: `{load}`.",
         "Command: `.venv/bin/python benchmarks/ot_scaling.py " + " ".join(sys.argv[1:]) + "`",
+        f"Commit {commit}; {versions}.",
         "",
         "Problem of PEERS.md (N x 1,000, 384-d unit rows, cost ||x-y||^2, stop at L1 marginal error < 1e-3).",
         "Peak = ru_maxrss of the configuration's own subprocess (includes ~0.3 GiB of torch).",
         "agree = Spearman of candidate potentials vs the float64 reference (see the script docstring).",
         "",
-        "| N | eps | method | seconds | peak GiB | iterations | agree |",
-        "|---|---|---|---|---|---|---|",
+        "bytes/iter = what one of the two processes sent per Sinkhorn iteration (setup included), at N and at N/4.",
+        "",
+        "| N | eps | method | seconds | peak GiB | iterations | agree | bytes/iter (N, N/4) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['n']} | {r['eps']} | {r['method']} | {r['error']} | | | |")
+            lines.append(f"| {r['n']} | {r['eps']} | {r['method']} | {r['error']} | | | | |")
             continue
         agree = f"{r['agree']:.6f}" if "agree" in r else "-"
-        lines.append(f"| {r['n']} | {r['eps']} | {r['method']} | {r['seconds']:.2f} | {r['peak_gib']:.2f} | {r.get('n_iter', '-')} | {agree} |")
+        sent = f"{r['bytes_per_iter']:.0f}, {r['bytes_per_iter_quarter_n']:.0f}" if "bytes_per_iter" in r else "-"
+        lines.append(f"| {r['n']} | {r['eps']} | {r['method']} | {r['seconds']:.2f} | {r['peak_gib']:.2f} | {r.get('n_iter', '-')} | {agree} | {sent} |")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
         fh.write("\n".join(lines) + "\n")

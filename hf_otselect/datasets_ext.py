@@ -520,7 +520,7 @@ def run_selection(
         raise param_error("dataset", owner, f"a pool without the columns {sorted(reserved)} that the selection adds "
                           "(re-selecting from a selection? drop them with remove_columns first)", taken)
     check_solver_device(probe)
-    if not probe.needs_text and not probe.scale_invariant:  # the user's own vectors, before the pool's encoder pass
+    if not probe.needs_text and not probe.any_magnitude:  # the user's own vectors, before the pool's encoder pass
         for side, name in ((target, "target"), (negative_target, "negative_target")):
             if isinstance(side, np.ndarray):
                 check_magnitude(check_embeddings(side, name, owner), name, owner)

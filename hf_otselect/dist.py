@@ -94,7 +94,9 @@ class TorchComm(Comm):
         self.device = torch.device(device)
 
     def _tensor(self, x: np.ndarray) -> Any:
-        t = self._torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+        # A copy: on CPU ``from_numpy(...).to("cpu")`` shares the caller's memory, and the in-place
+        # collectives would overwrite the caller's array (``all_reduce(x)`` changing ``x``).
+        t = self._torch.from_numpy(np.array(x, copy=True, order="C")).to(self.device)
         self.bytes_sent += t.numel() * t.element_size()
         return t
 
@@ -205,12 +207,12 @@ class PoolView:
     def dim(self) -> int:
         return int(self.data.shape[1])
 
-    def blocks(self, block_rows: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield ``(global_index, rows)``: int64 ``(b,)`` and float32 ``(b, dim)`` per block."""
+    def blocks(self, block_rows: int | None = None, dtype: Any = np.float32) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield ``(global_index, rows)``: int64 ``(b,)`` and ``dtype`` (float32) ``(b, dim)`` per block."""
         step = block_rows or DEFAULT_BLOCK_ROWS
         for s in range(0, self.n_local, step):
             e = min(s + step, self.n_local)
-            yield np.arange(self.offset + s, self.offset + e, dtype=np.int64), np.ascontiguousarray(self.data[s:e], dtype=np.float32)
+            yield np.arange(self.offset + s, self.offset + e, dtype=np.int64), np.ascontiguousarray(self.data[s:e], dtype=dtype)
 
     def read(self, global_index: np.ndarray) -> np.ndarray:
         """Rows by global index (all of them local), float32 ``(len(global_index), dim)``."""

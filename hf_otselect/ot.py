@@ -25,20 +25,37 @@ convergence, so its potentials can be far from the fixed point (rank agreement 0
 and its tensorized path needs the full N x M matrix plus autograd buffers; POT's log-domain solver
 checks every 10 iterations and its lazy path is 5-10x slower. GOT-D's problem converges in 2-16
 iterations, so checking each iteration and making each iteration cheap is what matters. We do it
-in torch (CPU or CUDA) with two back ends:
+in torch (CPU or CUDA). Every back end but keops is one solver, :func:`sharded_sinkhorn`, which
+reads the candidates through a :class:`~hf_otselect.dist.PoolView` (this process's rows, in
+blocks) and talks to other processes only through a :class:`~hf_otselect.dist.Comm`: per
+iteration an all-reduce of per-target (max, sum-exp) pairs or column sums, O(m) bytes whatever N
+is (SwAV's distributed Sinkhorn pattern). :func:`sinkhorn_potentials` is that solver on one
+process with the rows in memory. Its state for scoring is the target side alone: a row's
+potential is the c-transform of ``g`` (:meth:`ShardedSinkhornResult.c_transform`).
+
+**Scale**: costs are computed after shifting both clouds to the target mean when they sit far
+from the origin (so ``|x|^2 + |y|^2 - 2 x.y`` does not cancel), and on ``x / s``, ``y / s`` with
+``eps / s^2`` for a power of two ``s`` near the root mean cost (exact in floating point), so finite
+vectors of any magnitude neither overflow nor underflow. ``eps`` must lie within
+``EPS_RELATIVE_RANGE`` times the mean cost; outside it the solver refuses, naming ``eps``.
+
+The modes:
 
 ``"tensorized"``
-    Keeps one ``(n, m)`` matrix: the Gibbs kernel with the current potentials absorbed,
+    Keeps one ``(n, m)`` matrix (per process: its own rows): the Gibbs kernel with the current
+    potentials absorbed,
     ``K_ij = exp((f_i + g_j - C_ij) / eps)``, and iterates on scalings ``u, v`` with two
     matrix-vector products per iteration (the stabilised scaling algorithm of Schmitzer 2019,
     "Stabilized sparse scaling algorithms for entropy regularized transport problems", Alg. 2).
     When a scaling leaves ``[exp(-tau), exp(tau)]`` it is absorbed into the potentials and the
     kernel is rebuilt by an exact log-domain iteration, so tiny eps never under- or overflows.
 ``"blocked"``
-    Needs no ``(n, m)`` matrix: each iteration streams row blocks of ``x``, recomputes the cost
-    block with one GEMM (``|x|^2 + |y|^2 - 2 x y^T``) and does both log-domain half-steps in one
-    pass (row log-sum-exp for ``f``, then the column sums for ``g`` by one matrix-vector product
-    on the same exponentials). Memory is O((n + m) d + block_size * m).
+    Needs no ``(n, m)`` matrix: each iteration streams row blocks of ``x``, takes the cost block
+    (``|x|^2 + |y|^2 - 2 x y^T``, one GEMM) and does both log-domain half-steps in one pass (row
+    log-sum-exp for ``f``, then the column sums for ``g`` by one matrix-vector product on the same
+    exponentials). The cost blocks of the first rows that fit ``memory_budget`` are kept from the
+    first pass; the rest are recomputed each pass. Memory is O((n + m) d + block_size * m) plus
+    that budget.
 ``"keops"``
     The same log-domain iteration with symbolic pykeops reductions (optional; needs ``pykeops``).
 ``"geomloss"``
@@ -58,12 +75,14 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 
 from ._checks import check_choice, check_float, check_int, param_error
+from .dist import LOCAL, Comm, PoolView
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +96,15 @@ _BLOCK_ELEMENTS = 1 << 23  # about 32 MB of float32 per cost block in the blocke
 # Scalings are absorbed into the potentials once |log u| or |log v| exceeds this. With float32
 # kernels, entries that underflowed (< e^-87 relative) stay negligible after scaling by e^tau.
 _TAU = 40.0
+# Valid eps, as a multiple of the mean cost between the clouds. Below 1e-8 the entropic term is
+# smaller than the float32 rounding of the costs (6e-8 relative), so the potentials would be set by
+# rounding; above 1e3 the costs shift the log-sum-exp terms (about log m) by less than 1e-3 of
+# themselves, and float32 keeps less than four digits of the differences that rank the rows.
+EPS_RELATIVE_RANGE = (1e-8, 1e3)
+# The clouds are shifted to the target mean when |mean|^2 exceeds this multiple of the mean cost:
+# |x|^2 + |y|^2 - 2 x.y then cancels at most this much. Unit-norm embeddings (|mean| <= 1, mean
+# cost ~1-2) are never shifted, so their numbers are those of the plain formula.
+_CENTER_RATIO = 4.0
 
 
 @dataclass(frozen=True)
@@ -167,6 +195,300 @@ def mean_sq_distance(x: np.ndarray, y: np.ndarray, a: np.ndarray | None = None, 
     return float(a @ (x64 * x64).sum(1) + b @ (y64 * y64).sum(1) - 2.0 * mx @ my)
 
 
+@dataclass(frozen=True)
+class ShardedSinkhornResult:
+    """What a sharded solve leaves, identical on every process except ``f_local``.
+
+    The state needs no candidate row: a row's potential is the c-transform of ``g_f``
+    (:meth:`c_transform`), ``f_i = -eps log sum_j b_j exp((g_j - C_ij) / eps)``, which is the
+    ``f`` the solve ended with.
+
+    Attributes
+    ----------
+    y : ndarray of shape (m, dim)
+        The target, as given (float32, or float64 when the pool is float64 too).
+    b : ndarray of shape (m,), float64
+        Target weights (sum 1).
+    g : ndarray of shape (m,), float64
+        Target potential after the last half-step (the column marginal is exact for it).
+    g_f : ndarray of shape (m,), float64
+        The target potential whose c-transform is the candidates' ``f`` (``g`` one half-step
+        earlier).
+    f_sum : float
+        ``sum_i f_i`` over every candidate of every process.
+    cost : float
+        Dual value ``<a, f> + <b, g>`` (the entropic OT value at the fixed point, cost
+        ``||x - y||^2``).
+    n_global : int
+        Candidates over all processes.
+    n_iter, converged, marginal_error
+        As in :class:`SinkhornResult` (the marginal error is summed over every process).
+    eps : float
+        The absolute eps used.
+    kernel_kept : bool
+        Whether each process kept its ``(n_local, m)`` kernel block (else recomputed per pass).
+    center : ndarray of shape (dim,) or None
+        The point both clouds were shifted by before computing costs (costs do not change).
+    scale : float
+        A power of two ``s``; the solve ran on ``x / s``, ``y / s`` with ``eps / s**2``, which
+        is exact in floating point, and its potentials were multiplied back by ``s**2``.
+    f_local : ndarray of shape (n_local,) or None
+        This process's candidate potentials (dropped by callers that keep the result as state).
+    """
+
+    y: np.ndarray
+    b: np.ndarray
+    g: np.ndarray
+    g_f: np.ndarray
+    f_sum: float
+    cost: float
+    n_global: int
+    n_iter: int
+    converged: bool
+    marginal_error: float
+    eps: float
+    kernel_kept: bool
+    center: np.ndarray | None
+    scale: float
+    f_local: np.ndarray | None = None
+
+    def c_transform(self, rows: Any, *, device: Any = None, block_rows: int | None = None) -> np.ndarray:
+        """Potentials of any rows against the fitted target: ``-eps log sum_j b_j exp((g_j - C_ij)/eps)``.
+
+        Parameters
+        ----------
+        rows : array_like of shape (n_rows, dim)
+        device : str or torch.device, optional
+        block_rows : int, optional
+            Rows per GEMM (default about 2**23 / m).
+
+        Returns
+        -------
+        ndarray of shape (n_rows,), float64
+            With ``g_f`` this is the ``f`` of the solve for the rows it was fitted on.
+        """
+        import torch
+
+        rows = np.asarray(rows)
+        dtype = np.float64 if self.y.dtype == np.float64 and rows.dtype == np.float64 else np.float32
+        dev = _resolve_device(device)
+        prep = _prep(self.center, self.scale, dtype, dev)
+        s2 = self.scale * self.scale
+        eps = self.eps / s2
+        with torch.no_grad():
+            Y = prep(self.y)
+            hg = torch.from_numpy((self.g_f / s2 + eps * np.log(self.b)) / eps).to(device=dev, dtype=Y.dtype)
+            ny2 = (-(Y * Y).sum(1) / eps).unsqueeze(0)
+            step = block_rows or max(1, _BLOCK_ELEMENTS // len(self.y))
+            out = np.empty(len(rows))
+            for s in range(0, len(rows), step):
+                X = prep(np.ascontiguousarray(rows[s : s + step], dtype=dtype))
+                S = torch.addmm(ny2, X, Y.T, alpha=2.0 / eps).add_(hg.unsqueeze(0))
+                rmax = S.amax(1)
+                lse = rmax + S.sub_(rmax.unsqueeze(1)).exp_().sum(1).log()
+                out[s : s + step] = ((X * X).sum(1) - eps * lse).double().cpu().numpy() * s2
+        return out
+
+
+def _prep(center: np.ndarray | None, scale: float, np_dtype: Any, device: Any) -> Any:
+    """A function taking numpy rows to torch ``(rows - center) / scale`` in the compute dtype.
+
+    The shift is done in float64 (so huge offsets cancel exactly); the division by a power of two
+    is exact. With no shift and scale 1 the rows are passed through untouched.
+    """
+    import torch
+
+    dt = torch.float64 if np_dtype == np.float64 else torch.float32
+    inv = 1.0 / scale
+
+    def prep(rows: np.ndarray) -> Any:
+        if center is None:
+            t = torch.from_numpy(np.ascontiguousarray(rows)).to(device=device, dtype=dt)
+        else:
+            t = (torch.from_numpy(np.ascontiguousarray(rows)).to(device=device, dtype=torch.float64)
+                 - torch.from_numpy(center).to(device)).to(dt)
+        return t if inv == 1.0 else t * inv  # not in place: t may share the caller's memory
+
+    return prep
+
+
+def _frame(
+    pool: PoolView, y: np.ndarray, a_local: np.ndarray | None, b: np.ndarray, np_dtype: Any, block: int, comm: Comm
+) -> tuple[float, np.ndarray | None, float]:
+    """Mean cost over all pairs (weights a, b), the shift and the power-of-two scale of the solve.
+
+    One pass over this process's rows and one all-reduce of a scalar. Taken around the target mean
+    ``c`` so that it is exact at any offset: ``E||x - y||^2 = E||x - c||^2 + E||y - c||^2``.
+    """
+    y64 = y.astype(np.float64)
+    c = b @ y64
+    acc, s = 0.0, 0
+    for _, rows in pool.blocks(block, dtype=np_dtype):
+        d = rows.astype(np.float64) - c
+        sq = np.einsum("ij,ij->i", d, d)
+        acc += float(sq.sum() / pool.n_global if a_local is None else a_local[s : s + len(rows)] @ sq)
+        s += len(rows)
+    dy = y64 - c
+    mean_cost = float(comm.all_reduce(np.array([acc]), "sum")[0]) + float(b @ np.einsum("ij,ij->i", dy, dy))
+    if not mean_cost > 0 or not math.isfinite(mean_cost):
+        return max(mean_cost, 0.0), None, 1.0
+    center = c if float(c @ c) > _CENTER_RATIO * mean_cost else None
+    scale = 2.0 ** round(0.5 * math.log2(mean_cost))
+    return mean_cost, center, scale
+
+
+def sharded_sinkhorn(
+    pool: PoolView,
+    target: Any,
+    eps: float = 0.1,
+    *,
+    b: Any = None,
+    a_local: Any = None,
+    eps_mode: EpsMode = "absolute",
+    tol: float = 1e-3,
+    max_iter: int = 1000,
+    device: Any = None,
+    comm: Comm | None = None,
+    keep_kernel: bool | None = None,
+    memory_budget: int | None = None,
+    block_rows: int | None = None,
+    start: Literal["zeros", "geomloss"] = "zeros",
+    owner: str = "sharded_sinkhorn",
+    names: tuple[str, str, str] = ("eps", "candidates", "target"),
+) -> ShardedSinkhornResult:
+    """Entropic OT between a pool sharded over processes and a target held by every process.
+
+    The same log-domain Sinkhorn as :func:`sinkhorn_potentials` (Peyre & Cuturi 2019, Sec. 4.4),
+    distributed as SwAV does its Sinkhorn across GPUs: each process updates the potentials of its
+    own rows (``f_i = -eps log sum_j b_j exp((g_j - C_ij)/eps)``, a per-row c-transform), and the
+    target update ``g_j = -eps log sum_i a_i exp((f_i - C_ij)/eps)`` combines each process's
+    per-target (max, sum-exp) pairs with all-reduces: O(m) bytes per iteration whatever N is.
+    When every process's ``(n_local, m)`` kernel fits ``memory_budget`` it is kept and iterated on
+    with two matrix-vector products per iteration (stabilised scaling); otherwise the cost blocks
+    of the first rows that fit the budget are kept from the first pass and only the rows beyond
+    them recompute theirs (one GEMM per block) in each log-domain pass. Costs are taken after shifting
+    both clouds to the target mean when they sit far from the origin, and scaled by a power of two
+    near the root mean cost, so finite vectors of any magnitude neither overflow nor underflow.
+
+    Parameters
+    ----------
+    pool : PoolView
+        This process's candidate rows (read in blocks; float64 data with a float64 target is
+        computed in float64, anything else in float32).
+    target : array_like of shape (m, dim)
+        The whole target, identical on every process.
+    eps : float, default 0.1
+        Entropic regularisation (absolute, or a multiple of the mean cost when
+        ``eps_mode="relative"``). It must lie within ``EPS_RELATIVE_RANGE`` times the mean cost.
+    b : array_like of shape (m,), optional
+        Target weights (uniform when omitted).
+    a_local : array_like of shape (n_local,), optional
+        Weights of this process's rows, normalised over all processes (uniform when omitted).
+    eps_mode : {"absolute", "relative"}, default "absolute"
+    tol : float, default 1e-3
+        Stop when the L1 row-marginal error, summed over every process, is below ``tol``.
+    max_iter : int, default 1000
+    device : str or torch.device, optional
+    comm : Comm, optional
+        The process group (default: this process alone).
+    keep_kernel : bool, optional
+        Force keeping (True) or not (False) the kernel; by default it is kept when every
+        process's block fits ``memory_budget`` (one all-reduce decides, so all take one path).
+    memory_budget : int, optional
+        Bytes per process for the kernel block, or without it for the cached cost blocks
+        (default 1 GiB; 0 recomputes every block in every pass).
+    block_rows : int, optional
+        Rows per block (default about 2**23 / m).
+    start : {"zeros", "geomloss"}, default "zeros"
+        Starting potentials: zeros, or GeomLoss's annealed ones (one process only: GeomLoss needs
+        every row in memory).
+    owner, names : str, (str, str, str)
+        Who is calling and what the caller calls ``eps``, the candidates and the target, for the
+        error messages.
+
+    Returns
+    -------
+    ShardedSinkhornResult
+
+    Raises
+    ------
+    ValueError
+        ``eps`` outside ``EPS_RELATIVE_RANGE`` times the mean cost (naming ``names[0]``), or a bad
+        parameter; all before the iterations.
+    """
+    import torch
+
+    comm = comm or LOCAL
+    eps_name, x_name, y_name = names
+    eps = check_float(eps, eps_name, owner, 0.0, low_open=True)
+    check_choice(eps_mode, "eps_mode", owner, EPS_MODES)
+    tol = check_float(tol, "tol", owner, 0.0, low_open=True)
+    max_iter = check_int(max_iter, "max_iter", owner, 1)
+    memory_budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else check_int(memory_budget, "memory_budget", owner, 0)
+    y = _as_float_array(target, y_name, owner)
+    if y.shape[1] != pool.dim:
+        raise param_error(y_name, owner, f"an array with {pool.dim} columns (the dimension of {x_name})", f"an array of shape {y.shape}")
+    pool_dtype = getattr(pool.data, "dtype", None)
+    np_dtype = np.float64 if (pool_dtype == np.float64 and y.dtype == np.float64) else np.float32
+    y = y.astype(np_dtype, copy=False)
+    wb = _as_weights(b, len(y), "b", owner)
+    n_global = int(pool.n_global)
+    if a_local is not None:
+        a_local = np.asarray(a_local, dtype=np.float64)
+        a_local = a_local / float(comm.all_reduce(np.array([a_local.sum()]), "sum")[0])
+    m = len(y)
+    block = block_rows or max(1, _BLOCK_ELEMENTS // m)
+    mean_cost, center, scale = _frame(pool, y, a_local, wb, np_dtype, block, comm)
+    eps_abs = eps * mean_cost if eps_mode == "relative" else eps
+    if eps_mode == "relative" and not eps_abs > 0:
+        raise param_error("eps_mode", owner, "'absolute' when all pairwise costs are 0", eps_mode)
+    lo, hi = EPS_RELATIVE_RANGE
+    if mean_cost > 0 and not lo * mean_cost <= eps_abs <= hi * mean_cost:
+        if eps_mode == "relative":
+            expected = f"a float in [{lo:g}, {hi:g}] with eps_mode='relative'"
+        else:
+            expected = (f"a float in [{lo * mean_cost:.3g}, {hi * mean_cost:.3g}] for these {x_name} and {y_name} "
+                        f"({lo:g} to {hi:g} times their mean squared distance {mean_cost:.3g}; or pass a multiple "
+                        "of it with eps_mode='relative')")
+        raise param_error(eps_name, owner, expected, eps)
+    dev = _resolve_device(device)
+    init = None
+    if start == "geomloss":
+        if comm.world_size > 1:
+            raise param_error("backend", owner, "not 'geomloss' in a multi-process run (GeomLoss needs every row)", start)
+        xa = np.ascontiguousarray(pool.data, dtype=np_dtype)
+        a_all = np.full(len(xa), 1.0 / len(xa)) if a_local is None else a_local
+        init = _geomloss_init(xa, y, a_all, wb, eps_abs, dev)
+    n_local = pool.n_local
+    itemsize = np.dtype(np_dtype).itemsize
+    if keep_kernel is None:
+        fits = float(n_local * m * itemsize <= memory_budget)
+        keep_kernel = bool(comm.all_reduce(np.array([fits]), "min")[0] > 0)
+    s2 = scale * scale
+    logger.debug("Sharded Sinkhorn n_local=%d n=%d m=%d eps=%.4g kernel=%s scale=%g shifted=%s device=%s rank=%d/%d",
+                 n_local, n_global, m, eps_abs, keep_kernel, scale, center is not None, dev, comm.rank, comm.world_size)
+    prep = _prep(center, scale, np_dtype, dev)
+    with torch.no_grad():
+        Y = prep(y)
+        dt = Y.dtype
+        B = torch.from_numpy(wb).to(device=dev, dtype=dt)
+        a = np.full(n_local, 1.0 / n_global) if a_local is None else a_local
+        A = torch.from_numpy(a).to(device=dev, dtype=dt)
+        if init is not None:
+            init = tuple(torch.as_tensor(v).to(device=dev, dtype=dt) / s2 for v in init)  # type: ignore[assignment]
+        solver = _ShardedSinkhorn(pool, prep, np_dtype, Y, B, A, eps_abs / s2, block, keep_kernel, comm, memory_budget)
+        f, g, g_f, it, err = solver.run(tol, max_iter, init)
+        f64 = f.double().cpu().numpy() * s2
+    g64 = g.double().cpu().numpy() * s2
+    gf64 = g_f.double().cpu().numpy() * s2
+    f_sum, a_dot_f = comm.all_reduce(np.array([f64.sum(), a @ f64]), "sum")
+    return ShardedSinkhornResult(
+        y=y, b=wb, g=g64, g_f=gf64, f_sum=float(f_sum), cost=float(a_dot_f + wb @ g64), n_global=n_global,
+        n_iter=it, converged=bool(err < tol), marginal_error=float(err), eps=eps_abs, kernel_kept=keep_kernel,
+        center=center, scale=scale, f_local=f64,
+    )
+
+
 def _check_common(
     x: Any, y: Any, eps: Any, a: Any, b: Any, eps_mode: Any, backend: Any, tol: Any, max_iter: Any,
     block_size: Any, memory_budget: Any, owner: str,
@@ -236,7 +558,8 @@ def sinkhorn_potentials(
     block_size : int, optional
         Rows of ``x`` per block (default: about 2**23 / m).
     memory_budget : int, optional
-        Bytes allowed for the tensorized kernel (default 1 GiB).
+        Bytes allowed for the tensorized kernel, or for the cost blocks that ``"blocked"`` keeps
+        from its first pass (default 1 GiB; 0 recomputes every block in every pass).
 
     Returns
     -------
@@ -259,24 +582,25 @@ def sinkhorn_potentials(
             import pykeops  # noqa: F401
         except ImportError as err:
             raise ImportError("backend='keops' needs pykeops: `pip install pykeops` (and a C++ compiler).") from err
-    eps_abs = eps
-    if eps_mode == "relative":
-        eps_abs = eps * mean_sq_distance(xa, ya, wa, wb)
-        if not eps_abs > 0:  # identical single points: no scale to be relative to
-            raise param_error("eps_mode", owner, "'absolute' when all pairwise costs are 0", eps_mode)
     n, m = len(xa), len(ya)
-    itemsize = xa.dtype.itemsize
     if backend == "auto":
-        backend = "tensorized" if n * m * itemsize <= memory_budget else "blocked"
-    if block_size is None:
-        block_size = max(1, _BLOCK_ELEMENTS // m)
+        backend = "tensorized" if n * m * xa.dtype.itemsize <= memory_budget else "blocked"
     dev = _resolve_device(device)
-    logger.debug("Sinkhorn n=%d m=%d dim=%d eps=%.4g backend=%s device=%s", n, m, xa.shape[1], eps_abs, backend, dev)
     if backend == "keops":
+        eps_abs = eps * mean_sq_distance(xa, ya, wa, wb) if eps_mode == "relative" else eps
+        if not eps_abs > 0:
+            raise param_error("eps_mode", owner, "'absolute' when all pairwise costs are 0", eps_mode)
         f, g, it, err = _solve_keops(xa, ya, wa, wb, eps_abs, tol, max_iter, dev)
     else:
-        init = _geomloss_init(xa, ya, wa, wb, eps_abs, dev) if backend == "geomloss" else None
-        f, g, it, err = _solve_torch(xa, ya, wa, wb, eps_abs, tol, max_iter, dev, block_size, backend != "blocked", init)
+        # The in-memory back ends are the sharded solver on one process: "tensorized" keeps the
+        # kernel, "blocked" recomputes it, "geomloss" starts from GeomLoss's potentials.
+        r = sharded_sinkhorn(
+            PoolView(xa), ya, eps, b=wb, a_local=wa, eps_mode=eps_mode, tol=tol, max_iter=max_iter, device=dev,
+            keep_kernel=backend != "blocked", memory_budget=memory_budget, block_rows=block_size,
+            start="geomloss" if backend == "geomloss" else "zeros",
+            owner=owner, names=("eps", "x", "y"),
+        )
+        f, g, it, err, eps_abs = r.f_local, r.g, r.n_iter, r.marginal_error, r.eps
     converged = bool(err < tol)
     if not converged:
         warnings.warn(
@@ -339,50 +663,70 @@ def _geomloss_init(
     return 2.0 * f_half.reshape(-1), 2.0 * g_half.reshape(-1)
 
 
-def _solve_torch(
-    x: np.ndarray, y: np.ndarray, a: np.ndarray, b: np.ndarray, eps: float, tol: float, max_iter: int,
-    device: Any, block_size: int, keep_kernel: bool, init: tuple[Any, Any] | None = None,
-) -> tuple[np.ndarray, np.ndarray, int, float]:
-    """Run Sinkhorn in torch from ``init`` potentials (zeros when None); float64 numpy out."""
-    import torch
+class _ShardedSinkhorn:
+    """Log-domain Sinkhorn over this process's row blocks, reduced across processes per iteration.
 
-    dt = torch.float64 if x.dtype == np.float64 else torch.float32
-    with torch.no_grad():
-        X = torch.from_numpy(x).to(device=device, dtype=dt)
-        Y = torch.from_numpy(y).to(device=device, dtype=dt)
-        A = torch.from_numpy(a).to(device=device, dtype=dt)
-        B = torch.from_numpy(b).to(device=device, dtype=dt)
-        solver = _TorchSinkhorn(X, Y, A, B, eps, block_size, keep_kernel)
-        f, g, it, err = solver.run(tol, max_iter, init)
-    return f.double().cpu().numpy(), g.double().cpu().numpy(), it, err
+    The rows come from a :class:`~hf_otselect.dist.PoolView` (read block by block, centred and
+    scaled by ``prep``); ``f`` lives on them (``(n_local,)``, this process's own), ``g`` on the
+    target and is the same on every process. Per iteration the only traffic is per-target: the
+    column log-sums of the ``g`` update combine as (max, sum-exp) pairs through two all-reduces of
+    ``m`` numbers (plus the marginal error), or, with the kernel kept, one all-reduce of the ``m``
+    column sums and one of a scalar. Nothing depends on N.
+    """
 
-
-class _TorchSinkhorn:
-    """Log-domain Sinkhorn in torch, streaming row blocks; optionally keeps the stabilised kernel."""
-
-    def __init__(self, X: Any, Y: Any, A: Any, B: Any, eps: float, block_size: int, keep_kernel: bool) -> None:
+    def __init__(
+        self, pool: PoolView, prep: Any, np_dtype: Any, Y: Any, B: Any, A: Any, eps: float, block: int,
+        keep_kernel: bool, comm: Comm, cache_bytes: int = 0,
+    ) -> None:
         import torch
 
-        self.torch = torch
-        self.X, self.Y, self.A, self.B, self.eps = X, Y, A, B, eps
-        self.x2 = (X * X).sum(1)
+        self.torch, self.pool, self.prep, self.np_dtype = torch, pool, prep, np_dtype
+        self.Y, self.B, self.A, self.eps, self.comm = Y, B, A, eps, comm
         self.y2 = (Y * Y).sum(1)
         self.ny2 = (-self.y2 / eps).unsqueeze(0)
         self.loga, self.logb = A.log(), B.log()
-        self.n, self.m = X.shape[0], Y.shape[0]
-        self.block = min(block_size, self.n)
-        self.tiny = torch.finfo(X.dtype).tiny * 1e6
-        self.K = torch.empty((self.n, self.m), dtype=X.dtype, device=X.device) if keep_kernel else None
-        self.work = torch.empty((self.block, self.m), dtype=X.dtype, device=X.device)
+        self.n, self.m = int(A.shape[0]), int(Y.shape[0])
+        self.block = max(1, min(block, self.n))
+        self.tiny = torch.finfo(Y.dtype).tiny * 1e6
+        self.K = torch.empty((self.n, self.m), dtype=Y.dtype, device=Y.device) if keep_kernel else None
+        self.x2 = torch.empty(self.n, dtype=Y.dtype, device=Y.device) if keep_kernel else None
+        self.work = torch.empty((self.block, self.m), dtype=Y.dtype, device=Y.device)
+        # Without the whole kernel, the score blocks of the first rows that fit ``cache_bytes`` are
+        # kept from the first pass (same numbers); only the rows beyond them redo their GEMM.
+        rows = 0 if keep_kernel else min(self.n, cache_bytes // max(1, self.m * Y.element_size()))
+        self.cached = rows - rows % self.block if rows < self.n else self.n
+        self.D = torch.empty((self.cached, self.m), dtype=Y.dtype, device=Y.device) if self.cached else None
+        self.filled = 0
 
-    def _scores(self, s: int, e: int, out: Any) -> Any:
-        """``D[s:e] = (2 x y^T - |y|^2) / eps`` into ``out`` with one GEMM.
+    def _blocks(self) -> Iterator[tuple[int, int, Any]]:
+        """``(s, e, X)``: local row range and the prepared rows, one pool block at a time."""
+        s = 0
+        for _, rows in self.pool.blocks(self.block, dtype=self.np_dtype):
+            X = self.prep(rows)
+            yield s, s + X.shape[0], X
+            s += X.shape[0]
+
+    def _scores(self, X: Any, out: Any) -> Any:
+        """``D = (2 x y^T - |y|^2) / eps`` into ``out`` with one GEMM.
 
         ``D_ij - |x_i|^2 / eps = -C_ij / eps``; the row term ``|x_i|^2`` is constant along a row,
         so it is added to the row results instead of to every entry (one pass fewer per block).
         """
-        inv = 1.0 / self.eps
-        return self.torch.addmm(self.ny2, self.X[s:e], self.Y.T, beta=1.0, alpha=2.0 * inv, out=out)
+        return self.torch.addmm(self.ny2, X, self.Y.T, beta=1.0, alpha=2.0 / self.eps, out=out)
+
+    def _reduce_columns(self, col_log: Any, extra: list[float]) -> tuple[Any, np.ndarray]:
+        """Combine per-process column log-sums: log sum_p exp(col_p) as (max, sum-exp) pairs.
+
+        Two all-reduces of ``m`` numbers (the second carries ``extra`` scalars to be summed).
+        Returns the global column log-sums (torch, like ``col_log``) and the summed extras.
+        """
+        local = col_log.double().cpu().numpy()
+        top = self.comm.all_reduce(local, "max")
+        top = np.where(np.isfinite(top), top, 0.0)
+        red = self.comm.all_reduce(np.concatenate([np.exp(local - top), np.asarray(extra, dtype=np.float64)]), "sum")
+        with np.errstate(divide="ignore"):
+            col = top + np.log(red[: self.m])
+        return self.torch.from_numpy(col).to(device=col_log.device, dtype=col_log.dtype), red[self.m :]
 
     def log_pass(self, f: Any, g: Any) -> tuple[Any, Any, float]:
         """One exact log-domain iteration: ``f`` from ``g``, then ``g`` from the new ``f``.
@@ -391,25 +735,32 @@ class _TorchSinkhorn:
         sums for ``g`` reuse those exponentials through a matrix-vector product (entries
         exp(S - rowmax) weighted by a_i / rowsum_i). Columns whose block sum underflowed are redone
         exactly. When the kernel is kept, the score block ``D`` is stored in it for
-        :meth:`_rebuild_kernel`. Returns (f_new, g_new, L1 row-marginal error of the plan (f, g)).
+        :meth:`_rebuild_kernel`. Returns (f_new, g_new, L1 row-marginal error of the plan (f, g)),
+        the error summed over every process.
         """
         torch, eps = self.torch, self.eps
         hg = (g + eps * self.logb) / eps  # (m,)
         f_new = torch.empty_like(f)
-        col_log = torch.full((self.m,), -math.inf, dtype=f.dtype, device=f.device)
-        err = torch.zeros((), dtype=torch.float64, device=f.device)
-        for s in range(0, self.n, self.block):
-            e = min(s + self.block, self.n)
+        col_log = torch.full((self.m,), -math.inf, dtype=g.dtype, device=g.device)
+        err = torch.zeros((), dtype=torch.float64, device=g.device)
+        for s, e, X in self._blocks():
+            x2 = (X * X).sum(1)
             if self.K is not None:
-                D = self._scores(s, e, self.K[s:e])
+                self.x2[s:e] = x2
+                D = self._scores(X, self.K[s:e])
                 S = torch.add(D, hg.unsqueeze(0), out=self.work[: e - s])
+            elif e <= self.cached:
+                if self.filled < e:
+                    self._scores(X, self.D[s:e])
+                    self.filled = e
+                S = torch.add(self.D[s:e], hg.unsqueeze(0), out=self.work[: e - s])
             else:
-                S = self._scores(s, e, self.work[: e - s]).add_(hg.unsqueeze(0))
+                S = self._scores(X, self.work[: e - s]).add_(hg.unsqueeze(0))
             # S_ij = (g_j + eps log b_j - C_ij) / eps + |x_i|^2 / eps
             rmax = S.amax(1)
             S.sub_(rmax.unsqueeze(1)).exp_()  # in (0, 1], max 1 per row
             rsum = S.sum(1)
-            fb = self.x2[s:e] - eps * (rmax + rsum.log())
+            fb = x2 - eps * (rmax + rsum.log())
             f_new[s:e] = fb
             ab = self.A[s:e]
             err += (ab * torch.expm1((f[s:e] - fb) / eps).abs()).sum().double()
@@ -419,12 +770,12 @@ class _TorchSinkhorn:
             low = cs < self.tiny
             if bool(low.any()):
                 J = low.nonzero().squeeze(1)
-                Cj = torch.addmm(self.y2[J].unsqueeze(0), self.X[s:e], self.Y[J].T, alpha=-2.0)
-                Cj.add_(self.x2[s:e].unsqueeze(1)).clamp_(min=0.0)
+                Cj = torch.addmm(self.y2[J].unsqueeze(0), X, self.Y[J].T, alpha=-2.0)
+                Cj.add_(x2.unsqueeze(1)).clamp_(min=0.0)
                 blk[J] = torch.logsumexp(self.loga[s:e].unsqueeze(1) + (fb.unsqueeze(1) - Cj) / eps, dim=0)
             col_log = torch.logaddexp(col_log, blk)
-        g_new = -eps * col_log
-        return f_new, g_new, float(err)
+        col, (err_all,) = self._reduce_columns(col_log, [float(err)])
+        return f_new, -eps * col, float(err_all)
 
     def _rebuild_kernel(self, f: Any, g: Any) -> None:
         """Turn the stored scores into ``K = exp((f_i + g_j - C_ij) / eps)`` in place."""
@@ -435,48 +786,63 @@ class _TorchSinkhorn:
             e = min(s + self.block, self.n)
             self.K[s:e].add_(gs).add_(fs[s:e].unsqueeze(1)).exp_()
 
-    def run(self, tol: float, max_iter: int, init: tuple[Any, Any] | None = None) -> tuple[Any, Any, int, float]:
+    def run(self, tol: float, max_iter: int, init: tuple[Any, Any] | None = None) -> tuple[Any, Any, Any, int, float]:
+        """Iterate to ``tol``; returns ``(f, g, g_f, n_iter, err)``.
+
+        ``g_f`` is the target potential whose c-transform ``f`` is (``g`` itself is one half-step
+        later): a row's potential recomputed from ``g_f`` is the ``f`` returned here.
+        """
         torch, eps = self.torch, self.eps
+        dt, dev = self.Y.dtype, self.Y.device
         if init is None:
-            f = torch.zeros(self.n, dtype=self.X.dtype, device=self.X.device)
-            g = torch.zeros(self.m, dtype=self.X.dtype, device=self.X.device)
+            f = torch.zeros(self.n, dtype=dt, device=dev)
+            g = torch.zeros(self.m, dtype=dt, device=dev)
         else:
-            f, g = (v.to(dtype=self.X.dtype, device=self.X.device) for v in init)
+            f, g = (v.to(dtype=dt, device=dev) for v in init)
         err, it = math.inf, 0
         if self.K is None:
+            g_f = g
             while it < max_iter:
+                g_f = g
                 f, g, err = self.log_pass(f, g)
                 it += 1
                 if err < tol:
                     break
-            return f, g, it, err
-        # Stabilised scaling: plan = a_i u_i K_ij v_j b_j with K holding the absorbed potentials.
+            return f, g, g_f, it, err
+        # Stabilised scaling (Schmitzer 2019, Alg. 2): plan = a_i u_i K_ij v_j b_j with K holding
+        # the absorbed potentials; every process keeps its rows of K, v is global.
         u = torch.ones_like(f)
         v = torch.ones_like(g)
+        g_f = g
         rebuild = True
         while it < max_iter:
             if rebuild:
                 f, g = f + eps * u.log(), g + eps * v.log()
                 u.fill_(1.0)
                 v.fill_(1.0)
+                g_f = g
                 f, g, err = self.log_pass(f, g)
                 self._rebuild_kernel(f, g)
                 rebuild = False
             else:
                 r = self.K @ (v * self.B)
                 u_new = 1.0 / r
-                e_new = float((self.A * (u * r - 1.0).abs()).sum())
-                v_new = 1.0 / ((u_new * self.A) @ self.K)
+                e_loc = float((self.A * (u * r - 1.0).abs()).sum())
+                cs = ((u_new * self.A) @ self.K).double().cpu().numpy()
+                red = self.comm.all_reduce(np.concatenate([cs, [e_loc]]), "sum")
+                v_new = torch.from_numpy(1.0 / red[: self.m]).to(device=dev, dtype=dt)
                 lu, lv = u_new.log(), v_new.log()
-                big = max(float(lu.abs().max()), float(lv.abs().max()))
+                big_loc = max(float(lu.abs().max()) if self.n else 0.0, float(lv.abs().max()))
+                big = float(self.comm.all_reduce(np.array([big_loc if math.isfinite(big_loc) else math.inf]), "max")[0])
                 if not math.isfinite(big) or big > _TAU:
                     rebuild = True  # keep the last bounded (u, v); redo this step exactly
                     continue
-                u, v, err = u_new, v_new, e_new
+                g_f = g + eps * v.log()
+                u, v, err = u_new, v_new, float(red[self.m])
             it += 1
             if err < tol:
                 break
-        return f + eps * u.log(), g + eps * v.log(), it, err
+        return f + eps * u.log(), g + eps * v.log(), g_f, it, err
 
 
 def _solve_keops(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from hf_otselect.dist import PoolView
 from hf_otselect.selectors.base import get_selector
 from hf_otselect.selectors.got_d import GOTDSelector, calibrated_gradient
 
@@ -37,16 +38,41 @@ def test_calibrated_gradient_matches_paper_formula():
     assert calibrated_gradient(np.array([3.0])).tolist() == [0.0]
 
 
-def test_score_is_negated_calibrated_gradient_of_potentials():
+def _pot_scores(pool, target, eps):
+    """Independent GOT-D scores: POT's float64 log-domain duals, then Kang et al. Eq. 3 written out."""
+    ot = pytest.importorskip("ot")
+    x, y = pool.astype(np.float64), target.astype(np.float64)
+    a, b = np.full(len(x), 1 / len(x)), np.full(len(y), 1 / len(y))
+    _, log = ot.sinkhorn(a, b, ot.dist(x, y), eps, method="sinkhorn_log", log=True, stopThr=1e-12, numItermax=100000)
+    f = eps * log["log_u"]  # the candidate potential up to a constant, which Eq. 3 cancels
+    n = len(f)
+    grad = np.array([f[j] - (f.sum() - f[j]) / (n - 1) for j in range(n)])
+    return -grad
+
+
+def test_scores_equal_pot_potentials_through_eq3():
     pool, _, target = _planted()
-    sel = GOTDSelector()
+    sel = GOTDSelector(tol=1e-8)
     s = sel.score(pool, target)
     assert s.shape == (len(pool),) and s.dtype == np.float64 and np.isfinite(s).all()
-    np.testing.assert_allclose(s, -calibrated_gradient(sel.potentials_))
+    np.testing.assert_allclose(s, _pot_scores(pool, target, 0.1), atol=2e-5 * np.abs(s).max())
     assert sel.target_potentials_.shape == (len(target),)
     d = sel.diagnostics_
-    assert {"ot_distance", "n_iter", "converged", "eps", "backend", "marginal_error"} <= set(d)
-    assert d["converged"] and d["ot_distance"] > 0 and d["eps"] == 0.1
+    assert {"ot_distance", "n_iter", "converged", "eps", "backend", "marginal_error", "processes"} <= set(d)
+    assert d["converged"] and d["ot_distance"] > 0 and d["eps"] == 0.1 and d["processes"] == 1
+
+
+def test_scores_equal_the_in_memory_solver_at_default_tolerance():
+    """score() = fit + score_batch gives what Eq. 3 on sinkhorn_potentials' f gives (1e-6 relative)."""
+    from hf_otselect.ot import sinkhorn_potentials
+
+    pool, _, target = _planted()
+    for backend in ("tensorized", "blocked"):
+        res = sinkhorn_potentials(pool, target, 0.1, backend=backend)
+        f = res.f
+        ref = -(f - (f.sum() - f) / (len(f) - 1))
+        s = GOTDSelector(backend=backend).score(pool, target)
+        np.testing.assert_allclose(s, ref, rtol=0, atol=1e-6 * np.abs(ref).max())
 
 
 def test_planted_shift_got_d_picks_thin_region_similarity_does_not():
@@ -76,12 +102,11 @@ def test_negative_target_pushes_away_from_toxic_cluster():
     pushed = pushed_sel.select(pool, target, k)
     assert (toxic[plain.indices] == 1).mean() >= 0.5
     assert (toxic[pushed.indices] == 1).mean() <= (toxic[plain.indices] == 1).mean() - 0.3
-    assert pushed_sel.negative_potentials_.shape == (len(pool),)
-    assert "negative_ot_distance" in pushed.info
-    # the combination is exactly target score - weight * negative score
-    t = GOTDSelector().score(pool, target)
-    n = GOTDSelector().score(pool, negative)
-    np.testing.assert_allclose(GOTDSelector(negative_target=negative, negative_weight=0.5).score(pool, target), t - 0.5 * n)
+    assert "negative_ot_distance" in pushed.info and pushed.info["negative_converged"]
+    # the combination is target score - weight * negative score, each from POT + Eq. 3
+    combined = GOTDSelector(negative_target=negative, negative_weight=0.5, tol=1e-8).score(pool, target)
+    ref = _pot_scores(pool, target, 0.1) - 0.5 * _pot_scores(pool, negative, 0.1)
+    np.testing.assert_allclose(combined, ref, atol=2e-5 * np.abs(ref).max())
 
 
 def test_same_seed_same_result_and_permutation_equivariance():
@@ -150,3 +175,130 @@ def test_bad_inputs():
     bad[0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         GOTDSelector().score(bad, target)
+
+
+# --- sharded fit ------------------------------------------------------------------------------
+
+def _sharded_scores(sel, pool, target, world):
+    """fit on ``world`` thread ranks, score_batch per rank, choose top-k across ranks."""
+    from ._thread_comm import run_ranks, shard
+
+    def rank(comm):
+        view = shard(pool, comm)
+        state = sel.fit(view, target, comm=comm)
+        parts = [(idx, sel.score_batch(state, rows, idx)) for idx, rows in view.blocks(37)]
+        idx = np.concatenate([p[0] for p in parts])
+        sc = np.concatenate([p[1] for p in parts])
+        return state, idx, sc, sel.choose_rows(sc, 25, index=idx, comm=comm)
+
+    out = run_ranks(world, rank)
+    scores = np.empty(len(pool))
+    for _, idx, sc, _ in out:
+        scores[idx] = sc
+    return out, scores
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_two_and_three_ranks_score_and_choose_as_one_process(world):
+    pool, _, target = _planted()
+    rng = np.random.default_rng(7)
+    negative = _blob(rng, np.eye(16)[2], 30)
+    sel = GOTDSelector(negative_target=negative, negative_weight=0.3)
+    one = sel.select(pool, target, 25)
+    out, scores = _sharded_scores(GOTDSelector(negative_target=negative, negative_weight=0.3), pool, target, world)
+    np.testing.assert_allclose(scores, one.scores, rtol=0, atol=1e-6 * np.abs(one.scores).max())
+    for state, _, _, chosen in out:
+        np.testing.assert_array_equal(chosen, one.indices)
+        np.testing.assert_allclose(state.target.results[0].g_f, out[0][0].target.results[0].g_f, rtol=0, atol=0)
+        assert state.target.results[0].f_local is None  # nothing of size n in the state
+
+
+def test_chunk_size_is_refused_in_a_multi_process_fit():
+    from ._thread_comm import run_ranks
+
+    pool, _, target = _planted()
+    with pytest.raises(ValueError, match=r"The 'chunk_size' parameter of GOTDSelector.fit must be None in a multi-process run"):
+        run_ranks(2, lambda comm: GOTDSelector(chunk_size=100).fit(PoolView.of(pool[comm.rank::2], comm), target, comm=comm))
+
+
+def test_chunked_scores_are_each_chunks_own_eq3():
+    """Chunked mode: each row's score is Eq. 3 within its chunk (same permutation as documented)."""
+    pool, _, target = _planted()
+    sel = GOTDSelector(chunk_size=150, seed=4, tol=1e-8)
+    s = sel.score(pool, target)
+    perm = np.random.default_rng(4).permutation(len(pool))
+    for chunk in np.array_split(perm, 3):
+        np.testing.assert_allclose(s[chunk], _pot_scores(pool[chunk], target, 0.1), atol=2e-5 * np.abs(s).max())
+
+
+# --- numbers at any scale (issue 13) ------------------------------------------------------------
+
+@pytest.mark.parametrize("magnitude", [1e20, 1e-21])
+def test_huge_and_tiny_vectors_rank_as_at_unit_scale_with_relative_eps(magnitude):
+    pool, _, target = _planted()
+    unit = GOTDSelector(eps=0.05, eps_mode="relative")
+    ref = unit.select(pool, target, 30)
+    sel = GOTDSelector(eps=0.05, eps_mode="relative")
+    got = sel.select(pool * np.float32(magnitude), target * np.float32(magnitude), 30)
+    assert np.isfinite(got.scores).all()
+    np.testing.assert_array_equal(got.indices, ref.indices)
+    np.testing.assert_allclose(got.scores / magnitude**2, ref.scores, rtol=0, atol=1e-4 * np.abs(ref.scores).max())
+
+
+@pytest.mark.parametrize("magnitude, eps", [(1e18, 0.1), (1e-18, 0.1), (1.0, 1e-12), (1.0, 1e9)])
+def test_eps_out_of_scale_is_refused_naming_eps_and_the_range(magnitude, eps):
+    pool, _, target = _planted()
+    with pytest.raises(ValueError, match=r"^The 'eps' parameter of GOTDSelector must be a float in \[.+\] for these candidates "
+                       r"and target \(1e-08 to 1000 times their mean squared distance .+eps_mode='relative'\)\. Got"):
+        GOTDSelector(eps=eps).select(pool * np.float32(magnitude), target * np.float32(magnitude), 10)
+
+
+def test_a_pool_far_from_the_origin_ranks_as_the_centred_one():
+    pool, _, target = _planted()
+    ref = GOTDSelector().select(pool, target, 30)
+    shift = np.float32(1e4) * np.ones(pool.shape[1], np.float32)
+    got = GOTDSelector().select(pool + shift, target + shift, 30)
+    assert len(set(got.indices.tolist()) & set(ref.indices.tolist())) >= 28  # float32 rows lose digits at 1e4
+
+
+# --- a real torchrun job (gloo, CPU) ------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_torchrun_ranks_give_the_one_process_scores_and_rows(nproc, tmp_path):
+    import importlib.util
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    if not Path(torchrun).exists() or importlib.util.find_spec("accelerate") is None:
+        pytest.skip("torchrun/accelerate not installed")
+    repo = Path(__file__).resolve().parents[1]
+    worker = repo / "tests" / "workers" / "got_d_sharded.py"
+    out = tmp_path / "out.json"
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", str(nproc), str(worker), str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert got["world_size"] == nproc
+
+    import importlib.machinery
+
+    spec = importlib.util.spec_from_file_location("got_d_sharded_worker", worker)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    pool, target, negative = mod.data(440)
+    sel = GOTDSelector(negative_target=negative, negative_weight=0.3)
+    one = sel.select(pool, target, 25)
+    state = sel.fit(PoolView(pool), target)
+    np.testing.assert_allclose(got["g_f"], state.target.results[0].g_f, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got["negative_g_f"], state.negative.results[0].g_f, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got["scores"], one.scores, rtol=0, atol=1e-6 * np.abs(one.scores).max())
+    assert got["chosen"] == one.indices.tolist()
+    # communication of a fit does not grow with N: 4x the rows, the same bytes (5 iterations)
+    assert got["bytes_1000"] == got["bytes_4000"] > 0

@@ -181,3 +181,147 @@ def test_keops_without_pykeops_says_what_to_install():
     x, y = _clouds()
     with pytest.raises(ImportError, match="pip install pykeops"):
         sinkhorn_potentials(x, y, backend="keops")
+
+
+# --- the sharded solver -------------------------------------------------------------------------
+
+from scipy.special import logsumexp  # noqa: E402
+
+from hf_otselect.dist import LOCAL, PoolView  # noqa: E402
+from hf_otselect.ot import EPS_RELATIVE_RANGE, sharded_sinkhorn  # noqa: E402
+
+from ._thread_comm import run_ranks, shard  # noqa: E402
+
+
+def _c_transform_reference(x, y, g, eps, b=None):
+    """f_i = -eps log sum_j b_j exp((g_j - ||x_i - y_j||^2) / eps), in float64 with scipy."""
+    b = np.full(len(y), 1 / len(y)) if b is None else b
+    C = ot.dist(x.astype(np.float64), y.astype(np.float64))
+    return -eps * logsumexp(np.log(b)[None, :] + (g[None, :] - C) / eps, axis=1)
+
+
+def _sharded(x, y, eps, world, **kw):
+    """Run the sharded solver on ``world`` ranks; returns (per-rank results, concatenated f)."""
+    res = run_ranks(world, lambda comm: sharded_sinkhorn(shard(x, comm), y, eps, comm=comm, **kw))
+    return res, np.concatenate([r.f_local for r in res])
+
+
+# kernel kept; cost blocks all cached / 3 of 40 rows' blocks cached / none (recomputed every pass)
+MODES = {"kernel": (True, None), "cached": (False, None), "partial": (False, 3 * 16 * 40 * 8), "recompute": (False, 0)}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("world", [1, 3])
+@pytest.mark.parametrize("eps", [1.0, 0.3])
+def test_sharded_duals_match_pot_float64(mode, world, eps):
+    keep_kernel, budget = MODES[mode]
+    x, y = _clouds()
+    fr, gr, P, C = _pot_duals(x, y, eps)
+    res, f = _sharded(x, y, eps, world, keep_kernel=keep_kernel, memory_budget=budget, tol=1e-11, max_iter=100000, block_rows=16)
+    r0 = res[0]
+    assert r0.converged and r0.kernel_kept == keep_kernel and r0.n_global == len(x)
+    for r in res[1:]:  # identical state on every rank
+        np.testing.assert_array_equal(r.g, r0.g)
+        np.testing.assert_array_equal(r.g_f, r0.g_f)
+        assert (r.f_sum, r.cost, r.n_iter) == (r0.f_sum, r0.cost, r0.n_iter)
+    _same_up_to_constant(f, r0.g, fr, gr, atol=1e-6)
+    assert r0.f_sum == pytest.approx(f.sum(), rel=1e-12)
+    primal = float(np.sum(P * C) + eps * np.sum(P * np.log(P * len(x) * len(y))))
+    assert r0.cost == pytest.approx(primal, rel=1e-7)
+    # a row's potential is the c-transform of g_f: scipy's, and the state's own c_transform
+    np.testing.assert_allclose(_c_transform_reference(x, y, r0.g_f, eps), f, atol=1e-9)
+    np.testing.assert_allclose(r0.c_transform(x), f, atol=1e-9)
+
+
+def test_cached_cost_blocks_give_the_recomputed_numbers():
+    x, y = _clouds(n=300, m=40, d=8, seed=6)
+    x, y = x.astype(np.float32), y.astype(np.float32)
+    runs = [sharded_sinkhorn(PoolView(x), y, 0.3, keep_kernel=False, memory_budget=b, block_rows=32, tol=1e-5)
+            for b in (0, 5 * 32 * 40 * 4, None)]  # none, 5 of 10 blocks, all cached
+    for r in runs[1:]:
+        np.testing.assert_array_equal(r.g, runs[0].g)
+        np.testing.assert_array_equal(r.f_local, runs[0].f_local)
+
+
+@pytest.mark.parametrize("keep_kernel", [True, False])
+def test_sharded_on_two_and_three_ranks_equals_the_in_memory_solver(keep_kernel):
+    x, y = _clouds(n=600, m=50, d=16, seed=4)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    y /= np.linalg.norm(y, axis=1, keepdims=True)
+    x, y = x.astype(np.float32), y.astype(np.float32)
+    ref = sinkhorn_potentials(x, y, 0.02, backend="tensorized" if keep_kernel else "blocked", tol=1e-4)
+    assert ref.n_iter > 3
+    for world in (1, 2, 3):
+        res, f = _sharded(x, y, 0.02, world, keep_kernel=keep_kernel, tol=1e-4, block_rows=64)
+        assert res[0].n_iter == ref.n_iter
+        np.testing.assert_allclose(res[0].g, ref.g, atol=2e-6)
+        np.testing.assert_allclose(f, ref.f, atol=2e-6)
+
+
+@pytest.mark.parametrize("keep_kernel", [True, False])
+def test_bytes_per_iteration_do_not_grow_with_n(keep_kernel):
+    """Traffic is per target: the same bytes for N and 4N rows at a fixed number of iterations."""
+    rng = np.random.default_rng(0)
+    m, iters = 40, 6
+    y = rng.normal(size=(m, 8)).astype(np.float32)
+    sent = {}
+    for n in (300, 1200):
+        x = rng.normal(size=(n, 8)).astype(np.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            res = run_ranks(2, lambda comm: (sharded_sinkhorn(shard(x, comm), y, 0.5, comm=comm, keep_kernel=keep_kernel,
+                                                               tol=1e-30, max_iter=iters), comm.bytes_sent))
+        assert res[0][0].n_iter == iters
+        sent[n] = res[0][1]
+    # setup: an offset all-gather (PoolView.of), the mean cost, the kernel decision; per iteration
+    # at most two m-vectors of float64 plus two scalars; the closing sums
+    per_iter_bound = (2 * m + 3) * 8
+    assert sent[300] <= 200 + iters * per_iter_bound
+    if not keep_kernel:  # the log pass: exactly the same messages whatever N
+        assert sent[300] == sent[1200]
+    else:  # absorptions may differ with the data; each costs a log pass, still O(m)
+        assert sent[1200] <= 200 + iters * per_iter_bound
+
+
+@pytest.mark.parametrize(
+    "magnitude, offset, dtype, atol",
+    [(1e20, 0.0, np.float64, 1e-6), (1e-20, 0.0, np.float64, 1e-6), (1.0, 1e12, np.float64, 1e-3),
+     (1e15, 1e25, np.float64, 1e-3), (1e20, 0.0, np.float32, 1e-4), (1e-20, 0.0, np.float32, 1e-4),
+     (1e3, 1e8, np.float32, 0.05)],
+)
+def test_any_finite_magnitude_gives_the_unit_scale_potentials(magnitude, offset, dtype, atol):
+    """OT with cost C and eps equals cost s^2 C and s^2 eps with potentials times s^2; a shift of
+    both clouds changes no cost. float32 at 1e20 would overflow |x|^2, at 1e-20 underflow it."""
+    x, y = _clouds(n=200, m=30, d=8, seed=2)
+    ref = sinkhorn_potentials(x, y, 0.5, tol=1e-9)
+    xs = (x * magnitude + offset).astype(dtype)
+    ys = (y * magnitude + offset).astype(dtype)
+    s2 = magnitude**2
+    r = sharded_sinkhorn(PoolView(xs), ys, 0.5 * s2, tol=1e-9)
+    assert np.isfinite(r.g).all() and np.isfinite(r.f_local).all()
+    _same_up_to_constant(r.f_local / s2, r.g / s2, ref.f, ref.g, atol=atol)
+    # the same, given as eps relative to the mean cost
+    rel = 0.5 / mean_sq_distance(x, y)
+    r = sharded_sinkhorn(PoolView(xs), ys, rel, eps_mode="relative", tol=1e-9)
+    _same_up_to_constant(r.f_local / s2, r.g / s2, ref.f, ref.g, atol=atol)
+
+
+@pytest.mark.parametrize("eps", [1e-3, 1e6])
+def test_eps_outside_the_valid_range_is_refused_in_the_users_terms(eps):
+    x, y = _clouds()
+    big_x, big_y = (x * 1e10).astype(np.float32), (y * 1e10).astype(np.float32)
+    mean_cost = mean_sq_distance(big_x, big_y)  # about 1e21: eps 1e-3 is far below it, 1e6 x it far above
+    with pytest.raises(ValueError, match=r"The 'eps' parameter of sinkhorn_potentials must be a float in \[[0-9.e+]+, [0-9.e+]+\] for these x and y") as info:
+        sinkhorn_potentials(big_x, big_y, eps if eps < 1 else eps * mean_cost)
+    assert "eps_mode='relative'" in str(info.value)
+    with pytest.raises(ValueError, match=r"The 'eps' parameter of sharded_sinkhorn must be a float in \[1e-08, 1000\] with eps_mode='relative'"):
+        sharded_sinkhorn(PoolView(x), y, EPS_RELATIVE_RANGE[1] * 2, eps_mode="relative")
+
+
+def test_sharded_parameter_errors_name_the_callers_arguments():
+    x, y = _clouds()
+    with pytest.raises(ValueError, match="'target' parameter of sharded_sinkhorn must be an array with 6 columns"):
+        sharded_sinkhorn(PoolView(x), y[:, :4])
+    with pytest.raises(ValueError, match="'eps' parameter"):
+        sharded_sinkhorn(PoolView(x), y, -1.0)
+    assert sharded_sinkhorn(PoolView(x), y, 0.5, comm=LOCAL).n_global == len(x)

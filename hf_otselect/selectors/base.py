@@ -64,16 +64,17 @@ class Selector(ABC):
     choice : {"top_k", "sample", "log_sample"}
         How :meth:`select` turns scores into rows: stable top-k, or seeded sampling from the
         scores read as probabilities (``"sample"``) or as log-weights (``"log_sample"``).
-    scale_invariant : bool
-        True when the scores do not depend on the vectors' magnitude (cosine, random); otherwise
-        :meth:`_check_pair` refuses vectors outside :data:`~hf_otselect._checks.MAGNITUDE_RANGE`.
+    any_magnitude : bool
+        True when the selector scores vectors of any finite magnitude correctly (cosine and random
+        ignore it; GOT-D shifts and rescales its costs exactly); otherwise :meth:`_check_pair`
+        refuses vectors outside :data:`~hf_otselect._checks.MAGNITUDE_RANGE`.
     """
 
     name: ClassVar[str] = ""
     needs_text: ClassVar[bool] = False
     needs_vectors: ClassVar[bool] = True
     choice: ClassVar[ChoiceMode] = "top_k"
-    scale_invariant: ClassVar[bool] = False
+    any_magnitude: ClassVar[bool] = False
 
     diagnostics_: dict[str, Any]
 
@@ -204,7 +205,7 @@ class Selector(ABC):
         owner = f"{type(self).__name__}.score"
         candidates = check_embeddings(candidates, "candidates", owner)
         target = check_embeddings(target, "target", owner, dim=candidates.shape[1])
-        if not self.scale_invariant:  # squared distances in float32 must neither overflow nor flush to 0
+        if not self.any_magnitude:  # squared distances in float32 must neither overflow nor flush to 0
             check_magnitude(candidates, "candidates", owner)
             check_magnitude(target, "target", owner)
         return candidates, target

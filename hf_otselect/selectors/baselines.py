@@ -45,7 +45,7 @@ class RandomSelector(Selector):
 
     choice = "sample"
     needs_vectors = False
-    scale_invariant = True
+    any_magnitude = True
 
     def __init__(self, *, replace: bool = False) -> None:
         self.replace = replace
@@ -99,7 +99,7 @@ class SimilaritySelector(Selector):
         Candidate rows per similarity block.
     """
 
-    scale_invariant = True  # cosines of rows normalised in float64: any finite magnitude
+    any_magnitude = True  # cosines of rows normalised in float64: any finite magnitude
 
     def __init__(
         self,
