@@ -120,16 +120,11 @@ def check_embeddings(x: Any, name: str, owner: str, *, dim: int | None = None) -
 
 
 _F32_MAX = float(np.finfo(np.float32).max)
-# The distance-based selectors (GOT-D, TSDS: FAISS and the Sinkhorn solver) compute squared
+# The distance-based selectors that do not rescale (TSDS: FAISS and its float32 distances) compute squared
 # distances in float32. With the largest |value| inside this range, squared norms and distances stay
 # between float32's smallest normal number (1.2e-38) and its largest (3.4e38) for any dimension up to
 # ~10^8; outside it they overflow to Inf or flush to 0 (every distance equal, ties everywhere).
 MAGNITUDE_RANGE = (1e-15, 1e15)
-# eps / (mean squared distance) for the Sinkhorn solver: above 1e4 the cost differences fall below
-# float32's resolution inside exp((g - C) / eps) and the ranking turns to noise (measured: planted
-# rows stay first up to a ratio 5e3, unrelated rows from 5e5); below 1e-20, C / eps nears float32's
-# largest number (the solve fails at 1e-40).
-EPS_RATIO_RANGE = (1e-20, 1e4)
 
 
 def check_magnitude(x: np.ndarray, name: str, owner: str) -> float:
@@ -167,28 +162,6 @@ def mean_sq_distance(x: np.ndarray, y: np.ndarray, block_rows: int = 65_536) -> 
     mx, qx = moments(x)
     my, qy = moments(y)
     return max(qx + qy - 2.0 * float(mx @ my), 0.0)
-
-
-def check_eps_scale(eps: float, eps_mode: str, candidates: np.ndarray, target: np.ndarray, owner: str) -> None:
-    """Refuse an entropic ``eps`` too large or too small for these embeddings (see :data:`EPS_RATIO_RANGE`).
-
-    ``eps`` absolute is compared with the mean squared distance between ``candidates`` and
-    ``target``; ``eps`` relative is that ratio itself. The message gives the valid range in the
-    user's own units. Identical points (mean distance 0) are left to the solver.
-    """
-    lo, hi = EPS_RATIO_RANGE
-    if eps_mode == "relative":
-        if not lo <= eps <= hi:
-            raise param_error("eps", owner, f"a float in [{lo:g}, {hi:g}] with eps_mode='relative' (a multiple of the "
-                              "mean squared distance; the solver's float32 arithmetic loses the ranking outside it)", eps)
-        return
-    scale = mean_sq_distance(candidates, target)
-    if scale > 0.0 and not lo * scale <= eps <= hi * scale:
-        raise param_error("eps", owner, f"a float in [{lo * scale:.3g}, {hi * scale:.3g}] for these embeddings "
-                          f"({lo:g} to {hi:g} times their mean squared distance {scale:.3g}; the solver's float32 "
-                          "arithmetic loses the ranking outside it), or a multiple of that distance with "
-                          "eps_mode='relative'", eps)
-
 
 
 def check_writable_folder(folder: str | os.PathLike, name: str, owner: str) -> Path:

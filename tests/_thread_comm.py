@@ -82,3 +82,10 @@ def shard(data: np.ndarray, comm: Comm) -> PoolView:
     """This rank's contiguous near-equal share of ``data`` as a PoolView (rank 0 may get more)."""
     bounds = np.linspace(0, len(data), comm.world_size + 1).astype(int)
     return PoolView.of(data[bounds[comm.rank] : bounds[comm.rank + 1]], comm)
+
+
+def contiguous_bounds(n: int, world: int, rank: int) -> tuple[int, int]:
+    """Rows of ``rank`` in ``datasets``' contiguous sharding (the first ``n % world`` get one more)."""
+    div, mod = divmod(n, world)
+    start = div * rank + min(rank, mod)
+    return start, start + div + (rank < mod)

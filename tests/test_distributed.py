@@ -1,6 +1,6 @@
 """The sharded flow: collectives, world-size-invariant choice and ranks, the same rows for 1..N processes.
 
-Fast tests play the processes with threads (``threadcomm.ThreadComm``); the slow ones launch real
+Fast tests play the processes with threads (``_thread_comm.ThreadComm``); the slow ones launch real
 processes with torchrun (gloo on CPU), as one node and as two "nodes" sharing a rendezvous on
 127.0.0.1.
 """
@@ -25,7 +25,8 @@ from hf_otselect.selectors import get_selector
 from hf_otselect.selectors.base import choose, row_uniforms
 
 from .conftest import REPO, SAMPLE, read_jsonl
-from .threadcomm import contiguous_bounds, run_world
+from ._thread_comm import contiguous_bounds
+from ._thread_comm import run_ranks as run_world
 
 WORLDS = (1, 2, 3, 5)
 
@@ -115,8 +116,8 @@ def test_vector_fits_give_the_one_process_scores(method, params, world):
         local = np.concatenate([sel.score_batch(state, rows, idx) for idx, rows in view.blocks(5)])
         return np.concatenate(comm.all_gather(local))
 
-    if method in ("got_d", "tsds") and not hasattr(selector, "_sharded_fit_ready"):
-        pytest.skip("sharded fit lands with the GOT-D/TSDS work")
+    if method == "tsds" and not hasattr(selector, "_sharded_fit_ready"):
+        pytest.skip("sharded fit lands with the TSDS work")
     got = _split_call(90, world, scores)
     np.testing.assert_allclose(got, whole, rtol=1e-6 if method == "got_d" else 0, atol=1e-12 if method == "got_d" else 0)
 
