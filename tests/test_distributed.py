@@ -220,7 +220,7 @@ def test_torchrun_two_and_three_processes_select_what_one_does(tmp_path):
     for world in (1, 2, 3):
         out = tmp_path / f"w{world}.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
-               str(REPO / "tests" / "dist_worker.py"), str(tmp_path / "pool.jsonl"), str(tmp_path / "target.jsonl"),
+               str(REPO / "tests" / "workers" / "pipeline.py"), str(tmp_path / "pool.jsonl"), str(tmp_path / "target.jsonl"),
                str(tmp_path / "emb.npy"), str(out), str(tmp_path / f"cache{world}")]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,6 +1,6 @@
 """Run under torchrun by tests/test_distributed.py: every selector through run_selection on a shard.
 
-Usage: torchrun ... tests/dist_worker.py POOL.jsonl TARGET.jsonl EMB.npy OUT.json CACHE_DIR
+Usage: torchrun ... tests/workers/pipeline.py POOL.jsonl TARGET.jsonl EMB.npy OUT.json CACHE_DIR
 EMB.npy holds (n_pool + n_target, dim) vectors: the pool's rows, then the target's.
 Process 0 writes, per method, the chosen global rows and every row's score (gathered here for the
 comparison only; the library never gathers scores).
