@@ -143,17 +143,62 @@ def test_duplicate_injection_kde_invariant_uniform_not():
     assert u1[content].sum() > 5 * u0[dup].sum()
 
 
-def test_lazy_density_widening_matches_full_width(monkeypatch):
+def _reference_p(x, y, alpha, C, sigma, max_K, kde_K):
+    """The algorithm without any shortcut: all max_K neighbours by brute force (ties to the lower
+    index), brute-force densities over the kde_K nearest, one closed-form solve."""
+    d = np.sqrt(((y.astype(np.float64)[:, None] - x.astype(np.float64)[None]) ** 2).sum(-1))
+    order = np.lexsort((np.broadcast_to(np.arange(len(x)), d.shape), d), axis=1)[:, :max_K]
+    rho = _density(x, sigma, kde_K) if sigma > 0 else np.ones(len(x))
+    gamma, _, _ = knn_kde_allocation(np.take_along_axis(d, order, 1), 1 / rho[order], alpha=alpha, C=C)
+    return np.bincount(order.ravel(), weights=gamma.ravel(), minlength=len(x))
+
+
+@pytest.mark.parametrize("first", [2, 128])
+def test_widening_lists_equal_the_full_width_solution(monkeypatch, first):
     rng = np.random.default_rng(6)
     x = np.vstack([rng.normal(size=(300, 8)), rng.normal(size=(100, 8)) * 0.1]).astype(np.float32)
     y = rng.normal(size=(10, 8)).astype(np.float32) * 0.3
+    monkeypatch.setattr(tsds_mod, "_FIRST_WIDTH", first)
     sel = TSDSSelector(alpha=0.2, C=1.0, sigma=0.8, max_K=400, kde_K=50)
-    full = sel.score(x, y)
-    assert sel.diagnostics_["density_width"] == 128
-    monkeypatch.setattr(tsds_mod, "_FIRST_WIDTH", 2)
-    lazy = sel.score(x, y)
-    assert 2 < sel.diagnostics_["density_width"] <= 128  # it had to widen, and did
-    np.testing.assert_allclose(lazy, full, atol=1e-12)
+    p = sel.score(x, y)
+    if first == 2:
+        assert 2 < sel.diagnostics_["width"] < 400  # it had to widen, and stopped early
+    np.testing.assert_allclose(p, _reference_p(x, y, 0.2, 1.0, 0.8, 400, 50), atol=1e-12)
+
+
+def _spy_searches(monkeypatch):
+    """Record (n_queries, k) of every FAISS search the selector makes."""
+    calls = []
+    real = tsds_mod.knn.search_index
+
+    def spy(idx, queries, k, **kw):
+        calls.append((len(queries), k))
+        return real(idx, queries, k, **kw)
+
+    monkeypatch.setattr(tsds_mod.knn, "search_index", spy)
+    return calls
+
+
+def test_densities_of_copies_and_of_a_dense_pool_are_bounded_by_kde_K(monkeypatch):
+    rng = np.random.default_rng(12)
+    # 600 exact copies of one row, 200 rows in a tiny ball (all pairs within sigma), 200 spread.
+    x = np.vstack([np.repeat(rng.normal(size=(1, 4)), 600, axis=0), 0.01 * rng.normal(size=(200, 4)) + 3.0,
+                   5 * rng.normal(size=(200, 4))]).astype(np.float32)
+    y = np.vstack([x[:1] + 0.05, x[600:601] + 0.05, 5 * rng.normal(size=(3, 4))]).astype(np.float32)
+    calls = _spy_searches(monkeypatch)
+    kde_K, max_K = 50, 1000
+    sel = TSDSSelector(alpha=0.3, C=1.0, sigma=0.5, max_K=max_K, kde_K=kde_K)
+    p = sel.score(x, y)
+    np.testing.assert_allclose(p, _reference_p(x, y, 0.3, 1.0, 0.5, max_K, kde_K), atol=1e-12)
+    calls.clear()
+    state = sel.fit(tsds_mod.PoolView(x), y)
+    copies = state.rows < 600
+    assert copies.any() and np.all(state.density[copies] == kde_K)  # kde_K copies at distance 0
+    # No search asks for more than kde_K (+ the re-ranking margin) neighbours per density row,
+    # and the copies are searched once (grouped), not once per copy.
+    density_calls = [(q, k) for q, k in calls if q != len(y)]
+    assert density_calls and max(k for _, k in density_calls) <= kde_K + tsds_mod._margin(kde_K)
+    assert sum(q for q, _ in density_calls) <= 2 * (len(x) - 599)  # 401 distinct vectors, two passes at most
 
 
 def test_probabilities_and_determinism():
@@ -228,3 +273,4 @@ def test_bad_inputs_raise():
         TSDSSelector().score(_blobs(10), _blobs(2, dim=4))
     with pytest.raises(ValueError, match="'n_epochs' parameter of sample_epochs"):
         sample_epochs(np.ones(3) / 3, 2, 0)
+
