@@ -213,7 +213,7 @@ def test_probabilities_and_determinism():
     np.testing.assert_allclose(sel.score(x[perm], y), p[perm], atol=1e-12)  # order-invariant
     a = sel.select(x, y, 50, seed=3)
     np.testing.assert_array_equal(a.indices, sel.select(x, y, 50, seed=3).indices)
-    assert (p[a.indices] > 0).all()
+    assert (a.scores[a.indices] > 0).all()  # select passes k on as the budget, so its p is its own
     b = TSDSSelector(alpha=0.3, sigma=1.5, max_K=100, kde_K=30, replace=False).select(x, y, 20, seed=3)
     assert len(set(b.indices.tolist())) == 20
 
@@ -274,3 +274,51 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="'n_epochs' parameter of sample_epochs"):
         sample_epochs(np.ones(3) / 3, 2, 0)
 
+
+
+@pytest.mark.parametrize("n", [500, 20_000])
+def test_default_scale_selects_near_the_target_at_any_pool_size(n):
+    """C=None: each query spreads over about max(2, k/M) rows, so the draws land in the target's
+    clusters whatever the pool size (a fixed C spreads them over the pool as N shrinks)."""
+    rng = np.random.default_rng(13)
+    centers = rng.normal(size=(20, 32))
+    x = centers[rng.integers(0, 20, n)] * 0.35 + rng.normal(size=(n, 32)) * 0.2
+    y = centers[rng.integers(0, 2, 60)] * 0.35 + rng.normal(size=(60, 32)) * 0.2
+    x, y = (v / np.linalg.norm(v, axis=1, keepdims=True) for v in (x, y))
+    x, y = x.astype(np.float32), y.astype(np.float32)
+    labels = np.argmax(x @ (centers / np.linalg.norm(centers, axis=1, keepdims=True)).T, axis=1)
+    k = 100
+    sel = TSDSSelector(budget=k)
+    chosen = sel.select(x, y, k, seed=0).indices
+    assert np.isin(labels[chosen], [0, 1]).mean() >= 0.9  # random would give ~0.1
+    assert sel.diagnostics_["mean_neighbourhood"] == pytest.approx(max(2, k / 60), abs=0.5)
+    assert not sel.diagnostics_["capped"]
+
+
+@pytest.mark.parametrize("aim", [2, 5, 12])
+def test_auto_scale_gives_the_aimed_mean_neighbourhood(aim):
+    rng = np.random.default_rng(aim)
+    d = np.sort(rng.uniform(0.5, 1.5, size=(40, 64)), axis=1)
+    inv = 1.0 / rng.choice([1.0, 1.0, 2.0, 3.0], size=d.shape)
+    c = tsds_mod.auto_scale(d, inv, np.ones(d.shape, bool), aim)
+    gamma, _, _ = knn_kde_allocation(d, inv, alpha=0.5, C=c)
+    assert (gamma > 0).sum(axis=1).mean() == pytest.approx(aim, abs=1.0)
+    # alpha keeps its meaning around that scale: more alignment, narrower; less, wider.
+    narrow, _, _ = knn_kde_allocation(d, inv, alpha=0.8, C=c)
+    wide, _, _ = knn_kde_allocation(d, inv, alpha=0.2, C=c)
+    assert (narrow > 0).sum() < (gamma > 0).sum() < (wide > 0).sum()
+
+
+def test_lists_grow_until_the_optimum_is_inside_and_warn_at_the_cap(caplog, monkeypatch):
+    x = _blobs(3000, seed=14)
+    y = _blobs(10, seed=15)
+    monkeypatch.setattr(tsds_mod, "_FIRST_WIDTH", 8)
+    sel = TSDSSelector(alpha=0.5, C=5.0, sigma=0.0, max_K=3000)
+    p = sel.score(x, y)
+    width = sel.diagnostics_["width"]
+    assert 8 < width < 3000 and not sel.diagnostics_["capped"]
+    np.testing.assert_allclose(p, _reference_p(x, y, 0.5, 5.0, 0.0, 3000, 1), atol=1e-12)
+    with caplog.at_level(logging.WARNING, logger="hf_otselect.selectors.tsds"):
+        capped = TSDSSelector(alpha=0.5, C=5.0, sigma=0.0, max_K=width // 4).score(x, y)
+    assert "the optimum still reaches the end of 10 of 10 queries' lists at max_K=" in caplog.text
+    assert capped.sum() == pytest.approx(1.0)

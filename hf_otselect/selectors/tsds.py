@@ -29,18 +29,31 @@ when ``t <= b_ik = 1 / (M W_ik)``, and going down past ``b_ik`` changes the slop
 ``(1 - alpha) M`` at large ``t``, the optimum ``t*`` is the first breakpoint (in decreasing ``t``)
 where ``(alpha/C) * sum Delta >= (1 - alpha) M``. So each query spreads ``1/M`` over an adaptive
 neighbourhood with mass proportional to ``1/rho`` (KNN-KDE, Thm 3.2) or uniformly (KNN-Uniform,
-Thm 3.1). Restricting to the ``L = max_K`` prefetched neighbours adds the constraint that the
-``L``-th neighbour is the last (``Delta_iL = +inf``), so the result is the exact optimum of the
-problem restricted to those neighbours. When several ``t`` are optimal (a flat piece), the largest
-(the most concentrated plan) is returned.
+Thm 3.1). Restricting to ``L`` neighbours adds the constraint that the ``L``-th neighbour is the
+last (``Delta_iL = +inf``): the sweep then stops at the first query to use up its list, whatever
+``alpha``. So the lists grow (128, 256, ... up to ``max_K``) until no query's optimum reaches the
+end of its list; only then is the result the optimum over the whole pool, and a warning with the
+figures says when ``max_K`` was reached first. When several ``t`` are optimal (a flat piece), the
+largest (the most concentrated plan) is returned.
+
+Scale. The solution depends on ``alpha`` and ``C`` only through ``(1 - alpha) C / alpha``: a fixed
+``C`` fixes each query's neighbourhood by the distance profile of the data alone, and on small
+pools of unit-norm sentence embeddings the paper's ``C = 5`` spreads every query over a hundred
+rows or more. By default (``C=None``) the scale is set from ``N``, the budget ``k`` and ``M`` so
+that ``alpha = 0.5`` spreads each query over ``max(2, k / M)`` neighbours on average
+(:func:`auto_scale`; reasoning in :class:`TSDSSelector`).
 
 Differences from the published code, on purpose: a query whose nearest neighbour alone takes its
 whole budget gets ``1/M`` on that neighbour (the published loop fails there); every sum is float64;
 ``max_K``/``kde_K`` larger than the pool are clipped to the pool size with a logged warning instead
-of a silent cap at ``N // 10``; pools of any size ``>= 1`` work; densities are taken over the whole
-pool (the paper's definition), not only over the prefetched neighbours; densities are computed
-with a radius search (the kernel is zero beyond ``h``) and only for the neighbours the solution can
-reach (see :meth:`TSDSSelector.score`).
+of a silent cap at ``N // 10``; pools of any size ``>= 1`` work; a query that uses up its list
+widens it rather than piling its remaining mass on its last neighbour while the others go on;
+densities are taken over the whole pool (the paper's definition), not only over the prefetched
+neighbours, and only for the rows the solution can reach, each over at most ``kde_K`` neighbours
+(see :meth:`TSDSSelector._densities`); ``C`` defaults to the scale above.
+
+Sharded fit: every process searches its own rows, and the lists, the densities' neighbour lists
+and the level are merged or computed identically on every process (:meth:`TSDSSelector.fit`).
 """
 
 from __future__ import annotations
@@ -63,6 +76,7 @@ _TIE_RTOL = 1e-6  # relative slack on the optimality test: float32 inputs make e
 _FIRST_WIDTH = 128  # neighbours per query in the first round; the lists double from there
 _FLAT_DENSITY_PAIRS = 2e8  # "auto": exact density search while rows x shard stays under this
 _KDE_FIRST = 32  # neighbours per density query in the first (usually final) pass
+_MIN_SUPPORT = 2.0  # C=None: the smallest mean neighbourhood aimed at (see TSDSSelector's C)
 
 
 def knn_kde_allocation(
@@ -143,6 +157,56 @@ def knn_kde_allocation(
     filled = np.maximum((gamma > 0).sum(axis=1) - 1, 0)
     gamma[rows, filled] += 1.0 / m - gamma.sum(axis=1)
     return gamma, level, needs_more
+
+
+def auto_scale(dist: np.ndarray, inv_density: np.ndarray, valid: np.ndarray, support: float) -> float:
+    """The ``C`` at which ``alpha = 0.5`` spreads each query over ``support`` neighbours on average.
+
+    The solution depends on ``alpha`` and ``C`` only through ``lambda = (1 - alpha) C / alpha``
+    (the stopping threshold is ``lambda * M``). At a level ``t`` query ``i`` spreads over
+    ``1 + #{k : b_ik > t}`` neighbours (module docstring), so a mean of ``support`` means
+    ``(support - 1) * M`` breakpoints above ``t``; the sweep stops there when ``lambda * M`` equals
+    the slope accumulated over those breakpoints. That ``lambda`` is returned as ``C``
+    (``alpha = 0.5`` makes them equal), so ``alpha`` keeps its meaning around it: above 0.5
+    narrower neighbourhoods, below 0.5 wider ones.
+
+    Parameters
+    ----------
+    dist, inv_density, valid : ndarray of shape (M, L)
+        As for :func:`knn_kde_allocation`.
+    support : float
+        Wanted mean neighbourhood size, ``>= 1``.
+
+    Returns
+    -------
+    float
+        ``C > 0`` (the smallest positive float when every accumulated slope is 0, e.g. copies).
+    """
+    d = np.where(valid, np.asarray(dist, dtype=np.float64), 0.0)
+    w = np.where(valid, np.asarray(inv_density, dtype=np.float64), 0.0)
+    m = d.shape[0]
+    cum_w = np.cumsum(w, axis=1)
+    jump = np.zeros_like(d)
+    jump[:, :-1] = cum_w[:, :-1] * np.maximum(d[:, 1:] - d[:, :-1], 0.0)
+    real = valid.copy()
+    real[np.arange(m), valid.sum(axis=1) - 1] = False  # a list's last slot opens nothing
+    with np.errstate(divide="ignore"):
+        b = np.where(real, 1.0 / (m * cum_w), 0.0)[real]
+    order = np.argsort(-b, kind="stable")
+    cum = np.cumsum(jump[real][order])
+    # Stop at the first breakpoint strictly below the top (support - 1) * M (ties included: with
+    # uniform densities every query's first breakpoint is the same 1/M): just past them, every
+    # query whose breakpoints were passed has opened its next neighbour.
+    want = int(round((support - 1.0) * m))
+    if want <= 0 or cum.size == 0:
+        return float(np.finfo(np.float64).tiny)
+    b_sorted = b[order]
+    past = int((b_sorted >= b_sorted[min(want, cum.size) - 1]).sum())
+    # ... at the first one there whose slope step is positive (a zero step, between exact
+    # copies, would let the sweep stop before it, inside the group just passed).
+    rising = np.flatnonzero(cum[past:] > (cum[past - 1] if past else 0.0))
+    lam = cum[past + rising[0]] / m if rising.size else cum[-1] / m
+    return float(max(lam, np.finfo(np.float64).tiny))
 
 
 def _exact_sq(queries: np.ndarray, qrow: np.ndarray, pool: PoolView, gidx: np.ndarray, chunk: int = 16_384) -> np.ndarray:
@@ -289,15 +353,33 @@ class TSDSSelector(Selector):
     alpha : float, default 0.5
         Weight of alignment versus diversity, in ``[0, 1]`` (paper: 0.075 instruction tuning,
         0.6 continued pre-training). 1 sends each query's mass to its nearest candidate; lower
-        values spread it over more neighbours.
-    C : float, default 5.0
-        Distance scale ``> 0`` (5 suits unit-norm embeddings).
+        values spread it wider. 0 drops alignment altogether: the level falls until the first
+        query's list is used up, so a query spreads over all ``max_K`` neighbours only when its
+        densities are as low as those of the first one to run out (with uniform densities every
+        query does; with varied densities most stop earlier); lists then grow to ``max_K`` and
+        the cap warning fires.
+    C : float or None, default None
+        Distance scale ``> 0``. ``None`` sets it from the data, ``N``, ``k`` and ``M``: the scale at
+        which ``alpha = 0.5`` spreads each query over ``s = max(2, k / M)`` neighbours on
+        average (:func:`auto_scale`; ``k`` is ``budget``). The reasoning: the selection draws ``k``
+        rows, about ``k / M`` per query, so a query's neighbourhood much wider than its share of
+        draws dilutes the alignment (each draw lands far from its query), and one narrower than
+        two rows gives up the diversity the method is for. A fixed ``C`` (the paper and its
+        published code use 5 on their embeddings) instead fixes the neighbourhood by the
+        distance profile alone, which on a small pool of unit-norm sentence embeddings spreads
+        each query over ~100-170 rows, little closer to the target than random
+        (``benchmarks/results/tsds_small_pool.md``).
     sigma : float, default 0.75
         Kernel bandwidth ``h >= 0`` of the Epanechnikov density; 0 means KNN-Uniform.
     max_K : int, default 5000
-        ``L``, the most neighbours a query may spread over; clipped to the pool size with a
-        warning. Lists start at 128 and double only while some query's optimum reaches the end
-        of its list.
+        ``L``, the most neighbours a query may spread over (the cap of the growing lists);
+        clipped to the pool size with a logged warning. Lists start at 128 and double only while
+        some query's optimum reaches the end of its list; if that still holds at ``max_K``, the
+        result is the optimum restricted to ``max_K`` neighbours and a warning gives the figures.
+        5000 is the paper's value; with ``C=None`` the lists stay near ``2 s``, far below it.
+    budget : int, optional
+        ``k``, the rows the selection will draw; used only by ``C=None``. :meth:`select` passes
+        its ``k``; a bare :meth:`fit` without it assumes 1% of the pool (at least 1).
     kde_K : int, default 1000
         ``I``, most neighbours counted in a density; clipped to the pool size with a warning.
     kernel : {"kde", "uniform"}, default "kde"
@@ -331,10 +413,11 @@ class TSDSSelector(Selector):
         self,
         *,
         alpha: float = 0.5,
-        C: float = 5.0,
+        C: float | None = None,
         sigma: float = 0.75,
         max_K: int = 5000,
         kde_K: int = 1000,
+        budget: int | None = None,
         kernel: Literal["kde", "uniform"] = "kde",
         replace: bool = True,
         index: Literal["auto", "flat", "ivf", "hnsw"] = "auto",
@@ -347,6 +430,7 @@ class TSDSSelector(Selector):
         self.sigma = sigma
         self.max_K = max_K
         self.kde_K = kde_K
+        self.budget = budget
         self.kernel = kernel
         self.replace = replace
         self.index = index
@@ -359,7 +443,10 @@ class TSDSSelector(Selector):
     def _check_params(self) -> None:
         owner = "TSDSSelector"
         check_float(self.alpha, "alpha", owner, 0.0, 1.0)
-        check_float(self.C, "C", owner, 0.0, low_open=True)
+        if self.C is not None:
+            check_float(self.C, "C", owner, 0.0, low_open=True)
+        if self.budget is not None:
+            check_int(self.budget, "budget", owner, 1)
         check_float(self.sigma, "sigma", owner, 0.0)
         check_int(self.max_K, "max_K", owner, 1)
         check_int(self.kde_K, "kde_K", owner, 1)
@@ -409,6 +496,8 @@ class TSDSSelector(Selector):
         use_kde = self.kernel == "kde" and self.sigma > 0
         n_kde = self._clipped("kde_K", self.kde_K, n) if use_kde else 0
         timings = {"prefetch_s": 0.0, "density_s": 0.0, "solve_s": 0.0}
+        budget = self.budget or getattr(self, "_select_k", None) or max(1, -(-n // 100))
+        aim = max(_MIN_SUPPORT, budget / m)  # C=None: the mean neighbourhood aimed at
 
         t0 = time.perf_counter()
         kind = ("flat" if pool.n_local <= knn.FLAT_MAX_BASE else "ivf") if self.index == "auto" else self.index
@@ -443,11 +532,20 @@ class TSDSSelector(Selector):
 
             t0 = time.perf_counter()
             truncated = (valid.sum(axis=1) == width) & (width < n)
-            gamma, level, needs_more = knn_kde_allocation(dist, 1.0 / rho_nbr, alpha=float(self.alpha), C=float(self.C), valid=valid, truncated=truncated)
+            scale = auto_scale(dist, 1.0 / rho_nbr, valid, aim) if self.C is None else float(self.C)
+            gamma, level, needs_more = knn_kde_allocation(dist, 1.0 / rho_nbr, alpha=float(self.alpha), C=scale, valid=valid, truncated=truncated)
             timings["solve_s"] += time.perf_counter() - t0
             if not needs_more or width >= cap:
                 break
             width = min(cap, 2 * width)
+        at_end = int((truncated & (gamma[:, -1] > 0)).sum()) if needs_more else 0
+        if needs_more:
+            logger.warning(
+                "TSDSSelector: the optimum still reaches the end of %d of %d queries' lists at max_K=%d "
+                "(level %.3g, mean neighbourhood %.1f of %d); the result is the optimum over the %d nearest "
+                "neighbours only. Raise max_K, or alpha, or lower C.",
+                at_end, m, cap, level, float((gamma > 0).sum(axis=1).mean()), width, cap,
+            )
 
         pos = np.searchsorted(reached, np.maximum(nbr, 0))
         p = np.bincount(pos[valid], weights=gamma[valid], minlength=reached.size)
@@ -461,6 +559,10 @@ class TSDSSelector(Selector):
             "max_neighbourhood": int(support.max()),
             "width": int(width),
             "max_K": int(cap),
+            "C": scale,
+            "target_neighbourhood": float(aim) if self.C is None else None,
+            "capped": bool(needs_more),
+            "n_at_end": at_end,
             "n_densities": int(known.size),
             "kde_K": int(n_kde),
             "index": kind,
@@ -472,6 +574,14 @@ class TSDSSelector(Selector):
             level, support.mean(), width, known.size, timings["prefetch_s"], timings["density_s"],
         )
         return TSDSState(neighbours=nbr, distances=dist, rows=reached, probs=p, density=density, level=level)
+
+    def select(self, candidates: Any, target: Any, k: int, *, seed: int = 0) -> Any:
+        """As :meth:`Selector.select`; ``k`` also sizes ``C=None``'s neighbourhoods unless ``budget`` is set."""
+        self._select_k = k
+        try:
+            return super().select(candidates, target, k, seed=seed)
+        finally:
+            del self._select_k
 
     def score_batch(self, state: TSDSState, rows: Any, index: np.ndarray) -> np.ndarray:
         """``p`` of these rows, looked up by global index (0 for rows no query reached)."""
