@@ -322,3 +322,55 @@ def test_lists_grow_until_the_optimum_is_inside_and_warn_at_the_cap(caplog, monk
         capped = TSDSSelector(alpha=0.5, C=5.0, sigma=0.0, max_K=width // 4).score(x, y)
     assert "the optimum still reaches the end of 10 of 10 queries' lists at max_K=" in caplog.text
     assert capped.sum() == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_torchrun_shards_give_the_one_process_probabilities_and_rows(tmp_path, nproc):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from hf_otselect.selectors.base import choose
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import tsds_dist_worker as worker
+
+    x, y, params = worker.problem()
+    one = TSDSSelector(**params).score(x, y)
+    np.testing.assert_allclose(one, _reference_p(x, y, params["alpha"], params["C"], params["sigma"], params["max_K"], params["kde_K"]), atol=1e-12)
+    out = tmp_path / "out.npz"
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           str(Path(__file__).parent / "tsds_dist_worker.py"), str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = np.load(out)
+    np.testing.assert_allclose(got["p"], one, rtol=0, atol=1e-12)
+    auto = TSDSSelector(**{**params, "C": None, "budget": 50}).score(x, y)
+    np.testing.assert_allclose(got["p_auto"], auto, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(got["with_replacement"], choose(one, 50, mode="sample", seed=3, replace=True))
+    np.testing.assert_array_equal(got["without_replacement"], choose(one, 30, mode="sample", seed=3, replace=False))
+    assert (one[got["rows"]] > 0).any() and one[np.setdiff1d(np.arange(len(x)), got["rows"])].sum() == 0
+
+
+def test_fit_reads_a_memory_mapped_shard_in_blocks(tmp_path, monkeypatch):
+    """A fit over a memmap-backed PoolView (small blocks, offset rows) equals the in-memory score."""
+    from hf_otselect import dist
+
+    x, y = _blobs(900, seed=16), _blobs(15, seed=17)
+    path = tmp_path / "pool.npy"
+    np.save(path, x)
+    mm = np.load(path, mmap_mode="r")
+    monkeypatch.setattr(dist, "DEFAULT_BLOCK_ROWS", 64)
+    read = []
+    view = dist.PoolView(mm)
+    real_read = view.read
+    view.read = lambda idx: (read.append(len(idx)), real_read(idx))[1]
+    sel = TSDSSelector(alpha=0.4, C=2.0, sigma=1.2, max_K=400, kde_K=30)
+    state = sel.fit(view, y)
+    p = np.concatenate([sel.score_batch(state, rows, idx) for idx, rows in view.blocks()])
+    np.testing.assert_array_equal(p, TSDSSelector(alpha=0.4, C=2.0, sigma=1.2, max_K=400, kde_K=30).score(x, y))
+    assert read and max(read) <= 16_384  # rows are read by index, a bounded chunk at a time
