@@ -19,7 +19,8 @@ queries), ``TV`` is the total-variation distance between the case's probabilitie
 ``--cost`` runs instead the cost cases of issue 13 item 8 (the density step must cost about the
 same whatever the data): 5,000 exact copies of one row against 5,000 distinct rows (384-d), and a
 dense low-dimensional pool (20,000 rows, 32-d, nearly all pairs within sigma) against a spread one
-(20,000 random unit rows, 32-d), at the package defaults, for this tree (``ours``) and, with
+(20,000 random unit rows, 32-d), at the paper's parameters (C = 5 fixed: every query spreads over
+thousands of rows, the worst case for the density step), for this tree (``ours``) and, with
 ``--old-tree DIR`` (a ``git archive`` of an earlier commit), for that code (``old``).
 
 Usage::
@@ -100,7 +101,9 @@ def make_cost_data(name: str, folder: Path) -> tuple[Path, Path]:
 def run_cost(args: argparse.Namespace) -> None:
     """Issue 13 item 8: the same work on copies / distinct rows and dense / spread pools."""
     folder = Path(tempfile.mkdtemp(prefix="tsds_cost_"))
-    cfg = dict(alpha=0.5, C=5.0, sigma=0.75, max_K=5000, kde_K=1000)  # the package defaults
+    # The paper's values (C = 5 fixed rather than the package's C=None): the worst case for the
+    # density step, since at this scale every query spreads over thousands of rows.
+    cfg = dict(alpha=0.5, C=5.0, sigma=0.75, max_K=5000, kde_K=1000)
     trees = [("ours", str(REPO))] + ([("old", args.old_tree)] if args.old_tree else [])
     rows = []
     for name in ("copies", "distinct", "dense", "spread"):
@@ -121,7 +124,7 @@ def run_cost(args: argparse.Namespace) -> None:
         "",
         f"Command: `{' '.join(['.venv/bin/python', 'benchmarks/tsds_scaling.py'] + sys.argv[1:])}`  ",
         f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; commit {commit} (+ working tree); `uptime` at the end: `{load}`  ",
-        "Package defaults (alpha 0.5, C 5, sigma 0.75, max_K 5000, kde_K 1000, index auto), M = 200 queries,",
+        "The paper's parameters (alpha 0.5, C 5 fixed, sigma 0.75, max_K 5000, kde_K 1000, index auto), M = 200 queries,",
         f"each case in its own process (peak RSS of that process; address space capped at {args.mem_limit_gb:g} GB). `old` is the code before this change",
         "(radius search at h for the densities), `ours` this tree. 'pairs within sigma' is measured on",
         "2,000 sampled rows.",
