@@ -328,9 +328,9 @@ def write_report(rows: list[dict], args: argparse.Namespace) -> None:
         d = r.get("diag", {})
         note = ""
         if d:
-            note = (f"prefetch {d['prefetch_s']:.1f} s ({d['index']}), densities+solve {d['density_and_solve_s']:.1f} s "
-                    f"({d['density_index']}, {d['n_densities']:,} densities, width {d['density_width']}), "
-                    f"mean neighbourhood {d['mean_neighbourhood']:.0f}")
+            note = (f"index {d.get('index_s', 0):.1f} s + prefetch {d['prefetch_s']:.1f} s ({d['index']}), densities "
+                    f"{d.get('density_s', 0):.1f} s + solve {d.get('solve_s', 0):.1f} s ({d['n_densities']:,} densities, "
+                    f"width {d.get('width', d.get('density_width'))}), mean neighbourhood {d['mean_neighbourhood']:.0f}")
         tv = f"{r['tv']:.4f}" if "tv" in r else ""
         rec = f"{r['recall']:.4f}" if "recall" in r else ""
         lines.append(f"| {r['method']} | {r['n']:,} | {r['m']} | {r['max_K']} | {r['dup']} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | "
