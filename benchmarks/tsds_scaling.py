@@ -16,10 +16,18 @@ RSS. Accuracy columns: ``recall`` is recall@L of the approximate prefetch agains
 queries), ``TV`` is the total-variation distance between the case's probabilities and those of
 ``ours-flat`` (exact throughout) when that ran at the same size.
 
+``--cost`` runs instead the cost cases of issue 13 item 8 (the density step must cost about the
+same whatever the data): 5,000 exact copies of one row against 5,000 distinct rows (384-d), and a
+dense low-dimensional pool (20,000 rows, 32-d, nearly all pairs within sigma) against a spread one
+(20,000 random unit rows, 32-d), at the paper's parameters (C = 5 fixed: every query spreads over
+thousands of rows, the worst case for the density step), for this tree (``ours``) and, with
+``--old-tree DIR`` (a ``git archive`` of an earlier commit), for that code (``old``).
+
 Usage::
 
     .venv/bin/python benchmarks/tsds_scaling.py                 # full run, writes the results file
     .venv/bin/python benchmarks/tsds_scaling.py --sizes 10000 --out /tmp/x.md   # quick
+    .venv/bin/python benchmarks/tsds_scaling.py --cost --old-tree /tmp/old   # cost cases
 """
 
 from __future__ import annotations
@@ -66,6 +74,72 @@ def make_data(n: int, m: int, dup_frac: float, folder: Path) -> tuple[Path, Path
         y = centers[rng.integers(0, 20, m)] * 0.5 + rng.normal(size=(m, DIM))
         np.save(yp, (y / np.linalg.norm(y, axis=1, keepdims=True)).astype(np.float32))
     return xp, yp
+
+
+def make_cost_data(name: str, folder: Path) -> tuple[Path, Path]:
+    """The cost cases' pools (unit rows) and 200 queries near them."""
+    xp, yp = folder / f"x_{name}.npy", folder / f"y_{name}.npy"
+    rng = np.random.default_rng(2)
+    if name in ("copies", "distinct"):
+        x, _ = (np.load(p) for p in make_data(5000, 200, 0.0, folder))
+        if name == "copies":
+            x = np.repeat(x[:1], 5000, axis=0)
+        y = x[rng.integers(0, 5000, 200)] + 0.3 / np.sqrt(DIM) * rng.normal(size=(200, DIM))
+    else:
+        dim = 32
+        if name == "dense":  # all rows within a cap of angular radius ~0.2: nearly all pairs within sigma
+            x = rng.normal(size=(1, dim)) + 0.1 * rng.normal(size=(20_000, dim))
+        else:
+            x = rng.normal(size=(20_000, dim))
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+        y = x[rng.integers(0, 20_000, 200)] + 0.05 * rng.normal(size=(200, dim))
+    np.save(xp, np.ascontiguousarray(x, dtype=np.float32))
+    np.save(yp, (y / np.linalg.norm(y, axis=1, keepdims=True)).astype(np.float32))
+    return xp, yp
+
+
+def run_cost(args: argparse.Namespace) -> None:
+    """Issue 13 item 8: the same work on copies / distinct rows and dense / spread pools."""
+    folder = Path(tempfile.mkdtemp(prefix="tsds_cost_"))
+    # The paper's values (C = 5 fixed rather than the package's C=None): the worst case for the
+    # density step, since at this scale every query spreads over thousands of rows.
+    cfg = dict(alpha=0.5, C=5.0, sigma=0.75, max_K=5000, kde_K=1000)
+    trees = [("ours", str(REPO))] + ([("old", args.old_tree)] if args.old_tree else [])
+    rows = []
+    for name in ("copies", "distinct", "dense", "spread"):
+        xp, yp = make_cost_data(name, folder)
+        x = np.load(xp)
+        sample = x[np.random.default_rng(0).integers(0, len(x), 2000)].astype(np.float64)
+        within = float((((sample[:, None] - sample[None]) ** 2).sum(-1) < cfg["sigma"] ** 2).mean())
+        for label, tree in trees:
+            case = dict(method="ours", index="auto", m=200, x=str(xp), y=str(yp), recall=False, tree=tree, mem_limit_gb=args.mem_limit_gb,
+                        p_out=str(folder / f"p_{label}_{name}.npy"), **cfg)
+            res = spawn(case, args.timeout)
+            rows.append(dict(tree=label, case=name, n=len(x), dim=x.shape[1], within=within, **res))
+            print(json.dumps(rows[-1]), flush=True)
+    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    lines = [
+        "# TSDS cost whatever the data (issue 13 item 8)",
+        "",
+        f"Command: `{' '.join(['.venv/bin/python', 'benchmarks/tsds_scaling.py'] + sys.argv[1:])}`  ",
+        f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; commit {commit} (+ working tree); `uptime` at the end: `{load}`  ",
+        "The paper's parameters (alpha 0.5, C 5 fixed, sigma 0.75, max_K 5000, kde_K 1000, index auto), M = 200 queries,",
+        f"each case in its own process (peak RSS of that process; address space capped at {args.mem_limit_gb:g} GB). `old` is the code before this change",
+        "(radius search at h for the densities), `ours` this tree. 'pairs within sigma' is measured on",
+        "2,000 sampled rows.",
+        "",
+        "| code | case | N | dim | pairs within sigma | wall s | CPU s | peak RSS GB | width | densities |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['tree']} | {r['case']} | {r['n']:,} | {r['dim']} | {r['within']:.4f} | {r['error']} | | | | |")
+            continue
+        d = r.get("diag", {})
+        lines.append(f"| {r['tree']} | {r['case']} | {r['n']:,} | {r['dim']} | {r['within']:.4f} | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} | "
+                     f"{r['peak_rss_gb']:.2f} | {d.get('width', d.get('density_width', ''))} | {d.get('n_densities', '')} |")
+    Path(args.out).write_text("\n".join(lines) + "\n")
 
 
 # ----------------------------------------------------------------------------------------- peer
@@ -124,7 +198,7 @@ def peer_scores(x: np.ndarray, y: np.ndarray, max_k: int, kde_k: int, sigma: flo
 # ----------------------------------------------------------------------------------------- child
 def run_case(case: dict) -> dict:
     """Run one case in this process; return timings, peak RSS and accuracy figures."""
-    sys.path.insert(0, str(REPO))
+    sys.path.insert(0, case.get("tree", str(REPO)))
     x = np.load(case["x"])
     y = np.load(case["y"])[: case["m"]]
     rss_data = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -139,7 +213,7 @@ def run_case(case: dict) -> dict:
 
         sel = TSDSSelector(alpha=case["alpha"], C=case["C"], sigma=case["sigma"], max_K=case["max_K"], kde_K=case["kde_K"], index=case["index"])
         p = sel.score(x, y)
-        out["diag"] = {k: v for k, v in sel.diagnostics_.items() if k in ("prefetch_s", "density_and_solve_s", "mean_neighbourhood", "n_densities", "density_width", "index", "density_index")}
+        out["diag"] = {k: v for k, v in sel.diagnostics_.items() if k in ("prefetch_s", "density_s", "solve_s", "index_s", "density_and_solve_s", "mean_neighbourhood", "n_densities", "width", "density_width", "index", "density_index")}
     out["seconds"] = time.perf_counter() - t0
     usage = resource.getrusage(resource.RUSAGE_SELF)
     out["cpu_seconds"] = usage.ru_utime + usage.ru_stime - cpu0
@@ -160,8 +234,14 @@ def run_case(case: dict) -> dict:
 def spawn(case: dict, timeout: float) -> dict:
     cmd = [sys.executable, __file__, "--child", json.dumps(case)]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    limit = case.get("mem_limit_gb")
+
+    def cap_memory() -> None:  # address-space cap, so a runaway case fails instead of swapping the shared machine
+        if limit:
+            resource.setrlimit(resource.RLIMIT_AS, (int(limit * 2**30), int(limit * 2**30)))
+
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, preexec_fn=cap_memory)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     if proc.returncode != 0:
@@ -175,10 +255,18 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "tsds_scaling.md"))
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per case")
     ap.add_argument("--dup-frac", type=float, default=0.1)
+    ap.add_argument("--cost", action="store_true", help="run the cost cases (copies/distinct, dense/spread) instead")
+    ap.add_argument("--old-tree", help="with --cost: a directory holding an earlier hf_otselect to time too")
+    ap.add_argument("--mem-limit-gb", type=float, default=8.0, help="with --cost: address-space cap per case")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(run_case(json.loads(args.child))))
+        return
+    if args.cost:
+        if args.out == ap.get_default("out"):
+            args.out = str(REPO / "benchmarks" / "results" / "tsds_cost.md")
+        run_cost(args)
         return
 
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -240,9 +328,9 @@ def write_report(rows: list[dict], args: argparse.Namespace) -> None:
         d = r.get("diag", {})
         note = ""
         if d:
-            note = (f"prefetch {d['prefetch_s']:.1f} s ({d['index']}), densities+solve {d['density_and_solve_s']:.1f} s "
-                    f"({d['density_index']}, {d['n_densities']:,} densities, width {d['density_width']}), "
-                    f"mean neighbourhood {d['mean_neighbourhood']:.0f}")
+            note = (f"index {d.get('index_s', 0):.1f} s + prefetch {d['prefetch_s']:.1f} s ({d['index']}), densities "
+                    f"{d.get('density_s', 0):.1f} s + solve {d.get('solve_s', 0):.1f} s ({d['n_densities']:,} densities, "
+                    f"width {d.get('width', d.get('density_width'))}), mean neighbourhood {d['mean_neighbourhood']:.0f}")
         tv = f"{r['tv']:.4f}" if "tv" in r else ""
         rec = f"{r['recall']:.4f}" if "recall" in r else ""
         lines.append(f"| {r['method']} | {r['n']:,} | {r['m']} | {r['max_K']} | {r['dup']} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | "

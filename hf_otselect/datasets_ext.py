@@ -538,6 +538,8 @@ def run_selection(
 
     pool_emb = target_emb = None
     selector = probe
+    if "budget" in probe.get_params() and probe.get_params()["budget"] is None:  # TSDS sizes its neighbourhoods by k
+        selector = probe = get_selector(probe.name, **{**probe.get_params(), "budget": k})
     t = time.perf_counter()
     if probe.needs_text:
         if streamed:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import numpy as np
@@ -132,8 +133,39 @@ def build_index(
     a few cores, and the recall that results is measured in ``benchmarks/tsds_scaling.py``), so the
     same inputs give the same index.
     """
-    faiss = _faiss()
     n, dim = base.shape
+    return index_from_blocks(iter([base]), n, dim, read=lambda rows: base[rows], metric=metric, index=index, nlist=nlist, hnsw_m=hnsw_m, seed=seed, gpu=gpu)
+
+
+def index_from_blocks(
+    blocks: Iterable[np.ndarray],
+    n: int,
+    dim: int,
+    *,
+    read: Callable[[np.ndarray], np.ndarray],
+    metric: Metric = "l2",
+    index: Literal["flat", "ivf", "hnsw"] = "flat",
+    nlist: int | None = None,
+    hnsw_m: int = 32,
+    seed: int = 0,
+    gpu: bool = False,
+) -> Any:
+    """Build a FAISS index over ``n`` rows handed over in blocks, never holding them all at once.
+
+    Parameters
+    ----------
+    blocks : iterable of ndarray of shape (b, dim), float32
+        The rows, in order; they are added one block at a time (the index keeps its own copy,
+        which is all the memory a flat or IVF index needs).
+    n, dim : int
+        Row count and dimension.
+    read : callable
+        ``read(sorted_row_numbers) -> (len, dim)`` float32 rows; used for the IVF training sample
+        (at most ``40 * nlist`` rows, drawn as in :func:`build_index`).
+    metric, index, nlist, hnsw_m, seed, gpu
+        As for :func:`build_index`.
+    """
+    faiss = _faiss()
     faiss_metric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
     if index == "flat":
         idx = faiss.IndexFlatL2(dim) if metric == "l2" else faiss.IndexFlatIP(dim)
@@ -148,11 +180,12 @@ def build_index(
         idx.cp.niter = 10
         n_train = min(n, 40 * nlist)
         rng = np.random.default_rng(seed)
-        train = base if n_train == n else base[np.sort(rng.choice(n, n_train, replace=False))]
-        idx.train(train)
+        rows = np.arange(n) if n_train == n else np.sort(rng.choice(n, n_train, replace=False))
+        idx.train(np.ascontiguousarray(read(rows), dtype=np.float32))
     if gpu and index != "hnsw":  # FAISS has no GPU HNSW; flat and IVF move over
         idx = faiss.index_cpu_to_all_gpus(idx)
-    idx.add(base)
+    for block in blocks:
+        idx.add(np.ascontiguousarray(block, dtype=np.float32))
     return idx
 
 
@@ -223,14 +256,37 @@ def knn_search(
         nlist = check_int(nlist, "nlist", owner, 1, n)
     gpu = _use_gpu(device)
     idx = prebuilt if prebuilt is not None else build_index(base, metric=metric, index=kind, nlist=nlist, seed=seed, gpu=gpu)
-    if kind == "ivf":
-        n_lists = idx.nlist if hasattr(idx, "nlist") else (nlist or default_nlist(n))
-        probe = default_nprobe(n_lists, k, n) if nprobe is None else check_int(nprobe, "nprobe", owner, 1)
-        idx.nprobe = min(probe, n_lists)
-    elif kind == "hnsw":
-        idx.hnsw.efSearch = max(64, 2 * k) if ef_search is None else check_int(ef_search, "ef_search", owner, 1)
+    if nprobe is not None:
+        nprobe = check_int(nprobe, "nprobe", owner, 1)
+    if ef_search is not None:
+        ef_search = check_int(ef_search, "ef_search", owner, 1)
     logger.debug("knn_search: %d queries, base %d, k=%d, %s/%s, gpu=%s", len(queries), n, k, kind, metric, gpu)
-    dist, ind = idx.search(queries, k)
+    return search_index(idx, queries, k, index=kind, metric=metric, nprobe=nprobe, ef_search=ef_search)
+
+
+def search_index(
+    idx: Any,
+    queries: np.ndarray,
+    k: int,
+    *,
+    index: Literal["flat", "ivf", "hnsw"],
+    metric: Metric = "l2",
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+) -> KnnResult:
+    """The ``k`` nearest rows of a filled index (from :func:`build_index` / :func:`index_from_blocks`).
+
+    The core of :func:`knn_search` for callers that built the index themselves (e.g. over one
+    process's shard). ``k`` must not exceed the rows in the index; ``nprobe`` / ``ef_search``
+    default as in :func:`knn_search`. Same return conventions (padding masked).
+    """
+    n = int(idx.ntotal)
+    if index == "ivf":
+        n_lists = int(getattr(idx, "nlist", 0) or default_nlist(n))
+        idx.nprobe = min(default_nprobe(n_lists, k, n) if nprobe is None else nprobe, n_lists)
+    elif index == "hnsw":
+        idx.hnsw.efSearch = max(64, 2 * k) if ef_search is None else ef_search
+    dist, ind = idx.search(np.ascontiguousarray(queries, dtype=np.float32), k)
     ind = np.asarray(ind, dtype=np.int64)
     dist = np.asarray(dist, dtype=np.float32)
     pad = ind == _FAISS_EMPTY
@@ -238,8 +294,8 @@ def knn_search(
         # FAISS puts empty slots last in each row with +-FLT_MAX; mark them unmistakably.
         dist = dist.copy()
         dist[pad] = np.inf if metric == "l2" else -np.inf
-        logger.info("knn_search: %d of %d neighbour slots unfilled by the %s index (masked as -1).", int(pad.sum()), pad.size, kind)
-    return KnnResult(distances=dist, indices=ind, metric=metric, index=kind)
+        logger.info("knn_search: %d of %d neighbour slots unfilled by the %s index (masked as -1).", int(pad.sum()), pad.size, index)
+    return KnnResult(distances=dist, indices=ind, metric=metric, index=index)
 
 
 def radius_search(

@@ -143,17 +143,62 @@ def test_duplicate_injection_kde_invariant_uniform_not():
     assert u1[content].sum() > 5 * u0[dup].sum()
 
 
-def test_lazy_density_widening_matches_full_width(monkeypatch):
+def _reference_p(x, y, alpha, C, sigma, max_K, kde_K):
+    """The algorithm without any shortcut: all max_K neighbours by brute force (ties to the lower
+    index), brute-force densities over the kde_K nearest, one closed-form solve."""
+    d = np.sqrt(((y.astype(np.float64)[:, None] - x.astype(np.float64)[None]) ** 2).sum(-1))
+    order = np.lexsort((np.broadcast_to(np.arange(len(x)), d.shape), d), axis=1)[:, :max_K]
+    rho = _density(x, sigma, kde_K) if sigma > 0 else np.ones(len(x))
+    gamma, _, _ = knn_kde_allocation(np.take_along_axis(d, order, 1), 1 / rho[order], alpha=alpha, C=C)
+    return np.bincount(order.ravel(), weights=gamma.ravel(), minlength=len(x))
+
+
+@pytest.mark.parametrize("first", [2, 128])
+def test_widening_lists_equal_the_full_width_solution(monkeypatch, first):
     rng = np.random.default_rng(6)
     x = np.vstack([rng.normal(size=(300, 8)), rng.normal(size=(100, 8)) * 0.1]).astype(np.float32)
     y = rng.normal(size=(10, 8)).astype(np.float32) * 0.3
+    monkeypatch.setattr(tsds_mod, "_FIRST_WIDTH", first)
     sel = TSDSSelector(alpha=0.2, C=1.0, sigma=0.8, max_K=400, kde_K=50)
-    full = sel.score(x, y)
-    assert sel.diagnostics_["density_width"] == 128
-    monkeypatch.setattr(tsds_mod, "_FIRST_WIDTH", 2)
-    lazy = sel.score(x, y)
-    assert 2 < sel.diagnostics_["density_width"] <= 128  # it had to widen, and did
-    np.testing.assert_allclose(lazy, full, atol=1e-12)
+    p = sel.score(x, y)
+    if first == 2:
+        assert 2 < sel.diagnostics_["width"] < 400  # it had to widen, and stopped early
+    np.testing.assert_allclose(p, _reference_p(x, y, 0.2, 1.0, 0.8, 400, 50), atol=1e-12)
+
+
+def _spy_searches(monkeypatch):
+    """Record (n_queries, k) of every FAISS search the selector makes."""
+    calls = []
+    real = tsds_mod.knn.search_index
+
+    def spy(idx, queries, k, **kw):
+        calls.append((len(queries), k))
+        return real(idx, queries, k, **kw)
+
+    monkeypatch.setattr(tsds_mod.knn, "search_index", spy)
+    return calls
+
+
+def test_densities_of_copies_and_of_a_dense_pool_are_bounded_by_kde_K(monkeypatch):
+    rng = np.random.default_rng(12)
+    # 600 exact copies of one row, 200 rows in a tiny ball (all pairs within sigma), 200 spread.
+    x = np.vstack([np.repeat(rng.normal(size=(1, 4)), 600, axis=0), 0.01 * rng.normal(size=(200, 4)) + 3.0,
+                   5 * rng.normal(size=(200, 4))]).astype(np.float32)
+    y = np.vstack([x[:1] + 0.05, x[600:601] + 0.05, 5 * rng.normal(size=(3, 4))]).astype(np.float32)
+    calls = _spy_searches(monkeypatch)
+    kde_K, max_K = 50, 1000
+    sel = TSDSSelector(alpha=0.3, C=1.0, sigma=0.5, max_K=max_K, kde_K=kde_K)
+    p = sel.score(x, y)
+    np.testing.assert_allclose(p, _reference_p(x, y, 0.3, 1.0, 0.5, max_K, kde_K), atol=1e-12)
+    calls.clear()
+    state = sel.fit(tsds_mod.PoolView(x), y)
+    copies = state.rows < 600
+    assert copies.any() and np.all(state.density[copies] == kde_K)  # kde_K copies at distance 0
+    # No search asks for more than kde_K (+ the re-ranking margin) neighbours per density row,
+    # and the copies are searched once (grouped), not once per copy.
+    density_calls = [(q, k) for q, k in calls if q != len(y)]
+    assert density_calls and max(k for _, k in density_calls) <= kde_K + tsds_mod._margin(kde_K)
+    assert sum(q for q, _ in density_calls) <= 2 * (len(x) - 599)  # 401 distinct vectors, two passes at most
 
 
 def test_probabilities_and_determinism():
@@ -168,7 +213,7 @@ def test_probabilities_and_determinism():
     np.testing.assert_allclose(sel.score(x[perm], y), p[perm], atol=1e-12)  # order-invariant
     a = sel.select(x, y, 50, seed=3)
     np.testing.assert_array_equal(a.indices, sel.select(x, y, 50, seed=3).indices)
-    assert (p[a.indices] > 0).all()
+    assert (a.scores[a.indices] > 0).all()  # select passes k on as the budget, so its p is its own
     b = TSDSSelector(alpha=0.3, sigma=1.5, max_K=100, kde_K=30, replace=False).select(x, y, 20, seed=3)
     assert len(set(b.indices.tolist())) == 20
 
@@ -228,3 +273,104 @@ def test_bad_inputs_raise():
         TSDSSelector().score(_blobs(10), _blobs(2, dim=4))
     with pytest.raises(ValueError, match="'n_epochs' parameter of sample_epochs"):
         sample_epochs(np.ones(3) / 3, 2, 0)
+
+
+
+@pytest.mark.parametrize("n", [500, 20_000])
+def test_default_scale_selects_near_the_target_at_any_pool_size(n):
+    """C=None: each query spreads over about max(2, k/M) rows, so the draws land in the target's
+    clusters whatever the pool size (a fixed C spreads them over the pool as N shrinks)."""
+    rng = np.random.default_rng(13)
+    centers = rng.normal(size=(20, 32))
+    x = centers[rng.integers(0, 20, n)] * 0.35 + rng.normal(size=(n, 32)) * 0.2
+    y = centers[rng.integers(0, 2, 60)] * 0.35 + rng.normal(size=(60, 32)) * 0.2
+    x, y = (v / np.linalg.norm(v, axis=1, keepdims=True) for v in (x, y))
+    x, y = x.astype(np.float32), y.astype(np.float32)
+    labels = np.argmax(x @ (centers / np.linalg.norm(centers, axis=1, keepdims=True)).T, axis=1)
+    k = 100
+    sel = TSDSSelector(budget=k)
+    chosen = sel.select(x, y, k, seed=0).indices
+    assert np.isin(labels[chosen], [0, 1]).mean() >= 0.9  # random would give ~0.1
+    assert sel.diagnostics_["mean_neighbourhood"] == pytest.approx(max(2, k / 60), abs=0.5)
+    assert not sel.diagnostics_["capped"]
+
+
+@pytest.mark.parametrize("aim", [2, 5, 12])
+def test_auto_scale_gives_the_aimed_mean_neighbourhood(aim):
+    rng = np.random.default_rng(aim)
+    d = np.sort(rng.uniform(0.5, 1.5, size=(40, 64)), axis=1)
+    inv = 1.0 / rng.choice([1.0, 1.0, 2.0, 3.0], size=d.shape)
+    c = tsds_mod.auto_scale(d, inv, np.ones(d.shape, bool), aim)
+    gamma, _, _ = knn_kde_allocation(d, inv, alpha=0.5, C=c)
+    assert (gamma > 0).sum(axis=1).mean() == pytest.approx(aim, abs=1.0)
+    # alpha keeps its meaning around that scale: more alignment, narrower; less, wider.
+    narrow, _, _ = knn_kde_allocation(d, inv, alpha=0.8, C=c)
+    wide, _, _ = knn_kde_allocation(d, inv, alpha=0.2, C=c)
+    assert (narrow > 0).sum() < (gamma > 0).sum() < (wide > 0).sum()
+
+
+def test_lists_grow_until_the_optimum_is_inside_and_warn_at_the_cap(caplog, monkeypatch):
+    x = _blobs(3000, seed=14)
+    y = _blobs(10, seed=15)
+    monkeypatch.setattr(tsds_mod, "_FIRST_WIDTH", 8)
+    sel = TSDSSelector(alpha=0.5, C=5.0, sigma=0.0, max_K=3000)
+    p = sel.score(x, y)
+    width = sel.diagnostics_["width"]
+    assert 8 < width < 3000 and not sel.diagnostics_["capped"]
+    np.testing.assert_allclose(p, _reference_p(x, y, 0.5, 5.0, 0.0, 3000, 1), atol=1e-12)
+    with caplog.at_level(logging.WARNING, logger="hf_otselect.selectors.tsds"):
+        capped = TSDSSelector(alpha=0.5, C=5.0, sigma=0.0, max_K=width // 4).score(x, y)
+    assert "the optimum still reaches the end of 10 of 10 queries' lists at max_K=" in caplog.text
+    assert capped.sum() == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_torchrun_shards_give_the_one_process_probabilities_and_rows(tmp_path, nproc):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from hf_otselect.selectors.base import choose
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import tsds_dist_worker as worker
+
+    x, y, params = worker.problem()
+    one = TSDSSelector(**params).score(x, y)
+    np.testing.assert_allclose(one, _reference_p(x, y, params["alpha"], params["C"], params["sigma"], params["max_K"], params["kde_K"]), atol=1e-12)
+    out = tmp_path / "out.npz"
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           str(Path(__file__).parent / "tsds_dist_worker.py"), str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = np.load(out)
+    np.testing.assert_allclose(got["p"], one, rtol=0, atol=1e-12)
+    auto = TSDSSelector(**{**params, "C": None, "budget": 50}).score(x, y)
+    np.testing.assert_allclose(got["p_auto"], auto, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(got["with_replacement"], choose(one, 50, mode="sample", seed=3, replace=True))
+    np.testing.assert_array_equal(got["without_replacement"], choose(one, 30, mode="sample", seed=3, replace=False))
+    assert (one[got["rows"]] > 0).any() and one[np.setdiff1d(np.arange(len(x)), got["rows"])].sum() == 0
+
+
+def test_fit_reads_a_memory_mapped_shard_in_blocks(tmp_path, monkeypatch):
+    """A fit over a memmap-backed PoolView (small blocks, offset rows) equals the in-memory score."""
+    from hf_otselect import dist
+
+    x, y = _blobs(900, seed=16), _blobs(15, seed=17)
+    path = tmp_path / "pool.npy"
+    np.save(path, x)
+    mm = np.load(path, mmap_mode="r")
+    monkeypatch.setattr(dist, "DEFAULT_BLOCK_ROWS", 64)
+    read = []
+    view = dist.PoolView(mm)
+    real_read = view.read
+    view.read = lambda idx: (read.append(len(idx)), real_read(idx))[1]
+    sel = TSDSSelector(alpha=0.4, C=2.0, sigma=1.2, max_K=400, kde_K=30)
+    state = sel.fit(view, y)
+    p = np.concatenate([sel.score_batch(state, rows, idx) for idx, rows in view.blocks()])
+    np.testing.assert_array_equal(p, TSDSSelector(alpha=0.4, C=2.0, sigma=1.2, max_K=400, kde_K=30).score(x, y))
+    assert read and max(read) <= 16_384  # rows are read by index, a bounded chunk at a time

@@ -29,38 +29,54 @@ when ``t <= b_ik = 1 / (M W_ik)``, and going down past ``b_ik`` changes the slop
 ``(1 - alpha) M`` at large ``t``, the optimum ``t*`` is the first breakpoint (in decreasing ``t``)
 where ``(alpha/C) * sum Delta >= (1 - alpha) M``. So each query spreads ``1/M`` over an adaptive
 neighbourhood with mass proportional to ``1/rho`` (KNN-KDE, Thm 3.2) or uniformly (KNN-Uniform,
-Thm 3.1). Restricting to the ``L = max_K`` prefetched neighbours adds the constraint that the
-``L``-th neighbour is the last (``Delta_iL = +inf``), so the result is the exact optimum of the
-problem restricted to those neighbours. When several ``t`` are optimal (a flat piece), the largest
-(the most concentrated plan) is returned.
+Thm 3.1). Restricting to ``L`` neighbours adds the constraint that the ``L``-th neighbour is the
+last (``Delta_iL = +inf``): the sweep then stops at the first query to use up its list, whatever
+``alpha``. So the lists grow (128, 256, ... up to ``max_K``) until no query's optimum reaches the
+end of its list; only then is the result the optimum over the whole pool, and a warning with the
+figures says when ``max_K`` was reached first. When several ``t`` are optimal (a flat piece), the
+largest (the most concentrated plan) is returned.
+
+Scale. The solution depends on ``alpha`` and ``C`` only through ``(1 - alpha) C / alpha``: a fixed
+``C`` fixes each query's neighbourhood by the distance profile of the data alone, and on small
+pools of unit-norm sentence embeddings the paper's ``C = 5`` spreads every query over a hundred
+rows or more. By default (``C=None``) the scale is set from ``N``, the budget ``k`` and ``M`` so
+that ``alpha = 0.5`` spreads each query over ``max(2, k / M)`` neighbours on average
+(:func:`auto_scale`; reasoning in :class:`TSDSSelector`).
 
 Differences from the published code, on purpose: a query whose nearest neighbour alone takes its
 whole budget gets ``1/M`` on that neighbour (the published loop fails there); every sum is float64;
 ``max_K``/``kde_K`` larger than the pool are clipped to the pool size with a logged warning instead
-of a silent cap at ``N // 10``; pools of any size ``>= 1`` work; densities are taken over the whole
-pool (the paper's definition), not only over the prefetched neighbours; densities are computed
-with a radius search (the kernel is zero beyond ``h``) and only for the neighbours the solution can
-reach (see :meth:`TSDSSelector.score`).
+of a silent cap at ``N // 10``; pools of any size ``>= 1`` work; a query that uses up its list
+widens it rather than piling its remaining mass on its last neighbour while the others go on;
+densities are taken over the whole pool (the paper's definition), not only over the prefetched
+neighbours, and only for the rows the solution can reach, each over at most ``kde_K`` neighbours
+(see :meth:`TSDSSelector._densities`); ``C`` defaults to the scale above.
+
+Sharded fit: every process searches its own rows, and the lists, the densities' neighbour lists
+and the level are merged or computed identically on every process (:meth:`TSDSSelector.fit`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 
 from .. import knn
-from .._checks import MAGNITUDE_RANGE, check_choice, check_float, check_int, param_error
+from .._checks import MAGNITUDE_RANGE, check_choice, check_embeddings, check_float, check_int, check_magnitude, param_error
 from ..dist import LOCAL, Comm, PoolView
 from .base import Selector, choose, register
 
 logger = logging.getLogger(__name__)
 
 _TIE_RTOL = 1e-6  # relative slack on the optimality test: float32 inputs make exact ties fuzzy
-_FIRST_WIDTH = 128  # neighbours per query whose densities are computed before widening
-_FLAT_DENSITY_PAIRS = 2e8  # "auto": exact density search while rows x pool stays under this
+_FIRST_WIDTH = 128  # neighbours per query in the first round; the lists double from there
+_FLAT_DENSITY_PAIRS = 2e8  # "auto": exact density search while rows x shard stays under this
+_KDE_FIRST = 32  # neighbours per density query in the first (usually final) pass
+_MIN_SUPPORT = 2.0  # C=None: the smallest mean neighbourhood aimed at (see TSDSSelector's C)
 
 
 def knn_kde_allocation(
@@ -143,14 +159,189 @@ def knn_kde_allocation(
     return gamma, level, needs_more
 
 
-def _pair_sq_dist(a: np.ndarray, b: np.ndarray, rows: np.ndarray, cols: np.ndarray, chunk: int = 65_536) -> np.ndarray:
-    """float64 ``||a[rows] - b[cols]||^2`` for index pairs, in chunks (FAISS's float32 expansion
-    ``|a|^2 + |b|^2 - 2ab`` loses the small distances that matter here)."""
-    out = np.empty(rows.size, dtype=np.float64)
-    for s in range(0, rows.size, chunk):
-        diff = a[rows[s : s + chunk]].astype(np.float64) - b[cols[s : s + chunk]]
+def auto_scale(dist: np.ndarray, inv_density: np.ndarray, valid: np.ndarray, support: float) -> float:
+    """The ``C`` at which ``alpha = 0.5`` spreads each query over ``support`` neighbours on average.
+
+    The solution depends on ``alpha`` and ``C`` only through ``lambda = (1 - alpha) C / alpha``
+    (the stopping threshold is ``lambda * M``). At a level ``t`` query ``i`` spreads over
+    ``1 + #{k : b_ik > t}`` neighbours (module docstring), so a mean of ``support`` means
+    ``(support - 1) * M`` breakpoints above ``t``; the sweep stops there when ``lambda * M`` equals
+    the slope accumulated over those breakpoints. That ``lambda`` is returned as ``C``
+    (``alpha = 0.5`` makes them equal), so ``alpha`` keeps its meaning around it: above 0.5
+    narrower neighbourhoods, below 0.5 wider ones.
+
+    Parameters
+    ----------
+    dist, inv_density, valid : ndarray of shape (M, L)
+        As for :func:`knn_kde_allocation`.
+    support : float
+        Wanted mean neighbourhood size, ``>= 1``.
+
+    Returns
+    -------
+    float
+        ``C > 0`` (the smallest positive float when every accumulated slope is 0, e.g. copies).
+    """
+    d = np.where(valid, np.asarray(dist, dtype=np.float64), 0.0)
+    w = np.where(valid, np.asarray(inv_density, dtype=np.float64), 0.0)
+    m = d.shape[0]
+    cum_w = np.cumsum(w, axis=1)
+    jump = np.zeros_like(d)
+    jump[:, :-1] = cum_w[:, :-1] * np.maximum(d[:, 1:] - d[:, :-1], 0.0)
+    real = valid.copy()
+    real[np.arange(m), valid.sum(axis=1) - 1] = False  # a list's last slot opens nothing
+    with np.errstate(divide="ignore"):
+        b = np.where(real, 1.0 / (m * cum_w), 0.0)[real]
+    order = np.argsort(-b, kind="stable")
+    cum = np.cumsum(jump[real][order])
+    # Stop at the first breakpoint strictly below the top (support - 1) * M (ties included: with
+    # uniform densities every query's first breakpoint is the same 1/M): just past them, every
+    # query whose breakpoints were passed has opened its next neighbour.
+    want = int(round((support - 1.0) * m))
+    if want <= 0 or cum.size == 0:
+        return float(np.finfo(np.float64).tiny)
+    b_sorted = b[order]
+    past = int((b_sorted >= b_sorted[min(want, cum.size) - 1]).sum())
+    # ... at the first one there whose slope step is positive (a zero step, between exact
+    # copies, would let the sweep stop before it, inside the group just passed).
+    rising = np.flatnonzero(cum[past:] > (cum[past - 1] if past else 0.0))
+    lam = cum[past + rising[0]] / m if rising.size else cum[-1] / m
+    return float(max(lam, np.finfo(np.float64).tiny))
+
+
+def _exact_sq(queries: np.ndarray, qrow: np.ndarray, pool: PoolView, gidx: np.ndarray, chunk: int = 16_384) -> np.ndarray:
+    """float64 ``||queries[qrow] - pool[gidx]||^2`` per pair, reading pool rows in chunks.
+
+    FAISS's float32 expansion ``|a|^2 + |b|^2 - 2ab`` loses the small distances that matter here
+    (a copy is at distance 0, not 1e-4), hence the direct difference in float64.
+    """
+    out = np.empty(qrow.size, dtype=np.float64)
+    q64 = queries.astype(np.float64)
+    for s in range(0, qrow.size, chunk):
+        diff = pool.read(gidx[s : s + chunk]) - q64[qrow[s : s + chunk]]
         out[s : s + chunk] = np.einsum("ij,ij->i", diff, diff)
     return out
+
+
+def _margin(k: int) -> int:
+    """Extra neighbours each process fetches beyond ``k`` and drops after the exact float64 re-ranking,
+    so that float32 near-ties at the cut decide nothing (the lists are then the same for any split)."""
+    return max(16, k // 8)
+
+
+def _merge_lists(dist: np.ndarray, idx: np.ndarray, width: int, comm: Comm) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's ``width`` nearest over every process's list: by distance, ties to the lower index.
+
+    ``dist`` float64 and ``idx`` int64 of shape (M, k) on every process (padding ``inf`` / ``-1``);
+    the same (M, width) lists come back on every process.
+    """
+    if comm.world_size > 1:
+        dist = np.concatenate(comm.all_gather(dist), axis=1)
+        idx = np.concatenate(comm.all_gather(idx), axis=1)
+    big = np.iinfo(np.int64).max
+    order = np.lexsort((np.where(idx >= 0, idx, big), dist), axis=1)[:, :width]
+    return np.take_along_axis(dist, order, 1), np.take_along_axis(idx, order, 1)
+
+
+@dataclass(frozen=True)
+class TSDSState:
+    """What :meth:`TSDSSelector.fit` returns: every row's probability follows from it.
+
+    Attributes
+    ----------
+    neighbours : ndarray of shape (M, L), int64
+        Each query's ``L`` nearest pool rows (global indices), nearest first (ties: lower index);
+        ``-1`` pads a list an approximate index could not fill.
+    distances : ndarray of shape (M, L), float64
+        Their plain L2 distances (float64, ``inf`` on padding).
+    rows : ndarray of shape (R,), int64
+        The reached rows (every row in some list), sorted.
+    probs : ndarray of shape (R,), float64
+        ``p`` of the reached rows; every other row has ``p = 0``. Sums to 1.
+    density : ndarray of shape (R,), float64
+        ``rho`` of the reached rows (all ones for KNN-Uniform).
+    level : float
+        The optimal water level ``t*``.
+    """
+
+    neighbours: np.ndarray
+    distances: np.ndarray
+    rows: np.ndarray
+    probs: np.ndarray
+    density: np.ndarray
+    level: float
+
+
+class _Shard:
+    """This process's rows behind a FAISS index (the only full copy of them this fit makes)."""
+
+    def __init__(self, pool: PoolView, kind: str, seed: int) -> None:
+        self.pool = pool
+        self.kind = kind
+        self.seed = seed
+        self.max_sq_norm = 0.0
+        self.index = self._build(kind) if pool.n_local else None
+        self._ivf = self.index if kind == "ivf" else None
+        # Exact distances of (query, row) pairs already computed, keyed query * n_global + row:
+        # a wider list re-uses those of the narrower one instead of recomputing them.
+        self._keys = np.zeros(0, dtype=np.int64)
+        self._sq = np.zeros(0)
+
+    def _build(self, kind: str) -> Any:
+        pool = self.pool
+
+        def blocks() -> Any:
+            for _, rows in pool.blocks():
+                self.max_sq_norm = max(self.max_sq_norm, float(np.einsum("ij,ij->i", rows, rows).max()))
+                yield rows
+
+        return knn.index_from_blocks(blocks(), pool.n_local, pool.dim, read=lambda r: pool.read(r + pool.offset), index=kind, seed=self.seed)
+
+    def ivf(self) -> Any:
+        """An IVF index over the shard (the prefetch one when it is IVF), built on first use."""
+        if self._ivf is None:
+            self._ivf = self._build("ivf")
+        return self._ivf
+
+    def nearest(self, queries: np.ndarray, k: int, *, kind: str, nprobe: int | None, remember: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each query's ``k`` nearest shard rows by the ``kind`` index (the prefetch one, or IVF),
+        re-ranked on exact float64 squared distances.
+
+        Returns ``(sq, gidx, faiss_sq)`` of shape (q, k): float64 squared distances sorted
+        ascending (ties: lower global index), global indices, and FAISS's float32 values in the
+        same order; ``inf`` / ``-1`` pad where the shard has fewer rows or an IVF probe found fewer.
+        ``remember``: keep the exact distances for the next call with the same queries.
+        """
+        q = len(queries)
+        sq = np.full((q, k), np.inf)
+        gidx = np.full((q, k), -1, dtype=np.int64)
+        approx = np.full((q, k), np.inf)
+        if self.index is None or q == 0:
+            return sq, gidx, approx
+        kk = min(k, self.pool.n_local)
+        index = self.index if kind == self.kind else self.ivf()
+        found = knn.search_index(index, queries, kk, index=kind, nprobe=nprobe)
+        valid = found.valid
+        rows, cols = np.nonzero(valid)
+        g = found.indices[rows, cols] + self.pool.offset
+        if remember:
+            keys = rows.astype(np.int64) * int(self.pool.n_global) + g
+            pos = np.minimum(np.searchsorted(self._keys, keys), max(self._keys.size - 1, 0))
+            seen = (self._keys[pos] == keys) if self._keys.size else np.zeros(keys.size, dtype=bool)
+            vals = np.empty(keys.size)
+            vals[seen] = self._sq[pos[seen]]
+            vals[~seen] = _exact_sq(queries, rows[~seen], self.pool, g[~seen])
+            order = np.argsort(np.concatenate([self._keys, keys[~seen]]), kind="stable")
+            self._keys = np.concatenate([self._keys, keys[~seen]])[order]
+            self._sq = np.concatenate([self._sq, vals[~seen]])[order]
+            sq[rows, cols] = vals
+        else:
+            sq[rows, cols] = _exact_sq(queries, rows, self.pool, g)
+        gidx[rows, cols] = g
+        approx[:, :kk] = np.where(valid, found.distances, np.inf)
+        big = np.iinfo(np.int64).max
+        order = np.lexsort((np.where(gidx >= 0, gidx, big), sq), axis=1)
+        return np.take_along_axis(sq, order, 1), np.take_along_axis(gidx, order, 1), np.take_along_axis(approx, order, 1)
 
 
 @register("tsds")
@@ -161,14 +352,34 @@ class TSDSSelector(Selector):
     ----------
     alpha : float, default 0.5
         Weight of alignment versus diversity, in ``[0, 1]`` (paper: 0.075 instruction tuning,
-        0.6 continued pre-training). 1 sends each query's mass to its nearest candidate; 0 spreads
-        it over all ``max_K`` neighbours.
-    C : float, default 5.0
-        Distance scale ``> 0`` (5 suits unit-norm embeddings).
+        0.6 continued pre-training). 1 sends each query's mass to its nearest candidate; lower
+        values spread it wider. 0 drops alignment altogether: the level falls until the first
+        query's list is used up, so a query spreads over all ``max_K`` neighbours only when its
+        densities are as low as those of the first one to run out (with uniform densities every
+        query does; with varied densities most stop earlier); lists then grow to ``max_K`` and
+        the cap warning fires.
+    C : float or None, default None
+        Distance scale ``> 0``. ``None`` sets it from the data, ``N``, ``k`` and ``M``: the scale at
+        which ``alpha = 0.5`` spreads each query over ``s = max(2, k / M)`` neighbours on
+        average (:func:`auto_scale`; ``k`` is ``budget``). The reasoning: the selection draws ``k``
+        rows, about ``k / M`` per query, so a query's neighbourhood much wider than its share of
+        draws dilutes the alignment (each draw lands far from its query), and one narrower than
+        two rows gives up the diversity the method is for. A fixed ``C`` (the paper and its
+        published code use 5 on their embeddings) instead fixes the neighbourhood by the
+        distance profile alone, which on a small pool of unit-norm sentence embeddings spreads
+        each query over ~100-170 rows, little closer to the target than random
+        (``benchmarks/results/tsds_small_pool.md``).
     sigma : float, default 0.75
         Kernel bandwidth ``h >= 0`` of the Epanechnikov density; 0 means KNN-Uniform.
     max_K : int, default 5000
-        ``L``, neighbours prefetched per query; clipped to the pool size with a warning.
+        ``L``, the most neighbours a query may spread over (the cap of the growing lists);
+        clipped to the pool size with a logged warning. Lists start at 128 and double only while
+        some query's optimum reaches the end of its list; if that still holds at ``max_K``, the
+        result is the optimum restricted to ``max_K`` neighbours and a warning gives the figures.
+        5000 is the paper's value; with ``C=None`` the lists stay near ``2 s``, far below it.
+    budget : int, optional
+        ``k``, the rows the selection will draw; used only by ``C=None``. :meth:`select` passes
+        its ``k``; a bare :meth:`fit` without it assumes 1% of the pool (at least 1).
     kde_K : int, default 1000
         ``I``, most neighbours counted in a density; clipped to the pool size with a warning.
     kernel : {"kde", "uniform"}, default "kde"
@@ -177,9 +388,9 @@ class TSDSSelector(Selector):
         :meth:`select` samples with replacement (multinomial, as the paper) or without
         (Gumbel-top-k).
     index : {"auto", "flat", "ivf", "hnsw"}, default "auto"
-        FAISS index for the prefetch (see :func:`hf_otselect.knn.knn_search`; ``"auto"`` is flat
-        up to ``knn.FLAT_MAX_BASE`` candidates, IVF above). Densities come from a radius search:
-        exact (flat) under ``"flat"``, and under ``"auto"`` while one density batch costs at most
+        FAISS index over each process's rows (see :func:`hf_otselect.knn.knn_search`; ``"auto"``
+        is flat up to ``knn.FLAT_MAX_BASE`` rows per process, IVF above). Densities are searched
+        exactly (flat) under ``"flat"``, and under ``"auto"`` while one density pass costs at most
         ``_FLAT_DENSITY_PAIRS`` distance evaluations; otherwise over an IVF index.
     nprobe : int, optional
         IVF lists visited per prefetch query (default :func:`hf_otselect.knn.default_nprobe`).
@@ -193,7 +404,7 @@ class TSDSSelector(Selector):
     Notes
     -----
     ``score`` returns ``p`` (non-negative, sums to 1) and records in ``diagnostics_`` the level
-    ``t*``, the mean neighbourhood size, the prefetch width used and timings.
+    ``t*``, the mean neighbourhood size, the list width used and timings.
     """
 
     choice = "sample"
@@ -202,10 +413,11 @@ class TSDSSelector(Selector):
         self,
         *,
         alpha: float = 0.5,
-        C: float = 5.0,
+        C: float | None = None,
         sigma: float = 0.75,
         max_K: int = 5000,
         kde_K: int = 1000,
+        budget: int | None = None,
         kernel: Literal["kde", "uniform"] = "kde",
         replace: bool = True,
         index: Literal["auto", "flat", "ivf", "hnsw"] = "auto",
@@ -218,6 +430,7 @@ class TSDSSelector(Selector):
         self.sigma = sigma
         self.max_K = max_K
         self.kde_K = kde_K
+        self.budget = budget
         self.kernel = kernel
         self.replace = replace
         self.index = index
@@ -230,7 +443,10 @@ class TSDSSelector(Selector):
     def _check_params(self) -> None:
         owner = "TSDSSelector"
         check_float(self.alpha, "alpha", owner, 0.0, 1.0)
-        check_float(self.C, "C", owner, 0.0, low_open=True)
+        if self.C is not None:
+            check_float(self.C, "C", owner, 0.0, low_open=True)
+        if self.budget is not None:
+            check_int(self.budget, "budget", owner, 1)
         check_float(self.sigma, "sigma", owner, 0.0)
         if self.sigma != 0:  # the density search squares it in float32 (a radius of 1e-300 is 0, 1e300 overflows)
             check_float(self.sigma, "sigma", f"{owner} (0 turns the density term off)", *MAGNITUDE_RANGE)
@@ -245,116 +461,147 @@ class TSDSSelector(Selector):
         check_int(self.density_nprobe, "density_nprobe", owner, 1)
         check_int(self.seed, "seed", owner, 0)
 
-    def fit(self, pool: PoolView, target: Any, *, comm: Comm | None = None) -> np.ndarray:
-        """Score the whole pool in this process (one process only, for now); the state is the scores."""
-        if (comm or LOCAL).world_size > 1:
-            raise param_error("comm", f"{type(self).__name__}.fit", "a single process (the sharded fit is not built yet)", (comm or LOCAL).world_size)
-        return self._score_all(np.asarray(pool.data), target)
-
-    def score_batch(self, state: np.ndarray, rows: Any, index: np.ndarray) -> np.ndarray:
-        """The fitted scores of these rows."""
-        return state[index]
-
-    def _score_all(self, candidates: Any, target: Any) -> np.ndarray:
-        """Selection probabilities ``p`` of the candidates.
+    def fit(self, pool: PoolView, target: Any, *, comm: Comm | None = None) -> TSDSState:
+        """Neighbour lists, densities and water level over a (possibly sharded) pool.
 
         Parameters
         ----------
-        candidates : ndarray of shape (n_candidates, dim)
-        target : ndarray of shape (n_target, dim)
-            The ``M`` query examples.
+        pool : PoolView
+            This process's rows; they are read once into a FAISS index over the shard and
+            afterwards only by row (exact distances), never all at once elsewhere.
+        target : ndarray of shape (M, dim)
+            The queries, the same on every process.
+        comm : Comm, optional
+            The process group (default: this process alone). Every process gets the same state.
 
         Returns
         -------
-        ndarray of shape (n_candidates,), float64
-            ``p_j = sum_i gamma_ij`` of the optimal plan: non-negative, sums to 1.
+        TSDSState
 
         Notes
         -----
-        Densities are computed lazily: first for each query's nearest 128 neighbours, solving the
-        problem on those; the width doubles (up to ``max_K``) only while the optimum is decided by
-        some query reaching the end of its shortened list. Widening cannot change an optimum that
-        did not touch those ends (all further breakpoints lie below ``t*``), so the result equals
-        the one computed with all ``max_K`` densities.
+        Each round searches every query's ``L`` nearest rows (``L`` starts at 128): each process
+        searches its shard, re-ranks its ``L + margin`` best on exact float64 distances, and the
+        lists merge by distance, ties to the lower global index (one all-gather of O(M x L)).
+        The densities of newly reached rows follow (:meth:`_densities`, at most ``kde_K``
+        neighbours per row), then the closed form. ``L`` doubles (up to ``max_K``) only while
+        the optimum is decided by some query reaching the end of its list: more neighbours
+        cannot change an optimum that did not touch those ends (every further breakpoint lies
+        below ``t*``), so the result is the optimum over ``max_K`` neighbours.
+
+        Memory per process: the FAISS index over its own rows (``n_local x dim`` float32 for flat
+        or IVF; the rows are added block by block, never copied elsewhere), the merged lists
+        (``M x L``, plus what each process contributes to one all-gather), the reached rows'
+        vectors (``R x dim``, ``R <= M x L``) and at most ``kde_K`` neighbour distances per
+        density row, in chunks. Communication: O(M x L) per round for the lists, O(R x dim) for
+        the reached vectors and O(R x kde_K) at most for the density lists (only distances within
+        ``h``). With a flat index the state, hence every probability and every row chosen, is the
+        same for any number of processes and any split (tested to 1e-12 under ``torchrun``);
+        with IVF each process trains its own index, so the approximation depends on the split.
         """
+        comm = comm or LOCAL
         self._check_params()
-        candidates, target = self._check_pair(candidates, target)
-        n, m = candidates.shape[0], target.shape[0]
-        width_max = self._clipped("max_K", self.max_K, n)
+        owner = f"{type(self).__name__}.fit"
+        target = check_embeddings(target, "target", owner, dim=pool.dim)
+        check_magnitude(target, "target", owner)  # FAISS's float32 squared distances must stay finite
+        n, m = int(pool.n_global), target.shape[0]
+        cap = self._clipped("max_K", self.max_K, n)
         use_kde = self.kernel == "kde" and self.sigma > 0
         n_kde = self._clipped("kde_K", self.kde_K, n) if use_kde else 0
-        timings: dict[str, float] = {}
+        timings = {"prefetch_s": 0.0, "density_s": 0.0, "solve_s": 0.0}
+        budget = self.budget or getattr(self, "_select_k", None) or max(1, -(-n // 100))
+        aim = max(_MIN_SUPPORT, budget / m)  # C=None: the mean neighbourhood aimed at
 
         t0 = time.perf_counter()
-        kind = ("flat" if n <= knn.FLAT_MAX_BASE else "ivf") if self.index == "auto" else self.index
-        index = knn.build_index(candidates, index=kind, seed=self.seed)
-        found = knn.knn_search(target, candidates, width_max, index=kind, nprobe=self.nprobe, seed=self.seed, prebuilt=index)
-        timings["prefetch_s"] = time.perf_counter() - t0
+        kind = ("flat" if pool.n_local <= knn.FLAT_MAX_BASE else "ivf") if self.index == "auto" else self.index
+        shard = _Shard(pool, kind, self.seed)
+        timings["index_s"] = time.perf_counter() - t0
 
-        # FAISS's float32 distances fix the order; the prefix in use gets exact float64 distances
-        # (computed lazily, as the prefix widens) and is re-sorted on them, ties by index.
-        nbr = found.indices.copy()
-        valid = found.valid
-        dist = np.where(valid, np.sqrt(np.maximum(found.distances, 0.0)), np.inf).astype(np.float64)
-        exact_upto = 0
-
-        density = np.full(n, np.nan)  # filled lazily, only where the solution can reach
-        t1 = time.perf_counter()
-        width = min(width_max, _FIRST_WIDTH)
-        ivf = index if kind == "ivf" else None
-        density_kinds: set[str] = set()
+        known = np.zeros(0, dtype=np.int64)  # rows whose density is known, sorted
+        known_rho = np.zeros(0)
+        width = min(cap, _FIRST_WIDTH)
         while True:
-            if width > exact_upto:
-                rows, cols = np.nonzero(valid[:, exact_upto:width])
-                cols += exact_upto
-                dist[rows, cols] = np.sqrt(_pair_sq_dist(target, candidates, rows, nbr[rows, cols]))
-                exact_upto = width
-                big = np.iinfo(np.int64).max
-                order = np.lexsort((np.where(valid[:, :width], nbr[:, :width], big), dist[:, :width]), axis=1)
-                nbr[:, :width] = np.take_along_axis(nbr[:, :width], order, axis=1)
-                dist[:, :width] = np.take_along_axis(dist[:, :width], order, axis=1)
-            sub_nbr, sub_valid = nbr[:, :width], valid[:, :width]
-            if use_kde:
-                need = np.unique(sub_nbr[sub_valid])
-                need = need[np.isnan(density[need])]
-                if need.size:
-                    exact = self.index == "flat" or (self.index == "auto" and need.size * n <= _FLAT_DENSITY_PAIRS)
-                    if not exact and ivf is None:
-                        ivf = knn.build_index(candidates, index="ivf", seed=self.seed)
-                    density_kinds.add("flat" if exact else "ivf")
-                    density[need] = self._densities(candidates, need, n_kde, None if exact else ivf)
-                inv = np.where(sub_valid, 1.0 / np.where(sub_valid, density[np.maximum(sub_nbr, 0)], 1.0), 1.0)
-            else:
-                inv = np.ones(sub_nbr.shape)
-            truncated = valid[:, width:].any(axis=1) if width < width_max else np.zeros(m, dtype=bool)
-            gamma, level, needs_more = knn_kde_allocation(dist[:, :width], inv, alpha=float(self.alpha), C=float(self.C), valid=sub_valid, truncated=truncated)
-            if not needs_more:
-                break
-            width = min(width_max, 2 * width)
-        timings["density_and_solve_s"] = time.perf_counter() - t1
+            t0 = time.perf_counter()
+            k_local = min(width + _margin(width), n)
+            sq, gidx, _ = shard.nearest(target, k_local, kind=kind, nprobe=self.nprobe, remember=True)
+            dist, nbr = _merge_lists(np.sqrt(sq), gidx, width, comm)
+            valid = nbr >= 0
+            timings["prefetch_s"] += time.perf_counter() - t0
 
-        p = np.bincount(sub_nbr[sub_valid], weights=gamma[sub_valid], minlength=n)
+            reached = np.unique(nbr[valid])
+            t0 = time.perf_counter()
+            if use_kde:
+                new = np.setdiff1d(reached, known, assume_unique=True)
+                if new.size:
+                    rho = self._densities(shard, new, n_kde, comm)
+                    known = np.concatenate([known, new])
+                    known_rho = np.concatenate([known_rho, rho])
+                    order = np.argsort(known, kind="stable")
+                    known, known_rho = known[order], known_rho[order]
+                rho_nbr = np.where(valid, known_rho[np.searchsorted(known, np.maximum(nbr, 0))], 1.0)
+            else:
+                rho_nbr = np.ones(nbr.shape)
+            timings["density_s"] += time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            truncated = (valid.sum(axis=1) == width) & (width < n)
+            scale = auto_scale(dist, 1.0 / rho_nbr, valid, aim) if self.C is None else float(self.C)
+            gamma, level, needs_more = knn_kde_allocation(dist, 1.0 / rho_nbr, alpha=float(self.alpha), C=scale, valid=valid, truncated=truncated)
+            timings["solve_s"] += time.perf_counter() - t0
+            if not needs_more or width >= cap:
+                break
+            width = min(cap, 2 * width)
+        at_end = int((truncated & (gamma[:, -1] > 0)).sum()) if needs_more else 0
+        if needs_more:
+            logger.warning(
+                "TSDSSelector: the optimum still reaches the end of %d of %d queries' lists at max_K=%d "
+                "(level %.3g, mean neighbourhood %.1f of %d); the result is the optimum over the %d nearest "
+                "neighbours only. Raise max_K, or alpha, or lower C.",
+                at_end, m, cap, level, float((gamma > 0).sum(axis=1).mean()), width, cap,
+            )
+
+        pos = np.searchsorted(reached, np.maximum(nbr, 0))
+        p = np.bincount(pos[valid], weights=gamma[valid], minlength=reached.size)
         p = np.maximum(p, 0.0)
         p /= p.sum()  # 1 up to ~1e-16; makes sum(p) == 1 to the last bit choose() cares about
+        density = known_rho[np.searchsorted(known, reached)] if use_kde else np.ones(reached.size)
         support = (gamma > 0).sum(axis=1)
         self.diagnostics_ = {
             "level": level,
             "mean_neighbourhood": float(support.mean()),
             "max_neighbourhood": int(support.max()),
-            "prefetch_width": int(width_max),
-            "density_width": int(width),
-            "n_densities": int(np.isfinite(density).sum()),
+            "width": int(width),
+            "max_K": int(cap),
+            "C": scale,
+            "target_neighbourhood": float(aim) if self.C is None else None,
+            "capped": bool(needs_more),
+            "n_at_end": at_end,
+            "n_densities": int(known.size),
             "kde_K": int(n_kde),
             "index": kind,
-            "density_index": "+".join(sorted(density_kinds)) or "none",
             "n_selected_support": int((p > 0).sum()),
             **timings,
         }
         logger.info(
-            "TSDS: t*=%.3g, mean neighbourhood %.1f, %d densities, prefetch %.2fs, density+solve %.2fs",
-            level, support.mean(), self.diagnostics_["n_densities"], timings["prefetch_s"], timings["density_and_solve_s"],
+            "TSDS: t*=%.3g, mean neighbourhood %.1f, width %d, %d densities, prefetch %.2fs, densities %.2fs",
+            level, support.mean(), width, known.size, timings["prefetch_s"], timings["density_s"],
         )
-        return p
+        return TSDSState(neighbours=nbr, distances=dist, rows=reached, probs=p, density=density, level=level)
+
+    def select(self, candidates: Any, target: Any, k: int, *, seed: int = 0) -> Any:
+        """As :meth:`Selector.select`; ``k`` also sizes ``C=None``'s neighbourhoods unless ``budget`` is set."""
+        self._select_k = k
+        try:
+            return super().select(candidates, target, k, seed=seed)
+        finally:
+            del self._select_k
+
+    def score_batch(self, state: TSDSState, rows: Any, index: np.ndarray) -> np.ndarray:
+        """``p`` of these rows, looked up by global index (0 for rows no query reached)."""
+        index = np.asarray(index, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(state.rows, index), max(state.rows.size - 1, 0))
+        hit = state.rows.size > 0
+        return np.where(hit & (state.rows[pos] == index), state.probs[pos], 0.0) if hit else np.zeros(index.size)
 
     def _clipped(self, name: str, value: int, n: int) -> int:
         if value > n:
@@ -362,28 +609,59 @@ class TSDSSelector(Selector):
             return n
         return int(value)
 
-    def _densities(self, candidates: np.ndarray, rows: np.ndarray, n_kde: int, index: Any) -> np.ndarray:
-        """Epanechnikov density ``rho`` of ``candidates[rows]`` over its ``n_kde`` nearest candidates.
+    def _densities(self, shard: _Shard, rows: np.ndarray, n_kde: int, comm: Comm) -> np.ndarray:
+        """Epanechnikov density ``rho`` of the pool rows ``rows`` (sorted global indices).
 
-        ``index``: None for an exact flat search, else a filled IVF index over ``candidates``.
+        ``rho_j`` sums ``max(0, 1 - ||x_j - x'||^2 / h^2)`` over the ``kde_K`` rows ``x'`` nearest
+        to ``x_j`` in the whole pool (itself included): no search returns more than ``kde_K``
+        (+ a small margin) neighbours per row, whatever the data.
 
-        Only neighbours within ``h`` contribute, so a radius search with radius ``h^2`` (squared
-        L2) finds them all; each block comes back nearest first, so the ``n_kde`` nearest are its
-        first entries. The kernel is evaluated on float64 distances. ``rho >= 1`` (self).
+        Every process gets the rows' vectors from their owners (one all-gather of R x dim),
+        groups exact copies (they share one density, found once), and finds each distinct
+        vector's nearest rows in its own shard: first ``_KDE_FIRST``; only vectors whose
+        ``_KDE_FIRST``-th neighbour still lies within ``h`` search again for ``kde_K`` (the kernel
+        is zero beyond ``h``, so a shorter list that ends beyond ``h`` holds every row that counts).
+        The per-process lists of squared distances within ``h`` merge, and the ``kde_K`` smallest
+        are summed in ascending order, so the result does not depend on the split.
         """
+        pool = shard.pool
+        lo, hi = np.searchsorted(rows, [pool.offset, pool.offset + pool.n_local])
+        vecs = pool.read(rows[lo:hi])
+        if comm.world_size > 1:
+            vecs = np.concatenate(comm.all_gather(vecs))
+        flat = np.ascontiguousarray(vecs).view(np.dtype((np.void, vecs.dtype.itemsize * vecs.shape[1]))).ravel()
+        _, first, inverse = np.unique(flat, return_index=True, return_inverse=True)
+        uniq = vecs[first]
         h2 = float(self.sigma) ** 2
-        kind = "flat" if index is None else "ivf"
-        lims, _, nbrs = knn.radius_search(candidates[rows], candidates, h2, index=kind, nprobe=self.density_nprobe, seed=self.seed, prebuilt=index)
-        counts = np.diff(lims)
-        owner = np.repeat(np.arange(rows.size), counts)
-        rank = np.arange(nbrs.size) - lims[owner]
-        keep = rank < n_kde
-        owner, nbrs = owner[keep], nbrs[keep]
-        sq = _pair_sq_dist(candidates, candidates, rows[owner], nbrs)
-        kern = np.maximum(0.0, 1.0 - sq / h2)
-        rho = np.bincount(owner, weights=kern, minlength=rows.size)
-        # The point itself is always within h; an approximate probe that misses it still counts it.
-        return np.maximum(rho, 1.0)
+        exact = shard.kind == "flat" and (self.index == "flat" or uniq.shape[0] * pool.n_local <= _FLAT_DENSITY_PAIRS)
+        kind, nprobe = ("flat", None) if exact else ("ivf", self.density_nprobe)
+        full_k = min(n_kde + _margin(n_kde), pool.n_global)
+        first_k = min(_KDE_FIRST, full_k)
+        # The local lists (ascending float64 squared distances, inf beyond h), then the merge.
+        sq, _, approx = shard.nearest(uniq, first_k, kind=kind, nprobe=nprobe)
+        if first_k < full_k and pool.n_local > first_k:
+            slack = 1e-5 * (np.einsum("ij,ij->i", uniq, uniq).astype(np.float64) + shard.max_sq_norm)
+            more = np.flatnonzero(approx.max(axis=1) < h2 + slack)
+            if more.size:
+                sq_more, _, _ = shard.nearest(uniq[more], full_k, kind=kind, nprobe=nprobe)
+                sq = np.concatenate([sq, np.full((sq.shape[0], full_k - first_k), np.inf)], axis=1)
+                sq[more] = sq_more
+        sq = np.where(sq < h2, sq, np.inf)
+        width = int((sq < np.inf).sum(axis=1).max(initial=0))
+        width = int(comm.all_reduce(np.array([width], dtype=np.int64), op="max")[0]) if comm.world_size > 1 else width
+        sq = sq[:, : max(width, 1)]
+        rho = np.empty(uniq.shape[0])
+        step = max(1, 4_000_000 // max(1, width * comm.world_size))
+        for s in range(0, uniq.shape[0], step):
+            part = sq[s : s + step]
+            if comm.world_size > 1:
+                part = np.concatenate(comm.all_gather(np.ascontiguousarray(part)), axis=1)
+            part = np.sort(part, axis=1)[:, :n_kde]
+            kern = np.maximum(0.0, 1.0 - part / h2)
+            # Sequential (cumsum) so trailing zeros never change the rounding: same rho for any split.
+            rho[s : s + step] = np.cumsum(kern, axis=1)[:, -1]
+        # The row itself is always within h; an approximate probe that misses it still counts it.
+        return np.maximum(rho, 1.0)[inverse]
 
 
 def sample_epochs(
