@@ -116,8 +116,6 @@ def test_vector_fits_give_the_one_process_scores(method, params, world):
         local = np.concatenate([sel.score_batch(state, rows, idx) for idx, rows in view.blocks(5)])
         return np.concatenate(comm.all_gather(local))
 
-    if method == "tsds" and not hasattr(selector, "_sharded_fit_ready"):
-        pytest.skip("sharded fit lands with the TSDS work")
     got = _split_call(90, world, scores)
     np.testing.assert_allclose(got, whole, rtol=1e-6 if method == "got_d" else 0, atol=1e-12 if method == "got_d" else 0)
 

@@ -334,8 +334,7 @@ def test_torchrun_shards_give_the_one_process_probabilities_and_rows(tmp_path, n
 
     from hf_otselect.selectors.base import choose
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    import tsds_dist_worker as worker
+    from tests.workers import tsds_sharded as worker
 
     x, y, params = worker.problem()
     one = TSDSSelector(**params).score(x, y)
@@ -344,7 +343,7 @@ def test_torchrun_shards_give_the_one_process_probabilities_and_rows(tmp_path, n
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           str(Path(__file__).parent / "tsds_dist_worker.py"), str(out)]
+           str(Path(__file__).parent / "workers" / "tsds_sharded.py"), str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = np.load(out)
