@@ -240,6 +240,31 @@ def test_got_d_examples_carry_the_transport_plan_of_pot(tmp_path):
         assert top[0]["mass_share"] == pytest.approx(row.max() / row.sum(), rel=1e-2)
 
 
+def test_projection_states_its_explained_variance_and_the_examples_speak_plainly(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "umap", None)  # the PCA path, whether or not umap-learn is installed
+    folder = tmp_path / "out"
+    truth = _make_run(folder, method="got_d", n=120, m=25, k=12)
+    page = write_report(folder, n_examples=3).read_text(encoding="utf-8")
+    numbers = json.loads((folder / "report.json").read_text())
+    proj = numbers["projection"]
+    # independent: the top two eigenvalues of the covariance of the points the PCA was fitted on
+    fit = np.concatenate([truth["pool"], truth["target"]]).astype(np.float64)
+    eig = np.linalg.eigvalsh(np.cov(fit, rowvar=False))[::-1]
+    assert proj["method"] == "PCA"
+    np.testing.assert_allclose(proj["explained_variance_ratio"], eig[:2] / eig.sum(), rtol=1e-4)
+    assert proj["explained_variance_total"] == pytest.approx(eig[:2].sum() / eig.sum(), rel=1e-4)
+    assert f"keeps {100 * eig[:2].sum() / eig.sum():.1f}% of the spread" in page
+    if eig[:2].sum() / eig.sum() < 0.5:
+        assert "Judge closeness by the OT distances" in page
+    for jargon in ("potential f =", "calibrated gradient"):
+        assert jargon not in page
+    assert "pool rows compete for the target rows" in page
+    for ex in numbers["examples"]:  # the value shown is the row's score direction: -f
+        assert _page_number(page, f"ex-{numbers['examples'].index(ex)}-f") == pytest.approx(-ex["got_d"]["potential_f"], rel=1e-5)
+
+
 def test_large_pools_are_subsampled_deterministically_and_the_page_says_so(tmp_path, monkeypatch):
     import hf_otselect.report as report
 
