@@ -131,6 +131,11 @@ class Config:
     threads: int = 2
     scale: float = 1.0
     embed_max_length: int = 128
+    # DSIR scores rows per chunk of this many tokens and never chooses shorter rows. The package
+    # default (100, the reference package's minimum length) leaves 20% of this pool's units (at
+    # most max_chars = 500 characters, median 35-105 tokens per source) eligible; 32 leaves 80%.
+    # 0 scores whole rows (the former behaviour).
+    dsir_chunk_tokens: int = 32
     name: str = "quality"
 
 
@@ -297,10 +302,14 @@ def build_targets(raw: dict[str, Any], cfg: Config, pool_texts: list[str], rng: 
 # selection
 
 
-def make_selector(name: str, n_pool: int, negative: np.ndarray | None = None, seed: int = 0) -> Any:
-    """The selector under test, with its package defaults (pool-size caps only for TSDS)."""
+def make_selector(name: str, n_pool: int, negative: np.ndarray | None = None, seed: int = 0,
+                  dsir_chunk_tokens: int | None = 100) -> Any:
+    """The selector under test, with its package defaults (pool-size caps for TSDS; DSIR's chunk
+    length, which must fit the pool's unit length, from ``Config.dsir_chunk_tokens``)."""
     from hf_otselect.selectors import get_selector
 
+    if name == "dsir":
+        return get_selector("dsir", chunk_tokens=dsir_chunk_tokens or None)
     if name == "tsds":
         return get_selector("tsds", max_K=min(5000, n_pool), kde_K=min(1000, n_pool), seed=seed)
     if name == "got_d_neg":
@@ -311,7 +320,7 @@ def make_selector(name: str, n_pool: int, negative: np.ndarray | None = None, se
 def run_selectors(names: list[str], pool_emb: np.ndarray, pool_text: list[str], tgt_emb: np.ndarray, tgt_text: list[str],
                   budgets: tuple[int, ...], random_seeds: tuple[int, ...], negative: np.ndarray | None = None,
                   seed: int = 0, guard_radius: float = 0.0, sources: np.ndarray | None = None,
-                  prefilter_keep: int = 0) -> list[dict[str, Any]]:
+                  prefilter_keep: int = 0, dsir_chunk_tokens: int | None = 100) -> list[dict[str, Any]]:
     """Score once per selector, then choose every budget (random: every seed).
 
     ``guard_radius > 0`` adds, for every selector, ``<name>+guard`` rows chosen through
@@ -330,9 +339,9 @@ def run_selectors(names: list[str], pool_emb: np.ndarray, pool_text: list[str], 
     if prefilter_keep > 0 and sources is not None and "got_d" in names:
         jobs.append(("got_d", "pf"))
     for name, variant in jobs:
-        sel = make_selector(name, len(pool_emb), negative, seed)
+        sel = make_selector(name, len(pool_text), negative, seed, dsir_chunk_tokens)
         t0 = time.perf_counter()
-        rows = np.arange(len(pool_emb))
+        rows = np.arange(len(pool_text))
         info: dict[str, Any] = {}
         if variant == "pf":
             from hf_otselect.prefilter import prefilter_sources
@@ -342,6 +351,10 @@ def run_selectors(names: list[str], pool_emb: np.ndarray, pool_text: list[str], 
             info["prefilter"] = pf.to_dict()
         if sel.needs_text:
             scores = sel.score([pool_text[i] for i in rows], tgt_text)
+            if name == "dsir":
+                info["rows_too_short"] = int(np.isinf(scores).sum())
+        elif pool_emb is None and name == "random":  # random reads no vectors (selection-only runs embed nothing)
+            scores = sel.score(np.zeros((len(rows), 1), np.float32), np.zeros((1, 1), np.float32))
         else:
             scores = sel.score(pool_emb[rows], tgt_emb)
         scores = np.asarray(scores, dtype=np.float64)
@@ -587,7 +600,8 @@ def run(cfg: Config) -> dict[str, Any]:
     for name, t in targets.items():
         names = list(cfg.selectors) + (["got_d_neg"] if name == "jigsaw_ok" and "got_d" in cfg.selectors else [])
         sels = run_selectors(names, pool_emb, pool["text"], tgt_emb[name], t["select"], cfg.budgets, cfg.random_seeds,
-                             negative=neg_emb, seed=cfg.seed, sources=pool["source"], prefilter_keep=cfg.prefilter_keep)
+                             negative=neg_emb, seed=cfg.seed, sources=pool["source"], prefilter_keep=cfg.prefilter_keep,
+                             dsir_chunk_tokens=cfg.dsir_chunk_tokens)
         for s in sels:
             idx = s["indices"]
             sel_texts = [pool["text"][i] for i in idx]
@@ -624,7 +638,7 @@ def duplicate_test(pool: dict[str, Any], pool_emb: np.ndarray, targets: dict[str
     out = []
     for name, t in targets.items():
         sels = run_selectors(list(cfg.selectors), aug_emb, aug_text, tgt_emb[name], t["select"], cfg.budgets,
-                             cfg.random_seeds, seed=cfg.seed, guard_radius=cfg.guard_radius)
+                             cfg.random_seeds, seed=cfg.seed, guard_radius=cfg.guard_radius, dsir_chunk_tokens=cfg.dsir_chunk_tokens)
         for s in sels:
             idx = s["indices"]
             out.append({"target": name, "k": s["k"], "selector": s["selector"], "dup_share": float(is_dup[idx].mean()),
@@ -632,6 +646,87 @@ def duplicate_test(pool: dict[str, Any], pool_emb: np.ndarray, targets: dict[str
                         "domain_frac": float((pool["domain"][rows_of[idx]] == TARGET_DOMAIN[name]).mean())})
     out.append({"pool_dup_share": float(is_dup.mean()), "n_aug": int(len(rows_of)), "n_dup_rows": int(len(dup))})
     return out
+
+
+def selection_only(cfg: Config) -> dict[str, Any]:
+    """The selection half of :func:`run` (same pool, same targets): who is chosen, no LM training.
+
+    Reports, per target x budget x selector, the share of the target's domain, the sources and the
+    median length (word-punct tokens) of the chosen rows. DSIR runs three times: with
+    ``cfg.dsir_chunk_tokens``, with the package default (100) and on whole rows (the former
+    behaviour), labelled ``dsir``, ``dsir[chunk=100]`` and ``dsir[whole rows]``. Embeddings (and
+    the OT column of the full run) are computed only when a vector selector is asked for.
+    """
+    from hf_otselect.selectors.baselines import dsir_ngrams
+
+    t_start = time.perf_counter()
+    rng = np.random.default_rng(cfg.seed)  # the same draws as run(): same pool, same targets
+    raw = load_raw(Path(cfg.data_dir), rng)
+    pool = build_pool(raw, cfg, rng)
+    targets = build_targets(raw, cfg, pool["text"], rng)
+    tokens = np.array([len(dsir_ngrams(t, 1)) for t in pool["text"]])
+    pool_emb, tgt_emb = None, {}
+    if any(s_ not in ("dsir", "random") for s_ in cfg.selectors):
+        from hf_otselect.embed import embed
+
+        def emb(texts: list[str]) -> np.ndarray:
+            return embed(texts, cache_dir=Path(cfg.work_dir) / "embed_cache", max_length=cfg.embed_max_length,
+                         device=cfg.device, show_progress=False)
+
+        pool_emb = emb(pool["text"])
+        tgt_emb = {name: emb(t["select"]) for name, t in targets.items()}
+    rows: list[dict[str, Any]] = []
+    for name, t in targets.items():
+        variants = [(s_, cfg.dsir_chunk_tokens if s_ == "dsir" else None, s_) for s_ in cfg.selectors]
+        if "dsir" in cfg.selectors:
+            variants += [("dsir", 100, "dsir[chunk=100]"), ("dsir", 0, "dsir[whole rows]")]
+        for sel_name, chunk, label in variants:
+            sels = run_selectors([sel_name], pool_emb, pool["text"], tgt_emb.get(name), t["select"], cfg.budgets,
+                                 cfg.random_seeds, seed=cfg.seed, dsir_chunk_tokens=chunk)
+            for r in sels:
+                idx = r["indices"]
+                rows.append({"target": name, "k": r["k"], "selector": r["selector"].replace(sel_name, label, 1),
+                             "domain_frac": float((pool["domain"][idx] == TARGET_DOMAIN[name]).mean()),
+                             "median_tokens": float(np.median(tokens[idx])),
+                             "rows_too_short": r["info"].get("rows_too_short", 0),
+                             "sources": {str(a): int(b) for a, b in zip(*np.unique(pool["source"][idx], return_counts=True))}})
+                logger.info("%s k=%d %s: domain %.2f", name, r["k"], rows[-1]["selector"], rows[-1]["domain_frac"])
+    return {"config": asdict(cfg), "n_pool": len(pool["text"]), "rows": rows,
+            "pool_sources": {s_: int((pool["source"] == s_).sum()) for s_ in DOMAIN},
+            "pool_median_tokens": {s_: float(np.median(tokens[pool["source"] == s_])) for s_ in DOMAIN},
+            "total_seconds": time.perf_counter() - t_start}
+
+
+def _versions() -> str:
+    from importlib.metadata import version
+
+    return ", ".join(f"{p} {version(p)}" for p in ("hf-otselect", "numpy", "scikit-learn", "datasets", "torch"))
+
+
+def write_selection_markdown(res: dict[str, Any], command: str, path: Path) -> None:
+    """The selection-only results: one table per budget."""
+    cfg = res["config"]
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    stats = {k: _agg(res["rows"], k) for k in ("domain_frac", "median_tokens")}
+    L = ["# Quality benchmark, selection only: which rows each selector takes (no LM training)", "",
+         f"Command: `{command}`  ", f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit}  ",
+         f"Versions: {_versions()}  ", f"Wall time: {res['total_seconds']:.0f} s", "",
+         f"Pool: {res['n_pool']} units (≤ {cfg['max_chars']} chars), the pool of `quality.md` (same seed) — median word-punct "
+         "tokens per source: " + ", ".join(f"{s_} {m:.0f}" for s_, m in res["pool_median_tokens"].items()) + ".  ",
+         f"DSIR: `dsir` scores rows per chunk of {cfg['dsir_chunk_tokens']} tokens (`Config.dsir_chunk_tokens`), "
+         "`dsir[chunk=100]` with the package default, `dsir[whole rows]` as before chunks (no minimum length). "
+         "Rows shorter than one chunk are never chosen; 'too short' counts them.", ""]
+    for k in cfg["budgets"]:
+        L += [f"## Budget k = {k}", "", "| target | selector | domain frac | median tokens | too short | top sources |", "|---|---|---|---|---|---|"]
+        for r in res["rows"]:
+            if r["k"] != k or (r["selector"].startswith("random/s") and not r["selector"].endswith("s0")):
+                continue
+            sel = re.sub(r"^random/s\d+", "random", r["selector"])
+            dm, ds = stats["domain_frac"][(r["target"], k, sel)]
+            top = ", ".join(f"{a} {b}" for a, b in sorted(r["sources"].items(), key=lambda x: -x[1])[:3])
+            L.append(f"| {r['target']} | {sel} | {_fmt(dm, ds, 2)} | {r['median_tokens']:.0f} | {r['rows_too_short']} | {top} |")
+        L.append("")
+    path.write_text("\n".join(L) + "\n", encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -823,9 +918,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--targets", nargs="+", default=list(d.targets), choices=list(TARGET_DOMAIN))
     p.add_argument("--random-seeds", type=int, nargs="+", default=list(d.random_seeds))
     p.add_argument("--device", default=d.device)
+    p.add_argument("--dsir-chunk-tokens", type=int, default=d.dsir_chunk_tokens, help="DSIR's chunk length (0: whole rows)")
     p.add_argument("--from-json", default=None, help="only re-render the markdown and plots of a finished run's JSON")
+    p.add_argument("--selection-only", action="store_true",
+                   help="only choose rows (domain share, sources, lengths; no LM training), written to <name>.md/.json")
     a = vars(p.parse_args(argv))
     a.pop("from_json")
+    a.pop("selection_only")
     for f in ("budgets", "selectors", "targets", "random_seeds"):
         a[f] = tuple(a[f])
     cfg = Config(**a)
@@ -858,6 +957,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import datasets
 
     datasets.disable_progress_bars()
+    if "--selection-only" in args:
+        res = selection_only(cfg)
+        res["command"] = command.strip()
+        out = Path(cfg.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{cfg.name}.json").write_text(json.dumps(res, indent=1, default=float), encoding="utf-8")
+        write_selection_markdown(res, command.strip(), out / f"{cfg.name}.md")
+        logger.info("wrote %s", out / f"{cfg.name}.md")
+        return res
     res = run(cfg)
     res["command"], res["load"] = command.strip(), load
     out = Path(cfg.out_dir)

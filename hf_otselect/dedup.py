@@ -22,6 +22,22 @@ Two rules, both on L2-normalised embeddings with a radius ``h`` (Euclidean; on u
     With replacement a row may be drawn again by design, so the greedy skip (which would have to
     refuse repeats too) does not apply; the density weighting does.
 
+    **One density weighting.** TSDS with its own kernel density (``kernel="kde"``, ``sigma > 0``,
+    its default) already puts mass proportional to ``1 / rho_j`` on each neighbour (Thm 3.2, see
+    :mod:`hf_otselect.selectors.tsds`). Dividing by a second density would count every copy twice
+    (``c`` copies would end at about ``1/c`` of one row's mass, not one). So for such a TSDS the
+    guard leaves the probabilities as they are and the selector's own density is the one
+    weighting (``info["weighting"] == "selector"``). What copies end up with then: ``c`` exact
+    copies of a row that has no other pool row within ``sigma`` together receive exactly the mass
+    the row alone receives in the pool without the copies (each copy has ``rho = c``, so the
+    query's water-filling sees the group as one row of weight 1; valid while ``c <= kde_K``, the
+    most neighbours a TSDS density counts). With other rows within ``sigma`` (density ``r`` from
+    them) the group gets about ``c (1 + r) / (c + r)`` times the row's mass (exactly so at an
+    unchanged level ``t*``), between 1x and ``(1 + r)``x. Rows closer than ``dedup_radius`` but farther than ``sigma`` are not
+    down-weighted; the guard warns when ``dedup_radius > sigma``. For KNN-Uniform TSDS
+    (``sigma = 0`` or ``kernel="uniform"``) the guard's density is the one weighting
+    (``info["weighting"] == "guard"``).
+
 ``"auto"`` picks greedy for ``top_k`` and for sampling without replacement, kde for sampling with
 replacement. Neighbours come from :func:`hf_otselect.knn.radius_search` (exact, flat index).
 """
@@ -158,6 +174,15 @@ def greedy_distinct(order: np.ndarray, candidates: np.ndarray, k: int, radius: f
     return order[np.asarray(taken, dtype=np.int64)], n_skipped, n_refilled
 
 
+def _own_density_bandwidth(selector: Selector) -> float | None:
+    """The bandwidth of the density ``selector`` already divides its scores by, or None."""
+    from .selectors.tsds import TSDSSelector
+
+    if isinstance(selector, TSDSSelector) and selector.kernel == "kde" and selector.sigma > 0:
+        return float(selector.sigma)
+    return None
+
+
 def guarded_choose(
     selector: Selector,
     scores: np.ndarray,
@@ -188,14 +213,29 @@ def guarded_choose(
     indices : ndarray of shape (k,), int64
         As ``choose_rows`` would return them (best or first drawn first).
     info : dict
-        ``mode``, ``radius`` and what the guard did (rows skipped, or the density range).
+        ``mode``, ``radius`` and what the guard did: rows ``skipped`` / ``refilled`` (greedy), or
+        ``weighting`` (kde: ``"guard"`` with the density range, or ``"selector"`` when the
+        selector's own density is the one weighting, with its ``selector_bandwidth``).
     """
     owner = "guarded_choose"
     scores = np.asarray(scores, dtype=np.float64)
     radius = check_float(radius, "dedup_radius", owner, 0.0, low_open=True)
     rule = resolve_dedup_mode(mode, selector.choice, selector.replaces, owner)
     info: dict[str, Any] = {"mode": rule, "radius": radius}
+    own_bandwidth = _own_density_bandwidth(selector)
+    if rule == "kde" and own_bandwidth is not None:
+        # The selector's scores already carry a 1/density factor: a second one would count each
+        # copy twice (see "One density weighting" in the module docstring).
+        if radius > own_bandwidth:
+            logger.warning(
+                "dedup: %s already weights by its own density with bandwidth %.3g < dedup_radius %.3g; rows between "
+                "%.3g and %.3g apart are not down-weighted. Set sigma >= dedup_radius to cover them.",
+                type(selector).__name__, own_bandwidth, radius, own_bandwidth, radius,
+            )
+        info.update(weighting="selector", selector_bandwidth=own_bandwidth)
+        return selector.choose_rows(scores, k, seed=seed), info
     if rule == "kde":
+        info["weighting"] = "guard"
         # Densities only where the selector puts mass: rows it can never draw need none.
         if selector.choice == "sample":
             support = np.flatnonzero(scores > 0)
@@ -208,8 +248,8 @@ def guarded_choose(
         return selector.choose_rows(weighted, k, seed=seed), info
     # The selector's own order over every row it could take: the full top-k order, or the seeded
     # draw order (sampling without replacement) over every drawable row.
-    if selector.choice == "top_k":
-        n_order = scores.size
+    if selector.choice == "top_k":  # -inf: a row the selector never chooses (DSIR's too-short rows)
+        n_order = int((scores > -np.inf).sum())
     else:
         n_order = int((scores > 0).sum()) if selector.choice == "sample" else int(np.isfinite(scores).sum())
     order = choose(scores, n_order, mode=selector.choice, seed=seed, replace=False)

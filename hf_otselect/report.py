@@ -468,7 +468,19 @@ def _projection_section(run: _Run, seed: int, assets: Path) -> tuple[dict[str, A
            "selected_points": int(len(chosen)), "target_points": int(len(p_tgt)), "pool_subsampled": bool(len(shown) < n)}
     text = f"{_esc(method)} of the embeddings, fitted on the pool points shown and the target."
     if ratio is not None:
-        text += f" Explained variance: {_num('pca-var-1', ratio[0])} and {_num('pca-var-2', ratio[1])}."
+        kept = ratio[0] + ratio[1]
+        out["explained_variance_total"] = float(kept)
+        text += (f" Explained variance: {_num('pca-var-1', ratio[0])} and {_num('pca-var-2', ratio[1])}, so this picture "
+                 f"keeps {100 * kept:.1f}% of the spread of the embeddings")
+        if kept < 0.5:
+            text += (" and drops the rest: points that overlap here can be far apart, and separate clusters can look "
+                     "mixed. Judge closeness by the OT distances and the nearest-target cosines of this page, not by this "
+                     "picture; installing <code>umap-learn</code> switches it to UMAP, which keeps neighbourhoods instead.")
+        else:
+            text += "."
+    else:
+        text += (" UMAP keeps each point's neighbours close but not distances or cluster sizes: read the picture as "
+                 "'which points sit together', not 'how far'.")
     if out["pool_subsampled"]:
         text += f" The pool has {n} rows: a seeded uniform sample of {len(shown)} (seed {seed}) is drawn."
     if len(chosen) < np.unique(run.chosen).size:
@@ -673,9 +685,10 @@ def _examples_section(
                 top = np.argsort(-plan_row, kind="stable")[:N_NEAREST]
                 ex["got_d"]["top_recipients"] = [{"target_index": int(j), "mass_share": float(plan_row[j] / mass),
                                                    "cost": float(cost[j])} for j in top]
-                why = (f"GOT-D: potential f = {_num(f'ex-{t}-f', plan.f[i])} (the run ranks rows by &minus;f, the negated "
-                       f"calibrated gradient); it sends its mass {_num(f'ex-{t}-mass', mass)} (1/n = {_fmt(1 / run.n)}) at a mean cost "
-                       f"{_num(f'ex-{t}-meancost', ex['got_d']['mean_cost'])}, mostly to target rows "
+                why = (f"GOT-D ranks rows by how much adding a little more of them would shrink the OT distance from the "
+                       f"pool to the target; this row's value is {_num(f'ex-{t}-f', -plan.f[i])} (higher is better; it is &minus;f, "
+                       f"the negated dual potential). In the transport plan its mass {_num(f'ex-{t}-mass', mass)} (1/n = {_fmt(1 / run.n)}) "
+                       f"goes at a mean squared distance of {_num(f'ex-{t}-meancost', ex['got_d']['mean_cost'])} mostly to target rows "
                        + ", ".join(f"{r['target_index']} ({100 * r['mass_share']:.1f}%)" for r in ex["got_d"]["top_recipients"]) + ".")
             for r in ex["nearest_target"]:
                 nearest_rows.append([_fmt(r["target_index"]), _fmt(r["cosine"]), _esc(r["text"]) if r["text"] is not None else "<em>(text unavailable)</em>"])
@@ -695,6 +708,12 @@ def _examples_section(
                   f"scores at Spearman {_num('plan-spearman', plan_info['spearman_minus_f_vs_score'])}. Each row's mass "
                   "is its row sum of the plan P<sub>ij</sub> = a<sub>i</sub> b<sub>j</sub> exp((f<sub>i</sub> + g<sub>j</sub> &minus; C<sub>ij</sub>)/&epsilon;) "
                   "(1/n at convergence, balanced OT).")
+        intro += (" Why the target rows a row sends its mass to can differ from its nearest target rows (the table): "
+                  "the plan must give every target row exactly its share, so pool rows compete for the target rows they "
+                  "are close to. A target row that many pool rows sit near is shared among them, and a row's mass also "
+                  "goes to target rows that few pool rows cover. A row scores high when it covers such a target region that "
+                  "the pool lacks; a row near only well-covered target rows scores lower even if its nearest cosine is high. "
+                  "To get more rows like the top ones, add data near the target rows they send mass to.")
     return examples, plan_info, f"<p>{intro}</p>" + "".join(blocks)
 
 

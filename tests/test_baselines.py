@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pytest
 from scipy import stats
 from sklearn.metrics.pairwise import cosine_similarity
 
-from hf_otselect.selectors.baselines import DSIRSelector, RandomSelector, SimilaritySelector, dsir_ngrams
+from hf_otselect.selectors.baselines import DSIRSelector, RandomSelector, SimilaritySelector, dsir_chunk_ngrams, dsir_ngrams
 from hf_otselect.selectors.base import get_selector
 
 
@@ -147,7 +149,7 @@ def test_dsir_log_weights_equal_a_direct_computation():
     pool = [r["text"] for r in _rows("pool.jsonl")[:120]]
     target = [r["text"] for r in _rows("target.jsonl")[:40]]
     buckets = 5000
-    got = DSIRSelector(num_buckets=buckets).score(pool, target)
+    got = DSIRSelector(num_buckets=buckets, chunk_tokens=None).score(pool, target)
     # Same formula with dictionaries keyed by bucket: equal whatever the collisions.
     tgt = Counter(_bucket(g, buckets) for t in target for g in dsir_ngrams(t))
     raw = Counter(_bucket(g, buckets) for t in pool for g in dsir_ngrams(t))
@@ -161,8 +163,45 @@ def test_dsir_log_weights_equal_a_direct_computation():
     buckets = 2**24
     clean = _clean_rows(pool, target, lambda g: _bucket(g, buckets))
     assert clean.mean() > 0.8
-    got = DSIRSelector(num_buckets=buckets).score(pool, target)
+    got = DSIRSelector(num_buckets=buckets, chunk_tokens=None).score(pool, target)
     np.testing.assert_allclose(got[clean], _exact_log_weights(pool, target)[clean], rtol=1e-9, atol=1e-6)
+
+
+def test_dsir_scores_rows_per_chunk_and_never_chooses_short_rows():
+    """Chunked score = mean over complete chunks of the chunk's log weight; direct computation."""
+    pool = [r["text"] for r in _rows("pool.jsonl")[:150]]
+    target = [r["text"] for r in _rows("target.jsonl")[:40]]
+    chunk, buckets = 30, 5000
+    sel = DSIRSelector(num_buckets=buckets, chunk_tokens=chunk)
+    got = sel.score(pool, target)
+    # the models are fitted on whole rows, as without chunks
+    tgt = Counter(_bucket(g, buckets) for t in target for g in dsir_ngrams(t))
+    raw = Counter(_bucket(g, buckets) for t in pool for g in dsir_ngrams(t))
+    nt, nr = sum(tgt.values()), sum(raw.values())
+    logw = {b: np.log(tgt[b] / nt + 1e-8) - np.log(raw[b] / nr + 1e-8) for b in set(tgt) | set(raw)}
+    expected = []
+    for t in pool:
+        words = re.findall(r"\w+|[^\w\s]+", t.lower())
+        pieces = [words[i : i + chunk] for i in range(0, len(words) - chunk + 1, chunk)]
+        per_chunk = [sum(logw[_bucket(g, buckets)] for g in dsir_ngrams(" ".join(p))) for p in pieces]
+        expected.append(np.mean(per_chunk) if per_chunk else -np.inf)
+    expected = np.array(expected)
+    short = ~np.isfinite(expected)
+    assert 10 < short.sum() < len(pool) - 30  # both kinds present, so the test has power
+    np.testing.assert_array_equal(np.isinf(got), short)
+    np.testing.assert_allclose(got[~short], expected[~short], rtol=1e-9, atol=1e-7)
+    assert dsir_chunk_ngrams("a b c d e", 1, 2) == ["a", "b", "c", "d"]  # the tail "e" does not count
+    assert sel.diagnostics_["rows_too_short"] == int(short.sum()) and sel.diagnostics_["chunk_tokens"] == chunk
+    # never chosen: top-k and resampling take only long-enough rows; more than there are is refused
+    n_ok = int((~short).sum())
+    for resample in (True, False):
+        s = DSIRSelector(num_buckets=buckets, chunk_tokens=chunk, resample=resample)
+        res = s.select(pool, target, n_ok, seed=0)
+        assert not short[res.indices].any() and len(set(res.indices.tolist())) == n_ok
+        if not resample:  # top-k still follows the scores
+            np.testing.assert_array_equal(res.indices, np.lexsort((np.arange(len(pool)), -res.scores))[:n_ok])
+        with pytest.raises(ValueError, match=f"The 'k' parameter of DSIRSelector.select must be at most the {n_ok} rows with at least chunk_tokens=30 tokens"):
+            s.select(pool, target, n_ok + 1, seed=0)
 
 
 def test_dsir_matches_the_data_selection_package(tmp_path):
@@ -188,27 +227,34 @@ def test_dsir_matches_the_data_selection_package(tmp_path):
     theirs = np.load(tmp_path / "cache" / "log_importance_weights" / "0.npy")
     # The two hash functions (their SHA-256, our MurmurHash3) collide on different n-grams; on the
     # texts where neither collides, both equal the exact n-gram weight, hence each other.
-    ours = DSIRSelector(num_buckets=buckets).score(pool, target)
+    ours = DSIRSelector(num_buckets=buckets, chunk_tokens=None).score(pool, target)
     sha = ds.hashed_ngram_dsir.hash_buckets
     clean = _clean_rows(pool, target, lambda g: _bucket(g, buckets)) & _clean_rows(pool, target, lambda g: sha(g, buckets))
     assert clean.sum() >= 30
     np.testing.assert_allclose(ours[clean], theirs[clean], rtol=1e-9, atol=1e-6)
     assert stats.spearmanr(ours, theirs).statistic > 0.99
+    # Default length rule: the rows we never choose are the rows the package drops by default
+    # (its per-example length metadata < min_example_length = 100 tokens).
+    lengths = np.load(tmp_path / "cache" / "perexample_metadata" / "0.npy")
+    assert inspect.signature(ds.HashedNgramDSIR).parameters["min_example_length"].default == 100
+    dropped = lengths < 100
+    assert 0 < dropped.sum() < len(pool)
+    np.testing.assert_array_equal(~np.isfinite(DSIRSelector(num_buckets=buckets).score(pool, target)), dropped)
 
 
 def test_dsir_prefers_the_target_domain_and_resampling_is_seeded():
-    # Log weights add up over n-grams, so DSIR compares texts of equal length (the reference code
-    # drops texts under 100 tokens for this reason): use the first 25 tokens of each pool text.
-    rows = [r for r in _rows("pool.jsonl") if len(dsir_ngrams(r["text"], 1)) >= 25]
-    pool = [" ".join(dsir_ngrams(r["text"], 1)[:25]) for r in rows]
+    rows = _rows("pool.jsonl")
+    pool = [r["text"] for r in rows]
     domain = np.array([r["domain"] for r in rows])
     target = [r["text"] for r in _rows("target.jsonl")]
-    sel = DSIRSelector()
+    # Whole rows (the former behaviour): the shortest fragments win, 47 of 50 are movie-review
+    # snippets for a ChemProt target.
+    whole = DSIRSelector(chunk_tokens=None).select(pool, target, 50, seed=0)
+    assert (domain[whole.indices] == "movie_reviews").mean() > 0.9
+    sel = DSIRSelector()  # chunks of 100 tokens: rows compared at equal length
     res = sel.select(pool, target, 100, seed=0)
-    # ChemProt (biomedical relation sentences) target: importance resampling keeps scientific
-    # biomedical text (PubMed abstracts and SciCite citation sentences, 2 of the 6 domains).
-    assert np.isin(domain[res.indices], ["biomedical", "citations"]).mean() > 0.7
-    assert (domain[res.indices] == "biomedical").mean() > 0.25
+    assert (domain[res.indices] == "movie_reviews").sum() == 0
+    assert (domain[res.indices] == "biomedical").mean() > 0.5
     assert np.array_equal(res.indices, sel.select(pool, target, 100, seed=0).indices)
     assert not np.array_equal(res.indices, sel.select(pool, target, 100, seed=1).indices)
     top = DSIRSelector(resample=False).select(pool, target, 100).indices
@@ -218,7 +264,7 @@ def test_dsir_prefers_the_target_domain_and_resampling_is_seeded():
 def test_dsir_resampling_draws_proportionally_to_the_weights():
     # Unigrams only: raw frequencies are uniform, target ones 3:2:1:1, so w is proportional to
     # (3, 2, 1, 1). Draw the first row 3000 times and compare its frequencies with w / sum(w).
-    sel = DSIRSelector(ngrams=1, num_buckets=64)
+    sel = DSIRSelector(ngrams=1, num_buckets=64, chunk_tokens=None)
     pool = ["alpha", "beta", "gamma", "delta"]
     target = ["alpha alpha alpha beta beta gamma delta"]
     logw = sel.score(pool, target)

@@ -12,7 +12,7 @@ from datasets import Dataset, DatasetDict
 
 from hf_otselect.datasets_ext import run_selection, select_by_ot
 from hf_otselect.embed import embed
-from hf_otselect.prefilter import check_prefilter, combine_sources, prefilter_sources
+from hf_otselect.prefilter import MAX_CHUNKS, check_prefilter, combine_sources, prefilter_sources
 
 EMB = {"max_length": 64}
 N_PER_DOMAIN = 50
@@ -84,6 +84,70 @@ def test_ranking_agrees_with_exact_ot(real):
         x = pool_emb[labels == name].astype(np.float64)
         exact[name] = ot.emd2([], [], ot.dist(x, target_emb.astype(np.float64)))
     assert min(exact, key=exact.get) == ours.sources[0] == "chemprot"
+
+
+def _clusters(rng: np.random.Generator, centers: np.ndarray, n: int, shift: float = 0.0) -> np.ndarray:
+    """n unit rows from a 4-cluster Gaussian mixture; ``shift`` moves every row along axis 0."""
+    x = centers[rng.integers(0, len(centers), n)] + rng.normal(size=(n, centers.shape[1]))
+    x[:, 0] += shift
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_small_on_target_source_beats_a_large_shifted_one(seed):
+    """Planted truth: 100 rows drawn from the target's own distribution against 2,000 shifted rows.
+
+    Before equal-size samples and the debiased divergence, plain OT on all 100 vs all 2,000 rows
+    ranked the small source last in each of these 5 seeds (the fewer points a cloud has, the
+    larger its empirical OT value to anything).
+    """
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(4, 16))
+    target = _clusters(rng, centers, 500)
+    near, far = _clusters(rng, centers, 100), _clusters(rng, centers, 2000, shift=1.0)
+    pool = np.vstack([far, near])  # the large source first, so order cannot explain the win
+    labels = ["shifted"] * len(far) + ["on_target"] * len(near)
+    r = prefilter_sources(pool, labels, target, keep=1, seed=seed)
+    assert r.sources == ["on_target", "shifted"] and r.kept == [True, False]
+    assert r.params["chunk_rows"] == 100 and r.params["distance"] == "sinkhorn_divergence"
+    assert r.sampled == [100, 100 * MAX_CHUNKS] and r.chunks == [1, MAX_CHUNKS]
+    assert r.mask.sum() == 100 and not r.mask[: len(far)].any()
+
+
+def test_divergence_matches_pot_and_is_zero_on_the_target_itself():
+    """Independent check with POT's ``ot.solve`` (KL-regularised value, same cost and eps)."""
+    ot = pytest.importorskip("ot")
+    rng = np.random.default_rng(3)
+    centers = rng.normal(size=(4, 8))
+    target = _clusters(rng, centers, 40)
+    a, b = _clusters(rng, centers, 40), _clusters(rng, centers, 40, shift=0.5)
+    pool = np.vstack([a, b, target])
+    labels = ["a"] * 40 + ["b"] * 40 + ["copy"] * 40
+    r = prefilter_sources(pool, labels, target, keep=None, max_distance=10.0, eps=0.5, tol=1e-7)
+    assert r.chunks == [1, 1, 1] and r.sampled == [40, 40, 40]
+
+    def pot(x, y):
+        return ot.solve(ot.dist(x, y), reg=0.5, reg_type="KL", tol=1e-12, max_iter=20_000).value
+
+    expected = {name: pot(x, target) - 0.5 * (pot(x, x) + pot(target, target)) for name, x in (("a", a), ("b", b))}
+    got = dict(zip(r.sources, r.distances))
+    assert r.sources[0] == "copy" and abs(got["copy"]) < 1e-9  # S(b, b) = 0: the debiasing at work
+    for name in ("a", "b"):
+        assert got[name] == pytest.approx(expected[name], rel=1e-6)
+
+
+def test_every_source_is_compared_on_chunks_of_the_smallest_size():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(7 + 25 + 300, 4)).astype(np.float32)
+    labels = ["tiny"] * 7 + ["mid"] * 25 + ["big"] * 300
+    r = prefilter_sources(x, labels, x[:50], keep=3, sample_size=100)
+    got = {s: (m, c) for s, m, c in zip(r.sources, r.sampled, r.chunks)}
+    # chunks of 7 rows; mid: 25 // 7 = 3 chunks; big: at most sample_size rows -> 100 // 7 = 14
+    assert r.params["chunk_rows"] == 7
+    assert got == {"tiny": (7, 1), "mid": (21, 3), "big": (98, 14)}
+    # rows left out up front do not make the chunks smaller
+    eligible = np.asarray(labels) != "tiny"
+    assert prefilter_sources(x, labels, x[:50], keep=2, sample_size=100, eligible=eligible).params["chunk_rows"] == 25
 
 
 def test_keep_and_max_distance(real):

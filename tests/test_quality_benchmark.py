@@ -135,3 +135,21 @@ def test_end_to_end_tiny(tmp_path):
     assert {r["selector"] for r in dup[:-1]} >= {"got_d+guard", "tsds+guard", "dsir+guard", "random/s1+guard"}
     # The pre-filter keeps 2 of the 10 sources, so GOT-D+pf draws from at most 2 sources.
     assert all(len(r["sources"]) <= 2 for r in rows if r["selector"] == "got_d+pf")
+
+
+@needs_data
+def test_selection_only_reports_the_dsir_variants(tmp_path):
+    """--selection-only: no LM, no embeddings for text selectors; DSIR's three length rules side by side."""
+    argv = ["--data-dir", str(SHARED_DATA), "--work-dir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out"),
+            "--selection-only", "--selectors", "dsir", "random", "--targets", "sciie", "--n-per-source", "20",
+            "--n-target", "10", "--n-eval", "2", "--budgets", "5", "--random-seeds", "0", "--dsir-chunk-tokens", "8",
+            "--name", "sel"]
+    res = q.main(argv)
+    md = (tmp_path / "out" / "sel.md").read_text()
+    assert "Command: `" in md and "Versions: hf-otselect" in md and "commit" in md
+    by = {r["selector"]: r for r in res["rows"]}
+    assert set(by) == {"dsir", "dsir[chunk=100]", "dsir[whole rows]", "random/s0"}
+    assert by["dsir[whole rows]"]["rows_too_short"] == 0 < by["dsir"]["rows_too_short"] < by["dsir[chunk=100]"]["rows_too_short"]
+    assert by["dsir"]["median_tokens"] >= 8 and by["dsir[chunk=100]"]["median_tokens"] >= 100
+    assert all(sum(r["sources"].values()) == 5 for r in res["rows"])
+    assert not (tmp_path / "work" / "embed_cache").exists()  # text selectors embed nothing

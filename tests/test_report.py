@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from datasets import Dataset
 
-from hf_otselect.ot import ot_distance, sinkhorn_potentials
+from hf_otselect.ot import sinkhorn_potentials
 from hf_otselect.report import budget_curve, near_duplicate_pairs, write_report
 from tests.conftest import REPO
 
@@ -101,6 +101,14 @@ def topk_run(tmp_path_factory):
 # --------------------------------------------------------------------------- helpers
 
 
+def _pot_ot(x: np.ndarray, y: np.ndarray, eps: float) -> float:
+    """Independent reference: POT's entropic OT value (KL to a b^T, cost ||x - y||^2, float64)."""
+    ot = pytest.importorskip("ot")
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    return float(ot.solve(ot.dist(x, y), reg=eps, reg_type="KL", tol=1e-10, max_iter=20_000).value)
+
+
+
 def test_near_duplicate_pairs_equal_brute_force_across_blocks():
     rng = np.random.default_rng(3)
     x = rng.normal(size=(57, 8)).astype(np.float32)
@@ -127,7 +135,7 @@ def test_budget_curve_equals_ot_on_the_explicitly_warmed_pool():
     got = budget_curve(pool, target, ranking, [0, 5, 60], eps=0.5)
     for k, value in zip([0, 5, 60], got["distance"]):
         warmed = np.concatenate([pool, pool[ranking[:k]]])
-        assert value == pytest.approx(ot_distance(warmed, target, eps=0.5), rel=1e-4)
+        assert value == pytest.approx(_pot_ot(warmed, target, 0.5), rel=1e-4)
     assert got["converged"] and got["pool_rows_used"] == 60 and got["target_rows_used"] == 20
     # a pool larger than max_pool is a weighted sample: n / max_pool per sampled row
     sub = budget_curve(pool, target, ranking, [0, 40], eps=0.5, max_pool=30, max_target=10, seed=2)
@@ -170,10 +178,10 @@ def test_budget_curve_of_the_report_is_recomputable(topk_run):
     curve = numbers["budget_curve"]
     k = len(truth["chosen"])
     assert curve["k"] == [0, k // 4, k // 2, k, 2 * k, 4 * k]
-    assert curve["method"][0] == pytest.approx(ot_distance(truth["pool"], truth["target"], eps=0.1), rel=1e-4)
+    assert curve["method"][0] == pytest.approx(_pot_ot(truth["pool"], truth["target"], 0.1), rel=1e-4)
     assert curve["method"][0] == pytest.approx(curve["random"][0], rel=1e-6)
     warmed = np.concatenate([truth["pool"], truth["pool"][truth["chosen"]]])
-    assert curve["method"][3] == pytest.approx(ot_distance(warmed, truth["target"], eps=0.1), rel=1e-4)
+    assert curve["method"][3] == pytest.approx(_pot_ot(warmed, truth["target"], 0.1), rel=1e-4)
     # the ranking was built towards the target: warming with it gets closer than random does
     assert curve["method"][-1] < curve["random"][-1] and curve["method"][-1] < curve["method"][0]
     assert _page_number(page, "curve-method-3") == pytest.approx(curve["method"][3], rel=1e-5)
@@ -230,6 +238,31 @@ def test_got_d_examples_carry_the_transport_plan_of_pot(tmp_path):
         top = ex["got_d"]["top_recipients"]
         assert [r["target_index"] for r in top] == list(np.argsort(-row, kind="stable")[:3])
         assert top[0]["mass_share"] == pytest.approx(row.max() / row.sum(), rel=1e-2)
+
+
+def test_projection_states_its_explained_variance_and_the_examples_speak_plainly(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "umap", None)  # the PCA path, whether or not umap-learn is installed
+    folder = tmp_path / "out"
+    truth = _make_run(folder, method="got_d", n=120, m=25, k=12)
+    page = write_report(folder, n_examples=3).read_text(encoding="utf-8")
+    numbers = json.loads((folder / "report.json").read_text())
+    proj = numbers["projection"]
+    # independent: the top two eigenvalues of the covariance of the points the PCA was fitted on
+    fit = np.concatenate([truth["pool"], truth["target"]]).astype(np.float64)
+    eig = np.linalg.eigvalsh(np.cov(fit, rowvar=False))[::-1]
+    assert proj["method"] == "PCA"
+    np.testing.assert_allclose(proj["explained_variance_ratio"], eig[:2] / eig.sum(), rtol=1e-4)
+    assert proj["explained_variance_total"] == pytest.approx(eig[:2].sum() / eig.sum(), rel=1e-4)
+    assert f"keeps {100 * eig[:2].sum() / eig.sum():.1f}% of the spread" in page
+    if eig[:2].sum() / eig.sum() < 0.5:
+        assert "Judge closeness by the OT distances" in page
+    for jargon in ("potential f =", "calibrated gradient"):
+        assert jargon not in page
+    assert "pool rows compete for the target rows" in page
+    for ex in numbers["examples"]:  # the value shown is the row's score direction: -f
+        assert _page_number(page, f"ex-{numbers['examples'].index(ex)}-f") == pytest.approx(-ex["got_d"]["potential_f"], rel=1e-5)
 
 
 def test_large_pools_are_subsampled_deterministically_and_the_page_says_so(tmp_path, monkeypatch):
@@ -382,6 +415,6 @@ def test_report_of_a_real_job(tmp_path):
     assert _page_number(page, "ot-target-pool") == pytest.approx(prov["ot_distance"]["target_pool"], rel=1e-5)
     pool = np.load(out / "embeddings" / "pool.npy")
     target = np.load(out / "embeddings" / "target.npy")
-    assert numbers["budget_curve"]["method"][0] == pytest.approx(ot_distance(pool, target, eps=0.1), rel=1e-4)
+    assert numbers["budget_curve"]["method"][0] == pytest.approx(_pot_ot(pool, target, 0.1), rel=1e-4)
     assert numbers["examples"][0]["nearest_target"][0]["text"]  # the target texts were read back
     assert numbers["got_d_plan"]["spearman_minus_f_vs_score"] > 0.99
