@@ -15,6 +15,7 @@ block, so making it never holds it in memory either.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -89,7 +90,7 @@ def worker(pool_path: str, target_path: str, method: str, out: str) -> None:
         "choose_s": t3 - t2, "total_s": t3 - t0, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "rss_before_fit_gb": rss0 / 2**20, "shard_gb": (hi - lo) * DIM * 4 / 2**30, "n_iter": n_iter,
         "fit_bytes": fit_bytes, "bytes_per_iter": fit_bytes / n_iter if n_iter else None,
-        "chosen_head": chosen[:5].tolist(),
+        "chosen_sha": hashlib.sha256(np.ascontiguousarray(chosen, dtype=np.int64).tobytes()).hexdigest()[:16],
     }
     rows = comm.all_gather(np.frombuffer(json.dumps(row).encode().ljust(2048), dtype=np.uint8))
     if comm.is_main:
@@ -145,7 +146,7 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
     for (method, n, procs), rs in sorted(by.items()):
         worst = max(rs, key=lambda r: r["total_s"])
         one = by.get((method, n, 1), rs)[0]
-        same = "yes" if rs[0]["chosen_head"] == one["chosen_head"] else "NO"
+        same = "yes" if rs[0]["chosen_sha"] == one["chosen_sha"] else "NO"  # all k chosen rows, in order
         bpi = max((r["bytes_per_iter"] or 0) for r in rs)
         lines.append(
             f"| {method} | {n:,} | {procs} | {worst['fit_s']:.1f} | {worst['score_s']:.1f} | {worst['choose_s']:.2f} | "
