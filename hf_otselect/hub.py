@@ -139,8 +139,9 @@ def card_metadata(provenance: dict[str, Any], *, license: str = "unknown") -> di
     """The Hub's standard card fields for a selection: license, size, sources, tasks, tags.
 
     ``license`` is the user's to state (a selection inherits the pool's licences; ``unknown`` by
-    default). ``size_categories`` comes from the number of selected rows. ``source_datasets`` lists
-    the pool and the target when they are Hub datasets (a local file names nothing others can find).
+    default). ``size_categories`` comes from the number of selected rows. ``source_datasets`` names
+    the pool, where the rows come from, when it is a Hub dataset id (a local file names nothing
+    others can find, so it is left out).
     ``task_categories`` are the two objectives the selection serves (``scripts/prefinetune.py``).
     """
     cfg = provenance.get("config", {})

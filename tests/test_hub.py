@@ -291,7 +291,12 @@ def test_card_yaml_round_trips_the_provenance():
     assert meta["hf_otselect"] == prov
     assert "GOT-D" in card.text and "0.5" in card.text
     assert meta["license"] == "unknown" and meta["size_categories"] == ["n<1K"]
+    assert "source_datasets" not in meta  # a local pool file names nothing others can find
     assert config_from_card(DatasetCard(str(card))).to_dict() == prov["config"]
+    hub_pool = DatasetCard(str(build_card(_provenance(pool_path="fancyzhx/ag_news"), [1.0]))).data.to_dict()
+    assert hub_pool["source_datasets"] == ["fancyzhx/ag_news"]
+    many = dict(prov, rows=dict(prov["rows"], selected=25_000))
+    assert DatasetCard(str(build_card(many, [1.0]))).data.to_dict()["size_categories"] == ["10K<n<100K"]
 
 
 def test_the_local_card_keeps_paths_and_the_public_one_does_not(tmp_path, monkeypatch):

@@ -298,7 +298,7 @@ def test_evaluate_end_to_end_perplexity_and_a_learnable_task(tmp_path, tiny_mode
 
 
 @pytest.mark.slow
-def test_evaluate_clips_max_length_to_the_models_positions_and_keeps_what_it_computed(tmp_path, tiny_models, monkeypatch):
+def test_evaluate_clips_max_length_to_the_models_positions_and_keeps_what_it_computed(tmp_path, monkeypatch):
     ev = _script("evaluate")
     from transformers import AutoTokenizer
 
