@@ -68,6 +68,7 @@ def _histogram(scores: Sequence[float], bins: int = 10) -> str:
         lines.append(f"| {lo:.4g} to {hi:.4g} | {c} | {'#' * round(20 * c / width)} |")
     return "\n".join(lines)
 
+
 # An absolute POSIX path (or ~/...) inside any string: a slash not preceded by a name character, a
 # colon (URLs) or another slash. Hub ids ("user/name") and fractions ("1/2") do not match.
 _ABS_PATH = re.compile(r"(?<![\w.:/~-])(?:~/|/)(?:[\w.+@=,~-]+/)*[\w.+@=,~-]*")
@@ -77,8 +78,7 @@ _SIZE_BUCKETS = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
 _DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt", ".arrow")
 
 
-def _public_path(match: re.Match, cwd: Path) -> str:
-    raw = match.group(0)
+def _public_path(raw: str, cwd: Path) -> str:
     if raw in ("/", "~/"):
         return raw
     path = Path(os.path.expanduser(raw))
@@ -115,7 +115,10 @@ def public_provenance(provenance: Any, *, cwd: str | os.PathLike | None = None) 
     if isinstance(provenance, (list, tuple)):
         return [public_provenance(v, cwd=base) for v in provenance]
     if isinstance(provenance, str):
-        return _ABS_PATH.sub(lambda m: _public_path(m, base), provenance)
+        if provenance.startswith(("/", "~/")) and " /" not in provenance and "\n" not in provenance:
+            # The whole string is one path (it may hold spaces, which end a path inside prose).
+            return _public_path(provenance, base)
+        return _ABS_PATH.sub(lambda m: _public_path(m.group(0), base), provenance)
     return provenance
 
 

@@ -313,10 +313,10 @@ def test_public_provenance_makes_paths_relative_or_redacts_them(tmp_path, monkey
     home = str(Path.home())
     prov = {"pool": str(tmp_path / "data" / "pool.jsonl"), "cache": f"{home}/.cache/hf_otselect",
             "model": "/opt/models/alice/encoder", "note": f"read {tmp_path}/t.jsonl and ~/secret.txt",
-            "hub": "user/name", "url": "https://huggingface.co/datasets/user/name", "ratio": "1/2", "n": [3, "a/b"]}
+            "spaced": "/home/alice smith/my data/pool.jsonl", "hub": "user/name", "url": "https://huggingface.co/datasets/user/name", "ratio": "1/2", "n": [3, "a/b"]}
     got = public_provenance(prov)
     assert got == {"pool": "data/pool.jsonl", "cache": "<local>/hf_otselect", "model": "<local>/encoder",
-                   "note": "read t.jsonl and <local>/secret.txt", "hub": "user/name",
+                   "note": "read t.jsonl and <local>/secret.txt", "spaced": "<local>/pool.jsonl", "hub": "user/name",
                    "url": "https://huggingface.co/datasets/user/name", "ratio": "1/2", "n": [3, "a/b"]}
 
 
