@@ -406,13 +406,13 @@ def _key(*parts: Any) -> str:
 
 
 def _training_args(out: Path, cfg: Config, *, lr: float, max_steps: int = -1, epochs: float = 1.0, batch: int,
-                   warmup: float = 0.0) -> Any:
+                   warmup: float = 0.0, do_eval: bool = False) -> Any:
     from transformers import TrainingArguments
 
     return TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=batch, per_device_eval_batch_size=batch,
         learning_rate=lr, max_steps=max_steps, num_train_epochs=epochs, lr_scheduler_type="linear", warmup_steps=warmup,
-        weight_decay=0.01, save_strategy="no", eval_strategy="no", logging_strategy="no", report_to=[], seed=cfg.seed,
+        do_train=True, do_eval=do_eval, weight_decay=0.01, save_strategy="no", eval_strategy="no", logging_strategy="no", report_to=[], seed=cfg.seed,
         data_seed=cfg.seed, disable_tqdm=True, use_cpu=cfg.device == "cpu", dataloader_num_workers=0,
     )
 
@@ -423,7 +423,7 @@ def pretrain(pool_text: list[str], cfg: Config, work: Path) -> tuple[Path, dict[
     from tokenizers import ByteLevelBPETokenizer
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    key = _key("pretrain", sorted(pool_text), cfg.vocab_size, cfg.n_layer, cfg.n_embd, cfg.block_size,
+    key = _key("pretrain", "validation 5%", sorted(pool_text), cfg.vocab_size, cfg.n_layer, cfg.n_embd, cfg.block_size,
                cfg.pretrain_epochs, cfg.pretrain_lr, cfg.batch_size, cfg.seed)
     out = work / f"pretrained-{key}"
     done = out / "prefinetune_results.json"
@@ -448,7 +448,8 @@ def pretrain(pool_text: list[str], cfg: Config, work: Path) -> tuple[Path, dict[
     GPT2LMHeadModel(conf).save_pretrained(init)
     data = work / f"pool-{key}"
     datasets.Dataset.from_dict({"text": pool_text}).save_to_disk(str(data))
-    args = _training_args(out, cfg, lr=cfg.pretrain_lr, epochs=cfg.pretrain_epochs, batch=2 * cfg.batch_size, warmup=0.05)
+    args = _training_args(out, cfg, lr=cfg.pretrain_lr, epochs=cfg.pretrain_epochs, batch=2 * cfg.batch_size, warmup=0.05,
+                          do_eval=True)  # eval loss on a held-out 5% of the pool (prefinetune's default share)
     return out, _prefinetune(init, data, cfg, args, max_eval_blocks=32)
 
 

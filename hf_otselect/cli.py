@@ -34,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument("--repo-id", required=True)
     push.add_argument("--public", action="store_true", help="create the repository as public (default private)")
     push.add_argument("--split", default="train")
+    push.add_argument("--license", default="unknown", help="the card's license field (the pool's licence terms carry over)")
 
     rep = sub.add_parser("report", help="write report.html for a finished selection")
     rep.add_argument("output_dir")
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "push":
             from .hub import push
 
-            print(push(args.output_dir, args.repo_id, private=not args.public, split=args.split))
+            print(push(args.output_dir, args.repo_id, private=not args.public, split=args.split, license=args.license))
         elif args.command == "report":
             from .report import write_report
 

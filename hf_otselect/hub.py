@@ -1,9 +1,15 @@
 """The dataset card of a selection, and pushing a selection to the Hub.
 
-The card's YAML header carries the full provenance of ``selection.json`` under ``hf_otselect:``,
-so a user can read it back (:func:`config_from_card`) and rerun the very same job. Network calls go
-through ``datasets``/``huggingface_hub`` only; the token comes from their usual sources (``HF_TOKEN``,
-``huggingface-cli login``) and is never printed, logged or written.
+The card's YAML header carries the provenance of ``selection.json`` under ``hf_otselect:``, so a
+user can read it back (:func:`config_from_card`) and rerun the same job. What leaves the machine is
+made public first (:func:`public_provenance`): absolute local paths become relative to the working
+directory, or ``<local>/<file name>`` outside it, so no home directory or user name is published
+(the job's local card and ``selection.json`` keep the paths as given).
+
+:func:`push` uploads the selected rows as parquet shards, the card and ``selection.json`` in one
+commit through ``huggingface_hub``; the card's header holds both our fields and the ``configs`` /
+``dataset_info`` metadata that ``Dataset.push_to_hub`` writes. The token comes from the usual
+sources (``HF_TOKEN``, ``hf auth login``) or ``token=`` and is never printed, logged or written.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +32,7 @@ from .config import SelectionConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_card", "check_repo_id", "config_from_card", "push"]
+__all__ = ["build_card", "check_repo_id", "config_from_card", "public_provenance", "push"]
 
 _METHODS = {
     "got_d": "GOT-D (Kang et al., ICLR 2024): candidates ranked by the gradient of the entropic OT distance "
@@ -62,8 +69,109 @@ def _histogram(scores: Sequence[float], bins: int = 10) -> str:
     return "\n".join(lines)
 
 
-def build_card(provenance: dict[str, Any], selected_scores: Sequence[float]) -> DatasetCard:
+# An absolute POSIX path (or ~/...) inside any string: a slash not preceded by a name character, a
+# colon (URLs) or another slash. Hub ids ("user/name") and fractions ("1/2") do not match.
+_ABS_PATH = re.compile(r"(?<![\w.:/~-])(?:~/|/)(?:[\w.+@=,~-]+/)*[\w.+@=,~-]*")
+# Buckets of the Hub's ``size_categories`` field (number of rows).
+_SIZE_BUCKETS = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
+                 (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B"))
+_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt", ".arrow")
+
+
+def _public_path(raw: str, cwd: Path) -> str:
+    if raw in ("/", "~/"):
+        return raw
+    path = Path(os.path.expanduser(raw))
+    try:
+        rel = path.relative_to(cwd)
+        return rel.as_posix() if rel.parts else "."
+    except ValueError:
+        pass
+    home = Path.home()
+    name = path.name
+    # The last component alone, unless it is the home folder itself (which names the user).
+    return "<local>" if not name or path == home or path == home.parent else f"<local>/{name}"
+
+
+def public_provenance(provenance: Any, *, cwd: str | os.PathLike | None = None) -> Any:
+    """A copy of ``provenance`` fit to publish: no absolute local path in any string.
+
+    Every absolute path (``/...`` or ``~/...``) found in a string, at any depth of dicts and
+    lists, becomes relative to ``cwd`` (default: the working directory) when it lies inside it,
+    and ``<local>/<last component>`` otherwise (``<local>`` for the home folder itself). Data
+    paths, cache folders and local model folders are all caught by this one rule; relative
+    paths, Hub ids and URLs are left as they are.
+
+    Parameters
+    ----------
+    provenance : dict, list or scalar
+        Typically the content of ``selection.json``.
+    cwd : path, optional
+        The folder relative paths are taken from.
+    """
+    base = Path(cwd if cwd is not None else os.getcwd()).resolve()
+    if isinstance(provenance, dict):
+        return {k: public_provenance(v, cwd=base) for k, v in provenance.items()}
+    if isinstance(provenance, (list, tuple)):
+        return [public_provenance(v, cwd=base) for v in provenance]
+    if isinstance(provenance, str):
+        if provenance.startswith(("/", "~/")) and " /" not in provenance and "\n" not in provenance:
+            # The whole string is one path (it may hold spaces, which end a path inside prose).
+            return _public_path(provenance, base)
+        return _ABS_PATH.sub(lambda m: _public_path(m.group(0), base), provenance)
+    return provenance
+
+
+def _size_category(n_rows: int) -> str:
+    for bound, name in _SIZE_BUCKETS:
+        if n_rows < bound:
+            return name
+    return "n>1B"
+
+
+def _hub_dataset_id(path: Any) -> str | None:
+    """``path`` when it names a Hub dataset (not a local file, folder or glob), else None."""
+    if not isinstance(path, str) or not path or path.startswith((".", "/", "~", "<")) or "*" in path:
+        return None
+    if path.lower().endswith(_DATA_SUFFIXES) or path.count("/") > 1 or Path(path).exists():
+        return None
+    return path
+
+
+def card_metadata(provenance: dict[str, Any], *, license: str = "unknown") -> dict[str, Any]:
+    """The Hub's standard card fields for a selection: license, size, sources, tasks, tags.
+
+    ``license`` is the user's to state (a selection inherits the pool's licences; ``unknown`` by
+    default). ``size_categories`` comes from the number of selected rows. ``source_datasets`` names
+    the pool, where the rows come from, when it is a Hub dataset id (a local file names nothing
+    others can find, so it is left out).
+    ``task_categories`` are the two objectives the selection serves (``scripts/prefinetune.py``).
+    """
+    cfg = provenance.get("config", {})
+    sources = [s for s in (_hub_dataset_id(cfg.get("pool", {}).get("path")),) if s]
+    meta: dict[str, Any] = {
+        "license": license,
+        "size_categories": [_size_category(int(provenance["rows"]["selected"]))],
+        "task_categories": ["text-generation", "fill-mask"],
+        "tags": ["data-selection", "hf_otselect", provenance["method"]],
+    }
+    if sources:
+        meta["source_datasets"] = sources
+    return meta
+
+
+def build_card(
+    provenance: dict[str, Any],
+    selected_scores: Sequence[float],
+    *,
+    metadata: dict[str, Any] | None = None,
+    license: str = "unknown",
+    public: bool = False,
+) -> DatasetCard:
     """Make the dataset card of a selection.
+
+    The header holds :func:`card_metadata`, then ``metadata`` (e.g. the ``configs`` and
+    ``dataset_info`` of the pushed split), then the provenance under ``hf_otselect``.
 
     Parameters
     ----------
@@ -71,12 +179,19 @@ def build_card(provenance: dict[str, Any], selected_scores: Sequence[float]) -> 
         The content of ``selection.json``.
     selected_scores : sequence of float
         Scores of the selected rows (for the histogram in the card body).
+    metadata : dict, optional
+        More header fields; they override the standard ones of the same name.
+    license : str, default "unknown"
+        The card's ``license`` field.
+    public : bool, default False
+        Pass the provenance (and so the prose) through :func:`public_provenance`. The job's local
+        card keeps its paths, so :func:`config_from_card` reruns the job on the same machine;
+        :func:`push` always publishes the public card.
     """
+    if public:
+        provenance = public_provenance(provenance)
     method = provenance["method"]
-    meta = {
-        "tags": ["data-selection", "hf_otselect", method],
-        "hf_otselect": provenance,
-    }
+    meta = {**card_metadata(provenance, license=license), **(metadata or {}), "hf_otselect": provenance}
     header = yaml.safe_dump(meta, sort_keys=True, allow_unicode=True)
     ot = provenance.get("ot_distance", {})
     rows = provenance["rows"]
@@ -162,6 +277,74 @@ def _looks_like_card_text(card: str) -> bool:
     return card.lstrip("\ufeff \t\r\n").startswith("---") or "\n" in card
 
 
+
+def load_selection(output_dir: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
+    """The selected split and the provenance of a finished job folder.
+
+    Both layouts are read: one ``DatasetDict`` saved with ``save_to_disk`` (``dataset_dict.json``
+    with ``scored`` and ``selected`` splits, loadable with ``load_from_disk(output_dir)``) and the
+    earlier two folders ``scored/`` and ``selected/``. ``selection.json`` sits beside either.
+
+    Returns
+    -------
+    (datasets.Dataset, dict)
+    """
+    from datasets import load_from_disk
+
+    folder = Path(output_dir)
+    expected = "a finished selection folder (a DatasetDict with a 'selected' split, or selected/, and selection.json)"
+    if not (folder / "selection.json").is_file():
+        raise param_error("output_dir", "push", expected, str(folder))
+    if (folder / "dataset_dict.json").is_file():
+        splits = load_from_disk(str(folder))
+        if "selected" not in splits:
+            raise param_error("output_dir", "push", expected, f"{folder} with splits {sorted(splits)}")
+        selected = splits["selected"]
+    elif (folder / "selected").is_dir():
+        selected = load_from_disk(str(folder / "selected"))
+    else:
+        raise param_error("output_dir", "push", expected, str(folder))
+    return selected, json.loads((folder / "selection.json").read_text(encoding="utf-8"))
+
+
+def _parquet_shards(dataset: Any, split: str, folder: Path, max_shard_size: int) -> tuple[list[Path], Any, int]:
+    """Write ``dataset`` as ``data/{split}-XXXXX-of-YYYYY.parquet`` shards, as ``push_to_hub`` names them.
+
+    Returns the shard files, the split's ``SplitInfo`` (bytes in Arrow, rows) and the parquet bytes.
+    """
+    from datasets.splits import SplitInfo
+
+    dataset = dataset.flatten_indices(keep_in_memory=True)
+    n_bytes = int(dataset.data.nbytes)
+    n_shards = max(1, min(len(dataset), n_bytes // max_shard_size + 1))
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    files = []
+    for i in range(n_shards):
+        path = folder / "data" / f"{split}-{i:05d}-of-{n_shards:05d}.parquet"
+        dataset.shard(n_shards, i, contiguous=True).to_parquet(str(path))
+        files.append(path)
+    info = SplitInfo(name=split, num_bytes=n_bytes, num_examples=len(dataset))
+    return files, info, sum(p.stat().st_size for p in files)
+
+
+def _split_metadata(features: Any, split_info: Any, parquet_bytes: int, data_pattern: str) -> dict[str, Any]:
+    """``configs`` and ``dataset_info`` header fields for one split, made by the very ``datasets``
+    helpers ``push_to_hub`` uses, so the Hub viewer and ``load_dataset`` read them as usual."""
+    from datasets.info import DatasetInfo, DatasetInfosDict
+    from datasets.splits import SplitDict
+    from datasets.utils.metadata import MetadataConfigs
+    from huggingface_hub import DatasetCardData
+
+    info = DatasetInfo(config_name="default", features=features, splits=SplitDict(), download_size=parquet_bytes,
+                       dataset_size=split_info.num_bytes)
+    info.splits.add(split_info)
+    info.size_in_bytes = parquet_bytes + split_info.num_bytes
+    data = DatasetCardData()
+    DatasetInfosDict({"default": info}).to_dataset_card_data(data)
+    MetadataConfigs({"default": {"data_files": [{"split": split_info.name, "path": data_pattern}]}}).to_dataset_card_data(data)
+    return {k: v for k, v in data.to_dict().items() if k in ("configs", "dataset_info")}
+
+
 def push(
     output_dir: str | os.PathLike,
     repo_id: str,
@@ -169,21 +352,72 @@ def push(
     private: bool = True,
     split: str = "train",
     token: str | None = None,
+    license: str = "unknown",
+    max_shard_size: int | str = "500MB",
 ) -> str:
-    """Upload ``output_dir/selected`` and its card to the Hub dataset repository ``repo_id``.
+    """Upload a finished selection to the Hub dataset repository ``repo_id`` in one commit.
 
-    Returns the repository id. The token is passed to huggingface_hub and nowhere else.
+    The commit holds the selected rows as ``data/{split}-*.parquet`` shards (the names
+    ``Dataset.push_to_hub`` gives them), ``selection.json`` and one ``README.md``: the card's
+    prose with a header that merges the Hub's standard fields (license, size category, source
+    datasets, task categories), the ``configs`` / ``dataset_info`` that ``push_to_hub`` would
+    write, and the provenance. Everything uploaded goes through :func:`public_provenance`, so no
+    absolute local path leaves the machine. Files under ``data/`` from an earlier push that this
+    one does not rewrite are deleted in the same commit: the repository then holds exactly this
+    selection.
+
+    We write the shards and the card ourselves rather than calling ``Dataset.push_to_hub`` and
+    then uploading the card: that is two commits, and the second replaced the README the first
+    wrote together with its ``configs`` / ``dataset_info``. One commit also leaves no moment when
+    the repository has data without its card.
+
+    Parameters
+    ----------
+    output_dir : path
+        A job's output folder (see :func:`load_selection` for the two layouts read).
+    repo_id : str
+        ``user/name`` of the dataset repository (created when missing).
+    private : bool, default True
+        Visibility when the repository is created.
+    split : str, default "train"
+        Split name of the pushed rows.
+    token : str, optional
+        Passed to ``huggingface_hub`` only; defaults to its usual sources.
+    license : str, default "unknown"
+        The card's ``license`` field (a selection inherits the pool's licences).
+    max_shard_size : int or str, default "500MB"
+        Largest parquet shard, in Arrow bytes, as in ``push_to_hub``.
+
+    Returns
+    -------
+    str
+        The repository id.
     """
-    from datasets import load_from_disk
+    from datasets.utils.py_utils import convert_file_size_to_int
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
     check_repo_id(repo_id)
-    folder = Path(output_dir)
-    if not (folder / "selected").is_dir() or not (folder / "selection.json").is_file():
-        raise param_error("output_dir", "push", "a finished selection folder (with selected/ and selection.json)", str(folder))
-    selected = load_from_disk(str(folder / "selected"))
-    provenance = json.loads((folder / "selection.json").read_text(encoding="utf-8"))
-    card = build_card(provenance, selected[provenance["config"]["score_column"]])
-    logger.info("Pushing %d rows to the Hub dataset %s (split %s)", len(selected), repo_id, split)
-    selected.push_to_hub(repo_id, split=split, private=private, token=token)
-    card.push_to_hub(repo_id, repo_type="dataset", token=token)
+    if not isinstance(split, str) or not re.fullmatch(r"\w+(\.\w+)*", split):
+        raise param_error("split", "push", "a split name of letters, digits, '_' and '.'", split)
+    shard_bytes = convert_file_size_to_int(max_shard_size)
+    selected, provenance = load_selection(output_dir)
+    provenance = public_provenance(provenance)
+    scores = selected[provenance["config"]["score_column"]]
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory(prefix="hf_otselect_push_") as tmp:
+        staging = Path(tmp)
+        files, split_info, parquet_bytes = _parquet_shards(selected, split, staging, shard_bytes)
+        metadata = _split_metadata(selected.features, split_info, parquet_bytes, f"data/{split}-*")
+        card = build_card(provenance, scores, metadata=metadata, license=license, public=True)
+        uploads = {p.relative_to(staging).as_posix(): str(p) for p in files}
+        uploads["README.md"] = str(card).encode("utf-8")
+        uploads["selection.json"] = (json.dumps(provenance, indent=2, sort_keys=True) + "\n").encode("utf-8")
+        logger.info("Pushing %d rows (%d parquet shards) and the card to the Hub dataset %s, split %s",
+                    len(selected), len(files), repo_id, split)
+        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        stale = [f for f in api.list_repo_files(repo_id, repo_type="dataset") if f.startswith("data/") and f not in uploads]
+        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=src) for name, src in uploads.items()]
+        operations += [CommitOperationDelete(path_in_repo=f) for f in stale]
+        api.create_commit(repo_id, operations=operations, repo_type="dataset",
+                          commit_message=f"Selection of {len(selected)} rows by hf_otselect ({provenance['method']})")
     return repo_id
