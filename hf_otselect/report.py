@@ -858,7 +858,8 @@ def write_report(
     out = folder / "report.html"
     out.write_text(page, encoding="utf-8")
     (folder / "report.json").write_text(json.dumps(numbers, indent=2, sort_keys=True, default=_json_default) + "\n", encoding="utf-8")
-    logger.info("Report written to %s", out)
+    # Inside a job the folder is still <output_dir>.partial: the job logs the final path itself.
+    (logger.debug if folder.name.endswith(".partial") else logger.info)("Report written to %s", out)
     from .outdir import record_written
 
     record_written(folder, [out, folder / "report.json", assets])  # ours: a later overwrite may replace them
