@@ -153,7 +153,44 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
             f"{worst['total_s']:.1f} | {max(r['peak_rss_gb'] for r in rs):.2f} | {worst['shard_gb']:.2f} | {worst['n_iter']} | "
             f"{bpi:,.0f} | {same} |"
         )
+    lines += ["", *_projection(by)]
     return "\n".join(lines) + "\n"
+
+
+#: Assumed interconnect for the projection (NCCL ring all-reduce over InfiniBand-class links).
+_LINK_BYTES_S, _LINK_LATENCY_S = 10e9, 20e-6
+
+
+def _projection(by: dict) -> list[str]:
+    """What 1B rows on 64 processes would take at the costs measured here (a model, stated)."""
+    p, rows = 64, 1_000_000_000 / 64
+    out = ["## Projection: 1B rows on 64 processes (a model, not a measurement)", "",
+           "Model: a process's fit + score time is a + b x (its rows), with a and b taken from the two largest",
+           "2-process runs of each method here (one run: a = 0); each of 64 processes holds 1B / 64 = 15.6M rows.",
+           "GOT-D adds, per Sinkhorn iteration, a ring all-reduce of the measured bytes "
+           f"(2 (P-1)/P x bytes / {_LINK_BYTES_S / 1e9:.0f} GB/s + 2 (P-1) x {_LINK_LATENCY_S * 1e6:.0f} us, assumed links).",
+           "These are this CPU's costs; a GPU runs the same per-row work (GEMM + exp) one to two orders of",
+           "magnitude faster, but no GPU was measured here.", "",
+           "| method | runs used | fixed a (s) | per row b (s) | all-reduce per iteration | projected, 64 processes |",
+           "|---|---|---|---|---|---|"]
+    for method in ("got_d", "tsds"):
+        runs = sorted((rs[0] for (m, _, procs), rs in by.items() if m == method and procs == 2), key=lambda r: r["n"])
+        if not runs:
+            continue
+        pts = [(r["n"] / r["procs"], max(x["fit_s"] + x["score_s"] for x in by[(method, r["n"], 2)])) for r in runs[-2:]]
+        if len(pts) == 2 and pts[1][0] > pts[0][0]:
+            b = (pts[1][1] - pts[0][1]) / (pts[1][0] - pts[0][0])
+            a = pts[0][1] - b * pts[0][0]
+        else:
+            a, b = 0.0, pts[-1][1] / pts[-1][0]
+        r = runs[-1]
+        comm = 0.0
+        if method == "got_d" and r["bytes_per_iter"]:
+            comm = 2 * (p - 1) / p * r["bytes_per_iter"] / _LINK_BYTES_S + 2 * (p - 1) * _LINK_LATENCY_S
+        total = a + b * rows + r["n_iter"] * comm
+        used = " and ".join(f"{int(n * 2):,}" for n, _ in pts)
+        out.append(f"| {method} | N = {used} | {a:.1f} | {b:.2e} | {comm * 1e3:.2f} ms | {total / 60:.1f} min |")
+    return out
 
 
 def main() -> None:
