@@ -8,7 +8,7 @@ Outputs go to one folder (see DESIGN.md)::
       selection.json    provenance: method, params, model, fingerprints, version, seed, OT distances, timings
       embeddings/       pool.npy, target.npy (when save_embeddings)
       prefilter/        the source ranking (when the pre-filter ran)
-      decontaminated/   the pool rows removed as too close to the held-out split (when it ran)
+      decontaminated/   the pool rows removed as too close to the held-out split (when it removed any)
       README.md         the dataset card pushed with the selection
       report.html       and its PNGs (when report)
 
@@ -279,7 +279,8 @@ def run_job(config: SelectionConfig) -> Path | None:
     run.scored.save_to_disk(str(partial / "scored"))
     run.selected.save_to_disk(str(partial / "selected"))
     for name, split in run.extra_splits.items():  # prefilter/ (source ranking), decontaminated/ (dropped rows)
-        split.save_to_disk(str(partial / name))
+        if len(split):  # datasets 5.2 saves a 0-row split that load_from_disk cannot read (IndexError)
+            split.save_to_disk(str(partial / name))
     if config.save_embeddings and run.pool_embeddings is not None:
         (partial / "embeddings").mkdir()
         np.save(partial / "embeddings" / "pool.npy", np.asarray(run.pool_embeddings), allow_pickle=False)
