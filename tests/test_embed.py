@@ -393,6 +393,9 @@ def test_every_field_of_the_shard_key_forces_a_recompute(texts, tmp_path, encode
         embed(rows, **base)
     assert encoded == [4, 4], "precision"
     encoded.clear()
-    changed = [*rows[:5], rows[5] + " (edited)", *rows[6:]]
-    embed(changed, **base)
+    first = "X" if rows[5][0] != "X" else "Y"  # same length (and byte length): only the content differs
+    changed = [*rows[:5], first + rows[5][1:], *rows[6:]]
+    assert len(changed[5].encode()) == len(rows[5].encode()) and changed[5] != rows[5]
+    got = embed(changed, **base)
     assert encoded == [4], "texts: only the second shard changed"
+    np.testing.assert_allclose(got, _plain_mean(model_a, changed), atol=1e-5, rtol=0)
