@@ -55,11 +55,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default=None)
     p.add_argument("--scratch", default=None, help="keep the runs' work dirs and JSONs here (default: a temporary folder)")
+    p.add_argument("--collect", action="store_true",
+                   help="run nothing: tabulate the finished runs under --scratch (out-<tag>/run.json), e.g. runs "
+                        "started by hand side by side with the command each JSON records")
     args = p.parse_args(argv)
     prov = provenance(seeds={"runs": args.seeds, "cold repeats of the first": args.repeats},
                       argv=[sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
     plan = [(args.seeds[0], f"s{args.seeds[0]}r{r}") for r in range(args.repeats)] + [(s, f"s{s}") for s in args.seeds[1:]]
     runs: list[tuple[int, str, dict]] = []
+    if args.collect:
+        for js in sorted(Path(args.scratch).glob("out-*/run.json")):
+            res = json.loads(js.read_text(encoding="utf-8"))
+            runs.append((res["config"]["seed"], js.parent.name[4:], res))
+        runs.sort(key=lambda r: (r[0] != args.seeds[0], r[1]))
+        write(runs, args, prov, len(plan))
+        return
     with tempfile.TemporaryDirectory(prefix="quality_spread_") as tmp:
         scratch = Path(args.scratch or tmp)
         for seed, tag in plan:  # the table is rewritten after every run, so a cut-short session keeps what ran
@@ -80,7 +90,9 @@ def write(runs: list[tuple[int, str, dict]], args: argparse.Namespace, prov: dic
          f"Each run: `quality.py {' '.join(REDUCED)} --seed S --threads {args.threads}` in its own process with a fresh "
          f"work dir (tokenizer, pre-training, warm-ups redone). Runs {', '.join(same)}: the same seed "
          f"{args.seeds[0]}; the others: other seeds. Wall time per run: "
-         + ", ".join(f"{tag} {res['wall_s']:.0f} s" for _, tag, res in runs) + ".  ",
+         + ", ".join(f"{tag} {res.get('wall_s', res['total_seconds']):.0f} s" for _, tag, res in runs) + ".  ",
+         *(f"Run {tag}: `{res['provenance']['command']}` at commit {res['provenance']['commit']}, load at start "
+           f"`{res['provenance']['load_at_start']}`  " for _, tag, res in runs if "provenance" in res),
          "Reduced set-up (100 units per source, 2 targets, k = 100): the spreads say how much a rerun moves a "
          "perplexity here, not the size of `quality.md`'s own figures."
          + (f" Only {len(runs)} of the {planned} planned runs had finished when this was written." if len(runs) < planned else ""), "",
