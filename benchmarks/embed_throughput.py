@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime as dt
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -26,6 +24,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import sys  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _provenance import header, provenance  # noqa: E402
 
 from hf_otselect.embed import DEFAULT_MODEL, embed, load_encoder  # noqa: E402
 
@@ -97,6 +100,7 @@ def main() -> None:
     texts = load_texts(args.n)
     tok, _, _ = load_encoder(None, device="cpu")
     ntok = [len(x) for x in tok(texts, truncation=True, max_length=256)["input_ids"]]
+    prov = provenance()  # after set_num_threads, so the header records the threads used
     load_before = os.getloadavg()
     results = {"cpu": run("cpu", texts, args.repeats)}
     if torch.cuda.is_available():
@@ -106,9 +110,9 @@ def main() -> None:
     lines = [
         "# Embedding throughput: `hf_otselect.embed` vs sentence-transformers `encode`",
         "",
-        f"- Command: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/embed_throughput.py --n {args.n} --repeats {args.repeats} --threads {args.threads}`",
-        f"- Date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; {platform.processor() or platform.machine()}, "
-        f"torch {torch.__version__}, {args.threads} torch threads; load average (1/5/15 min) before "
+        *header(prov),
+        "",
+        f"- Load average (1/5/15 min) before "
         f"{'/'.join(f'{x:.2f}' for x in load_before)}, after {'/'.join(f'{x:.2f}' for x in load_after)} "
         "(the 2 cores are shared with other jobs: compare the ratios, measured interleaved in one run)",
         f"- Texts: the first {args.n} AG News test descriptions (`shared/data/ag_news/test.csv`, 3rd column), "

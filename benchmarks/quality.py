@@ -71,15 +71,16 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _provenance import header, provenance  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("HF_OTSELECT_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -756,10 +757,16 @@ def write_markdown(res: dict[str, Any], command: str, load: str, path: Path) -> 
     rows = res["rows"]
     order = ["pretrained", "got_d", "got_d+pf", "got_d_neg", "tsds", "similarity", "dsir", "random"]
     stats = {k: _agg(rows, k) for k in ("domain_frac", "ot", "ppl", "select_s", "toxic_frac", "gen_toxic_frac", "gen_toxic_prob")}
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    L = ["# Quality benchmark: selectors x targets x budgets on real text", "",
-         f"Command: `{command}`  ", f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit}  ",
-         f"Machine: {os.cpu_count()} CPUs visible, torch threads {cfg['threads']}, device {cfg['device']}; load at start: `{load}`  ",
+    prov = res.get("provenance")
+    if prov is not None:  # runs since issue 16: the header of benchmarks/_provenance.py
+        head = header(prov) + [f"Device {cfg['device']}, torch threads {cfg['threads']}; seeds: data, model init and "
+                               f"warm-up {cfg['seed']}, random selections {list(cfg['random_seeds'])}  "]
+    else:  # older JSONs: what that run recorded (its commit was read from its markdown header)
+        head = [f"Command: `{command}`  ", f"Commit: {res.get('commit', 'not recorded')}; date {res.get('date', 'not recorded')} UTC; versions: not recorded by this run  ",
+                f"Machine: {os.cpu_count()} CPUs visible, torch threads {cfg['threads']}, device {cfg['device']}; "
+                f"load at start: `{load}`; seeds: data, model init and warm-up {cfg['seed']}, random selections "
+                f"{list(cfg['random_seeds'])}  "]
+    L = ["# Quality benchmark: selectors x targets x budgets on real text", "", *head,
          f"Total wall time: {res['total_seconds'] / 60:.1f} min (embedding {res['embed_seconds']:.0f} s, pre-training "
          f"{res['pretrain'].get('seconds', float('nan')):.0f} s)", "",
          f"Pool: {res['n_pool']} units (≤ {cfg['max_chars']} chars) — " + ", ".join(f"{s} {n}" for s, n in res["pool_sources"].items()) + ".  ",
@@ -953,10 +960,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         write_markdown(res, res["command"], res["load"], src.with_suffix(".md"))
         res["plots"] = [str(p) for p in plot(res, src.parent, src.stem)]
         return res
-    load = Path("/proc/loadavg").read_text().strip() if Path("/proc/loadavg").exists() else "n/a"
-    command = "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
     import datasets
+    import torch
 
+    torch.set_num_threads(cfg.threads)
+    prov = provenance(seeds={"data, model init, warm-up": cfg.seed, "random selections": list(cfg.random_seeds)},
+                      argv=[str(Path(__file__)), *(sys.argv[1:] if argv is None else argv)])
+    load, command = prov["load_at_start"] or "n/a", prov["command"]
     datasets.disable_progress_bars()
     if "--selection-only" in args:
         res = selection_only(cfg)
@@ -968,7 +978,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         logger.info("wrote %s", out / f"{cfg.name}.md")
         return res
     res = run(cfg)
-    res["command"], res["load"] = command.strip(), load
+    res["command"], res["load"], res["provenance"] = command, load, prov
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{cfg.name}.json").write_text(json.dumps(res, indent=1, default=float), encoding="utf-8")

@@ -162,7 +162,8 @@ def load_encoder(model: str | os.PathLike | None, *, revision: str | None = None
     -------
     (tokenizer, model, device)
         The loaded pair (model in eval mode on ``device``) and the resolved device string. Loaded
-        encoders are kept for the life of the process, so repeated calls are free.
+        encoders are kept for the life of the process, so repeated calls are free (a local folder
+        whose files changed since is loaded again).
 
     Raises
     ------
@@ -172,7 +173,9 @@ def load_encoder(model: str | os.PathLike | None, *, revision: str | None = None
     """
     name = _model_name(model, "load_encoder")
     dev = resolve_device(device, "load_encoder")
-    key = (name, revision, dev, bool(trust_remote_code))
+    # A local folder's file stamps are in the key: a model retrained in place is loaded again, not
+    # served from this process's memory under the new cache key.
+    key = (name, revision, dev, bool(trust_remote_code), json.dumps(_encoder_identity(name, revision), sort_keys=True))
     if key in _ENCODERS:
         return _ENCODERS[key]
     from transformers import AutoModel, AutoTokenizer

@@ -11,7 +11,7 @@ Outputs go to one folder (see DESIGN.md), which ``datasets.load_from_disk(output
       selection.json     provenance: method, params, model, fingerprints, version, seed, OT distances, timings
       embeddings/        pool.npy (pool-RANK-of-WORLD.npy per process), target.npy (when save_embeddings)
       prefilter/         the source ranking (when the pre-filter ran)
-      decontaminated/    the pool rows removed as too close to the held-out split (when it ran)
+      decontaminated/    the pool rows removed as too close to the held-out split (when it removed any)
       README.md          the dataset card pushed with the selection
       report.html        and its PNGs (when report)
 
@@ -326,7 +326,8 @@ def _run_job(config: SelectionConfig, folder: OutputFolder, comm: Comm, t0: floa
         return None
     (partial / "dataset_dict.json").write_text(json.dumps({"splits": ["scored", "selected"]}), encoding="utf-8")
     for name, split in run.extra_splits.items():  # prefilter/ (source ranking), decontaminated/ (dropped rows)
-        split.save_to_disk(str(partial / name))
+        if len(split):  # datasets 5.2 saves a 0-row split that load_from_disk cannot read (IndexError)
+            split.save_to_disk(str(partial / name))
     if config.save_embeddings and run.target_embeddings is not None:
         np.save(partial / "embeddings" / "target.npy", np.asarray(run.target_embeddings), allow_pickle=False)
     run.timings["job_s"] = time.perf_counter() - t0

@@ -184,3 +184,104 @@ def test_a_streamed_pool_leaves_no_working_file_behind(pool, target, tmp_path):
     stream.select_by_ot(target, method="similarity", k=3, cache_dir=cache, embedding=EMB)
     assert list((cache / "streams").glob("*")) == []
     assert list((cache / "embeddings").rglob("*.npy"))  # the content cache itself stays
+
+
+# -- issue 16: every field of the score cache key, checked by counting fits -------------------------
+
+# One other valid value for every constructor parameter of every selector. A new parameter with no
+# entry here fails the test below, so the table (and the cache key) cannot silently fall behind.
+_OTHER_VALUE = {
+    "got_d": {"eps": 0.3, "eps_mode": "relative", "negative_weight": 0.5, "backend": "blocked", "tol": 1e-4,
+              "max_iter": 50, "chunk_size": 30, "seed": 1, "device": "cpu"},
+    "tsds": {"alpha": 0.3, "C": 2.0, "sigma": 0.5, "max_K": 20, "kde_K": 10, "kernel": "uniform", "replace": False,
+             "index": "flat", "nprobe": 2, "density_nprobe": 2, "seed": 1},
+    "similarity": {"reduce": "max", "n_neighbors": 3, "block_size": 7},
+    "dsir": {"ngrams": 1, "num_buckets": 500, "smoothing": 1e-4, "resample": False, "batch_size": 16},
+    "random": {"replace": True},
+}
+
+
+@pytest.fixture
+def fits(monkeypatch):
+    """Names of the selectors whose ``fit`` ran (a fit = the scores were computed, not read)."""
+    from hf_otselect.selectors import get_selector
+
+    calls: list[str] = []
+    for name in available_selectors():
+        cls = type(get_selector(name))
+        real = cls.fit
+        monkeypatch.setattr(cls, "fit", lambda self, *a, _real=real, **kw: calls.append(self.name) or _real(self, *a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize("method", sorted(available_selectors()))
+def test_every_selector_parameter_is_in_the_score_cache_key(pool, target, tmp_path, fits, method):
+    from hf_otselect.selectors import get_selector
+
+    cache = tmp_path / "cache"
+    params = get_selector(method).get_params()
+    missing = sorted(set(params) - set(_OTHER_VALUE[method]) - {"negative_target"})
+    assert not missing, f"no other value listed for {method} parameters {missing}"
+    select_by_ot(pool, target, method, 6, cache_dir=cache, embedding=EMB)
+    assert fits == [method]
+    fits.clear()
+    select_by_ot(pool, target, method, 6, cache_dir=cache, embedding=EMB)
+    assert fits == []  # the same call: read from the cache
+    needs_text = get_selector(method).needs_text
+    pool_emb = None if needs_text else hf_otselect.embed(pool, cache_dir=cache / "embeddings", **EMB)
+    target_emb = None if needs_text else hf_otselect.embed(target, cache_dir=cache / "embeddings", **EMB)
+    for name, value in _OTHER_VALUE[method].items():
+        fits.clear()
+        # a Selector instance: select_by_ot's own `seed` is the choice's, not the selector's
+        changed = get_selector(method, **{name: value})
+        got = select_by_ot(pool, target, changed, 6, cache_dir=cache, embedding=EMB, return_scored=True)
+        assert fits == [method], f"{method}: changing {name} read stale scores"
+        # the scores are those of an uncached run with the changed parameter
+        fresh = get_selector(method, **{name: value})
+        want = fresh.score(pool["text"], target) if needs_text else fresh.score(pool_emb, target_emb)
+        np.testing.assert_allclose(got["scored"]["score"], want, rtol=1e-6, atol=1e-9, err_msg=f"{method} {name}")
+
+
+def test_pool_target_and_negative_target_are_in_the_score_cache_key(pool, target, tmp_path, fits):
+    cache = tmp_path / "cache"
+    kw = {"cache_dir": cache, "embedding": EMB}
+    select_by_ot(pool, target, "got_d", 6, **kw)
+    edited = pool.map(lambda row, i: {"text": row["text"] + " Edited." if i == 3 else row["text"]}, with_indices=True)
+    for name, args in [("pool", (edited, target)), ("target", (pool, target[:-1]))]:
+        fits.clear()
+        select_by_ot(*args, "got_d", 6, **kw)
+        assert fits == ["got_d"], name
+    fits.clear()
+    neg = [r["text"] for r in pool.select(range(5))]
+    select_by_ot(pool, target, "got_d", 6, negative_target=neg, **kw)
+    assert fits == ["got_d"]
+    fits.clear()
+    select_by_ot(pool, target, "got_d", 6, negative_target=neg[:-1], **kw)
+    assert fits == ["got_d"], "negative target"
+    fits.clear()  # dsir keys on the texts themselves
+    select_by_ot(pool, target, "dsir", 6, **kw)
+    select_by_ot(edited, target, "dsir", 6, **kw)
+    select_by_ot(pool, target[:-1], "dsir", 6, **kw)
+    assert fits == ["dsir"] * 3
+
+
+@pytest.mark.parametrize("method", ["got_d", "tsds"])
+def test_k_and_seed_reuse_the_scores_and_still_choose_afresh(pool, target, tmp_path, fits, method):
+    """k and seed decide the choice, not the scores: a cache hit, and the rows of an uncached run."""
+    from hf_otselect.selectors import get_selector
+
+    cache = tmp_path / "cache"
+    select_by_ot(pool, target, method, 6, cache_dir=cache, embedding=EMB)
+    pool_emb = hf_otselect.embed(pool, cache_dir=cache / "embeddings", **EMB)
+    target_emb = hf_otselect.embed(target, cache_dir=cache / "embeddings", **EMB)
+    fresh = get_selector(method)
+    scores = fresh.score(pool_emb, target_emb)
+    for k, seed in [(9, 0), (6, 1), (4, 7)]:
+        fits.clear()
+        got = select_by_ot(pool, target, method, k, seed=seed, cache_dir=cache, embedding=EMB)
+        assert fits == []
+        if method == "got_d":  # top-k by a plain sort: higher score first, ties to the lower row
+            want = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k]
+        else:
+            want = fresh.choose_rows(scores, k, seed=seed).tolist()
+        assert got["pool_index"] == want, (k, seed)

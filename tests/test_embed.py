@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -286,3 +287,137 @@ def test_a_sentence_transformer_instance_embeds_like_its_encode(tmp_path):
     assert not np.allclose(changed, got)
     with pytest.raises(ValueError, match="'num_proc' parameter of embed"):
         hf_otselect.embed(texts, model=st, num_proc=2, cache_dir=tmp_path)
+
+
+# -- issue 16: every field of the shard key, checked by counting the rows the encoder runs on -----
+
+
+@pytest.fixture
+def encoded(monkeypatch):
+    """Rows handed to the encoder loop (any model, any cache helper): one entry per shard computed."""
+    calls: list[int] = []
+    real = embed_mod._encode
+
+    def counting(texts, *args, **kwargs):
+        calls.append(len(texts))
+        return real(texts, *args, **kwargs)
+
+    monkeypatch.setattr(embed_mod, "_encode", counting)
+    return calls
+
+
+def _tiny_model(folder: Path, seed: int) -> Path:
+    """A 1-layer BERT with the bundled tokenizer, weights drawn from ``seed``, saved to ``folder``."""
+    from transformers import BertConfig, BertModel
+
+    tok = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = BertModel(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _plain_mean(folder: Path, texts: list[str], max_length: int = 128) -> np.ndarray:
+    """Independent forward of a local model: fresh objects, one padded batch, masked mean, L2."""
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModel.from_pretrained(folder).eval()
+    enc = tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    with torch.no_grad():
+        h = model(**enc).last_hidden_state
+    m = enc["attention_mask"].unsqueeze(-1).float()
+    v = (h * m).sum(1) / m.sum(1)
+    return (v / v.norm(dim=1, keepdim=True)).numpy()
+
+
+def test_texts_split_differently_never_share_a_shard(texts, reference, tmp_path, encoded):
+    """The shard hash length-prefixes each text: ["ab", "c"] and ["a", "bc"] are different shards."""
+    a, b = texts[0], texts[1]
+    first = [a, b]
+    second = [a + b[:7], b[7:]]  # the same characters end to end, cut in another place
+    assert "".join(first) == "".join(second)
+    embed(first, **_kw(tmp_path, max_length=64))
+    encoded.clear()
+    got = embed(second, **_kw(tmp_path, max_length=64))
+    assert encoded == [2]
+    np.testing.assert_allclose(got, reference(second, max_length=64), atol=1e-5, rtol=0)
+    encoded.clear()
+    embed(["ab", "c"], **_kw(tmp_path))
+    got = embed(["a", "bc"], **_kw(tmp_path))
+    assert encoded == [2, 2]
+    np.testing.assert_allclose(got, reference(["a", "bc"]), atol=1e-5, rtol=0)
+
+
+def test_local_model_retrained_or_touched_in_place_is_recomputed(texts, tmp_path, encoded):
+    """The file stamp (name, size, mtime) of a local model is in the key: stale vectors never return."""
+    folder = _tiny_model(tmp_path / "enc", seed=0)
+    rows = texts[:6]
+    kw = _kw(tmp_path, max_length=128)
+    old = embed(rows, model=str(folder), **kw)
+    np.testing.assert_allclose(old, _plain_mean(folder, rows), atol=1e-5, rtol=0)
+    encoded.clear()
+    embed(rows, model=str(folder), **kw)
+    assert encoded == []  # same files: read from the cache
+    weights = folder / "model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched, same bytes
+    embed(rows, model=str(folder), **kw)
+    assert encoded == [len(rows)]
+    encoded.clear()
+    _tiny_model(folder, seed=1)  # retrained in place: same file names, same sizes
+    assert weights.stat().st_size == stat.st_size
+    new = embed(rows, model=str(folder), **kw)
+    assert encoded == [len(rows)]
+    np.testing.assert_allclose(new, _plain_mean(folder, rows), atol=1e-5, rtol=0)
+    assert not np.allclose(new, old, atol=1e-3)
+
+
+def test_every_field_of_the_shard_key_forces_a_recompute(texts, tmp_path, encoded, monkeypatch):
+    """Change one input of the shard key at a time (model, revision, pooling, max_length, normalize,
+    precision, texts): the encoder runs again on exactly the rows whose key changed."""
+    import shutil
+
+    rows = texts[:8]
+    model_a = _tiny_model(tmp_path / "a", seed=0)
+    # b: other weights, but every file with a's name, size and mtime: only the path tells them apart
+    model_b = tmp_path / "b"
+    shutil.copytree(_tiny_model(tmp_path / "b_src", seed=2), model_b)
+    for f in model_a.iterdir():
+        st = f.stat()
+        assert (model_b / f.name).stat().st_size == st.st_size
+        os.utime(model_b / f.name, ns=(st.st_atime_ns, st.st_mtime_ns))
+    base = {"model": str(model_a), "max_length": 128, "shard_rows": 4, **_kw(tmp_path)}
+    embed(rows, **base)
+    assert encoded == [4, 4]
+    encoded.clear()
+    embed(rows, **base)
+    assert encoded == []
+    changes = {
+        "model": {"model": str(model_b)},
+        "revision": {"revision": "another-branch"},
+        "pooling": {"pooling": "cls"},
+        "max_length": {"max_length": 32},
+        "normalize": {"normalize": False},
+    }
+    for field, change in changes.items():
+        encoded.clear()
+        got = embed(rows, **{**base, **change})
+        assert encoded == [4, 4], field
+        if field == "model":
+            np.testing.assert_allclose(got, _plain_mean(model_b, rows), atol=1e-5, rtol=0)
+    encoded.clear()
+    with monkeypatch.context() as m:
+        m.setattr(embed_mod, "_precision", lambda dev: "bf16")  # as if this ran under bf16 autocast
+        embed(rows, **base)
+    assert encoded == [4, 4], "precision"
+    encoded.clear()
+    first = "X" if rows[5][0] != "X" else "Y"  # same length (and byte length): only the content differs
+    changed = [*rows[:5], first + rows[5][1:], *rows[6:]]
+    assert len(changed[5].encode()) == len(rows[5].encode()) and changed[5] != rows[5]
+    got = embed(changed, **base)
+    assert encoded == [4], "texts: only the second shard changed"
+    np.testing.assert_allclose(got, _plain_mean(model_a, changed), atol=1e-5, rtol=0)

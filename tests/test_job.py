@@ -116,3 +116,62 @@ def test_two_process_launch_gives_the_one_process_selection(tmp_path):
     two_sel = load_from_disk(str(two / "selected"))
     assert two_sel["pool_index"] == one_sel["pool_index"]
     shutil.rmtree(tmp_path / "cache2")
+
+
+@pytest.mark.parametrize("radius", [0.3, 1.1])
+def test_rename_happens_only_once_every_output_file_is_in_the_partial_folder(tmp_path, monkeypatch, radius):
+    """Issue 16: the output is renamed into place only when complete, not just before any write.
+
+    ``os.replace`` is intercepted; at the moment the partial folder is renamed its whole content is
+    read back and checked against plain recomputations (ranks by a sort written here, the selected
+    rows from those ranks), and nothing may be added to the folder after the rename. Radius 0.3
+    removes no pool row (no decontaminated/ split: datasets cannot read back a 0-row one), 1.1 some.
+    """
+    import numpy as np
+
+    config = _config(
+        tmp_path, "report=true", "report_columns=[domain]", "source_column=domain", "prefilter.keep=4",
+        "prefilter.sample_size=100", f"decontaminate.path={REPO / 'data/sample/target_eval.jsonl'}",
+        "decontaminate.column=text", f"decontaminate.radius={radius}",
+    )
+    out, partial = output_paths(config.output_dir)
+    real_replace = os.replace
+    seen: dict[str, object] = {}
+
+    def spy(src, dst, *args, **kwargs):
+        if Path(src) == partial:
+            assert Path(dst) == out and not out.exists()
+            seen["files"] = sorted(str(p.relative_to(partial)) for p in partial.rglob("*") if p.is_file())
+            scored = load_from_disk(str(partial / "scored"))
+            selected = load_from_disk(str(partial / "selected"))
+            assert len(scored) == 90 and scored["pool_index"] == list(range(90))
+            scores = np.asarray(scored["score"], dtype=float)
+            # ranks (from 1) by a plain sort: highest score first, ties to the lower row, unscored (NaN) last
+            order = sorted(range(90), key=lambda i: (np.isnan(scores[i]), -np.nan_to_num(scores[i]), i))
+            assert [scored["rank"][i] for i in order] == list(range(1, 91))
+            assert selected["pool_index"] == order[:12]
+            prov = json.loads((partial / "selection.json").read_text())
+            assert prov["k"] == 12 and prov["rows"]["selected"] == 12 and prov["rows"]["pool"] == 90
+            assert {"prefilter", "decontamination"} <= set(prov)
+            card = (partial / "README.md").read_text()
+            assert card.startswith("---\n") and "got_d" in card
+            assert np.load(partial / "embeddings" / "pool.npy").shape == (90, 384)
+            assert np.load(partial / "embeddings" / "target.npy").shape == (25, 384)
+            assert (partial / "report.html").stat().st_size > 1000
+            assert len(load_from_disk(str(partial / "prefilter"))) >= 1
+            prov_drops = prov["decontamination"]
+            if radius > 1:
+                assert len(load_from_disk(str(partial / "decontaminated"))) >= 1
+            seen["drops"] = prov_drops
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", spy)
+    assert run_job(config) == out
+    assert "files" in seen, "the partial folder was never renamed with os.replace"
+    # nothing was written after the rename: the folder holds exactly what the partial one held
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == seen["files"]
+    want = {"selection.json", "README.md", "report.html", "embeddings/pool.npy", "embeddings/target.npy",
+            "scored/state.json", "selected/state.json", "prefilter/state.json"}
+    assert want | ({"decontaminated/state.json"} if radius > 1 else set()) <= set(seen["files"])
+    assert ("decontaminated/state.json" in seen["files"]) == (radius > 1), seen["drops"]
+    assert not partial.exists()
