@@ -148,8 +148,11 @@ def test_rename_happens_only_once_every_output_file_is_in_the_partial_folder(tmp
             scores = np.asarray(scored["score"], dtype=float)
             # ranks (from 1) by a plain sort: highest score first, ties to the lower row, unscored (NaN) last
             order = sorted(range(90), key=lambda i: (np.isnan(scores[i]), -np.nan_to_num(scores[i]), i))
-            assert [scored["rank"][i] for i in order] == list(range(1, 91))
-            assert selected["pool_index"] == order[:12]
+            assert selected["pool_index"] == sorted(order[:12])  # pool order on disk
+            assert [p for _, p in sorted(zip(selected["rank"], selected["pool_index"]))] == order[:12]
+            assert sorted(selected["rank"]) == list(range(1, 13))
+            assert [i for i in range(90) if scored["selected"][i]] == sorted(order[:12])
+            assert set(load_from_disk(str(partial))) == {"scored", "selected"}  # one DatasetDict
             prov = json.loads((partial / "selection.json").read_text())
             assert prov["k"] == 12 and prov["rows"]["selected"] == 12 and prov["rows"]["pool"] == 90
             assert {"prefilter", "decontamination"} <= set(prov)
@@ -170,7 +173,7 @@ def test_rename_happens_only_once_every_output_file_is_in_the_partial_folder(tmp
     assert "files" in seen, "the partial folder was never renamed with os.replace"
     # nothing was written after the rename: the folder holds exactly what the partial one held
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == seen["files"]
-    want = {"selection.json", "README.md", "report.html", "embeddings/pool.npy", "embeddings/target.npy",
+    want = {"selection.json", "README.md", "report.html", "embeddings/pool.npy", "embeddings/target.npy", "dataset_dict.json",
             "scored/state.json", "selected/state.json", "prefilter/state.json"}
     assert want | ({"decontaminated/state.json"} if radius > 1 else set()) <= set(seen["files"])
     assert ("decontaminated/state.json" in seen["files"]) == (radius > 1), seen["drops"]
