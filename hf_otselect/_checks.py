@@ -141,29 +141,6 @@ def check_magnitude(x: np.ndarray, name: str, owner: str) -> float:
     return top
 
 
-def mean_sq_distance(x: np.ndarray, y: np.ndarray, block_rows: int = 65_536) -> float:
-    """Mean of ``||x_i - y_j||^2`` over all pairs, in float64, O((n + m) d), by blocks.
-
-    Uses ``E||x - y||^2 = E||x'||^2 + E||y'||^2 - 2 <E x', E y'>`` on points shifted by the mean of
-    ``y`` (a translation changes no distance, and the shift keeps the cancellation small when the
-    cloud sits far from the origin). Own code rather than :func:`hf_otselect.ot.mean_sq_distance`
-    because that one copies both sides to float64 at once and works unshifted.
-    """
-    centre = np.mean(y, axis=0, dtype=np.float64)
-
-    def moments(z: np.ndarray) -> tuple[np.ndarray, float]:
-        first, second = np.zeros(z.shape[1]), 0.0
-        for i in range(0, len(z), block_rows):
-            block = z[i:i + block_rows].astype(np.float64) - centre
-            first += block.sum(axis=0)
-            second += float(np.einsum("ij,ij->", block, block))
-        return first / len(z), second / len(z)
-
-    mx, qx = moments(x)
-    my, qy = moments(y)
-    return max(qx + qy - 2.0 * float(mx @ my), 0.0)
-
-
 def check_writable_folder(folder: str | os.PathLike, name: str, owner: str) -> Path:
     """Refuse a folder that could not be created or written: a file in its path, or no write permission.
 

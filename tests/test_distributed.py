@@ -229,8 +229,9 @@ def test_torchrun_two_and_three_processes_select_what_one_does(tmp_path):
             assert res["indices"] == ref["indices"], method
             assert res["selected_pool_index"] == ref["selected_pool_index"], method
             assert res["selected_rank"] == ref["selected_rank"], method
-            tol = 1e-6 if method == "got_d" else 0.0
-            np.testing.assert_allclose(res["scores"], ref["scores"], rtol=tol, atol=tol * 1e-6, err_msg=method)
+            # GOT-D's reductions sum in another order across processes: within 1e-6 of the score scale.
+            atol = 1e-6 * np.abs(ref["scores"]).max() if method == "got_d" else 0.0
+            np.testing.assert_allclose(res["scores"], ref["scores"], rtol=0, atol=atol, err_msg=method)
 
 
 def _job_overrides(tmp_path: Path, out: Path, cache: Path) -> list[str]:
