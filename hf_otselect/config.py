@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import os
 import re
 import types
 import typing
@@ -559,13 +560,49 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+#: Fields that name files or folders. A relative path written in a config file means a path next to
+#: that file (so a job runs the same from any working directory); one given as an override means a
+#: path from the working directory, as a shell argument does.
+_OUTPUT_PATHS = ("output_dir", "cache_dir")
+_INPUT_PATHS = ("pool.path", "target.path", "negative_target.path", "decontaminate.path", "embedding.model")
+
+
+def _paths_from(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """``data`` with the relative paths it names resolved against ``base`` (the config's folder).
+
+    Output folders always are; an input path only when it exists there (a file, a folder or a
+    glob's match), since the same field also takes a Hub id such as ``"user/dataset"``.
+    """
+    import glob
+
+    def resolve(key: str, value: Any, *, must_exist: bool) -> Any:
+        if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+            return value
+        candidate = os.path.normpath(base / value)  # lexical: a link in the path is never followed here
+        if must_exist and not (os.path.exists(candidate) or glob.glob(candidate)):
+            return value
+        return candidate
+
+    out = dict(data)
+    for key in _OUTPUT_PATHS:
+        if key in out:
+            out[key] = resolve(key, out[key], must_exist=False)
+    for dotted in _INPUT_PATHS:
+        section, field = dotted.split(".")
+        if isinstance(out.get(section), dict) and field in out[section]:
+            out[section] = {**out[section], field: resolve(dotted, out[section][field], must_exist=True)}
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> SelectionConfig:
     """Read a job config from YAML and apply ``key=value`` overrides.
 
     Parameters
     ----------
     path : str or Path or None
-        YAML file. None starts from the defaults.
+        YAML file. None starts from the defaults. Relative paths in it are read from the file's
+        folder (data and model paths when they exist there; ``output_dir`` and ``cache_dir``
+        always); relative paths in ``overrides`` from the working directory.
     overrides : sequence of str
         ``dotted.key=value`` items; values are parsed as YAML 1.2 core scalars (``010`` is 10;
         ``0x1F``, ``on``, ``yes`` are strings, refused by a field typed int or bool).
@@ -596,7 +633,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             loaded = {}
         if not isinstance(loaded, dict):
             raise param_error("config", "load_config", "a YAML mapping at the top level", type(loaded).__name__, exc=TypeError)
-        data = loaded
+        data = _paths_from(loaded, path.resolve().parent)
     for item in overrides:
         if not isinstance(item, str):
             raise param_error("overrides", "load_config", "items of the form key=value (str)", item, exc=TypeError)

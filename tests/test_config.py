@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from hf_otselect.config import SelectionConfig, load_config
@@ -245,3 +247,21 @@ def test_a_card_header_with_aliases_or_duplicates_is_refused(tmp_path):
     dup = text.replace("---\n", "---\ntags: [x]\n", 1)
     with pytest.raises(ValueError, match=r"the key 'tags' appears twice"):
         config_from_card(dup)
+
+
+def test_relative_paths_in_a_config_file_are_read_from_its_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "proj" / "configs"
+    folder.mkdir(parents=True)
+    (tmp_path / "proj" / "data").mkdir()
+    (tmp_path / "proj" / "data" / "pool.jsonl").write_text('{"text": "a"}\n')
+    (folder / "job.yaml").write_text(
+        "pool: {path: ../data/pool.jsonl}\ntarget: {path: user/some-hub-dataset}\noutput_dir: ../out\n", encoding="utf-8")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the job must not depend on where it is started from
+    config = load_config(folder / "job.yaml")
+    assert Path(config.pool.path) == tmp_path / "proj" / "data" / "pool.jsonl"
+    assert config.target.path == "user/some-hub-dataset"  # a Hub id stays a Hub id
+    assert Path(config.output_dir) == tmp_path / "proj" / "out"
+    # an override is a shell argument: relative to the working directory
+    assert load_config(folder / "job.yaml", ["output_dir=runs/a"]).output_dir == "runs/a"
