@@ -25,7 +25,7 @@ convergence, so its potentials can be far from the fixed point (rank agreement 0
 and its tensorized path needs the full N x M matrix plus autograd buffers; POT's log-domain solver
 checks every 10 iterations and its lazy path is 5-10x slower. GOT-D's problem converges in 2-16
 iterations, so checking each iteration and making each iteration cheap is what matters. We do it
-in torch (CPU or CUDA). Every back end but keops is one solver, :func:`sharded_sinkhorn`, which
+in torch (CPU or CUDA). Every back end is one solver, :func:`sharded_sinkhorn`, which
 reads the candidates through a :class:`~hf_otselect.dist.PoolView` (this process's rows, in
 blocks) and talks to other processes only through a :class:`~hf_otselect.dist.Comm`: per
 iteration an all-reduce of per-target (max, sum-exp) pairs or column sums, O(m) bytes whatever N
@@ -56,8 +56,6 @@ The modes:
     exponentials). The cost blocks of the first rows that fit ``memory_budget`` are kept from the
     first pass; the rest are recomputed each pass. Memory is O((n + m) d + block_size * m) plus
     that budget.
-``"keops"``
-    The same log-domain iteration with symbolic pykeops reductions (optional; needs ``pykeops``).
 ``"geomloss"``
     GeomLoss's ``SamplesLoss("sinkhorn", p=2, debias=False, potentials=True)`` (tensorized, eps
     annealed down to the target on its fixed schedule), converted to our conventions (GeomLoss's
@@ -86,10 +84,12 @@ from .dist import LOCAL, Comm, PoolView
 
 logger = logging.getLogger(__name__)
 
-Backend = Literal["auto", "tensorized", "blocked", "keops", "geomloss"]
+Backend = Literal["auto", "tensorized", "blocked", "geomloss"]
 EpsMode = Literal["absolute", "relative"]
 
-BACKENDS = ("auto", "tensorized", "blocked", "keops", "geomloss")
+# No pykeops back end: on CPU it compiled but ran ~50x slower than the tensorized path at 384-d
+# (PEERS.md), CI cannot run it, and the blocked path already needs no (n, m) matrix.
+BACKENDS = ("auto", "tensorized", "blocked", "geomloss")
 EPS_MODES = ("absolute", "relative")
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes allowed for the (n, m) kernel of the tensorized back end
 _BLOCK_ELEMENTS = 1 << 23  # about 32 MB of float32 per cost block in the blocked pass
@@ -130,7 +130,7 @@ class SinkhornResult:
     eps : float
         The absolute eps used (after ``eps_mode="relative"`` scaling).
     backend : str
-        The back end that ran: ``"tensorized"``, ``"blocked"``, ``"keops"`` or ``"geomloss"``.
+        The back end that ran: ``"tensorized"``, ``"blocked"`` or ``"geomloss"``.
     """
 
     f: np.ndarray
@@ -546,7 +546,7 @@ def sinkhorn_potentials(
     a, b : array_like of shape (n,) and (m,), optional
         Positive weights, normalised to sum 1; uniform when omitted.
     eps_mode : {"absolute", "relative"}, default "absolute"
-    backend : {"auto", "tensorized", "blocked", "keops", "geomloss"}, default "auto"
+    backend : {"auto", "tensorized", "blocked", "geomloss"}, default "auto"
         See the module docstring. ``"auto"`` picks ``"tensorized"`` when ``n * m`` entries fit
         ``memory_budget`` bytes, else ``"blocked"``.
     tol : float, default 1e-3
@@ -570,37 +570,25 @@ def sinkhorn_potentials(
     Raises
     ------
     ValueError, TypeError
-        On a bad parameter (checked before any work), or ``ImportError`` for ``backend="keops"``
-        without pykeops.
+        On a bad parameter (checked before any work).
     """
     owner = "sinkhorn_potentials"
     xa, ya, wa, wb, eps, max_iter, block_size, memory_budget = _check_common(
         x, y, eps, a, b, eps_mode, backend, tol, max_iter, block_size, memory_budget, owner
     )
-    if backend == "keops":
-        try:
-            import pykeops  # noqa: F401
-        except ImportError as err:
-            raise ImportError("backend='keops' needs pykeops: `pip install pykeops` (and a C++ compiler).") from err
     n, m = len(xa), len(ya)
     if backend == "auto":
         backend = "tensorized" if n * m * xa.dtype.itemsize <= memory_budget else "blocked"
     dev = _resolve_device(device)
-    if backend == "keops":
-        eps_abs = eps * mean_sq_distance(xa, ya, wa, wb) if eps_mode == "relative" else eps
-        if not eps_abs > 0:
-            raise param_error("eps_mode", owner, "'absolute' when all pairwise costs are 0", eps_mode)
-        f, g, it, err = _solve_keops(xa, ya, wa, wb, eps_abs, tol, max_iter, dev)
-    else:
-        # The in-memory back ends are the sharded solver on one process: "tensorized" keeps the
-        # kernel, "blocked" recomputes it, "geomloss" starts from GeomLoss's potentials.
-        r = sharded_sinkhorn(
-            PoolView(xa), ya, eps, b=wb, a_local=wa, eps_mode=eps_mode, tol=tol, max_iter=max_iter, device=dev,
-            keep_kernel=backend != "blocked", memory_budget=memory_budget, block_rows=block_size,
-            start="geomloss" if backend == "geomloss" else "zeros",
-            owner=owner, names=("eps", "x", "y"),
-        )
-        f, g, it, err, eps_abs = r.f_local, r.g, r.n_iter, r.marginal_error, r.eps
+    # The in-memory back ends are the sharded solver on one process: "tensorized" keeps the
+    # kernel, "blocked" recomputes it, "geomloss" starts from GeomLoss's potentials.
+    r = sharded_sinkhorn(
+        PoolView(xa), ya, eps, b=wb, a_local=wa, eps_mode=eps_mode, tol=tol, max_iter=max_iter, device=dev,
+        keep_kernel=backend != "blocked", memory_budget=memory_budget, block_rows=block_size,
+        start="geomloss" if backend == "geomloss" else "zeros",
+        owner=owner, names=("eps", "x", "y"),
+    )
+    f, g, it, err, eps_abs = r.f_local, r.g, r.n_iter, r.marginal_error, r.eps
     converged = bool(err < tol)
     if not converged:
         warnings.warn(
@@ -844,35 +832,4 @@ class _ShardedSinkhorn:
                 break
         return f + eps * u.log(), g + eps * v.log(), g_f, it, err
 
-
-def _solve_keops(
-    x: np.ndarray, y: np.ndarray, a: np.ndarray, b: np.ndarray, eps: float, tol: float, max_iter: int, device: Any
-) -> tuple[np.ndarray, np.ndarray, int, float]:
-    """Log-domain Sinkhorn with symbolic pykeops log-sum-exp reductions (no (n, m) matrix)."""
-    import torch
-    from pykeops.torch import LazyTensor
-
-    dt = torch.float64 if x.dtype == np.float64 else torch.float32
-    X = torch.from_numpy(x).to(device=device, dtype=dt)
-    Y = torch.from_numpy(y).to(device=device, dtype=dt)
-    loga = torch.from_numpy(np.log(a)).to(device=device, dtype=dt)
-    logb = torch.from_numpy(np.log(b)).to(device=device, dtype=dt)
-    A = torch.from_numpy(a).to(device=device, dtype=dt)
-    xi, yj = LazyTensor(X[:, None, :]), LazyTensor(Y[None, :, :])
-    C = ((xi - yj) ** 2).sum(-1)  # symbolic (n, m) cost
-    f = torch.zeros(len(x), dtype=dt, device=device)
-    g = torch.zeros(len(y), dtype=dt, device=device)
-    err, it = math.inf, 0
-    with torch.no_grad():
-        while it < max_iter:
-            hj = LazyTensor(((g + eps * logb) / eps)[None, :, None])
-            f_new = -eps * (hj - C / eps).logsumexp(dim=1).view(-1)
-            err = float((A * torch.expm1((f - f_new) / eps).abs()).sum())
-            f = f_new
-            hi = LazyTensor(((f + eps * loga) / eps)[:, None, None])
-            g = -eps * (hi - C / eps).logsumexp(dim=0).view(-1)
-            it += 1
-            if err < tol:
-                break
-    return f.double().cpu().numpy(), g.double().cpu().numpy(), it, err
 

@@ -30,7 +30,7 @@ from .base import Selector, register
 
 logger = logging.getLogger(__name__)
 
-#: Solver modes of GOT-D's sharded fit (``keops`` stays with :func:`hf_otselect.ot.sinkhorn_potentials`).
+#: Solver modes of GOT-D's sharded fit.
 BACKENDS = ("auto", "tensorized", "blocked", "geomloss")
 
 
