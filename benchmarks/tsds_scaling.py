@@ -104,16 +104,18 @@ def run_cost(args: argparse.Namespace) -> None:
     # The paper's values (C = 5 fixed rather than the package's C=None): the worst case for the
     # density step, since at this scale every query spreads over thousands of rows.
     cfg = dict(alpha=0.5, C=5.0, sigma=0.75, max_K=5000, kde_K=1000)
-    trees = [("ours", str(REPO))] + ([("old", args.old_tree)] if args.old_tree else [])
+    trees = [("ours", str(REPO), cfg)] + ([("old", args.old_tree, cfg)] if args.old_tree else [])
+    if args.package_defaults:  # the package's default scale (C=None, sized from N, k = 1% of N, and M)
+        trees.insert(1, ("ours, C=None", str(REPO), {**cfg, "C": None}))
     rows = []
     for name in ("copies", "distinct", "dense", "spread"):
         xp, yp = make_cost_data(name, folder)
         x = np.load(xp)
         sample = x[np.random.default_rng(0).integers(0, len(x), 2000)].astype(np.float64)
         within = float((((sample[:, None] - sample[None]) ** 2).sum(-1) < cfg["sigma"] ** 2).mean())
-        for label, tree in trees:
+        for label, tree, conf in trees:
             case = dict(method="ours", index="auto", m=200, x=str(xp), y=str(yp), recall=False, tree=tree, mem_limit_gb=args.mem_limit_gb,
-                        p_out=str(folder / f"p_{label}_{name}.npy"), **cfg)
+                        p_out=str(folder / f"p_{label.replace(' ', '_').replace(',', '').replace('=', '')}_{name}.npy"), **conf)
             res = spawn(case, args.timeout)
             rows.append(dict(tree=label, case=name, n=len(x), dim=x.shape[1], within=within, **res))
             print(json.dumps(rows[-1]), flush=True)
@@ -127,7 +129,8 @@ def run_cost(args: argparse.Namespace) -> None:
         "The paper's parameters (alpha 0.5, C 5 fixed, sigma 0.75, max_K 5000, kde_K 1000, index auto), M = 200 queries,",
         f"each case in its own process (peak RSS of that process; address space capped at {args.mem_limit_gb:g} GB). `old` is the code before this change",
         "(radius search at h for the densities), `ours` this tree. 'pairs within sigma' is measured on",
-        "2,000 sampled rows.",
+        "2,000 sampled rows." + (" `ours, C=None` is this tree at the package's default scale (C sized from N, a budget k of"
+                                 " 1% of N, and M; see TSDSSelector)." if args.package_defaults else ""),
         "",
         "| code | case | N | dim | pairs within sigma | wall s | CPU s | peak RSS GB | width | densities |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -257,6 +260,7 @@ def main() -> None:
     ap.add_argument("--dup-frac", type=float, default=0.1)
     ap.add_argument("--cost", action="store_true", help="run the cost cases (copies/distinct, dense/spread) instead")
     ap.add_argument("--old-tree", help="with --cost: a directory holding an earlier hf_otselect to time too")
+    ap.add_argument("--package-defaults", action="store_true", help="with --cost: also time the package's default C=None")
     ap.add_argument("--mem-limit-gb", type=float, default=8.0, help="with --cost: address-space cap per case")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
