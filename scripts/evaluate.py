@@ -20,7 +20,11 @@ NeurIPS 2024, Sec. 5):
    with ``evaluate`` modules (the Hub ones when online, our bundled scikit-learn ones offline:
    :func:`hf_otselect.metrics.load`).
 
-Results go to ``<output_dir>/eval_results.json`` and are returned by :func:`evaluate_model`.
+Results go to ``<output_dir>/eval_results.json`` and are returned by :func:`evaluate_model`. The
+file is rewritten (atomically) after each measurement, so a perplexity already computed survives a
+failure of the downstream fine-tuning. ``block_size`` and ``max_length`` are clipped to what the
+model can take (its position embeddings and the tokenizer's ``model_max_length``), with a warning;
+the results record the values used.
 
 Run with a YAML/JSON file or CLI flags (``HfArgumentParser``)::
 
@@ -37,6 +41,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,7 +86,7 @@ class EvalArguments:
     task_train_data: str | None = field(default=None, metadata={"help": "Labelled target data to fine-tune on."})
     task_eval_data: str | None = field(default=None, metadata={"help": "Labelled target data to score."})
     label_column: str = field(default="label", metadata={"help": "Column holding the labels."})
-    max_length: int = field(default=128, metadata={"help": "Truncation length for classification."})
+    max_length: int = field(default=128, metadata={"help": "Truncation length for classification (clipped to the model's positions)."})
 
 
 def _windows(ids: list[int], size: int) -> list[list[int]]:
@@ -228,21 +233,24 @@ def finetune_classifier(eval_args: EvalArguments, training_args: Any) -> dict[st
     labels = sorted(set(train[eval_args.label_column]) | set(test[eval_args.label_column]), key=str)
     label2id = {lab: i for i, lab in enumerate(labels)}
     common = {"revision": eval_args.revision, "trust_remote_code": eval_args.trust_remote_code}
-    tok = AutoTokenizer.from_pretrained(eval_args.tokenizer_name_or_path or eval_args.model_name_or_path, **common)
+    name = _pre.model_path(eval_args.model_name_or_path)
+    tok = AutoTokenizer.from_pretrained(_pre.model_path(eval_args.tokenizer_name_or_path or name), **common)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     transformers.set_seed(training_args.seed)
     model = AutoModelForSequenceClassification.from_pretrained(
-        eval_args.model_name_or_path,
+        name,
         num_labels=len(labels),
         id2label={i: str(lab) for i, lab in enumerate(labels)},
         label2id={str(lab): i for i, lab in enumerate(labels)},
         **common,
     )
     model.config.pad_token_id = tok.pad_token_id
+    # Longer inputs than the position embeddings would index past them (an IndexError mid-training).
+    max_length = _pre.usable_block_size(eval_args.max_length, tok, model, name="max_length")
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
-        enc = tok(batch[eval_args.text_column], truncation=True, max_length=eval_args.max_length, verbose=False)
+        enc = tok(batch[eval_args.text_column], truncation=True, max_length=max_length, verbose=False)
         enc["labels"] = [label2id[lab] for lab in batch[eval_args.label_column]]
         return enc
 
@@ -275,6 +283,7 @@ def finetune_classifier(eval_args: EvalArguments, training_args: Any) -> dict[st
         "n_train": len(train),
         "n_eval": len(test),
         "labels": [str(lab) for lab in labels],
+        "max_length": max_length,
     }
 
 
@@ -291,6 +300,7 @@ def evaluate_model(eval_args: EvalArguments, training_args: Any) -> dict[str, An
     -------
     dict
         ``{"model": ..., "perplexity": {...}, "task": {...}}`` with the parts that were asked for.
+        The file is written after each part, so a failure in the task keeps the perplexity.
     """
     if not eval_args.perplexity_data and not (eval_args.task_train_data and eval_args.task_eval_data):
         raise ValueError("Nothing to evaluate: give perplexity_data, or task_train_data and task_eval_data.")
@@ -308,7 +318,7 @@ def evaluate_model(eval_args: EvalArguments, training_args: Any) -> dict[str, An
             revision=eval_args.revision,
             trust_remote_code=eval_args.trust_remote_code,
         )
-        model, tok, kind = _pre.load_model_and_tokenizer(model_args)
+        model, tok, kind, _ = _pre.load_model_and_tokenizer(model_args)
         ds = _pre.load_texts(eval_args.perplexity_data, text_column=eval_args.text_column)
         texts = ds[eval_args.text_column][: eval_args.max_perplexity_texts]
         block = _pre.usable_block_size(eval_args.block_size, tok, model)
@@ -324,14 +334,21 @@ def evaluate_model(eval_args: EvalArguments, training_args: Any) -> dict[str, An
             "block_size": block,
         }
         logger.info("target perplexity (%s): %.3f over %d tokens", results["perplexity"]["method"], ppl["perplexity"], ppl["n_tokens"])
+        _save(results, training_args.output_dir)
     if eval_args.task_train_data:
         results["task"] = finetune_classifier(eval_args, training_args)
         logger.info("downstream: accuracy %.4f, macro-F1 %.4f", results["task"]["accuracy"], results["task"]["macro_f1"])
-    out = Path(training_args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "eval_results.json", "w", encoding="utf-8") as fh:
-        json.dump(results, fh, indent=2)
+    _save(results, training_args.output_dir)
     return results
+
+
+def _save(results: dict[str, Any], output_dir: str | os.PathLike) -> None:
+    """Write ``eval_results.json`` through a temporary file, so it is never half written."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "eval_results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2), encoding="utf-8")
+    os.replace(tmp, out / "eval_results.json")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[EvalArguments, Any]:
