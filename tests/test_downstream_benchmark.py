@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, SHARED_DATA
 
 
 def _load():
@@ -161,3 +161,19 @@ def test_smoke_defaults_and_bad_args():
         ds.parse_args(["--budgets", "0"])
     with pytest.raises(ValueError, match="'target' parameter"):
         ds.prepare_target("no_such_task", ds.Config(), REPO, [])
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "SOURCES.md").exists(), reason="shared data not present")
+@pytest.mark.parametrize("name,gone", [("chemprot", "chemprot"), ("ag_news", "ag_news"), ("imdb", "imdb"), ("sciie", None)])
+def test_real_pool_excludes_the_target(tmp_path, name, gone):
+    cfg = ds.Config(data_dir=str(SHARED_DATA), work_dir=str(tmp_path))
+    raw = ds.Q.load_raw(SHARED_DATA, np.random.default_rng(cfg.seed))
+    tgt = ds.prepare_target(name, cfg, tmp_path, raw["target"]["amazon"])
+    pool = ds.build_pool(cfg, raw, tgt["exclude"])
+    ds.check_pool(pool, cfg, name)  # >= 8 sources and >= 4,000 units
+    assert not set(pool["text"]) & tgt["exclude"]
+    assert (gone is None) == (len(set(pool["source"].tolist())) == len(ds.Q.DOMAIN))
+    if gone:
+        assert gone not in set(pool["source"].tolist())
+    assert len(tgt["select"]) == cfg.n_target and len(tgt["mlm"]) == cfg.n_mlm_eval
+    assert len(ds.Q._jsonl(tgt["probe_train"])) == min(cfg.n_probe_train, tgt["n_train"])
