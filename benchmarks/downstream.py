@@ -111,7 +111,7 @@ class Config:
     n_probe_train: int = 1000
     n_probe_test: int = 500
     warm_steps: int = 30
-    warm_lr: float = 5e-5
+    warm_lr: float = 1e-4  # DSP's DAPT/TAPT learning rate (Gururangan et al. 2020, App. B)
     batch_size: int = 16
     block_size: int = 128
     mask_seed: int = 1234
@@ -125,6 +125,7 @@ class Config:
     device: str = "cpu"
     embed_max_length: int = 128
     smoke: bool = False
+    note: str = ""
     min_sources: int = 8
     min_units: int = 4000
     pool: dict[str, Any] | None = field(default=None, repr=False)  # injected pool (tests): {"text", "source"}
@@ -605,7 +606,8 @@ def write_markdown(res: dict[str, Any], path: Path, *, label: str = "") -> None:
     for metric, lines in tables(res).items():
         L += [f"## {metric}", "", "| target | k | selector | mean ± std (n) | vs random | vs similarity |", "|---|---|---|---|---|---|"]
         for r in lines:
-            m = {x: f"{r['marks'][x][2]} ({r['marks'][x][0]:+.3f}, 2SE {r['marks'][x][1]:.3f})" for x in r["marks"]}
+            m = {x: f"{r['marks'][x][2]} ({r['marks'][x][0]:+.3f}" + (f", 2SE {r['marks'][x][1]:.3f})" if r["marks"][x][1] == r["marks"][x][1] else ")")
+                 for x in r["marks"]}
             L.append(f"| {r['target']} | {r['k']} | {r['selector']} | {_fmt(r['mean'], r['std'])} ({r['n']}) | {m.get('r', '')} | {m.get('s', '')} |")
         L.append("")
     v = verdicts(res)
@@ -643,6 +645,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         p.add_argument("--" + f.replace("_", "-"), type=float, default=getattr(d, f))
     p.add_argument("--finetune", action="store_true", help="also fine-tune at the largest budget on --finetune-targets")
     p.add_argument("--finetune-targets", nargs="+", default=list(d.finetune_targets))
+    p.add_argument("--note", default="", help="said in the results page's title (e.g. 'reduced run')")
     p.add_argument("--smoke", action="store_true", help="CI size: one built-in target, k 20, one seed, few steps")
     a = vars(p.parse_args(argv))
     for f in ("targets", "selectors", "budgets", "seeds", "finetune_targets"):
@@ -681,7 +684,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{cfg.name}.json").write_text(json.dumps(res, indent=1, default=str), encoding="utf-8")
-    write_markdown(res, out / f"{cfg.name}.md")
+    write_markdown(res, out / f"{cfg.name}.md", label=f" ({cfg.note})" if cfg.note else "")
     logger.info("wrote %s", out / f"{cfg.name}.md")
     return res
 

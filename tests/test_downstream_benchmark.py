@@ -177,3 +177,15 @@ def test_real_pool_excludes_the_target(tmp_path, name, gone):
         assert gone not in set(pool["source"].tolist())
     assert len(tgt["select"]) == cfg.n_target and len(tgt["mlm"]) == cfg.n_mlm_eval
     assert len(ds.Q._jsonl(tgt["probe_train"])) == min(cfg.n_probe_train, tgt["n_train"])
+
+
+def test_finetune_goes_through_evaluate_script(tmp_path, tiny_bert):
+    rng = np.random.default_rng(1)
+    rows = [{"text": t, "label": lab} for t, lab in _texts("chem", 40, rng)]
+    for name, part in (("probe_train", rows[:24]), ("probe_test", rows[24:])):
+        ds._write_jsonl(tmp_path / f"{name}.jsonl", part)
+    tgt = {"probe_train": tmp_path / "probe_train.jsonl", "probe_test": tmp_path / "probe_test.jsonl"}
+    cfg = ds.Config(block_size=32, batch_size=8, finetune_epochs=1.0)
+    f1 = ds.finetune_f1(tiny_bert, tgt, 0, cfg, tmp_path / "ft")
+    saved = json.loads((tmp_path / "ft" / "eval_results.json").read_text())
+    assert f1 == saved["task"]["macro_f1"] and saved["task"]["n_eval"] == 16 and 0.0 <= f1 <= 1.0
