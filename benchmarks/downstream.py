@@ -59,6 +59,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -679,7 +680,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     datasets.disable_progress_bars()
     res = run(cfg)
-    res["command"] = ("HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/downstream.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    env = "".join(f"{k}={shlex.quote(os.environ[k])} " for k in ("HF_OTSELECT_SHARED_DATA",) if k in os.environ)
+    res["command"] = (env + "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/downstream.py "
+                      + shlex.join(sys.argv[1:] if argv is None else argv)).strip()
     res["load"] = load
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
