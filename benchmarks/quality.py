@@ -699,20 +699,14 @@ def selection_only(cfg: Config) -> dict[str, Any]:
             "total_seconds": time.perf_counter() - t_start}
 
 
-def _versions() -> str:
-    from importlib.metadata import version
-
-    return ", ".join(f"{p} {version(p)}" for p in ("hf-otselect", "numpy", "scikit-learn", "datasets", "torch"))
-
-
 def write_selection_markdown(res: dict[str, Any], command: str, path: Path) -> None:
     """The selection-only results: one table per budget."""
     cfg = res["config"]
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     stats = {k: _agg(res["rows"], k) for k in ("domain_frac", "median_tokens")}
+    prov = provenance(seeds={"pool, random selections": cfg.get("seed")})
+    prov["command"] = command
     L = ["# Quality benchmark, selection only: which rows each selector takes (no LM training)", "",
-         f"Command: `{command}`  ", f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit}  ",
-         f"Versions: {_versions()}  ", f"Wall time: {res['total_seconds']:.0f} s", "",
+         *header(prov), f"Wall time: {res['total_seconds']:.0f} s", "",
          f"Pool: {res['n_pool']} units (≤ {cfg['max_chars']} chars), the pool of `quality.md` (same seed) — median word-punct "
          "tokens per source: " + ", ".join(f"{s_} {m:.0f}" for s_, m in res["pool_median_tokens"].items()) + ".  ",
          f"DSIR: `dsir` scores rows per chunk of {cfg['dsir_chunk_tokens']} tokens (`Config.dsir_chunk_tokens`), "

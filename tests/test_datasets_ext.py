@@ -194,9 +194,9 @@ _OTHER_VALUE = {
     "got_d": {"eps": 0.3, "eps_mode": "relative", "negative_weight": 0.5, "backend": "blocked", "tol": 1e-4,
               "max_iter": 50, "chunk_size": 30, "seed": 1, "device": "cpu"},
     "tsds": {"alpha": 0.3, "C": 2.0, "sigma": 0.5, "max_K": 20, "kde_K": 10, "kernel": "uniform", "replace": False,
-             "index": "flat", "nprobe": 2, "density_nprobe": 2, "seed": 1},
+             "index": "flat", "nprobe": 2, "density_nprobe": 2, "seed": 1, "budget": 50},
     "similarity": {"reduce": "max", "n_neighbors": 3, "block_size": 7},
-    "dsir": {"ngrams": 1, "num_buckets": 500, "smoothing": 1e-4, "resample": False, "batch_size": 16},
+    "dsir": {"ngrams": 1, "num_buckets": 500, "smoothing": 1e-4, "resample": False, "batch_size": 16, "chunk_tokens": 20},
     "random": {"replace": True},
 }
 
@@ -267,16 +267,24 @@ def test_pool_target_and_negative_target_are_in_the_score_cache_key(pool, target
 
 @pytest.mark.parametrize("method", ["got_d", "tsds"])
 def test_k_and_seed_reuse_the_scores_and_still_choose_afresh(pool, target, tmp_path, fits, method):
-    """k and seed decide the choice, not the scores: a cache hit, and the rows of an uncached run."""
+    """k and seed decide the choice, not the scores: a cache hit, and the rows of an uncached run.
+
+    Except TSDS's k, which is its budget (it sizes the neighbourhoods when C is None): a new k is a
+    new problem and must be solved again.
+    """
     from hf_otselect.selectors import get_selector
 
     cache = tmp_path / "cache"
     select_by_ot(pool, target, method, 6, cache_dir=cache, embedding=EMB)
     pool_emb = hf_otselect.embed(pool, cache_dir=cache / "embeddings", **EMB)
     target_emb = hf_otselect.embed(target, cache_dir=cache / "embeddings", **EMB)
-    fresh = get_selector(method)
+    fresh = get_selector(method, **({"budget": 6} if method == "tsds" else {}))
     scores = fresh.score(pool_emb, target_emb)
-    for k, seed in [(9, 0), (6, 1), (4, 7)]:
+    if method == "tsds":
+        fits.clear()
+        select_by_ot(pool, target, method, 9, cache_dir=cache, embedding=EMB)
+        assert fits == ["tsds"]  # the budget changed
+    for k, seed in ([(6, 1), (6, 7)] if method == "tsds" else [(9, 0), (6, 1), (4, 7)]):
         fits.clear()
         got = select_by_ot(pool, target, method, k, seed=seed, cache_dir=cache, embedding=EMB)
         assert fits == []

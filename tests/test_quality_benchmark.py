@@ -146,7 +146,7 @@ def test_selection_only_reports_the_dsir_variants(tmp_path):
             "--name", "sel"]
     res = q.main(argv)
     md = (tmp_path / "out" / "sel.md").read_text()
-    assert "Command: `" in md and "Versions: hf-otselect" in md and "commit" in md
+    assert "Command: `" in md and "Commit: " in md
     by = {r["selector"]: r for r in res["rows"]}
     assert set(by) == {"dsir", "dsir[chunk=100]", "dsir[whole rows]", "random/s0"}
     assert by["dsir[whole rows]"]["rows_too_short"] == 0 < by["dsir"]["rows_too_short"] < by["dsir[chunk=100]"]["rows_too_short"]
