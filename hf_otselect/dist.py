@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -175,7 +175,37 @@ def _cuda_available() -> bool:
 
 
 @dataclass
-class PoolView:
+class _RowsView:
+    """This process's contiguous rows of the pool (``offset`` onwards, ``n_global`` in all)."""
+
+    data: Any
+    offset: int = 0
+    n_global: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_global is None:
+            self.n_global = self.offset + len(self.data)
+
+    @property
+    def n_local(self) -> int:
+        return len(self.data)
+
+    def _spans(self, block_rows: int | None) -> Iterator[tuple[np.ndarray, int, int]]:
+        step = block_rows or DEFAULT_BLOCK_ROWS
+        for s in range(0, self.n_local, step):
+            e = min(s + step, self.n_local)
+            yield np.arange(self.offset + s, self.offset + e, dtype=np.int64), s, e
+
+    @classmethod
+    def of(cls, data: Any, comm: Comm | None = None) -> Any:
+        """This process's block ``data`` placed after the lower ranks' rows (one all-gather)."""
+        comm = comm or LOCAL
+        offset, total = comm.exclusive_offset(len(data))
+        return cls(data, offset, total)
+
+
+@dataclass
+class PoolView(_RowsView):
     """This process's contiguous rows of the pool, read in blocks.
 
     Rows ``offset .. offset + n_local - 1`` of the global pool (``n_global`` rows in all) live in
@@ -191,28 +221,14 @@ class PoolView:
         Rows of the whole pool (every process's rows).
     """
 
-    data: Any
-    offset: int = 0
-    n_global: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.n_global is None:
-            self.n_global = self.offset + len(self.data)
-
-    @property
-    def n_local(self) -> int:
-        return len(self.data)
-
     @property
     def dim(self) -> int:
         return int(self.data.shape[1])
 
     def blocks(self, block_rows: int | None = None, dtype: Any = np.float32) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield ``(global_index, rows)``: int64 ``(b,)`` and ``dtype`` (float32) ``(b, dim)`` per block."""
-        step = block_rows or DEFAULT_BLOCK_ROWS
-        for s in range(0, self.n_local, step):
-            e = min(s + step, self.n_local)
-            yield np.arange(self.offset + s, self.offset + e, dtype=np.int64), np.ascontiguousarray(self.data[s:e], dtype=dtype)
+        for index, s, e in self._spans(block_rows):
+            yield index, np.ascontiguousarray(self.data[s:e], dtype=dtype)
 
     def read(self, global_index: np.ndarray) -> np.ndarray:
         """Rows by global index (all of them local), float32 ``(len(global_index), dim)``."""
@@ -224,39 +240,12 @@ class PoolView:
         out[order] = self.data[local[order]]
         return out
 
-    @classmethod
-    def of(cls, data: Any, comm: Comm | None = None) -> PoolView:
-        """This process's block ``data`` placed after the lower ranks' rows (one all-gather)."""
-        comm = comm or LOCAL
-        offset, total = comm.exclusive_offset(len(data))
-        return cls(data, offset, total)
-
 
 @dataclass
-class TextView:
+class TextView(_RowsView):
     """This process's contiguous texts of the pool, for text selectors (DSIR); as :class:`PoolView`."""
-
-    data: Sequence[str]
-    offset: int = 0
-    n_global: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.n_global is None:
-            self.n_global = self.offset + len(self.data)
-
-    @property
-    def n_local(self) -> int:
-        return len(self.data)
 
     def blocks(self, block_rows: int | None = None) -> Iterator[tuple[np.ndarray, list[str]]]:
         """Yield ``(global_index, texts)`` per block."""
-        step = block_rows or DEFAULT_BLOCK_ROWS
-        for s in range(0, self.n_local, step):
-            e = min(s + step, self.n_local)
-            yield np.arange(self.offset + s, self.offset + e, dtype=np.int64), list(self.data[s:e])
-
-    @classmethod
-    def of(cls, data: Sequence[str], comm: Comm | None = None) -> TextView:
-        comm = comm or LOCAL
-        offset, total = comm.exclusive_offset(len(data))
-        return cls(data, offset, total)
+        for index, s, e in self._spans(block_rows):
+            yield index, list(self.data[s:e])
