@@ -117,6 +117,9 @@ class Config:
     block_size: int = 128
     mask_seed: int = 1234
     prefilter_keep: int = 2
+    # DSIR scores rows per chunk of this many tokens (rows shorter never count); the pool's units are
+    # <= 500 characters, so the package default of 100 would leave most of them out (as in quality.py).
+    dsir_chunk_tokens: int = 32
     finetune: bool = False
     finetune_targets: tuple[str, ...] = ("chemprot", "sciie")
     finetune_epochs: float = 3.0
@@ -267,12 +270,13 @@ def select(name: str, pool: dict[str, Any], pool_emb: np.ndarray, tgt: dict[str,
 
     from hf_otselect.datasets_ext import run_selection
 
-    key = Q._key("sel", name, pool["text"], tgt["select"], k, seed, cfg.prefilter_keep)
+    key = Q._key("sel", name, pool["text"], tgt["select"], k, seed, cfg.prefilter_keep, cfg.dsir_chunk_tokens)
     path = cache / f"{key}.json"
     if path.exists():
         return np.asarray(json.loads(path.read_text())["indices"], dtype=np.int64)
     base = name.split("+")[0]
-    method = Q.make_selector(base, len(pool["text"]), seed=seed) if base == "tsds" else base
+    method = (Q.make_selector(base, len(pool["text"]), seed=seed, dsir_chunk_tokens=cfg.dsir_chunk_tokens)
+              if base in ("tsds", "dsir") else base)
     extra: dict[str, Any] = {}
     if name.endswith("+pf"):
         extra = {"source_column": "source", "prefilter": {"keep": cfg.prefilter_keep}}

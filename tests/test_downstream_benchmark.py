@@ -112,7 +112,7 @@ def test_planted_pipeline(tmp_path, tiny_bert):
     cfg = ds.Config(
         work_dir=str(tmp_path / "work"), out_dir=str(tmp_path / "out"), targets=(str(task),), model=str(tiny_bert),
         budgets=(24,), seeds=(0,), n_target=30, n_mlm_eval=40, n_probe_train=60, n_probe_test=60, warm_steps=25,
-        warm_lr=3e-3, batch_size=8, block_size=32, threads=2, smoke=True, pool={"text": [t for t, _ in pool], "source": [s for _, s in pool]},
+        warm_lr=3e-3, batch_size=8, block_size=32, threads=2, smoke=True, dsir_chunk_tokens=4, pool={"text": [t for t, _ in pool], "source": [s for _, s in pool]},
     )
     res = ds.run(cfg)
     info = res["pools"]["planted_chem"]

@@ -237,7 +237,8 @@ def hub():
 
 def _cli_push(folder: Path, hub: LocalHub, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
-    env.update(HF_ENDPOINT=hub.url, HF_TOKEN=FAKE_TOKEN, HF_HUB_DISABLE_XET="1", HF_HUB_VERBOSITY="debug",
+    env.update(TRANSFORMERS_OFFLINE="0",  # CI sets it, and huggingface_hub reads it as HF_HUB_OFFLINE
+               HF_ENDPOINT=hub.url, HF_TOKEN=FAKE_TOKEN, HF_HUB_DISABLE_XET="1", HF_HUB_VERBOSITY="debug",
                HF_HUB_DISABLE_TELEMETRY="1", HF_HOME=str(cwd / "hf_home"), PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, "-m", "hf_otselect.cli", "--verbose", "push", str(folder), "--repo-id", "user/selection", *extra],
                           capture_output=True, text=True, env=env, cwd=cwd, timeout=SERVER_LIFETIME_S)
