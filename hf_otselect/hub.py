@@ -308,7 +308,7 @@ def load_selection(output_dir: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
 
 
 def _parquet_shards(dataset: Any, split: str, folder: Path, max_shard_size: int) -> tuple[list[Path], Any, int]:
-    """Write ``dataset`` as ``data/{split}-XXXXX-of-YYYYY.parquet`` shards, as ``push_to_hub`` names them.
+    """Write ``dataset`` as ``data/{split}-00000-of-00003.parquet (numbered)`` shards, as ``push_to_hub`` names them.
 
     Returns the shard files, the split's ``SplitInfo`` (bytes in Arrow, rows) and the parquet bytes.
     """
