@@ -258,13 +258,15 @@ class PrefilterConfig:
     Attributes
     ----------
     keep : int or None
-        Keep the ``keep`` sources nearest the target by OT distance (paper: 2 of 7).
+        Keep the ``keep`` sources nearest the target by Sinkhorn divergence (the debiased OT
+        distance, on equal-size samples of every source; paper: 2 of 7).
     max_distance : float or None
-        Keep only sources whose OT distance is at most this (with ``keep`` too, both must hold).
+        Keep only sources whose divergence is at most this (with ``keep`` too, both must hold).
     sample_size : int
-        Rows sampled per source for its distance (paper: 10,000).
+        Most rows used per source (paper: 10,000); every source is compared on chunks of
+        ``min(sample_size, smallest source)`` rows, so a small source is not ranked by its size.
     eps : float
-        Entropic regularisation of the OT distance (absolute).
+        Entropic regularisation of the OT terms (absolute).
     """
 
     keep: int | None = 2
