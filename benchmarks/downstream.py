@@ -672,12 +672,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    for noisy in ("transformers", "datasets", "hf_otselect"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    logger.setLevel(logging.INFO)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    Q.setup_run(logger)
     cfg = parse_args(argv)
     load = Path("/proc/loadavg").read_text().strip() if Path("/proc/loadavg").exists() else "n/a"
     import datasets

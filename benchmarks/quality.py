@@ -939,13 +939,18 @@ def parse_args(argv: list[str] | None = None) -> Config:
     return cfg
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def setup_run(log: logging.Logger) -> None:
+    """What a benchmark run sets first: INFO logs for ``log``, quiet libraries, offline, no tokenizer threads."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     for noisy in ("transformers", "datasets", "hf_otselect"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    logger.setLevel(logging.INFO)
+    log.setLevel(logging.INFO)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    setup_run(logger)
     cfg = parse_args(argv)
     args = sys.argv[1:] if argv is None else list(argv)
     if "--from-json" in args:

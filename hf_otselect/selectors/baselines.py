@@ -130,7 +130,7 @@ class SimilaritySelector(Selector):
         """
         comm = comm or LOCAL
         self._check_params()
-        y = _unit64(np.asarray(target))
+        y = unit_rows64(np.asarray(target))
         m = y.shape[0]
         state = _SimilarityState(target=y, centre=y.mean(axis=0))
         self.diagnostics_ = {"reduce": self.reduce}
@@ -147,7 +147,7 @@ class SimilaritySelector(Selector):
 
         for idx, rows in tqdm(pool.blocks(self.block_size), desc="similarity", unit="block",
                               total=-(-pool.n_local // self.block_size), disable=_progress_disabled() or pool.n_local < 4 * self.block_size):
-            sim = yt @ torch.from_numpy(_unit64(rows).astype(np.float32)).T  # (m, b)
+            sim = yt @ torch.from_numpy(unit_rows64(rows).astype(np.float32)).T  # (m, b)
             keys = torch.cat([keys, _rank_keys(sim, torch.from_numpy(idx))], dim=1)
             keys = torch.topk(keys, min(depth, keys.shape[1]), dim=1).values
         if comm.world_size > 1:  # merge every process's lists: each keeps at most `depth` per target
@@ -172,7 +172,7 @@ class SimilaritySelector(Selector):
 
     def score_batch(self, state: _SimilarityState, rows: Any, index: np.ndarray) -> np.ndarray:
         """Cosine scores of a block (see the class docstring), float64 ``(b,)``."""
-        x = _unit64(rows)
+        x = unit_rows64(rows)
         if self.reduce == "mean":
             # Row-wise products summed along the row: the same bits for a row in any block
             # (a matrix-vector product may round differently with the block's shape).
@@ -202,7 +202,6 @@ class _SimilarityState:
     depth: int = 0
 
 
-_unit64 = unit_rows64  # shared with the guard and the decontamination (moved to _checks)
 
 
 def _rank_keys(sim: Any, index: Any) -> Any:
