@@ -177,6 +177,22 @@ def test_real_pool_excludes_the_target(tmp_path, name, gone):
         assert gone not in set(pool["source"].tolist())
     assert len(tgt["select"]) == cfg.n_target and len(tgt["mlm"]) == cfg.n_mlm_eval
     assert len(ds.Q._jsonl(tgt["probe_train"])) == min(cfg.n_probe_train, tgt["n_train"])
+    assert len(ds.Q._jsonl(tgt["ft_train"])) == min(cfg.n_finetune_train, tgt["n_train"])
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "SOURCES.md").exists(), reason="shared data not present")
+def test_relation_tasks_keep_entity_markers_for_classification_only(tmp_path):
+    """SciERC holds one sentence per entity pair, told apart only by the markers: the probe and
+    fine-tuning rows keep them, the texts selected for and the MLM texts do not, and the pool loses
+    both forms of every target text."""
+    cfg = ds.Config(data_dir=str(SHARED_DATA), work_dir=str(tmp_path))
+    tgt = ds.prepare_target("sciie", cfg, tmp_path, [])
+    probe = ds.Q._jsonl(tgt["probe_train"])
+    assert sum("<<" in r["text"] and "[[" in r["text"] for r in probe) == len(probe)
+    marked = ds.Q._MARKERS
+    assert not any(marked.search(t) for t in tgt["select"] + tgt["mlm"])
+    raw = ds.Q._jsonl(SHARED_DATA / "sciie" / "train.txt")[0]["text"]
+    assert raw in tgt["exclude"] and ds.plain(raw) in tgt["exclude"] and ds.plain(raw) != raw
 
 
 def test_finetune_goes_through_evaluate_script(tmp_path, tiny_bert):
@@ -184,7 +200,7 @@ def test_finetune_goes_through_evaluate_script(tmp_path, tiny_bert):
     rows = [{"text": t, "label": lab} for t, lab in _texts("chem", 40, rng)]
     for name, part in (("probe_train", rows[:24]), ("probe_test", rows[24:])):
         ds._write_jsonl(tmp_path / f"{name}.jsonl", part)
-    tgt = {"probe_train": tmp_path / "probe_train.jsonl", "probe_test": tmp_path / "probe_test.jsonl"}
+    tgt = {"ft_train": tmp_path / "probe_train.jsonl", "probe_test": tmp_path / "probe_test.jsonl"}
     cfg = ds.Config(block_size=32, batch_size=8, finetune_epochs=1.0)
     f1 = ds.finetune_f1(tiny_bert, tgt, 0, cfg, tmp_path / "ft")
     saved = json.loads((tmp_path / "ft" / "eval_results.json").read_text())
