@@ -239,6 +239,10 @@ def prepare_target(spec: str, cfg: Config, work: Path, amazon_target_texts: list
             raise ValueError(f"Target {name} has {len(rows[s])} usable {s} rows; at least 2 needed.")
     rng = np.random.default_rng(cfg.seed)
     tr = [rows["train"][i] for i in rng.permutation(len(rows["train"]))]
+    labels = sorted({str(r["label"]) for r in tr[: min(cfg.n_probe_train, cfg.n_finetune_train)]})
+    if len(labels) < 2:
+        raise ValueError(f"Target {name} needs at least 2 distinct labels among its first "
+                         f"{min(cfg.n_probe_train, cfg.n_finetune_train)} (shuffled) train rows to train a probe. Got {labels} instead.")
     te = [rows["test"][i] for i in rng.permutation(len(rows["test"]))]
     clip = lambda t: Q.clip(t, cfg.max_chars)  # noqa: E731
     folder = work / "targets" / name

@@ -163,6 +163,21 @@ def test_smoke_defaults_and_bad_args():
         ds.prepare_target("no_such_task", ds.Config(), REPO, [])
 
 
+def test_folder_target_needs_two_labels_and_its_fields(tmp_path):
+    task = tmp_path / "task"
+    ds._write_jsonl(task / "train.jsonl", [{"text": f"row {i}", "label": "a"} for i in range(30)])
+    ds._write_jsonl(task / "test.jsonl", [{"text": f"test {i}", "label": "a"} for i in range(10)])
+    with pytest.raises(ValueError, match="at least 2 distinct labels"):
+        ds.prepare_target(str(task), ds.Config(), tmp_path / "work", [])
+    (task / "test.jsonl").write_text(json.dumps({"text": "no label"}) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="needs fields 'text' and 'label'"):
+        ds.prepare_target(str(task), ds.Config(), tmp_path / "work", [])
+    ds._write_jsonl(task / "train.jsonl", [{"text": f"row {i}", "label": i % 2} for i in range(30)])
+    ds._write_jsonl(task / "test.jsonl", [{"text": f"test {i}", "label": i % 2} for i in range(10)])
+    tgt = ds.prepare_target(str(task), ds.Config(), tmp_path / "work", [])
+    assert tgt["name"] == "task" and tgt["labels"] == ["0", "1"] and len(tgt["select"]) == 30
+
+
 @pytest.mark.skipif(not (SHARED_DATA / "SOURCES.md").exists(), reason="shared data not present")
 @pytest.mark.parametrize("name,gone", [("chemprot", "chemprot"), ("ag_news", "ag_news"), ("imdb", "imdb"), ("sciie", None)])
 def test_real_pool_excludes_the_target(tmp_path, name, gone):
