@@ -210,6 +210,21 @@ def test_relation_tasks_keep_entity_markers_for_classification_only(tmp_path):
     assert raw in tgt["exclude"] and ds.plain(raw) in tgt["exclude"] and ds.plain(raw) != raw
 
 
+def test_mlm_loss_on_masked_positions_equals_full_logits(tiny_bert):
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    model = AutoModelForMaskedLM.from_pretrained(tiny_bert)
+    assert ds._masked_head(model) is model.cls
+    texts = [t for t, _ in _texts("chem", 20, np.random.default_rng(3))] + ["the enzyme"]
+    masked = ds.fixed_masks(tok, texts, 32, seed=5)
+    fast = ds.mlm_loss(model, tok, *masked, batch_size=8)
+    full = ds.mlm_loss(model, tok, *masked, batch_size=8, masked_only=False)
+    assert math.isclose(fast, full, rel_tol=1e-5) and fast > 0
+    # A different mask gives a different loss: the masked positions are what is scored.
+    assert not math.isclose(fast, ds.mlm_loss(model, tok, *ds.fixed_masks(tok, texts, 32, seed=6)), rel_tol=1e-4)
+
+
 def test_finetune_goes_through_evaluate_script(tmp_path, tiny_bert):
     rng = np.random.default_rng(1)
     rows = [{"text": t, "label": lab} for t, lab in _texts("chem", 40, rng)]
