@@ -724,6 +724,16 @@ def parse_args(argv: list[str] | None = None) -> Config:
             raise ValueError(f"The '--{f}' parameter of downstream must be a non-empty list. Got [] instead.")
     if min(cfg.budgets) < 1:
         raise ValueError(f"The '--budgets' parameter of downstream must be ints >= 1. Got {list(cfg.budgets)} instead.")
+    lowest = {"n_per_source": 1, "max_chars": 1, "n_target": 1, "n_mlm_eval": 1, "n_probe_train": 2, "n_probe_test": 1,
+              "n_finetune_train": 2, "warm_steps": 1, "batch_size": 1, "finetune_batch_size": 1, "block_size": 2,
+              "threads": 1, "embed_max_length": 2, "prefilter_keep": 1}
+    for f, low in lowest.items():
+        if getattr(cfg, f) < low:
+            raise ValueError(f"The '--{f.replace('_', '-')}' parameter of downstream must be an int >= {low}. Got {getattr(cfg, f)} instead.")
+    for f in ("warm_lr", "finetune_epochs", "finetune_lr"):
+        v = getattr(cfg, f)
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"The '--{f.replace('_', '-')}' parameter of downstream must be a finite float > 0. Got {v} instead.")
     return cfg
 
 

@@ -161,6 +161,11 @@ def test_smoke_defaults_and_bad_args():
         ds.parse_args(["--budgets", "0"])
     with pytest.raises(ValueError, match="'target' parameter"):
         ds.prepare_target("no_such_task", ds.Config(), REPO, [])
+    # warm_steps 0 would make Trainer train by epochs instead: every knob is checked up front.
+    for flag, bad in (("--warm-steps", "0"), ("--batch-size", "0"), ("--block-size", "1"), ("--n-probe-train", "1"),
+                      ("--warm-lr", "0"), ("--finetune-lr", "nan"), ("--finetune-epochs", "-1")):
+        with pytest.raises(ValueError, match=f"'{flag}' parameter of downstream must be .*Got {bad}"):
+            ds.parse_args([flag, bad])
 
 
 def test_folder_target_needs_two_labels_and_its_fields(tmp_path):
