@@ -49,7 +49,8 @@ def command_line(argv: list[str] | None = None, script: str | None = None) -> st
         rel = str(Path(script).resolve().relative_to(REPO))
     except ValueError:
         rel = script
-    env = " ".join(f"{k}={os.environ[k]}" for k in ("HF_HUB_OFFLINE", "OMP_NUM_THREADS") if k in os.environ)
+    env = " ".join(f"{k}={shlex.quote(os.environ[k])}" for k in ("HF_OTSELECT_SHARED_DATA", "HF_HUB_OFFLINE", "OMP_NUM_THREADS")
+                   if k in os.environ)
     return " ".join(p for p in (env, ".venv/bin/python", shlex.join([rel, *argv[1:]])) if p)
 
 

@@ -60,18 +60,13 @@ from __future__ import annotations
 import argparse
 import csv
 import gzip
-import importlib.util
 import json
 import logging
 import math
-import os
-import shlex
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -81,18 +76,10 @@ REPO = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("hf_otselect.benchmarks.downstream")
 
 
-def _load_quality() -> Any:
-    """benchmarks/quality.py as a module (benchmarks/ is not a package)."""
-    name = "hf_otselect_bench_quality"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / "quality.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+sys.path.insert(0, str(REPO / "benchmarks"))  # the benchmarks' shared modules, as quality.py imports _provenance
+import quality as Q  # noqa: E402
+from _provenance import header, provenance  # noqa: E402
 
-
-Q = _load_quality()
 BUILTIN = ("chemprot", "sciie", "ag_news", "imdb", "amazon")
 SELECTORS = ("got_d", "got_d+pf", "tsds", "similarity", "dsir", "random")
 ALL_ROWS = ("none",) + SELECTORS
@@ -118,8 +105,8 @@ class Config:
     n_probe_train: int = 800
     n_probe_test: int = 400
     warm_lr: float = 1e-4  # DSP's DAPT/TAPT learning rate (Gururangan et al. 2020, App. B)
-    # 20 steps of 8 blocks (~20k tokens, about one pass over a k = 200 selection): the size at which the
-    # default run (2 targets, 2 budgets, 6 selectors + none, 3 seeds: 78 models) fits 60 min on 2 cores.
+    # 20 steps of 8 blocks (~20k tokens, about one pass over a k = 200 selection), sized for the default
+    # run (2 targets, 2 budgets, 6 selectors + none, 3 seeds: 78 models) to aim at 60 min on 2 cores.
     warm_steps: int = 20
     batch_size: int = 8
     block_size: int = 128
@@ -466,7 +453,7 @@ def finetune_f1(model_dir: Path, tgt: dict[str, Any], seed: int, cfg: Config, ou
 
 def measure(model_dir: str, tgt: dict[str, Any], seed: int, cfg: Config, *, masked: Any, finetune: bool, out: Path) -> dict[str, float]:
     """``mlm`` / ``probe`` (and ``ft``) of one encoder; ``masked`` = (ids, masks) of the MLM texts."""
-    from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     pre = Q._load_script("prefinetune")
     path = pre.model_path(model_dir)
@@ -475,9 +462,9 @@ def measure(model_dir: str, tgt: dict[str, Any], seed: int, cfg: Config, *, mask
 
     transformers.set_seed(seed)  # the 'none' row's head is initialised here, from the seed
     mlm_model = AutoModelForMaskedLM.from_pretrained(path)
-    res = {"mlm": mlm_loss(mlm_model, tok, *masked)}
+    # One load serves both: the probe reads the same encoder's hidden states (``base_model``).
+    res = {"mlm": mlm_loss(mlm_model, tok, *masked), "probe": probe_f1(mlm_model.base_model, tok, tgt, cfg)}
     del mlm_model
-    res["probe"] = probe_f1(AutoModel.from_pretrained(path), tok, tgt, cfg)
     if finetune:
         t0 = time.perf_counter()
         res["ft"] = finetune_f1(Path(path), tgt, seed, cfg, out / "ft")
@@ -639,16 +626,9 @@ def _fmt(m: float, s: float, nd: int = 3) -> str:
 
 def write_markdown(res: dict[str, Any], path: Path, *, label: str = "") -> None:
     cfg = res["config"]
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    import sklearn
-    import torch
-    import transformers
-
+    prov = res.get("provenance") or provenance()
     L = [f"# Downstream benchmark: warming all-MiniLM-L6-v2 up on each selection{label}", "",
-         f"Command: `{res.get('command', '')}`  ",
-         f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit}; torch {torch.__version__}, transformers "
-         f"{transformers.__version__}, scikit-learn {sklearn.__version__}  ",
-         f"Machine: {os.cpu_count()} CPUs visible, torch threads {cfg['threads']}, device {cfg['device']}; load at start: `{res.get('load', 'n/a')}`  ",
+         *header(prov), f"Device: {cfg['device']}, torch threads {cfg['threads']}  ",
          f"Wall time: {res['total_seconds'] / 60:.1f} min (" + ", ".join(f"{k} {v:.0f} s" for k, v in res["timing"].items()) + "); "
          f"without the fine-tuning: {(res['total_seconds'] - res['timing'].get('finetune', 0.0)) / 60:.1f} min", "",
          f"Warm-up: {cfg['warm_steps']} MLM steps for every selector and budget, batch {cfg['batch_size']} blocks of {cfg['block_size']} tokens, "
@@ -740,15 +720,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     Q.setup_run(logger)
     cfg = parse_args(argv)
-    load = Path("/proc/loadavg").read_text().strip() if Path("/proc/loadavg").exists() else "n/a"
+    # Taken before the run: the commit and load it started with.
+    prov = provenance(argv=None if argv is None else [__file__, *argv], seeds={"warm-up, selection": list(cfg.seeds), "data": cfg.seed})
     import datasets
 
     datasets.disable_progress_bars()
     res = run(cfg)
-    env = "".join(f"{k}={shlex.quote(os.environ[k])} " for k in ("HF_OTSELECT_SHARED_DATA",) if k in os.environ)
-    res["command"] = (env + "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/downstream.py "
-                      + shlex.join(sys.argv[1:] if argv is None else argv)).strip()
-    res["load"] = load
+    res["provenance"] = prov
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{cfg.name}.json").write_text(json.dumps(res, indent=1, default=str), encoding="utf-8")

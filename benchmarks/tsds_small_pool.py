@@ -23,31 +23,23 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import quality  # noqa: E402  (its data loading and text units)
+from _provenance import header, provenance  # noqa: E402
+
 SOURCES = ("ag_news", "imdb", "chemprot", "csabstruct", "wikitext2", "scicite", "humaneval")
 TARGETS = ("chemprot", "sciie", "amazon", "jigsaw_ok", "ag_news", "imdb")
 UNSEEN = ("sciie", "amazon", "jigsaw_ok")
-
-
-def _quality() -> Any:
-    """benchmarks/quality.py as a module (its data loading and text units)."""
-    spec = importlib.util.spec_from_file_location("hf_otselect_quality_bench", REPO / "benchmarks" / "quality.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def warmed_ot(pool_emb: np.ndarray, sel: np.ndarray, tgt_emb: np.ndarray) -> float:
@@ -79,11 +71,12 @@ def main() -> None:
     ap.add_argument("--tsds", nargs="*", default=[], help="TSDS parameters as key=json (defaults otherwise)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "tsds_small_pool.md"))
     args = ap.parse_args()
+    prov = provenance(seeds={"data": 0, "sampled selectors": list(range(args.seeds))})
     sys.path.insert(0, str(REPO))
     from hf_otselect.embed import embed
     from hf_otselect.selectors import get_selector
 
-    q = _quality()
+    q = quality
     cfg = q.Config(data_dir=args.data_dir, n_per_source=args.n_per_source, n_target=args.n_target, n_eval=0, targets=TARGETS)
     rng = np.random.default_rng(0)
     raw = q.load_raw(Path(args.data_dir), rng)
@@ -118,12 +111,10 @@ def main() -> None:
         rows.append(res)
         print(json.dumps(res), flush=True)
 
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     lines = [
         "# TSDS on a small mixed real pool (issue 14 item 1)",
         "",
-        f"Command: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/tsds_small_pool.py {' '.join(sys.argv[1:])}`  ",
-        f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; commit {commit} (+ working tree)  ",
+        *header(prov),
         f"Pool: {n} rows ({len(SOURCES)} sources x {args.n_per_source}: {', '.join(SOURCES)}), all-MiniLM-L6-v2; "
         f"{args.n_target} target rows each; k = {args.k}; TSDS parameters {tsds_params or 'defaults'}; "
         f"sampled selectors averaged over {args.seeds} seeds.  ",

@@ -9,28 +9,16 @@ warm-up at all.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, SHARED_DATA
+from tests.conftest import REPO, SHARED_DATA, load_benchmark
 
 
-def _load():
-    name = "hf_otselect_bench_downstream"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / "downstream.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-ds = _load()
+ds = load_benchmark("downstream")
 
 DOMAINS = {
     "chem": (["enzyme", "kinase", "inhibitor", "receptor", "protein", "ligand", "substrate", "molecule", "compound", "binding"],

@@ -6,28 +6,15 @@ by path, never through sys.path.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, SHARED_DATA
+from tests.conftest import SHARED_DATA, load_benchmark
 
 
-def _load():
-    name = "hf_otselect_bench_quality"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / "quality.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-q = _load()
+q = load_benchmark("quality")
 needs_data = pytest.mark.skipif(not (SHARED_DATA / "SOURCES.md").exists(), reason="shared data not present")
 
 
