@@ -14,6 +14,7 @@ counter for the communication benchmark.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from collections.abc import Iterator
@@ -139,9 +140,8 @@ class TorchComm(Comm):
         self._dist.barrier()
 
     def close(self) -> None:
-        # Without this, gloo's threads can outlive the interpreter and abort it at exit.
-        if self._dist.is_initialized():
-            self._dist.destroy_process_group()
+        """Destroy the process group (idempotent; :func:`get_comm` also does it at exit)."""
+        _destroy_group()
 
 
 _DTYPES = ["<f8", "<f4", "<i8", "<i4", "|b1", "<u8", "|u1"]
@@ -165,7 +165,19 @@ def get_comm(device: Any = None) -> Comm:
         from accelerate import PartialState
 
         PartialState(cpu=device in (None, "cpu") and not _cuda_available())
+        # A group we start, we also end: if it outlives ``main``, gloo's threads are torn down during
+        # interpreter shutdown and the process aborts ("terminate called without an active
+        # exception", exit -6) after its work is done, so a script that never calls ``close()``
+        # would still fail its launcher. A group the caller started stays the caller's.
+        atexit.register(_destroy_group)
     return TorchComm(device=None if device in (None, "cpu") else device)
+
+
+def _destroy_group() -> None:
+    import torch.distributed as tdist
+
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
 
 
 def _cuda_available() -> bool:

@@ -278,6 +278,32 @@ def test_local_comm_is_a_no_op():
     assert LOCAL.exclusive_offset(7) == (0, 7)
 
 
+_NO_CLOSE = """
+import atexit, json, sys
+import torch.distributed as tdist
+from hf_otselect.dist import get_comm
+
+path = []
+atexit.register(lambda: json.dump({"up": tdist.is_initialized()}, open(path[0], "w")))  # runs after get_comm's hook
+comm = get_comm()
+path.append(sys.argv[1] + str(comm.rank))
+comm.barrier()
+"""
+
+
+@pytest.mark.slow
+def test_a_script_that_never_closes_its_comm_exits_with_the_group_ended(tmp_path):
+    # gloo aborts a process whose group outlives main ("terminate called", exit -6), by chance.
+    script = tmp_path / "no_close.py"
+    script.write_text(_NO_CLOSE)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(tmp_path / "rank")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}").read_text()) == {"up": False}
+
+
 def _children(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
     return [int(p) for p in out]

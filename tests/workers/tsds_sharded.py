@@ -43,11 +43,7 @@ def main() -> None:
     p_auto = np.concatenate(comm.all_gather(auto.score_batch(auto.fit(view, y, comm=comm), x[lo:hi], index)))
     if comm.rank == 0:
         np.savez(sys.argv[1], p=full, p_auto=p_auto, with_replacement=with_r, without_replacement=without, rows=state.rows, level=state.level)
-    comm.barrier()
-    if comm.world_size > 1:  # a clean exit: gloo aborts ("terminate called") if the group outlives main
-        import torch.distributed as tdist
-
-        tdist.destroy_process_group()
+    comm.barrier()  # no close(): get_comm ends the group it started at exit
 
 
 if __name__ == "__main__":
