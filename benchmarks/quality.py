@@ -753,8 +753,7 @@ def write_markdown(res: dict[str, Any], command: str, load: str, path: Path) -> 
     stats = {k: _agg(rows, k) for k in ("domain_frac", "ot", "ppl", "select_s", "toxic_frac", "gen_toxic_frac", "gen_toxic_prob")}
     prov = res.get("provenance")
     if prov is not None:  # runs since issue 16: the header of benchmarks/_provenance.py
-        head = header(prov) + [f"Device {cfg['device']}, torch threads {cfg['threads']}; seeds: data, model init and "
-                               f"warm-up {cfg['seed']}, random selections {list(cfg['random_seeds'])}  "]
+        head = header(prov) + [f"Device {cfg['device']}, torch threads {cfg['threads']}  "]  # the seeds are in header()
     else:  # older JSONs: what that run recorded (its commit was read from its markdown header)
         head = [f"Command: `{command}`  ", f"Commit: {res.get('commit', 'not recorded')}; date {res.get('date', 'not recorded')} UTC; versions: not recorded by this run  ",
                 f"Machine: {os.cpu_count()} CPUs visible, torch threads {cfg['threads']}, device {cfg['device']}; "
