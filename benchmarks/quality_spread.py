@@ -1,8 +1,9 @@
 """Run-to-run spread of the quality benchmark's perplexities, on a reduced configuration.
 
-``quality.py`` trains models, so its perplexities move between runs: cold reruns of the same
-command (fresh ``--work-dir``: tokenizer, pre-training and warm-ups all redone) with the same seed,
-and runs with another seed. This script measures both on a reduced set-up (by default 100 units
+``quality.py`` trains models, so its perplexities could move between cold reruns of the same
+command (fresh ``--work-dir``: tokenizer, pre-training and warm-ups all redone) with the same seed
+(on this CPU machine two cold runs of the full default agreed to the last digit: ``quality.md``'s
+notes), and they do move with another seed. This script measures both on a reduced set-up (by default 100 units
 per source, targets chemprot and sciie, k = 100, GOT-D and one random selection, duplicate test
 and pre-filter off): each run is its own ``quality.py`` process, and the table gives every run's
 perplexities and, per cell, the spread (max - min) over the same-seed reruns and over the seeds.
