@@ -41,10 +41,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _provenance import header, provenance  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DIM = 384
@@ -119,13 +121,10 @@ def run_cost(args: argparse.Namespace) -> None:
             res = spawn(case, args.timeout)
             rows.append(dict(tree=label, case=name, n=len(x), dim=x.shape[1], within=within, **res))
             print(json.dumps(rows[-1]), flush=True)
-    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     lines = [
         "# TSDS cost whatever the data (issue 13 item 8)",
         "",
-        f"Command: `{' '.join(['.venv/bin/python', 'benchmarks/tsds_scaling.py'] + sys.argv[1:])}`  ",
-        f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; commit {commit} (+ working tree); `uptime` at the end: `{load}`  ",
+        *header(args.provenance),
         "The paper's parameters (alpha 0.5, C 5 fixed, sigma 0.75, max_K 5000, kde_K 1000, index auto), M = 200 queries,",
         f"each case in its own process (peak RSS of that process; address space capped at {args.mem_limit_gb:g} GB). `old` is the code before this change",
         "(radius search at h for the densities), `ours` this tree. 'pairs within sigma' is measured on",
@@ -267,6 +266,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(run_case(json.loads(args.child))))
         return
+    args.provenance = provenance(seeds={"data (pool, queries, cost cases)": [0, 1, 2]})  # taken at the start: the commit and load the run began with
     if args.cost:
         if args.out == ap.get_default("out"):
             args.out = str(REPO / "benchmarks" / "results" / "tsds_cost.md")
@@ -310,13 +310,11 @@ def main() -> None:
 
 
 def write_report(rows: list[dict], args: argparse.Namespace) -> None:
-    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     lines = [
         "# TSDS scaling",
         "",
-        f"Command: `{' '.join(['.venv/bin/python', 'benchmarks/tsds_scaling.py'] + sys.argv[1:])}`  ",
-        f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; `uptime` at the end: `{load}`  ",
-        "Machine: 2 CPU cores shared with other engineers (compare ratios within this run); CPU s is",
+        *header(args.provenance),
+        "Compare ratios within this run (the 2 CPU cores may be shared with other jobs); CPU s is",
         "user+system time of the case's process, a load-independent measure (about 2x the wall time",
         "on 2 idle cores when both are busy).  ",
         "alpha 0.5, C 5, sigma 0.75, kde_K 1000; PEERS.md data (clustered, unit rows, 384-d);",
