@@ -34,7 +34,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-import quality  # noqa: E402  (its data loading and text units)
+import quality as q  # noqa: E402  (its data loading and text units)
 from _provenance import header, provenance  # noqa: E402
 
 SOURCES = ("ag_news", "imdb", "chemprot", "csabstruct", "wikitext2", "scicite", "humaneval")
@@ -76,7 +76,6 @@ def main() -> None:
     from hf_otselect.embed import embed
     from hf_otselect.selectors import get_selector
 
-    q = quality
     cfg = q.Config(data_dir=args.data_dir, n_per_source=args.n_per_source, n_target=args.n_target, n_eval=0, targets=TARGETS)
     rng = np.random.default_rng(0)
     raw = q.load_raw(Path(args.data_dir), rng)

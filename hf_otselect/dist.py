@@ -141,7 +141,8 @@ class TorchComm(Comm):
 
     def close(self) -> None:
         """Destroy the process group (idempotent; :func:`get_comm` also does it at exit)."""
-        _destroy_group()
+        if self._dist.is_initialized():
+            self._dist.destroy_process_group()
 
 
 _DTYPES = ["<f8", "<f4", "<i8", "<i4", "|b1", "<u8", "|u1"]
@@ -164,20 +165,13 @@ def get_comm(device: Any = None) -> Comm:
     if not tdist.is_initialized():
         from accelerate import PartialState
 
-        PartialState(cpu=device in (None, "cpu") and not _cuda_available())
+        state = PartialState(cpu=device in (None, "cpu") and not _cuda_available())
         # A group we start, we also end: if it outlives ``main``, gloo's threads are torn down during
         # interpreter shutdown and the process aborts ("terminate called without an active
         # exception", exit -6) after its work is done, so a script that never calls ``close()``
         # would still fail its launcher. A group the caller started stays the caller's.
-        atexit.register(_destroy_group)
+        atexit.register(state.destroy_process_group)
     return TorchComm(device=None if device in (None, "cpu") else device)
-
-
-def _destroy_group() -> None:
-    import torch.distributed as tdist
-
-    if tdist.is_initialized():
-        tdist.destroy_process_group()
 
 
 def _cuda_available() -> bool:

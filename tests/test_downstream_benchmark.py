@@ -129,7 +129,6 @@ def test_planted_pipeline(tmp_path, tiny_bert):
     v = ds.verdicts(res)
     assert len(v) == 2 * 3 * 3 and {x["mark"] for x in v} == {"?"}  # one seed: no claim is made
     out = tmp_path / "out" / "downstream.md"
-    res["command"] = "test"
     ds.write_markdown(res, out)
     text = out.read_text()
     assert "## mlm" in text and "## probe" in text and "One seed, no noise estimate" in text
