@@ -723,8 +723,12 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path):
 
     fifo = tmp_path / "pool.jsonl"
     os.mkfifo(fifo)
+    # A job started in the background by a script inherits SIGINT ignored (POSIX), and Python then
+    # keeps it ignored, rightly (the nohup convention). A terminal's foreground job has it at its
+    # default: start the job that way whatever this test runner inherited.
     proc = _cli_process(tmp_path, "select", "--config", str(REPO / "configs/demo.yaml"),
-                        *_overrides(tmp_path, f"pool.path={fifo}", "pool.streaming=true"))
+                        *_overrides(tmp_path, f"pool.path={fifo}", "pool.streaming=true"),
+                        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     writer, deadline = None, time.monotonic() + 120
     while writer is None:  # opening the write end succeeds once the job has the FIFO open for reading
         try:
@@ -738,6 +742,7 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path):
         _, err = proc.communicate(timeout=60)
     finally:
         os.close(writer)
+        proc.kill()  # a no-op once it has exited; never leave a hung job behind
     assert proc.returncode == 130
     assert "interrupted (Ctrl-C)" in _one_error_line(err)
 

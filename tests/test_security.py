@@ -61,6 +61,16 @@ def test_the_sources_are_parsed():
     assert len(_sources([PACKAGE])) >= 10
 
 
+def test_every_source_compiles_without_a_warning():
+    # an invalid escape in a docstring only warns (and only when the .pyc is written); later Pythons refuse it
+    import warnings
+
+    for path in _sources([*EVERYTHING, REPO / "tests"]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            compile(path.read_text(encoding="utf-8"), str(path), "exec")
+
+
 def test_no_pickle_imports_or_pickle_based_loaders():
     bad = []
     for path in _sources(EVERYTHING):

@@ -276,9 +276,9 @@ class DSIRSelector(Selector):
     the log weights directly: log weights of real texts differ by thousands, so ``exp`` would
     underflow and leave most rows with probability zero.
 
-    **Length.** :math:`\log w_i` is a sum over the row's n-grams, so its size grows with the row's
+    **Length.** :math:`\\log w_i` is a sum over the row's n-grams, so its size grows with the row's
     length: with a small target most n-grams of the pool are unseen in it (each costs about
-    :math:`\log \delta - \log \hat p_{raw}`), and whole rows ranked by it favour the shortest
+    :math:`\\log \\delta - \\log \\hat p_{raw}`), and whole rows ranked by it favour the shortest
     fragments (before this change: 47 of 50 picks for a ChemProt target were movie-review snippets
     of median 8 words). The paper scores equal-length examples (raw documents cut into chunks of
     128 words, Xie et al. 2023, Sec. 5 / App. J) and the reference package drops examples under
