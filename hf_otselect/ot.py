@@ -290,6 +290,22 @@ class ShardedSinkhornResult:
         return out
 
 
+def _from_numpy(a: np.ndarray) -> Any:
+    """``torch.from_numpy`` of a C-contiguous copy-free view, read-only arrays included.
+
+    Read-only rows are common here (a memory-mapped embedding cache, an Arrow-backed column); torch
+    warns on them because a tensor could write through. Every tensor made here is only read (or
+    first converted to another dtype or device, which copies), so the warning would only alarm users.
+    """
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+        return torch.from_numpy(np.ascontiguousarray(a))
+
+
 def _prep(center: np.ndarray | None, scale: float, np_dtype: Any, device: Any) -> Any:
     """A function taking numpy rows to torch ``(rows - center) / scale`` in the compute dtype.
 
@@ -303,10 +319,9 @@ def _prep(center: np.ndarray | None, scale: float, np_dtype: Any, device: Any) -
 
     def prep(rows: np.ndarray) -> Any:
         if center is None:
-            t = torch.from_numpy(np.ascontiguousarray(rows)).to(device=device, dtype=dt)
+            t = _from_numpy(rows).to(device=device, dtype=dt)
         else:
-            t = (torch.from_numpy(np.ascontiguousarray(rows)).to(device=device, dtype=torch.float64)
-                 - torch.from_numpy(center).to(device)).to(dt)
+            t = (_from_numpy(rows).to(device=device, dtype=torch.float64) - _from_numpy(center).to(device)).to(dt)
         return t if inv == 1.0 else t * inv  # not in place: t may share the caller's memory
 
     return prep
@@ -471,9 +486,9 @@ def sharded_sinkhorn(
     with torch.no_grad():
         Y = prep(y)
         dt = Y.dtype
-        B = torch.from_numpy(wb).to(device=dev, dtype=dt)
+        B = _from_numpy(wb).to(device=dev, dtype=dt)
         a = np.full(n_local, 1.0 / n_global) if a_local is None else a_local
-        A = torch.from_numpy(a).to(device=dev, dtype=dt)
+        A = _from_numpy(a).to(device=dev, dtype=dt)
         if init is not None:
             init = tuple(torch.as_tensor(v).to(device=dev, dtype=dt) / s2 for v in init)  # type: ignore[assignment]
         solver = _ShardedSinkhorn(pool, prep, np_dtype, Y, B, A, eps_abs / s2, block, keep_kernel, comm, memory_budget)
@@ -641,7 +656,7 @@ def _geomloss_init(
     dt = torch.float64 if x.dtype == np.float64 else torch.float32
 
     def t(v: np.ndarray) -> Any:
-        return torch.from_numpy(v).to(device=device, dtype=dt)
+        return _from_numpy(v).to(device=device, dtype=dt)
 
     loss = SamplesLoss(
         "sinkhorn", p=2, blur=math.sqrt(eps / 2.0), scaling=scaling, debias=False, potentials=True, backend="tensorized"

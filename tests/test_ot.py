@@ -323,3 +323,30 @@ def test_sharded_parameter_errors_name_the_callers_arguments():
     with pytest.raises(ValueError, match="'eps' parameter"):
         sharded_sinkhorn(PoolView(x), y, -1.0)
     assert sharded_sinkhorn(PoolView(x), y, 0.5, comm=LOCAL).n_global == len(x)
+
+
+def test_read_only_inputs_give_no_torch_warning():
+    """A memory-mapped cache hands the solver read-only rows: no torch 'not writable' warning.
+
+    In a fresh interpreter with warnings as errors, because torch warns once per process.
+    """
+    import subprocess
+    import sys
+
+    code = """
+import numpy as np
+from hf_otselect.dist import PoolView
+from hf_otselect.ot import sharded_sinkhorn, sinkhorn_potentials
+rng = np.random.default_rng(0)
+x = rng.normal(size=(40, 8)).astype(np.float32) + 100  # far from the origin: the shifted path too
+y = rng.normal(size=(6, 8)).astype(np.float32) + 100
+b = np.full(6, 1 / 6)
+for v in (x, y, b):
+    v.setflags(write=False)
+fit = sharded_sinkhorn(PoolView(x, 0, 40), y, b=b)
+fit.c_transform(x)
+for backend in ("tensorized", "blocked", "geomloss"):
+    sinkhorn_potentials(x, y, b=b, backend=backend)
+"""
+    done = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
