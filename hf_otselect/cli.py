@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import sys
 import traceback
 
@@ -83,15 +84,15 @@ def main(argv: list[str] | None = None) -> int:
 
             out = run_job(load_config(args.config, args.overrides))
             if out is not None:
-                print(out)
+                _say(out)
         elif args.command == "push":
             from .hub import push
 
-            print(push(args.output_dir, args.repo_id, private=not args.public, split=args.split, license=args.license))
+            _say(push(args.output_dir, args.repo_id, private=not args.public, split=args.split, license=args.license))
         elif args.command == "report":
             from .report import write_report
 
-            print(write_report(args.output_dir, columns=args.columns))
+            _say(write_report(args.output_dir, columns=args.columns))
     except KeyboardInterrupt:
         _explain(args.verbose, "interrupted (Ctrl-C); finished cache shards are kept and a rerun resumes from them")
         return EXIT_INTERRUPTED
@@ -105,6 +106,18 @@ def main(argv: list[str] | None = None) -> int:
         _explain(args.verbose, f"{type(err).__name__}: {_one_line(err)} (an unexpected error; --verbose shows the traceback)")
         return EXIT_ENVIRONMENT
     return 0
+
+
+def _say(result: object) -> None:
+    """Print a finished command's result; a reader that closed stdout (``| head -c0``) is no failure.
+
+    The work is done and written by then, so a closed pipe loses only this line. Following the
+    Python docs on SIGPIPE, stdout is pointed at ``/dev/null`` so the exit-time flush stays quiet.
+    """
+    try:
+        print(result, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _explain(verbose: bool, line: str) -> None:

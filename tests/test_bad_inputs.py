@@ -747,6 +747,18 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path):
     assert "interrupted (Ctrl-C)" in _one_error_line(err)
 
 
+def test_a_closed_stdout_does_not_fail_a_finished_job(tmp_path):
+    """``hf-otselect select ... | head -c0``: the reader is gone before the job prints its folder."""
+    from datasets import load_from_disk
+
+    proc = _cli_process(tmp_path, "select", "--config", str(REPO / "configs/demo.yaml"), *_overrides(tmp_path))
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 0, err
+    assert "Broken pipe" not in err and "Traceback" not in err and "Exception ignored" not in err, err
+    assert len(load_from_disk(str(tmp_path / "out"))["selected"]) == 3
+
+
 def test_a_write_failure_exits_1_with_one_line(tmp_path):
     """A real environment failure: the file-size limit makes the cache writes fail (EFBIG, like ENOSPC)."""
     import resource
