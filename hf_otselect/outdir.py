@@ -51,6 +51,8 @@ __all__ = ["MARKER", "OutputFolder", "OutputFolderBusy", "output_path", "record_
 #: The file that says "hf_otselect wrote this folder", with the manifest of what it wrote.
 MARKER = ".hf_otselect.json"
 _SHOWN = 5
+# Seconds a refused job waits for the holder's side file (written milliseconds after its lock).
+_HOLDER_WAIT = 5.0
 _OWN_FOLDER = "a folder of its own: not the working directory, a home or root folder, nor a folder above one"
 
 
@@ -282,11 +284,25 @@ class OutputFolder:
 
     # -- one writer -----------------------------------------------------------------------
     def _holder(self) -> str:
-        try:
-            who = json.loads(self.holder_path.read_text(encoding="utf-8"))
-            return f"pid {who['pid']} on {who['host']}, started {who['started']}"
-        except (OSError, ValueError, TypeError, KeyError):
-            return f"holder unknown, see {str(self.lock_path)!r}"
+        """Who holds the lock, from the side file the holder writes just after taking it.
+
+        Two jobs started together meet in the moment between the winner's lock and its side file,
+        and a killed job leaves a side file naming a dead process; so wait for a record of a live
+        process, up to ``_HOLDER_WAIT`` seconds (one on another host is taken as it is).
+        """
+        import psutil
+
+        deadline = time.monotonic() + _HOLDER_WAIT
+        while True:
+            try:
+                who = json.loads(self.holder_path.read_text(encoding="utf-8"))
+                if who["host"] != socket.gethostname() or psutil.pid_exists(int(who["pid"])):
+                    return f"pid {who['pid']} on {who['host']}, started {who['started']}"
+            except (OSError, ValueError, TypeError, KeyError):
+                pass
+            if time.monotonic() >= deadline:
+                return f"holder unknown, see {str(self.lock_path)!r}"
+            time.sleep(0.02)
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[OutputFolder]:

@@ -313,6 +313,56 @@ def test_a_second_job_fails_at_once_naming_the_holder(tmp_path):
         pass
 
 
+def _side_file(pid: int) -> str:
+    return json.dumps({"pid": pid, "host": socket.gethostname(), "started": "2026-01-01T00:00:00Z", "output_dir": "x"})
+
+
+@pytest.mark.parametrize("before", ["no side file yet", "a killed job's side file"])
+def test_a_job_refused_in_the_holders_first_moment_still_names_it(tmp_path, before):
+    """The holder has the lock but has not written its side file yet (two jobs started together),
+    and may find a killed job's file there: the refused job names the live holder, not 'unknown'
+    nor the dead process."""
+    import threading
+
+    from filelock import FileLock
+
+    out = tmp_path / "sel"
+    folder = OutputFolder(out, overwrite=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    if before != "no side file yet":
+        folder.holder_path.write_text(_side_file(dead.pid), encoding="utf-8")
+    lock = FileLock(str(folder.lock_path), timeout=0)
+    lock.acquire()  # this process is the holder, in the moment before its side file
+    late = threading.Timer(0.5, lambda: folder.holder_path.write_text(_side_file(os.getpid()), encoding="utf-8"))
+    late.start()
+    try:
+        with pytest.raises(OutputFolderBusy) as err:
+            with OutputFolder(out, overwrite=True).locked():
+                pass
+    finally:
+        late.join()
+        lock.release()
+    assert f"(pid {os.getpid()} on " in str(err.value)
+    assert f"pid {dead.pid} " not in str(err.value)
+
+
+def test_a_holder_that_never_writes_its_side_file_is_unknown_after_the_wait(tmp_path, monkeypatch):
+    import hf_otselect.outdir as outdir
+    from filelock import FileLock
+
+    monkeypatch.setattr(outdir, "_HOLDER_WAIT", 0.2)
+    folder = OutputFolder(tmp_path / "sel", overwrite=True)
+    lock = FileLock(str(folder.lock_path), timeout=0)
+    lock.acquire()
+    try:
+        with pytest.raises(OutputFolderBusy, match=r"holder unknown, see '.*sel\.lock'"):
+            with OutputFolder(tmp_path / "sel", overwrite=True).locked():
+                pass
+    finally:
+        lock.release()
+
+
 def test_a_job_that_fails_after_starting_leaves_nothing_but_what_was_there(tmp_path):
     folder = OutputFolder(tmp_path / "sel", overwrite=True)
     _ours(folder, {"selection.json": "kept"})
