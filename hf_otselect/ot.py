@@ -291,19 +291,21 @@ class ShardedSinkhornResult:
 
 
 def _from_numpy(a: np.ndarray) -> Any:
-    """``torch.from_numpy`` of a C-contiguous copy-free view, read-only arrays included.
+    """``torch.from_numpy(np.ascontiguousarray(a))``, read-only arrays included.
 
     Read-only rows are common here (a memory-mapped embedding cache, an Arrow-backed column); torch
     warns on them because a tensor could write through. Every tensor made here is only read (or
     first converted to another dtype or device, which copies), so the warning would only alarm users.
+    The warning filter is touched only for those arrays: this runs once per block per iteration.
     """
-    import warnings
-
     import torch
 
+    a = np.ascontiguousarray(a)
+    if a.flags.writeable:
+        return torch.from_numpy(a)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
-        return torch.from_numpy(np.ascontiguousarray(a))
+        return torch.from_numpy(a)
 
 
 def _prep(center: np.ndarray | None, scale: float, np_dtype: Any, device: Any) -> Any:
