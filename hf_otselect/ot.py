@@ -17,7 +17,12 @@ Every OT convention of the package lives here and nowhere else:
   value actually used is reported in :attr:`SinkhornResult.eps`.
 - **Stopping**: the L1 error of the row marginal, ``sum_i |(P 1)_i - a_i|``, measured every
   iteration (it falls out of the ``f`` update at no extra cost); the column marginal is exact
-  after each ``g`` update.
+  after each ``g`` update. Rounding puts a floor under that error which no formula predicts (in
+  float32 it was 2e-8 at 50 x 10 and 2.6e-5 at 100k x 100, eps 0.1 relative), so the floor is
+  found where it is met: an error with no new minimum for ``STALL_ITERATIONS`` iterations has
+  stalled. A float32 solve that stalls above ``tol`` is finished in float64 from where it stopped
+  (the caller asked for more than float32 can give); one that stalls in float64 stops there,
+  not converged. ``tol=0`` runs exactly ``max_iter`` iterations in the inputs' precision.
 
 Why our own solver rather than GeomLoss or POT (measured on this machine, see PEERS.md and
 ``benchmarks/results/ot_scaling.md``): GeomLoss anneals eps on a fixed schedule and never checks
@@ -96,6 +101,9 @@ _BLOCK_ELEMENTS = 1 << 23  # about 32 MB of float32 per cost block in the blocke
 # Scalings are absorbed into the potentials once |log u| or |log v| exceeds this. With float32
 # kernels, entries that underflowed (< e^-87 relative) stay negligible after scaling by e^tau.
 _TAU = 40.0
+# A marginal error with no new minimum for this many iterations has met its rounding floor: Sinkhorn's
+# error falls at every iteration until then (slowly at small eps, but always to a new minimum).
+STALL_ITERATIONS = 20
 # Valid eps, as a multiple of the mean cost between the clouds. Below 1e-8 the entropic term is
 # smaller than the float32 rounding of the costs (6e-8 relative), so the potentials would be set by
 # rounding; above 1e3 the costs shift the log-sum-exp terms (about log m) by less than 1e-3 of
@@ -131,6 +139,9 @@ class SinkhornResult:
         The absolute eps used (after ``eps_mode="relative"`` scaling).
     backend : str
         The back end that ran: ``"tensorized"``, ``"blocked"`` or ``"geomloss"``.
+    precision : str
+        ``"float32"`` or ``"float64"``: what the last iterations ran in (a float32 solve that stalled
+        above ``tol`` is finished in float64).
     """
 
     f: np.ndarray
@@ -141,6 +152,7 @@ class SinkhornResult:
     marginal_error: float
     eps: float
     backend: str
+    precision: str = "float32"
 
 
 def _as_float_array(x: Any, name: str, owner: str) -> np.ndarray:
@@ -234,6 +246,10 @@ class ShardedSinkhornResult:
         is exact in floating point, and its potentials were multiplied back by ``s**2``.
     f_local : ndarray of shape (n_local,) or None
         This process's candidate potentials (dropped by callers that keep the result as state).
+    precision : str
+        ``"float32"`` or ``"float64"``: what the last iterations ran in.
+    stalled : bool
+        Whether the solve stopped because the error stopped falling (its rounding floor) above ``tol``.
     """
 
     y: np.ndarray
@@ -251,6 +267,8 @@ class ShardedSinkhornResult:
     center: np.ndarray | None
     scale: float
     f_local: np.ndarray | None = None
+    precision: str = "float32"
+    stalled: bool = False
 
     def c_transform(self, rows: Any, *, device: Any = None, block_rows: int | None = None) -> np.ndarray:
         """Potentials of any rows against the fitted target: ``-eps log sum_j b_j exp((g_j - C_ij)/eps)``.
@@ -439,7 +457,7 @@ def sharded_sinkhorn(
     eps_name, x_name, y_name = names
     eps = check_float(eps, eps_name, owner, 0.0, low_open=True)
     check_choice(eps_mode, "eps_mode", owner, EPS_MODES)
-    tol = check_float(tol, "tol", owner, 0.0, low_open=True)
+    tol = check_float(tol, "tol", owner, 0.0)
     max_iter = check_int(max_iter, "max_iter", owner, 1)
     memory_budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else check_int(memory_budget, "memory_budget", owner, 0)
     y = _as_float_array(target, y_name, owner)
@@ -477,10 +495,14 @@ def sharded_sinkhorn(
         a_all = np.full(len(xa), 1.0 / len(xa)) if a_local is None else a_local
         init = _geomloss_init(xa, y, a_all, wb, eps_abs, dev)
     n_local = pool.n_local
-    itemsize = np.dtype(np_dtype).itemsize
-    if keep_kernel is None:
-        fits = float(n_local * m * itemsize <= memory_budget)
-        keep_kernel = bool(comm.all_reduce(np.array([fits]), "min")[0] > 0)
+
+    def kernel_fits(dtype: Any) -> bool:  # one all-reduce, so every process takes the same path
+        fits = float(n_local * m * np.dtype(dtype).itemsize <= memory_budget)
+        return bool(comm.all_reduce(np.array([fits]), "min")[0] > 0)
+
+    auto_kernel = keep_kernel is None
+    if auto_kernel:
+        keep_kernel = kernel_fits(np_dtype)
     s2 = scale * scale
     logger.debug("Sharded Sinkhorn n_local=%d n=%d m=%d eps=%.4g kernel=%s scale=%g shifted=%s device=%s rank=%d/%d",
                  n_local, n_global, m, eps_abs, keep_kernel, scale, center is not None, dev, comm.rank, comm.world_size)
@@ -495,6 +517,19 @@ def sharded_sinkhorn(
             init = tuple(torch.as_tensor(v).to(device=dev, dtype=dt) / s2 for v in init)  # type: ignore[assignment]
         solver = _ShardedSinkhorn(pool, prep, np_dtype, Y, B, A, eps_abs / s2, block, keep_kernel, comm, memory_budget)
         f, g, g_f, it, err = solver.run(tol, max_iter, init)
+        if solver.stalled and np_dtype == np.float32 and it < max_iter:
+            # float32 rounding floors the error above tol: go on in float64 from these potentials.
+            logger.info("Sinkhorn: the float32 marginal error stalled at %.3g above tol %.3g after %d iterations; "
+                        "finishing in float64", err, tol, it)
+            np_dtype = np.float64
+            if auto_kernel:
+                keep_kernel = kernel_fits(np_dtype)
+            prep = _prep(center, scale, np_dtype, dev)
+            # The weights again from float64 (float32's 1/n does not sum to 1: a floor of its own).
+            Y, B, A = prep(y.astype(np.float64)), _from_numpy(wb).to(dev), _from_numpy(a).to(dev)
+            solver = _ShardedSinkhorn(pool, prep, np_dtype, Y, B, A, eps_abs / s2, block, keep_kernel, comm, memory_budget)
+            f, g, g_f, more, err = solver.run(tol, max_iter - it, (f, g))
+            it += more
         f64 = f.double().cpu().numpy() * s2
     g64 = g.double().cpu().numpy() * s2
     gf64 = g_f.double().cpu().numpy() * s2
@@ -502,7 +537,8 @@ def sharded_sinkhorn(
     return ShardedSinkhornResult(
         y=y, b=wb, g=g64, g_f=gf64, f_sum=float(f_sum), cost=float(a_dot_f + wb @ g64), n_global=n_global,
         n_iter=it, converged=bool(err < tol), marginal_error=float(err), eps=eps_abs, kernel_kept=keep_kernel,
-        center=center, scale=scale, f_local=f64,
+        center=center, scale=scale, f_local=f64, precision=np.dtype(np_dtype).name,
+        stalled=bool(solver.stalled and err >= tol),
     )
 
 
@@ -513,7 +549,7 @@ def _check_common(
     check_choice(backend, "backend", owner, BACKENDS)
     check_choice(eps_mode, "eps_mode", owner, EPS_MODES)
     eps = check_float(eps, "eps", owner, 0.0, low_open=True)
-    tol = check_float(tol, "tol", owner, 0.0, low_open=True)
+    tol = check_float(tol, "tol", owner, 0.0)
     max_iter = check_int(max_iter, "max_iter", owner, 1)
     if block_size is not None:
         block_size = check_int(block_size, "block_size", owner, 1)
@@ -607,15 +643,21 @@ def sinkhorn_potentials(
     )
     f, g, it, err, eps_abs = r.f_local, r.g, r.n_iter, r.marginal_error, r.eps
     converged = bool(err < tol)
-    if not converged:
-        warnings.warn(
-            f"Sinkhorn did not converge: L1 marginal error {err:.3g} >= tol {tol:.3g} after {it} iterations "
-            f"(eps={eps_abs:.4g}, n={n}, m={m}, backend={backend}). Raise max_iter or eps.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    if not converged and tol > 0:
+        warnings.warn(nonconvergence_message(r, tol, f"n={n}, m={m}, backend={backend}"), RuntimeWarning, stacklevel=2)
     cost = float(wa @ f + wb @ g)
-    return SinkhornResult(f=f, g=g, cost=cost, n_iter=it, converged=converged, marginal_error=float(err), eps=eps_abs, backend=backend)
+    return SinkhornResult(f=f, g=g, cost=cost, n_iter=it, converged=converged, marginal_error=float(err), eps=eps_abs,
+                          backend=backend, precision=r.precision)
+
+
+def nonconvergence_message(r: ShardedSinkhornResult, tol: float, what: str) -> str:
+    """The one warning text for a solve that ended with its marginal error at or above ``tol``."""
+    head = f"Sinkhorn did not converge: L1 marginal error {r.marginal_error:.3g} >= tol {tol:.3g} after {r.n_iter} iterations"
+    if r.stalled:
+        return (f"{head} ({what}, eps={r.eps:.4g}): it stopped falling there, the floor {r.precision} rounding sets for "
+                "this problem. Raise tol above it.")
+    return f"{head} ({what}, eps={r.eps:.4g}). Raise max_iter or eps."
+
 
 
 def ot_distance(x: Any, y: Any, a: Any = None, b: Any = None, **kwargs: Any) -> float:
@@ -666,6 +708,27 @@ def _geomloss_init(
     with torch.no_grad():
         f_half, g_half = loss(t(a), t(x), t(b), t(y))
     return 2.0 * f_half.reshape(-1), 2.0 * g_half.reshape(-1)
+
+
+class _StallWatch:
+    """Tells when the marginal error has stopped falling: no new minimum in ``STALL_ITERATIONS``.
+
+    Every process sees the same (all-reduced) error, so every process stops at the same iteration.
+    Off when ``tol == 0`` (the caller asked for exactly ``max_iter`` iterations).
+    """
+
+    def __init__(self, tol: float) -> None:
+        self.active, self.best, self.since, self.hit = tol > 0, math.inf, 0, False
+
+    def __call__(self, err: float) -> bool:
+        if not self.active:
+            return False
+        if err < self.best:
+            self.best, self.since = err, 0
+        else:
+            self.since += 1
+        self.hit = self.since >= STALL_ITERATIONS
+        return self.hit
 
 
 class _ShardedSinkhorn:
@@ -792,7 +855,7 @@ class _ShardedSinkhorn:
             self.K[s:e].add_(gs).add_(fs[s:e].unsqueeze(1)).exp_()
 
     def run(self, tol: float, max_iter: int, init: tuple[Any, Any] | None = None) -> tuple[Any, Any, Any, int, float]:
-        """Iterate to ``tol``; returns ``(f, g, g_f, n_iter, err)``.
+        """Iterate to ``tol`` or until the error stalls (``self.stalled``); returns ``(f, g, g_f, n_iter, err)``.
 
         ``g_f`` is the target potential whose c-transform ``f`` is (``g`` itself is one half-step
         later): a row's potential recomputed from ``g_f`` is the ``f`` returned here.
@@ -805,14 +868,16 @@ class _ShardedSinkhorn:
         else:
             f, g = (v.to(dtype=dt, device=dev) for v in init)
         err, it = math.inf, 0
+        stall = _StallWatch(tol)
         if self.K is None:
             g_f = g
             while it < max_iter:
                 g_f = g
                 f, g, err = self.log_pass(f, g)
                 it += 1
-                if err < tol:
+                if err < tol or stall(err):
                     break
+            self.stalled = stall.hit
             return f, g, g_f, it, err
         # Stabilised scaling (Schmitzer 2019, Alg. 2): plan = a_i u_i K_ij v_j b_j with K holding
         # the absorbed potentials; every process keeps its rows of K, v is global.
@@ -845,8 +910,9 @@ class _ShardedSinkhorn:
                 g_f = g + eps * v.log()
                 u, v, err = u_new, v_new, float(red[self.m])
             it += 1
-            if err < tol:
+            if err < tol or stall(err):
                 break
+        self.stalled = stall.hit
         return f + eps * u.log(), g + eps * v.log(), g_f, it, err
 
 

@@ -38,7 +38,7 @@ def _command(cache: Path, out: Path) -> list[str]:
         f"pool.path={REPO / 'data/sample/pool.jsonl'}", f"target.path={REPO / 'data/sample/target.jsonl'}",
         f"pool.max_rows={N_POOL}", f"target.max_rows={N_TARGET}", "k=15", "embedding.max_length=32",
         "embedding.batch_size=20", f"embedding.shard_rows={SHARD}", f"cache_dir={cache}", f"output_dir={out}",
-        "report=false", "params.tol=1.0e-30", "params.max_iter=20000",
+        "report=false", "params.tol=0", "params.max_iter=20000",
     ]
 
 

@@ -153,7 +153,7 @@ def test_ot_distance_is_cost_and_symmetric_in_value():
         ({"backend": "tensorised"}, ValueError, "'backend' parameter"),
         ({"eps_mode": "rel"}, ValueError, "'eps_mode' parameter"),
         ({"max_iter": 0}, ValueError, "'max_iter' parameter"),
-        ({"tol": 0}, ValueError, "'tol' parameter"),
+        ({"tol": -1e-3}, ValueError, "'tol' parameter"),
         ({"a": np.ones(3)}, ValueError, "'a' parameter"),
     ],
 )
@@ -186,7 +186,7 @@ def test_keops_is_not_a_back_end():
 from scipy.special import logsumexp  # noqa: E402
 
 from hf_otselect.dist import LOCAL, PoolView  # noqa: E402
-from hf_otselect.ot import EPS_RELATIVE_RANGE, sharded_sinkhorn  # noqa: E402
+from hf_otselect.ot import EPS_RELATIVE_RANGE, STALL_ITERATIONS, sharded_sinkhorn  # noqa: E402
 
 from ._thread_comm import run_ranks, shard  # noqa: E402
 
@@ -268,7 +268,7 @@ def test_bytes_per_iteration_do_not_grow_with_n(keep_kernel):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             res = run_ranks(2, lambda comm: (sharded_sinkhorn(shard(x, comm), y, 0.5, comm=comm, keep_kernel=keep_kernel,
-                                                               tol=1e-30, max_iter=iters), comm.bytes_sent))
+                                                               tol=0, max_iter=iters), comm.bytes_sent))
         assert res[0][0].n_iter == iters
         sent[n] = res[0][1]
     # setup: an offset all-gather (PoolView.of), the mean cost, the kernel decision; per iteration
@@ -350,3 +350,35 @@ for backend in ("tensorized", "blocked", "geomloss"):
 """
     done = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_tol_below_float32s_floor_is_reached_in_float64(world):
+    """float32 inputs and a tol the float32 kernel iterations never reach (their error floors near
+    1e-7 here): finished in float64, with POT's duals. (The log-domain passes measure the change of
+    ``f``, which float32 can bring to 0, so they need no switch.)"""
+    x, y = (v.astype(np.float32) for v in _clouds(n=300, m=40))
+    assert sharded_sinkhorn(PoolView(x), y, 0.3, keep_kernel=True).precision == "float32"
+    res, f = _sharded(x, y, 0.3, world, keep_kernel=True, tol=1e-11, max_iter=5000)
+    r = res[0]
+    assert r.converged and not r.stalled and r.precision == "float64" and r.marginal_error < 1e-11
+    fr, gr, _, _ = _pot_duals(x.astype(np.float64), y.astype(np.float64), 0.3)
+    _same_up_to_constant(f, r.g, fr, gr, atol=1e-8)
+
+
+def test_a_tol_below_float64s_floor_stops_where_the_error_stalls():
+    """No dtype reaches 1e-300: the solve stops at float64's floor, says so, and does not spin to max_iter."""
+    x, y = _clouds()
+    with pytest.warns(RuntimeWarning, match="float64 rounding sets for this problem. Raise tol"):
+        r = sinkhorn_potentials(x, y, 0.3, tol=1e-300, max_iter=100_000)
+    assert not r.converged and r.precision == "float64" and r.n_iter < 2000
+    assert r.marginal_error < 1e-12  # it got to float64's floor before stopping
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tol_zero_runs_exactly_max_iter_in_the_inputs_precision(dtype):
+    x, y = (v.astype(dtype) for v in _clouds())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an asked-for iteration count is no convergence failure
+        r = sinkhorn_potentials(x, y, 0.3, tol=0, max_iter=3 * STALL_ITERATIONS)
+    assert r.n_iter == 3 * STALL_ITERATIONS and not r.converged and r.precision == np.dtype(dtype).name

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -25,7 +26,7 @@ import numpy as np
 
 from .._checks import check_choice, check_embeddings, check_float, check_int, param_error
 from ..dist import LOCAL, Comm, PoolView
-from ..ot import EPS_MODES, ShardedSinkhornResult, sharded_sinkhorn
+from ..ot import EPS_MODES, ShardedSinkhornResult, nonconvergence_message, sharded_sinkhorn
 from .base import Selector, register
 
 logger = logging.getLogger(__name__)
@@ -84,7 +85,9 @@ class GOTDSelector(Selector):
         keeps it when it fits 1 GiB per process; ``"geomloss"`` starts from GeomLoss's potentials
         (one process only).
     tol : float, default 1e-3
-        L1 marginal error at which Sinkhorn stops.
+        L1 marginal error at which Sinkhorn stops. Below what float32 reaches on this problem, the
+        solve is finished in float64; below float64's floor it stops there with a warning; 0 runs
+        exactly ``max_iter`` iterations (see :mod:`hf_otselect.ot`, Stopping).
     max_iter : int, default 2000
         Most Sinkhorn iterations (the authors' cap).
     chunk_size : int, optional
@@ -149,7 +152,7 @@ class GOTDSelector(Selector):
         check_choice(self.eps_mode, "eps_mode", owner, EPS_MODES)
         check_choice(self.backend, "backend", owner, BACKENDS)
         check_float(self.negative_weight, "negative_weight", owner, 0.0)
-        check_float(self.tol, "tol", owner, 0.0, low_open=True)
+        check_float(self.tol, "tol", owner, 0.0)
         check_int(self.max_iter, "max_iter", owner, 1)
         check_int(self.seed, "seed", owner, 0)
         if self.chunk_size is not None:
@@ -166,6 +169,9 @@ class GOTDSelector(Selector):
         if not (np.isfinite(res.g_f).all() and math.isfinite(res.f_sum)):  # never let NaN reach choose
             raise param_error("eps", type(self).__name__, f"large enough for finite OT potentials against '{target_name}' "
                               "(raise it, or pass a multiple of the mean cost with eps_mode='relative')", self.eps)
+        if not res.converged and self.tol > 0:
+            what = f"{type(self).__name__} against '{target_name}', n={res.n_global}, m={len(res.g)}"
+            warnings.warn(nonconvergence_message(res, self.tol, what), RuntimeWarning, stacklevel=3)
         return replace(res, f_local=None)  # the state keeps nothing of size n
 
     def _fit_direction(self, pool: PoolView, target: np.ndarray, comm: Comm, target_name: str) -> _Direction:
@@ -276,7 +282,8 @@ class _Direction:
         return {"ot_distance": float(np.mean([x.cost for x in r])), "n_iter": int(max(x.n_iter for x in r)),
                 "converged": bool(all(x.converged for x in r)), "marginal_error": float(max(x.marginal_error for x in r)),
                 "eps": float(np.mean([x.eps for x in r])), "backend": "tensorized" if all(x.kernel_kept for x in r) else "blocked",
-                "n_chunks": len(r), "processes": int(world_size)}
+                "n_chunks": len(r), "processes": int(world_size),
+                "precision": "float64" if any(x.precision == "float64" for x in r) else "float32"}
 
 
 def _negated_gradient(res: ShardedSinkhornResult, rows: np.ndarray, device: Any) -> np.ndarray:
