@@ -19,8 +19,8 @@ Every OT convention of the package lives here and nowhere else:
   iteration (it falls out of the ``f`` update at no extra cost); the column marginal is exact
   after each ``g`` update. Rounding puts a floor under that error which no formula predicts (in
   float32 it was 2e-8 at 50 x 10 and 2.6e-5 at 100k x 100, eps 0.1 relative), so the floor is
-  found where it is met: an error with no new minimum for ``STALL_ITERATIONS`` iterations has
-  stalled. A float32 solve that stalls above ``tol`` is finished in float64 from where it stopped
+  found where it is met: an error below ``sqrt(finfo(dtype).eps)`` with no new minimum for
+  ``STALL_ITERATIONS`` iterations has stalled. A float32 solve that stalls above ``tol`` is finished in float64 from where it stopped
   (the caller asked for more than float32 can give); one that stalls in float64 stops there,
   not converged. ``tol=0`` runs exactly ``max_iter`` iterations in the inputs' precision.
 
@@ -101,9 +101,11 @@ _BLOCK_ELEMENTS = 1 << 23  # about 32 MB of float32 per cost block in the blocke
 # Scalings are absorbed into the potentials once |log u| or |log v| exceeds this. With float32
 # kernels, entries that underflowed (< e^-87 relative) stay negligible after scaling by e^tau.
 _TAU = 40.0
-# A marginal error with no new minimum for this many iterations has met its rounding floor: Sinkhorn's
-# error falls at every iteration until then (slowly at small eps, but always to a new minimum).
-STALL_ITERATIONS = 20
+# A marginal error below the square root of the dtype's epsilon (3e-4 in float32, 1.5e-8 in float64)
+# with no new minimum for this many iterations has met its rounding floor. Above that level a flat
+# error is a plateau of the iterations themselves (degenerate clouds stay near 0.1 for a hundred
+# iterations and then fall), which more iterations do get past.
+STALL_ITERATIONS = 50
 # Valid eps, as a multiple of the mean cost between the clouds. Below 1e-8 the entropic term is
 # smaller than the float32 rounding of the costs (6e-8 relative), so the potentials would be set by
 # rounding; above 1e3 the costs shift the log-sum-exp terms (about log m) by less than 1e-3 of
@@ -365,8 +367,14 @@ def _frame(
         s += len(rows)
     dy = y64 - c
     mean_cost = float(comm.all_reduce(np.array([acc]), "sum")[0]) + float(b @ np.einsum("ij,ij->i", dy, dy))
-    if not mean_cost > 0 or not math.isfinite(mean_cost):
-        return max(mean_cost, 0.0), None, 1.0
+    if mean_cost <= (64 * np.finfo(np.float64).eps) ** 2 * float(c @ c):
+        # Identical clouds: what is left is the rounding of the weighted mean c (1/6 is inexact), not a
+        # cost; how much is left depends on the BLAS's summation order, so it must not set eps's range.
+        mean_cost = 0.0
+    if not math.isfinite(mean_cost):
+        return mean_cost, None, 1.0
+    if not mean_cost > 0:  # every pair coincides: shifted to c, every cost is 0 in any dtype
+        return 0.0, (c if float(c @ c) > 0 else None), 1.0
     center = c if float(c @ c) > _CENTER_RATIO * mean_cost else None
     scale = 2.0 ** round(0.5 * math.log2(mean_cost))
     return mean_cost, center, scale
@@ -711,14 +719,15 @@ def _geomloss_init(
 
 
 class _StallWatch:
-    """Tells when the marginal error has stopped falling: no new minimum in ``STALL_ITERATIONS``.
+    """Tells when the marginal error has met its rounding floor (see ``STALL_ITERATIONS``).
 
     Every process sees the same (all-reduced) error, so every process stops at the same iteration.
     Off when ``tol == 0`` (the caller asked for exactly ``max_iter`` iterations).
     """
 
-    def __init__(self, tol: float) -> None:
+    def __init__(self, tol: float, machine_eps: float) -> None:
         self.active, self.best, self.since, self.hit = tol > 0, math.inf, 0, False
+        self.level = math.sqrt(machine_eps)
 
     def __call__(self, err: float) -> bool:
         if not self.active:
@@ -727,7 +736,7 @@ class _StallWatch:
             self.best, self.since = err, 0
         else:
             self.since += 1
-        self.hit = self.since >= STALL_ITERATIONS
+        self.hit = self.since >= STALL_ITERATIONS and self.best < self.level
         return self.hit
 
 
@@ -868,7 +877,7 @@ class _ShardedSinkhorn:
         else:
             f, g = (v.to(dtype=dt, device=dev) for v in init)
         err, it = math.inf, 0
-        stall = _StallWatch(tol)
+        stall = _StallWatch(tol, torch.finfo(dt).eps)
         if self.K is None:
             g_f = g
             while it < max_iter:

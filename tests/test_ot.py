@@ -382,3 +382,14 @@ def test_tol_zero_runs_exactly_max_iter_in_the_inputs_precision(dtype):
         warnings.simplefilter("error")  # an asked-for iteration count is no convergence failure
         r = sinkhorn_potentials(x, y, 0.3, tol=0, max_iter=3 * STALL_ITERATIONS)
     assert r.n_iter == 3 * STALL_ITERATIONS and not r.converged and r.precision == np.dtype(dtype).name
+
+
+@pytest.mark.parametrize("value", [0.12573022, 3.0, 1e6])
+@pytest.mark.parametrize("m", [1, 6, 7])
+def test_identical_clouds_have_zero_mean_cost_whatever_the_rounding_of_their_mean(value, m):
+    """All rows equal: the mean cost is 0, not the rounding left by averaging with inexact 1/m
+    weights (1.5e-33 at one BLAS thread for 0.12573022 and m = 6), which made eps=0.1 'out of range'."""
+    x = np.full((2, 1), value, dtype=np.float32)
+    y = np.full((m, 1), value, dtype=np.float32)
+    # float32 potentials of size eps = 0.1 carry a few ulps of it
+    assert sharded_sinkhorn(PoolView(x), y, 0.1).cost == pytest.approx(0.0, abs=8 * float(np.finfo(np.float32).eps) * 0.1)
