@@ -112,8 +112,8 @@ class Config:
     block_size: int = 128
     mask_seed: int = 1234
     prefilter_keep: int = 2
-    # DSIR scores rows per chunk of this many tokens (rows shorter never count); the pool's units are
-    # <= 500 characters, so the package default of 100 would leave most of them out (as in quality.py).
+    # DSIR puts every score on the scale of a chunk of this many tokens (rows shorter than a chunk are
+    # scored from their own n-grams, length-normalised); 32 as in quality.py.
     dsir_chunk_tokens: int = 32
     finetune: bool = False
     finetune_targets: tuple[str, ...] = ("ag_news", "imdb")
@@ -286,7 +286,9 @@ def select(name: str, pool: dict[str, Any], pool_emb: np.ndarray, tgt: dict[str,
 
     from hf_otselect.datasets_ext import run_selection
 
-    key = Q._key("sel", name, pool["text"], tgt["select"], k, seed, cfg.prefilter_keep, cfg.dsir_chunk_tokens)
+    # A DSIR selection cached before short rows were scored (they were never chosen) is not reused.
+    rule = ["dsir: short rows from their own n-grams"] if name.startswith("dsir") else []
+    key = Q._key("sel", name, pool["text"], tgt["select"], k, seed, cfg.prefilter_keep, cfg.dsir_chunk_tokens, *rule)
     path = cache / f"{key}.json"
     if path.exists():
         return np.asarray(json.loads(path.read_text())["indices"], dtype=np.int64)

@@ -132,10 +132,11 @@ class Config:
     threads: int = 2
     scale: float = 1.0
     embed_max_length: int = 128
-    # DSIR scores rows per chunk of this many tokens and never chooses shorter rows. The package
-    # default (100, the reference package's minimum length) leaves 20% of this pool's units (at
-    # most max_chars = 500 characters, median 35-105 tokens per source) eligible; 32 leaves 80%.
-    # 0 scores whole rows (the former behaviour).
+    # DSIR puts every score on the scale of a chunk of this many tokens: longer rows by their
+    # complete chunks, shorter ones from their own n-grams, length-normalised (this pool's units are
+    # at most max_chars = 500 characters, median 35-105 tokens per source). 32 dates from when
+    # shorter rows were never chosen (it left 80% of the units eligible, 100 left 20%). 0 scores
+    # whole rows (plain sums).
     dsir_chunk_tokens: int = 32
     name: str = "quality"
 
@@ -352,8 +353,6 @@ def run_selectors(names: list[str], pool_emb: np.ndarray, pool_text: list[str], 
             info["prefilter"] = pf.to_dict()
         if sel.needs_text:
             scores = sel.score([pool_text[i] for i in rows], tgt_text)
-            if name == "dsir":
-                info["rows_too_short"] = int(np.isinf(scores).sum())
         elif pool_emb is None and name == "random":  # random reads no vectors (selection-only runs embed nothing)
             scores = sel.score(np.zeros((len(rows), 1), np.float32), np.zeros((1, 1), np.float32))
         else:
@@ -655,8 +654,8 @@ def selection_only(cfg: Config) -> dict[str, Any]:
 
     Reports, per target x budget x selector, the share of the target's domain, the sources and the
     median length (word-punct tokens) of the chosen rows. DSIR runs three times: with
-    ``cfg.dsir_chunk_tokens``, with the package default (100) and on whole rows (the former
-    behaviour), labelled ``dsir``, ``dsir[chunk=100]`` and ``dsir[whole rows]``. Embeddings (and
+    ``cfg.dsir_chunk_tokens``, with the package default (100) and on whole rows (plain sums),
+    labelled ``dsir``, ``dsir[chunk=100]`` and ``dsir[whole rows]``. Embeddings (and
     the OT column of the full run) are computed only when a vector selector is asked for.
     """
     from hf_otselect.selectors.baselines import dsir_ngrams
@@ -690,7 +689,7 @@ def selection_only(cfg: Config) -> dict[str, Any]:
                 rows.append({"target": name, "k": r["k"], "selector": r["selector"].replace(sel_name, label, 1),
                              "domain_frac": float((pool["domain"][idx] == TARGET_DOMAIN[name]).mean()),
                              "median_tokens": float(np.median(tokens[idx])),
-                             "rows_too_short": r["info"].get("rows_too_short", 0),
+                             "rows_below_chunk": r["info"].get("rows_below_chunk", 0),
                              "sources": {str(a): int(b) for a, b in zip(*np.unique(pool["source"][idx], return_counts=True))}})
                 logger.info("%s k=%d %s: domain %.2f", name, r["k"], rows[-1]["selector"], rows[-1]["domain_frac"])
     return {"config": asdict(cfg), "n_pool": len(pool["text"]), "rows": rows,
@@ -710,17 +709,17 @@ def write_selection_markdown(res: dict[str, Any], command: str, path: Path) -> N
          f"Pool: {res['n_pool']} units (≤ {cfg['max_chars']} chars), the pool of `quality.md` (same seed) — median word-punct "
          "tokens per source: " + ", ".join(f"{s_} {m:.0f}" for s_, m in res["pool_median_tokens"].items()) + ".  ",
          f"DSIR: `dsir` scores rows per chunk of {cfg['dsir_chunk_tokens']} tokens (`Config.dsir_chunk_tokens`), "
-         "`dsir[chunk=100]` with the package default, `dsir[whole rows]` as before chunks (no minimum length). "
-         "Rows shorter than one chunk are never chosen; 'too short' counts them.", ""]
+         "`dsir[chunk=100]` with the package default, `dsir[whole rows]` by plain sums over whole rows. "
+         "Rows shorter than one chunk are scored from their own n-grams, scaled to one chunk; 'below chunk' counts them.", ""]
     for k in cfg["budgets"]:
-        L += [f"## Budget k = {k}", "", "| target | selector | domain frac | median tokens | too short | top sources |", "|---|---|---|---|---|---|"]
+        L += [f"## Budget k = {k}", "", "| target | selector | domain frac | median tokens | below chunk | top sources |", "|---|---|---|---|---|---|"]
         for r in res["rows"]:
             if r["k"] != k or (r["selector"].startswith("random/s") and not r["selector"].endswith("s0")):
                 continue
             sel = re.sub(r"^random/s\d+", "random", r["selector"])
             dm, ds = stats["domain_frac"][(r["target"], k, sel)]
             top = ", ".join(f"{a} {b}" for a, b in sorted(r["sources"].items(), key=lambda x: -x[1])[:3])
-            L.append(f"| {r['target']} | {sel} | {_fmt(dm, ds, 2)} | {r['median_tokens']:.0f} | {r['rows_too_short']} | {top} |")
+            L.append(f"| {r['target']} | {sel} | {_fmt(dm, ds, 2)} | {r['median_tokens']:.0f} | {r['rows_below_chunk']} | {top} |")
         L.append("")
     path.write_text("\n".join(L) + "\n", encoding="utf-8")
 

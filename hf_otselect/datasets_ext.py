@@ -205,7 +205,7 @@ def _embed_stream(pool: IterableDataset | Iterator[dict], column: str, embed_kwa
     return vectors
 
 
-_SCORES_CACHE_VERSION = 2  # bump when what a score entry holds changes for the same key
+_SCORES_CACHE_VERSION = 3  # bump when what a score entry holds changes for the same key (3: DSIR scores short rows)
 
 
 def _scores_cached(

@@ -248,7 +248,7 @@ def guarded_choose(
         return selector.choose_rows(weighted, k, seed=seed), info
     # The selector's own order over every row it could take: the full top-k order, or the seeded
     # draw order (sampling without replacement) over every drawable row.
-    if selector.choice == "top_k":  # -inf: a row the selector never chooses (DSIR's too-short rows)
+    if selector.choice == "top_k":  # -inf: a row the selector never chooses (DSIR's rows without a token)
         n_order = int((scores > -np.inf).sum())
     else:
         n_order = int((scores > 0).sum()) if selector.choice == "sample" else int(np.isfinite(scores).sum())

@@ -230,7 +230,7 @@ def test_vector_selectors_refuse_bad_arrays(monkeypatch, method, which, bad, exc
 
 @pytest.mark.parametrize("method", available_selectors())
 def test_a_pool_of_identical_rows_gives_a_valid_selection(method):
-    # DSIR never chooses rows shorter than one chunk (default 100 tokens): chunks of 2 for 4-token rows
+    # DSIR with chunks of 2 for 4-token rows (the long-row path; short rows: test_baselines)
     sel = get_selector(method, **({"chunk_tokens": 2} if method == "dsir" else {}))
     if sel.needs_text:
         pool, target = ["the very same sentence"] * 15, ["a target sentence", "another"]

@@ -383,3 +383,33 @@ def test_an_interrupted_job_leaves_its_partial_folder_for_the_next_run(tmp_path)
     assert (folder.partial / MARKER).is_file() and not folder.final.exists()
     _ours(folder, {"selection.json": "rerun"})  # the next run clears it and finishes
     assert not folder.partial.exists() and (folder.final / "selection.json").read_text() == "rerun"
+
+
+@pytest.mark.parametrize("fails", ["set_aside", "put_in_place"])
+def test_a_failed_rename_during_an_overwrite_keeps_the_old_output_whole(tmp_path, monkeypatch, fails):
+    """A rename of commit() fails mid-overwrite (disk, permissions, a crash): the old output, every
+    file of its manifest with its bytes, is still on disk at the output path or set aside."""
+    folder = OutputFolder(tmp_path / "sel", overwrite=True)
+    old = {"selection.json": '{"k": 3}', "scored/part-0": "a" * 50, "selected/part-0": "bc"}
+    _ours(folder, old)
+    real_replace = os.replace
+    source = {"set_aside": folder.final, "put_in_place": folder.partial}[fails]
+
+    def failing(src, dst):
+        if Path(src) == source:
+            raise OSError(f"injected failure moving {src}")
+        real_replace(src, dst)
+
+    with pytest.raises(OSError, match="injected failure"), folder.locked():
+        partial = folder.begin()
+        for rel in ("selection.json", "scored/part-0"):
+            (partial / rel).parent.mkdir(parents=True, exist_ok=True)
+            (partial / rel).write_text("new")
+        monkeypatch.setattr(os, "replace", failing)
+        folder.commit()
+    monkeypatch.setattr(os, "replace", real_replace)
+    whole = [p for p in (folder.final, folder.previous)
+             if p.is_dir() and all((p / rel).is_file() and (p / rel).read_text() == text for rel, text in old.items())]
+    assert whole, f"the old output was lost: {sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob('*'))}"
+    marker = json.loads((whole[0] / MARKER).read_text())
+    assert sorted(marker["manifest"]["files"]) == sorted(old)  # whole: its own manifest, not the new one's

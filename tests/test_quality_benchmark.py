@@ -136,7 +136,6 @@ def test_selection_only_reports_the_dsir_variants(tmp_path):
     assert "Command: `" in md and "Commit: " in md
     by = {r["selector"]: r for r in res["rows"]}
     assert set(by) == {"dsir", "dsir[chunk=100]", "dsir[whole rows]", "random/s0"}
-    assert by["dsir[whole rows]"]["rows_too_short"] == 0 < by["dsir"]["rows_too_short"] < by["dsir[chunk=100]"]["rows_too_short"]
-    assert by["dsir"]["median_tokens"] >= 8 and by["dsir[chunk=100]"]["median_tokens"] >= 100
+    assert by["dsir[whole rows]"]["rows_below_chunk"] == 0 < by["dsir"]["rows_below_chunk"] < by["dsir[chunk=100]"]["rows_below_chunk"]
     assert all(sum(r["sources"].values()) == 5 for r in res["rows"])
     assert not (tmp_path / "work" / "embed_cache").exists()  # text selectors embed nothing

@@ -46,7 +46,7 @@ def _replaces(sel) -> bool:
 
 
 def _support(sel, scores: np.ndarray) -> int:
-    # -inf: a row the selector never chooses (DSIR's rows shorter than one chunk)
+    # -inf: a row the selector never chooses (DSIR's rows without a token)
     return int((scores > 0).sum()) if sel.choice == "sample" else int(np.isfinite(scores).sum())
 
 
@@ -64,7 +64,7 @@ def test_scores_have_one_finite_float64_per_candidate(sel):
     cands, target = _inputs(sel)
     scores = sel.score(cands, target)
     assert isinstance(scores, np.ndarray) and scores.shape == (N,) and scores.dtype == np.float64
-    # finite, or -inf for a row the selector never chooses (DSIR's rows shorter than one chunk)
+    # finite, or -inf for a row the selector never chooses (DSIR's rows without a token)
     assert (np.isfinite(scores) | (scores == -np.inf)).all() and np.isfinite(scores).sum() >= N // 4
     if sel.choice == "sample":
         assert np.isfinite(scores).all()

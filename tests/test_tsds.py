@@ -373,3 +373,58 @@ def test_fit_reads_a_memory_mapped_shard_in_blocks(tmp_path, monkeypatch):
     p = np.concatenate([sel.score_batch(state, rows, idx) for idx, rows in view.blocks()])
     np.testing.assert_array_equal(p, TSDSSelector(alpha=0.4, C=2.0, sigma=1.2, max_K=400, kde_K=30).score(x, y))
     assert read and max(read) <= 16_384  # rows are read by index, a bounded chunk at a time
+
+
+def _sharded_p(x: np.ndarray, y: np.ndarray, bounds: list[int], **params) -> np.ndarray:
+    """Every row's p from a fit over the shards ``x[bounds[r]:bounds[r + 1]]``, one thread per rank."""
+    from hf_otselect.dist import PoolView
+
+    from tests._thread_comm import run_ranks
+
+    def rank(comm):
+        sel = TSDSSelector(**params)
+        view = PoolView.of(x[bounds[comm.rank] : bounds[comm.rank + 1]], comm)
+        state = sel.fit(view, y, comm=comm)
+        local = np.concatenate([sel.score_batch(state, rows, idx) for idx, rows in view.blocks(7)] or [np.zeros(0)])
+        return np.concatenate(comm.all_gather(local))
+
+    return run_ranks(len(bounds) - 1, rank)[0]
+
+
+@pytest.mark.parametrize("bounds", [[0, 20, 40], [0, 17, 40], [0, 18, 22, 40], [0, 15, 15, 19, 40]])
+def test_tied_copies_across_a_shard_boundary_merge_by_global_index(bounds):
+    """10 exact copies (rows 15..24) straddle the shard boundaries; a query sits on the copy and its
+    list holds max_K = 4 of them. The merged list must be rows 15..18 (ties to the lower *global*
+    index), as on one process: a tie broken by the index within a shard takes the next shard's first
+    copies instead, and moves probability onto other rows."""
+    rng = np.random.default_rng(21)
+    x = (3.0 * rng.normal(size=(40, 6))).astype(np.float32)
+    copy = rng.normal(size=6).astype(np.float32)
+    x[15:25] = copy
+    y = np.vstack([copy, 3.0 * rng.normal(size=(2, 6))]).astype(np.float32)
+    params = {"alpha": 0.5, "C": 1.0, "sigma": 0.5, "max_K": 4, "kde_K": 4}
+    one = TSDSSelector(**params).score(x, y)
+    np.testing.assert_allclose(one, _reference_p(x, y, 0.5, 1.0, 0.5, 4, 4), atol=1e-12)
+    assert (one[15:19] > 0).all() and one[19:25].sum() == 0  # the planted answer: the first 4 copies
+    np.testing.assert_array_equal(_sharded_p(x, y, bounds, **params), one)
+
+
+@pytest.mark.parametrize("counts", [[5], [4, 0, 5], [0, 3], [2, 7, 1, 0]])
+def test_pool_view_offset_is_the_rows_of_the_lower_ranks(counts):
+    """PoolView.of / TextView.of place a rank's rows after those of the *lower* ranks (exclusive
+    prefix sum): offset 0 on rank 0, and n_global the sum over all ranks."""
+    from hf_otselect.dist import PoolView, TextView
+
+    from tests._thread_comm import run_ranks
+
+    def rank(comm):
+        rows = np.zeros((counts[comm.rank], 3), dtype=np.float32)
+        view, texts = PoolView.of(rows, comm), TextView.of(["t"] * counts[comm.rank], comm)
+        first = [int(idx[0]) for idx, _ in view.blocks(2)][:1]
+        return view.offset, view.n_global, texts.offset, texts.n_global, first
+
+    expected = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
+    got = run_ranks(len(counts), rank)
+    assert [g[0] for g in got] == expected and [g[2] for g in got] == expected
+    assert {g[1] for g in got} == {g[3] for g in got} == {sum(counts)}
+    assert [g[4] for g in got] == [[e] if c else [] for e, c in zip(expected, counts)]

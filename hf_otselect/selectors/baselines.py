@@ -245,15 +245,23 @@ def _ngrams_of(words: list[str], ngrams: int) -> list[str]:
 
 
 def dsir_chunk_ngrams(text: str, ngrams: int, chunk_tokens: int) -> list[str]:
-    """The n-grams of the complete ``chunk_tokens``-token chunks of a text (none across chunks).
+    """The n-grams DSIR scores a text by: those of its complete ``chunk_tokens``-token chunks.
 
-    Tokens after the last complete chunk are left out; a text shorter than one chunk gives none.
+    None cross a chunk boundary, and tokens after the last complete chunk are left out. A text
+    shorter than one chunk is its own (only) chunk: all its n-grams (see :class:`DSIRSelector`).
     """
     words = _WORDPUNCT.findall(text.lower())
+    if len(words) < chunk_tokens:
+        return _ngrams_of(words, ngrams)
     out: list[str] = []
     for start in range(0, len(words) - chunk_tokens + 1, chunk_tokens):
         out.extend(_ngrams_of(words[start : start + chunk_tokens], ngrams))
     return out
+
+
+def ngrams_per_chunk(tokens: int, ngrams: int) -> int:
+    """Number of n-grams (orders 1..``ngrams``) of a text of ``tokens`` tokens: sum of max(0, tokens - o + 1)."""
+    return sum(max(0, tokens - order + 1) for order in range(1, ngrams + 1))
 
 
 @register("dsir")
@@ -279,17 +287,36 @@ class DSIRSelector(Selector):
     **Length.** :math:`\\log w_i` is a sum over the row's n-grams, so its size grows with the row's
     length: with a small target most n-grams of the pool are unseen in it (each costs about
     :math:`\\log \\delta - \\log \\hat p_{raw}`), and whole rows ranked by it favour the shortest
-    fragments (before this change: 47 of 50 picks for a ChemProt target were movie-review snippets
-    of median 8 words). The paper scores equal-length examples (raw documents cut into chunks of
-    128 words, Xie et al. 2023, Sec. 5 / App. J) and the reference package drops examples under
-    ``min_example_length = 100`` tokens by default. Here each row is cut into consecutive chunks
-    of ``chunk_tokens`` word-punct tokens (default 100, the package's minimum) and scored by the
-    mean log weight of its complete chunks (n-grams within a chunk; tokens after the last complete
-    chunk do not count): every score is on the scale of one chunk, whatever the row's length. A
-    row shorter than one chunk scores ``-inf`` and is never chosen (top-k and resampling both skip
-    it); ``diagnostics_["rows_too_short"]`` counts them, and a warning says so when they are more
-    than half the pool. ``chunk_tokens=None`` scores whole rows as before (no minimum). The pool
-    and target models are fitted on whole rows.
+    fragments (47 of 50 picks for a ChemProt target were movie-review snippets of median 8 words).
+    The paper scores equal-length examples (raw documents cut into chunks of 128 words, Xie et al.
+    2023, Sec. 5 / App. J). Here each row is cut into consecutive chunks of ``chunk_tokens``
+    word-punct tokens (default 100, the reference package's ``min_example_length``) and every score
+    is put on the scale of one chunk: the paper's log weight of the n-grams the row is scored by,
+    divided by how many chunks' worth of n-grams they are,
+
+    .. math:: s_i = \\frac{G(c)}{|N_i|} \\sum_{g \\in N_i} \\big(\\log(\\hat p_{tgt}(g) + \\delta) - \\log(\\hat p_{raw}(g) + \\delta)\\big),
+
+    with :math:`G(c)` the n-grams of one ``c``-token chunk (``ngrams_per_chunk``: 199 for
+    uni+bigrams of 100 tokens) and :math:`N_i` the row's scored n-grams (bucket counts, with
+    multiplicity):
+
+    - a row of one chunk or more: the n-grams of its complete chunks (none across chunks; tokens
+      after the last complete chunk do not count), so :math:`s_i` is the mean log weight of its
+      chunks, exactly;
+    - a row shorter than one chunk (a headline, a tweet, a one-row pool): all its own n-grams,
+      so :math:`s_i` is :math:`G(c)` times its mean log weight per n-gram, the length-normalised
+      log-likelihood ratio of Moore & Lewis (2010, "Intelligent selection of language model
+      training data"), on the same scale as a chunk of a long row; the package would drop it;
+    - a row without a single token: ``-inf``, never chosen (``k`` above the other rows is refused).
+
+    No row wins or loses by its length alone: a news-headline target over AG News + IMDB +
+    PubMedQA takes news, not the long reviews the former rule (short rows never chosen) took.
+    ``diagnostics_["rows_below_chunk"]`` counts the rows scored from their own n-grams.
+    ``chunk_tokens=None`` scores whole rows by the plain sum (the paper's formula, no length
+    normalisation). The pool and target models are fitted on whole rows. What remains: with a small
+    target, a short row made of n-grams that are rare in the pool is penalised less than one with
+    n-grams common in the pool but unseen in the target (the :math:`\\delta` smoothing), so generic
+    short snippets can still score well; a larger target helps.
 
     Why not call the ``data-selection`` package (1.0.3, which does install here)? It reads and writes
     jsonl files, keeps its state with pickle, resamples with the global numpy RNG, hashes every
@@ -312,10 +339,8 @@ class DSIRSelector(Selector):
     batch_size : int, default 4096
         Texts hashed per batch (bounds memory for large pools).
     chunk_tokens : int or None, default 100
-        Tokens per scoring chunk, and so the minimum length of a row that can be chosen (see
-        "Length" above); None scores whole rows with no minimum. Set it below the length of most
-        rows of a pool of short texts (sentences): e.g. 32 for the quality benchmark's units of at
-        most 500 characters.
+        Tokens per scoring chunk, the scale every score is put on (see "Length" above); rows
+        shorter than a chunk are scored from their own n-grams. None scores whole rows (plain sum).
     """
 
     needs_text = True
@@ -351,7 +376,8 @@ class DSIRSelector(Selector):
     def featurize(self, texts: list[str], *, chunked: bool = False) -> Any:
         """Hashed n-gram counts, a scipy CSR matrix of shape (len(texts), num_buckets), float64.
 
-        ``chunked=True`` counts only the n-grams of complete ``chunk_tokens`` chunks.
+        ``chunked=True`` counts the n-grams a row is scored by (:func:`dsir_chunk_ngrams`): those of
+        its complete ``chunk_tokens`` chunks, or all of them for a row shorter than one chunk.
         """
         from sklearn.feature_extraction.text import HashingVectorizer
 
@@ -400,10 +426,8 @@ class DSIRSelector(Selector):
             raise param_error("candidates", owner, "texts with at least one word or punctuation token", "only empty texts")
         short, n_rows = (int(v) for v in comm.all_reduce(np.array([short, pool.n_local], dtype=np.int64)))
         if 2 * short > n_rows:
-            logger.warning(
-                "DSIR: %d of %d pool rows have fewer than chunk_tokens=%d tokens and are never chosen; "
-                "lower chunk_tokens for a pool of short texts.", short, n_rows, self.chunk_tokens,
-            )
+            logger.info("DSIR: %d of %d pool rows have fewer than chunk_tokens=%d tokens; each is scored from "
+                        "its own n-grams, scaled to one chunk.", short, n_rows, self.chunk_tokens)
         delta = float(self.smoothing)
         self.diagnostics_ = {
             "num_buckets": int(self.num_buckets),
@@ -411,33 +435,36 @@ class DSIRSelector(Selector):
             "raw_ngrams": int(raw_counts.sum()),
             "resample": bool(self.resample),
             "chunk_tokens": self.chunk_tokens,
-            "rows_too_short": short,
+            "rows_below_chunk": short,
         }
         return np.log(tgt_counts / tgt_counts.sum() + delta) - np.log(raw_counts / raw_counts.sum() + delta)
 
     def score_batch(self, state: np.ndarray, rows: Any, index: np.ndarray) -> np.ndarray:
-        """Log importance weights :math:`\\log w_i` of a block of texts; higher means "select".
+        """Log importance weights :math:`\\log w_i` of a block of texts, float64 ``(b,)``; higher means "select".
 
-        With ``chunk_tokens`` set: the mean over the row's complete chunks, ``-inf`` for a row
-        shorter than one chunk (never chosen).
+        With ``chunk_tokens`` set: the log weight of the row's scored n-grams (its complete chunks,
+        or the whole row when shorter than one chunk) per chunk's worth of n-grams (see "Length"
+        in the class docstring); ``-inf`` for a row without a single token (never chosen).
         """
         texts = list(rows)
         if self.chunk_tokens is None:
             return np.asarray(self.featurize(texts) @ state, dtype=np.float64)
-        n_chunks = np.array([len(_WORDPUNCT.findall(t.lower())) // self.chunk_tokens for t in texts], dtype=np.float64)
-        total = np.asarray(self.featurize(texts, chunked=True) @ state, dtype=np.float64)
+        counts = self.featurize(texts, chunked=True)
+        total = np.asarray(counts @ state, dtype=np.float64)
+        # Chunks' worth of n-grams: exactly the number of complete chunks for a row of one chunk or more.
+        chunks = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel() / ngrams_per_chunk(self.chunk_tokens, self.ngrams)
         with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(n_chunks > 0, total / np.maximum(n_chunks, 1.0), -np.inf)
+            return np.where(chunks > 0, total / np.where(chunks > 0, chunks, 1.0), -np.inf)
 
     def choose_rows(self, scores: np.ndarray, k: int, *, seed: int = 0, index: np.ndarray | None = None, comm: Comm | None = None) -> np.ndarray:
-        """As :meth:`Selector.choose_rows`; a ``k`` above the rows long enough to score is refused."""
+        """As :meth:`Selector.choose_rows`; a ``k`` above the rows with at least one token is refused."""
         comm = comm or LOCAL
         scores = np.asarray(scores, dtype=np.float64)
         n_ok, n = (int(v) for v in comm.all_reduce(np.array([np.isfinite(scores).sum(), scores.size], dtype=np.int64)))
         owner = f"{type(self).__name__}.select"
         k = check_int(k, "k", owner, 1, n)
         if k > n_ok:
-            raise param_error("k", owner, f"at most the {n_ok} rows with at least chunk_tokens={self.chunk_tokens} tokens", k)
+            raise param_error("k", owner, f"at most the {n_ok} rows with at least one word or punctuation token", k)
         return super().choose_rows(scores, k, seed=seed, index=index, comm=comm)
 
     @property
@@ -446,4 +473,4 @@ class DSIRSelector(Selector):
         return "log_sample" if self.resample else "top_k"
 
 
-__all__ = ["DSIRSelector", "RandomSelector", "SimilaritySelector", "dsir_chunk_ngrams", "dsir_ngrams"]
+__all__ = ["DSIRSelector", "RandomSelector", "SimilaritySelector", "dsir_chunk_ngrams", "dsir_ngrams", "ngrams_per_chunk"]
