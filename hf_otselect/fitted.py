@@ -539,7 +539,12 @@ class FittedSelector:
         if k is None:
             n = int(comm.all_reduce(np.array([scores.size], dtype=np.int64))[0])
             k = max(1, math.ceil(fraction * n))
-        cut = top_k_cut(choice_keys(scores, index, self.choice, seed), k, index=index, comm=comm, owner=owner)
+        keys = choice_keys(scores, index, self.choice, seed)
+        support = int(comm.all_reduce(np.array([np.isfinite(keys).sum()], dtype=np.int64))[0])
+        if k > support:  # a key of -inf is a row that is never drawn (p = 0) or too short to score (DSIR)
+            raise param_error("k" if fraction is None else "fraction", owner, f"at most the {support} rows that can be chosen "
+                              "(the others have probability 0 or no score)", k if fraction is None else fraction)
+        cut = top_k_cut(keys, k, index=index, comm=comm, owner=owner)
         return Keep(self.score_column, self.choice, seed, None, cut)
 
     def using(self, **settings: Any) -> FittedSelector:
