@@ -27,6 +27,7 @@ import logging
 import math
 import numbers
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -46,7 +47,7 @@ __all__ = ["FittedSelector", "Keep", "choice_keys", "fit_selector", "sample_mask
 CALIBRATION_FRACTIONS = np.unique(np.concatenate([[1e-4, 2e-4, 5e-4], np.arange(1, 1001) / 1000]))
 _SAMPLE_STREAM = 0x53414D50  # seeds the sample's keys apart from the choice keys of the same seed
 _INDEX_BOUND = "scores looked up by pool row index"
-_ENCODER_KEYS = ("model", "revision", "pooling", "max_length", "normalize", "batch_size", "trust_remote_code")
+_IMPORTED_IN = os.getpid()  # a forked worker has another pid (see _restore)
 
 
 def choice_keys(scores: np.ndarray, index: np.ndarray, choice: str, seed: int) -> np.ndarray:
@@ -249,7 +250,8 @@ def fit_selector(
     comm : Comm, optional
         The process group (default: this process alone).
     **params
-        The selector's parameters (e.g. ``eps=0.1``).
+        The selector's parameters (e.g. ``eps=0.1``). TSDS's ``budget`` (the number of rows its
+        neighbourhoods are sized for; ``select_by_ot`` passes its ``k``) defaults to 1% of the fit rows.
 
     Returns
     -------
@@ -280,7 +282,8 @@ def fit_selector(
                "batch_size": batch_size, "trust_remote_code": bool(trust_remote_code)}
     from .embed import check_embedding_settings
 
-    check_embedding_settings(model, owner=owner, batch_size=batch_size, max_length=max_length, pooling=pooling)
+    check_embedding_settings(model, owner=owner, batch_size=batch_size, max_length=max_length, pooling=pooling, normalize=normalize,
+                             revision=revision, device=device, trust_remote_code=trust_remote_code)
 
     part, n_local = _local_rows(pool, comm, owner)
     offset, n_pool = comm.exclusive_offset(n_local)
@@ -607,8 +610,17 @@ class FittedSelector:
 
 
 def _restore(payload: bytes, device: str | None) -> FittedSelector:
-    """Rebuild a fitted selector from :func:`~hf_otselect.fitted_io.payload_bytes` (pickling by content)."""
+    """Rebuild a fitted selector from :func:`~hf_otselect.fitted_io.payload_bytes` (pickling by content).
+
+    In a process forked from the one that imported this module (``ds.map(..., num_proc=n)``
+    forks its workers) torch's CPU thread pool, started in the parent, does not survive the fork:
+    the first parallel op would wait for it forever. Such a worker runs torch on one thread (it is
+    one of ``n`` processes anyway).
+    """
     from .fitted_io import from_payload_bytes
+
+    if os.getpid() != _IMPORTED_IN and "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
 
     fitted = from_payload_bytes(payload)
     fitted.device = device

@@ -105,6 +105,16 @@ def test_a_second_identical_map_is_read_from_the_cache_and_another_fit_is_not(da
     assert renamed._fingerprint != first._fingerprint
 
 
+def test_the_map_travels_to_worker_processes_and_takes_a_rank(data, fitted):
+    f = fitted["got_d"]
+    ref = f.score_rows(data["x"])
+    # num_proc pickles the function for its workers: by content (the payload), not by object.
+    workers = np.asarray(data["ds"].map(f, batched=True, batch_size=60, num_proc=2)["score"])
+    np.testing.assert_allclose(workers, ref, rtol=0, atol=1e-6 * np.abs(ref).max())
+    ranked = np.asarray(data["ds"].map(f, batched=True, with_rank=True, with_indices=True)["score"])  # CPU here: rank picks no GPU
+    np.testing.assert_allclose(ranked, ref, rtol=0, atol=1e-6 * np.abs(ref).max())
+
+
 def _saved(f: FittedSelector, folder: Path) -> Path:
     f.save_pretrained(folder)
     return folder
