@@ -534,8 +534,7 @@ class FittedSelector:
             if k is not None:
                 raise param_error("scores", owner, "this process's scores of the dataset to filter when k is given (an exact top-k "
                                   "needs them; for a stream of unknown length use fraction= or threshold=)", None)
-            t = float(np.interp(fraction, self.calibration["fractions"], self.calibration["thresholds"]))
-            return Keep(self.score_column, self.choice, seed, t, None)
+            return Keep(self.score_column, self.choice, seed, self.calibrated_threshold(fraction), None)
         comm = comm or LOCAL
         scores = np.asarray(scores, dtype=np.float64)
         index = np.arange(scores.size, dtype=np.int64) if index is None else np.asarray(index, dtype=np.int64)
@@ -549,6 +548,16 @@ class FittedSelector:
                               "(the others have probability 0 or no score)", k if fraction is None else fraction)
         cut = top_k_cut(keys, k, index=index, comm=comm, owner=owner)
         return Keep(self.score_column, self.choice, seed, None, cut)
+
+    def calibrated_threshold(self, fraction: float) -> float:
+        """The key at or above which the best ``fraction`` of the fit rows lie.
+
+        Exact at the calibration's fractions (0.0001, 0.0002, 0.0005 and every 0.001), linear in
+        the fraction between two of them (``-inf`` from a fraction whose rows include some that are
+        never drawn: then every row passes).
+        """
+        fraction = check_float(fraction, "fraction", "FittedSelector.calibrated_threshold", 0.0, 1.0, low_open=True)
+        return float(np.interp(fraction, self.calibration["fractions"], self.calibration["thresholds"]))
 
     def using(self, **settings: Any) -> FittedSelector:
         """A copy with other map settings: ``column``, ``vector_column``, ``score_column``, ``device``, ``seed``."""

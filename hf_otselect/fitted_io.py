@@ -181,8 +181,7 @@ def push(fitted: FittedSelector, repo_id: str, *, private: bool = True, token: s
 def build_card(fitted: FittedSelector) -> str:
     """The ``README.md`` of a fitted selector: what it is, how it was fitted and how to use it."""
     info, enc = fitted.fit_info, fitted.encoder
-    fr, th = fitted.calibration["fractions"], fitted.calibration["thresholds"]
-    rows = "\n".join(f"| {f:g} | {float(np.interp(f, fr, th)):.6g} |" for f in (0.001, 0.01, 0.1, 0.5))
+    rows = "\n".join(f"| {f:g} | {fitted.calibrated_threshold(f):.6g} |" for f in (0.001, 0.01, 0.1, 0.5))
     encoder = "none recorded (fitted on precomputed vectors; map with a vector column)" if enc is None else (
         f"`{enc['model'] or 'sentence-transformers/all-MiniLM-L6-v2 (bundled with hf_otselect)'}`, revision {enc['revision'] or 'default'}, "
         f"{enc['pooling']} pooling, max_length {enc['max_length']}, normalize {enc['normalize']}")

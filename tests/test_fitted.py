@@ -312,3 +312,13 @@ def test_torchrun_one_two_and_three_processes_fit_the_same_sample_and_keep_the_s
         assert sorted(got["kept"]) == sorted(ref["kept"])
         np.testing.assert_allclose(got["scores"], ref["scores"], rtol=0, atol=1e-6 * np.abs(ref["scores"]).max())
         assert got["bytes"]["2000"] == got["bytes"]["20000"] > 0  # the cut's traffic does not grow with N
+
+
+def test_the_calibrated_threshold_keeps_at_least_the_fraction_of_the_fit_rows_with_undrawable_rows(data, fitted):
+    f = fitted["dsir"]  # rows under chunk_tokens score -inf: never drawn
+    keys = choice_keys(f.score_rows(data["pool"]), np.arange(N_POOL), f.choice, f.seed)
+    assert np.isneginf(keys).any() and np.isfinite(keys).any()
+    for fraction in np.linspace(0.0005, 1.0, 997):  # mostly between the calibration's grid points
+        t = f.calibrated_threshold(float(fraction))
+        assert not math.isnan(t)
+        assert (keys >= t).sum() >= math.ceil(fraction * N_POOL) - 1  # linear between grid points: within a row
