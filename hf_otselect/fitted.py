@@ -15,7 +15,7 @@ A row's score is ``score_batch(state, row, index)`` of the selector, the functio
 ``select_by_ot`` scores with, so a full fit gives the scores of ``select_by_ot``. GOT-D's score of
 any row is the calibrated gradient (Kang et al. 2024, Eq. 3) of the row's potential, the
 c-transform of the fitted target potentials: the out-of-sample extension of an entropic potential
-(Pooladian & Niles-Weed 2021, "Entropic estimation of optimal transport maps", Sec. 3). A sample
+(as in Pooladian & Niles-Weed 2021, "Entropic estimation of optimal transport maps"). A sample
 fit's gradient uses the sample's mean potential: ``-(N / (N - 1)) (f_j - mean_sample f)``.
 """
 
