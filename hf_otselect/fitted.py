@@ -258,7 +258,7 @@ def fit_selector(
     FittedSelector
     """
     from .selectors import get_selector
-    from .selectors.base import available_selectors, selector_class
+    from .selectors.base import available_selectors
 
     owner = "fit_selector"
     comm = comm or LOCAL
@@ -275,7 +275,7 @@ def fit_selector(
         raise param_error("negative_target", owner, f"None for method {method!r} (only GOT-D uses one)", "a negative target")
     if _index_bound(method, params) and sample is not None and not (isinstance(sample, float) and sample >= 1.0):
         raise param_error("sample", owner, f"None for method {method!r}{' (reduce=round_robin)' if method == 'similarity' else ''}: its "
-                          "scores are probabilities over the rows its fit saw, which a row outside the fit has not (fit on the whole "
+                          "scores are looked up by the rows its fit saw, and a row outside the fit has none (fit on the whole "
                           "pool, or use method='got_d' or 'similarity', whose scores extend to any row)", sample)
     selector = get_selector(method, **params)  # unknown keywords and bad values fail here, before any embedding
     encoder = {"model": model, "revision": revision, "pooling": pooling, "max_length": max_length, "normalize": normalize,
