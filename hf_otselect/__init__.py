@@ -10,6 +10,7 @@ from __future__ import annotations
 from .config import SelectionConfig, load_config
 from .datasets_ext import register_dataset_methods, select_by_ot
 from .embed import DEFAULT_MODEL, embed, iter_embeddings
+from .fitted import FittedSelector, fit_selector
 from .selectors import (
     DSIRSelector,
     GOTDSelector,
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_MODEL",
     "DSIRSelector",
+    "FittedSelector",
     "GOTDSelector",
     "RandomSelector",
     "SelectionConfig",
@@ -39,6 +41,7 @@ __all__ = [
     "available_selectors",
     "choose",
     "embed",
+    "fit_selector",
     "get_selector",
     "iter_embeddings",
     "load_config",

@@ -128,12 +128,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_PUT(self) -> None:
         self._handle("PUT")
 
+    def do_HEAD(self) -> None:
+        self._handle("HEAD")
+
     # -- the Hub's endpoints
     def create_repo(self, body: bytes) -> None:
         if not self._authorised():
             return
         req = json.loads(body)
-        assert req["type"] == "dataset"
+        assert req.get("type", "model") in ("dataset", "model")
         repo_id = f"{req['organization']}/{req['name']}"
         with self.server.lock:
             if repo_id in self.server.repos:
@@ -151,7 +154,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if not self._authorised():
             return
         # Like the Hub's default .gitattributes: parquet goes through LFS, text files are regular blobs.
-        files = [{"path": f["path"], "uploadMode": "lfs" if f["path"].endswith(".parquet") else "regular", "shouldIgnore": False}
+        files = [{"path": f["path"], "uploadMode": "lfs" if f["path"].endswith((".parquet", ".safetensors")) else "regular", "shouldIgnore": False}
                  for f in json.loads(body)["files"]]
         self._reply(200, {"files": files})
 
@@ -217,15 +220,32 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._reply(200, {"commitUrl": f"{self.server.url}/datasets/{repo}/commit/{oid}", "commitOid": oid})
 
 
+    def resolve(self, body: bytes, repo: str, rev: str, path: str, method: str) -> None:
+        # A file download (hf_hub_download): HEAD for its metadata, then GET for its bytes.
+        with self.server.lock:
+            content = self.server.repos.get(repo, {}).get("files", {}).get(path)
+            commit = hashlib.sha1(f"{repo}{len(self.server.repos.get(repo, {}).get('commits', []))}".encode()).hexdigest()
+        if content is None:
+            return self._reply(404, {"error": f"{path} not in {repo}"}, {"X-Error-Code": "EntryNotFound"})
+        self.send_response(200)
+        for k, v in {"Content-Length": str(len(content)), "ETag": f'"{hashlib.sha256(content).hexdigest()}"', "X-Repo-Commit": commit}.items():
+            self.send_header(k, v)
+        self.end_headers()
+        if method == "GET":
+            self.wfile.write(content)
+
+
 _REPO = r"(?P<repo>[\w.-]+/[\w.-]+)"
+_KIND = r"(?:models|datasets)"  # model repositories (a fitted selector) and dataset repositories (a selection)
 _ROUTES = [
     (r"POST /api/repos/create", _Handler.create_repo),
-    (rf"GET /api/datasets/{_REPO}/tree/(?P<rev>[^/]+)", _Handler.tree),
-    (rf"POST /api/datasets/{_REPO}/preupload/(?P<rev>[^/]+)", _Handler.preupload),
-    (rf"POST /datasets/{_REPO}\.git/info/lfs/objects/batch", _Handler.lfs_batch),
+    (rf"GET /api/{_KIND}/{_REPO}/tree/(?P<rev>[^/]+)", _Handler.tree),
+    (rf"POST /api/{_KIND}/{_REPO}/preupload/(?P<rev>[^/]+)", _Handler.preupload),
+    (rf"POST /(?:datasets/)?{_REPO}\.git/info/lfs/objects/batch", _Handler.lfs_batch),
     (r"PUT /lfs-store/(?P<oid>[0-9a-f]{64})/(?P<size>\d+)", _Handler.lfs_put),
     (r"POST /api/validate-yaml", _Handler.validate_yaml),
-    (rf"POST /api/datasets/{_REPO}/commit/(?P<rev>[^/]+)", _Handler.commit),
+    (rf"POST /api/{_KIND}/{_REPO}/commit/(?P<rev>[^/]+)", _Handler.commit),
+    (rf"(?P<method>GET|HEAD) /(?:datasets/)?{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)", _Handler.resolve),
 ]
 
 

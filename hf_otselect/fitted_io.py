@@ -1,0 +1,227 @@
+"""Files of a fitted selector: safetensors + JSON + a model card, verified on load; the Hub push.
+
+A folder (or Hub model repository) holds three files:
+
+- ``fitted_selector.json``: the format name and version, the method, its parameters, the encoder,
+  the fit's sizes and fingerprints, the map settings, the SHA-256 of ``state.safetensors``, and
+  the SHA-256 of this JSON's own canonical body (``checksum``);
+- ``state.safetensors``: every array of the fitted state and the calibration;
+- ``README.md``: the card (method, parameters, target, encoder, calibration, sample size).
+
+Loading refuses, in one line, a format or version it does not read and a file whose checksum
+differs. No pickle anywhere; JSON floats are written with ``repr`` so they read back bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ._checks import param_error
+
+if TYPE_CHECKING:
+    from .fitted import FittedSelector
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "build_card", "from_payload_bytes", "load", "payload_bytes", "payload_of", "push", "save_folder"]
+
+FORMAT = "hf_otselect.fitted_selector"
+FORMAT_VERSION = 1
+CONFIG_FILE, STATE_FILE, CARD_FILE = "fitted_selector.json", "state.safetensors", "README.md"
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def _canonical(config: dict[str, Any]) -> bytes:
+    return json.dumps(config, sort_keys=True, default=_json_value, separators=(",", ":")).encode("utf-8")
+
+
+def payload_of(fitted: FittedSelector) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The fit as named arrays (state and calibration) and a JSON config (everything else)."""
+    from . import __version__
+    from .fitted_state import state_to_arrays
+
+    arrays, state_meta = state_to_arrays(fitted.method, fitted.state)
+    arrays = {f"state.{k}": v for k, v in arrays.items()}
+    arrays["calibration.fractions"] = np.asarray(fitted.calibration["fractions"], dtype=np.float64)
+    arrays["calibration.thresholds"] = np.asarray(fitted.calibration["thresholds"], dtype=np.float64)
+    config = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "hf_otselect_version": __version__,
+        "method": fitted.method, "params": fitted.params, "encoder": fitted.encoder, "state": state_meta,
+        "fit": fitted.fit_info, "seed": fitted.seed, "column": fitted.column, "vector_column": fitted.vector_column,
+        "score_column": fitted.score_column,
+    }
+    return arrays, json.loads(_canonical(config))
+
+
+def payload_bytes(fitted: FittedSelector) -> bytes:
+    """One deterministic byte string of the whole fit: what its fingerprint hashes and pickling carries."""
+    from safetensors.numpy import save
+
+    arrays, config = payload_of(fitted)
+    head = _canonical(config)
+    return struct.pack("<Q", len(head)) + head + save(arrays)
+
+
+def _build(arrays: dict[str, np.ndarray], config: dict[str, Any]) -> FittedSelector:
+    from .fitted import FittedSelector
+    from .fitted_state import state_from_arrays
+
+    state_arrays = {k[len("state."):]: v for k, v in arrays.items() if k.startswith("state.")}
+    return FittedSelector(
+        method=config["method"], params=config["params"], state=state_from_arrays(config["method"], state_arrays, config["state"]),
+        encoder=config["encoder"], calibration={"fractions": arrays["calibration.fractions"], "thresholds": arrays["calibration.thresholds"]},
+        fit_info=config["fit"], seed=config["seed"], column=config["column"], vector_column=config["vector_column"],
+        score_column=config["score_column"],
+    )
+
+
+def from_payload_bytes(payload: bytes) -> FittedSelector:
+    """The inverse of :func:`payload_bytes`."""
+    from safetensors.numpy import load as load_arrays
+
+    (size,) = struct.unpack("<Q", payload[:8])
+    config = json.loads(payload[8 : 8 + size])
+    return _build(load_arrays(payload[8 + size :]), config)
+
+
+def save_folder(fitted: FittedSelector, folder: str | os.PathLike) -> Path:
+    """Write the three files of the module docstring into ``folder`` (created when missing)."""
+    from safetensors.numpy import save
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays, config = payload_of(fitted)
+    state = save(arrays)
+    config["files"] = {STATE_FILE: hashlib.sha256(state).hexdigest()}
+    config["checksum"] = hashlib.sha256(_canonical(config)).hexdigest()
+    (folder / STATE_FILE).write_bytes(state)
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True, default=_json_value) + "\n", encoding="utf-8")
+    (folder / CARD_FILE).write_text(build_card(fitted), encoding="utf-8")
+    return folder
+
+
+def _refuse(source: Any, why: str) -> ValueError:
+    return ValueError(f"Refusing to load the fitted selector from {source}: {why}.")
+
+
+def _read_folder(folder: Path, source: Any) -> FittedSelector:
+    from safetensors.numpy import load as load_arrays
+
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+        state = (folder / STATE_FILE).read_bytes()
+    except FileNotFoundError as err:
+        raise _refuse(source, f"{Path(err.filename).name} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise _refuse(source, f"{CONFIG_FILE} is not valid JSON") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise _refuse(source, f"{CONFIG_FILE} is not a {FORMAT} file")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise _refuse(source, f"it is format version {config.get('format_version')!r}, and this hf_otselect reads version {FORMAT_VERSION}")
+    recorded = config.pop("checksum", None)
+    if recorded != hashlib.sha256(_canonical(config)).hexdigest():
+        raise _refuse(source, f"{CONFIG_FILE} does not match its checksum (the file was changed or damaged)")
+    if config.get("files", {}).get(STATE_FILE) != hashlib.sha256(state).hexdigest():
+        raise _refuse(source, f"{STATE_FILE} does not match the checksum in {CONFIG_FILE} (the file was changed or damaged)")
+    config.pop("files")
+    return _build(load_arrays(state), config)
+
+
+def load(source: str | os.PathLike, *, revision: str | None = None, token: str | None = None) -> FittedSelector:
+    """A fitted selector from a folder, or from a Hub model repository ``user/name``."""
+    path = Path(os.path.expanduser(os.fspath(source)))
+    if path.is_dir():
+        return _read_folder(path, source)
+    from huggingface_hub import hf_hub_download
+
+    from .hub import check_repo_id
+
+    if not isinstance(source, str) or source.count("/") != 1:
+        raise param_error("source", "FittedSelector.from_pretrained", "an existing folder or a Hub repository id 'user/name'", source)
+    check_repo_id(source)
+    files = [hf_hub_download(source, name, revision=revision, token=token) for name in (CONFIG_FILE, STATE_FILE)]
+    if Path(files[0]).parent != Path(files[1]).parent:
+        raise _refuse(source, "its files came from different revisions")
+    return _read_folder(Path(files[0]).parent, source)
+
+
+def push(fitted: FittedSelector, repo_id: str, *, private: bool = True, token: str | None = None, commit_message: str | None = None) -> str:
+    """Upload the saved folder to the Hub model repository ``repo_id`` (created when missing), one commit."""
+    from huggingface_hub import HfApi
+
+    from .hub import check_repo_id
+
+    check_repo_id(repo_id)
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory(prefix="hf_otselect_fitted_") as tmp:
+        save_folder(fitted, tmp)
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=tmp, repo_type="model",
+                          commit_message=commit_message or f"Fitted {fitted.method} selector by hf_otselect")
+    logger.info("Pushed the fitted %s selector to %s", fitted.method, repo_id)
+    return repo_id
+
+
+def build_card(fitted: FittedSelector) -> str:
+    """The ``README.md`` of a fitted selector: what it is, how it was fitted and how to use it."""
+    info, enc = fitted.fit_info, fitted.encoder
+    rows = "\n".join(f"| {f:g} | {fitted.calibrated_threshold(f):.6g} |" for f in (0.001, 0.01, 0.1, 0.5))
+    encoder = "none recorded (fitted on precomputed vectors; map with a vector column)" if enc is None else (
+        f"`{enc['model'] or 'sentence-transformers/all-MiniLM-L6-v2 (bundled with hf_otselect)'}`, revision {enc['revision'] or 'default'}, "
+        f"{enc['pooling']} pooling, max_length {enc['max_length']}, normalize {enc['normalize']}")
+    sample = "the whole pool" if info["n_fit"] == info["n_pool"] else f"{info['n_fit']} of {info['n_pool']} rows (sample={info['sample']!r})"
+    params = json.dumps(fitted.params, sort_keys=True, default=_json_value)
+    keyed = "its score" if fitted.choice == "top_k" else "a sampling key from (seed, global row index) and its score"
+    return f"""---
+library_name: hf_otselect
+tags:
+- data-selection
+- optimal-transport
+- {fitted.method}
+---
+# Fitted `{fitted.method}` data selector
+
+Fitted with hf_otselect `fit_selector`; load it with
+`hf_otselect.FittedSelector.from_pretrained(...)` and score any dataset or stream with
+`ds.map(fitted, batched=True)`, then filter with `ds.filter(fitted.keep(fraction=0.01), batched=True, with_indices=True)`.
+
+| | |
+|---|---|
+| method | `{fitted.method}` |
+| parameters | `{params}` |
+| target | {info['target_size']} rows, fingerprint `{info['target_fingerprint'][:16]}` |
+| fitted on | {sample}, {info['processes']} process(es), seed {fitted.seed} |
+| encoder | {encoder} |
+| map | reads `{fitted.vector_column or fitted.column}`, writes `{fitted.score_column}` |
+
+## Calibration
+
+A row is kept by {keyed}. Keeping the rows whose key is at least the threshold keeps this
+fraction of the fit rows:
+
+| fraction kept | key threshold |
+|---|---|
+{rows}
+
+## Fit diagnostics
+
+```json
+{json.dumps(info.get('diagnostics', {}), indent=2, sort_keys=True, default=_json_value)}
+```
+"""
