@@ -617,7 +617,8 @@ def run_selection(
     part = _shard_of(dataset, comm, owner)
     # A stream is fingerprinted by its full content during the pass that embeds it (below).
     stream_digest = _StreamDigest() if streamed else None
-    fingerprints = {"pool": "" if streamed else _fingerprint(part, column), "target": _fingerprint(target, target_column)}
+    # The whole pool's (selection.json records it; every process has agreed it holds the same rows).
+    fingerprints = {"pool": "" if streamed else _fingerprint(dataset, column), "target": _fingerprint(target, target_column)}
 
     pool_emb = target_emb = None
     selector = probe

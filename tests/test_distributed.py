@@ -526,8 +526,9 @@ def test_more_processes_than_pool_rows_select_what_one_process_does(tmp_path):
     for split in ("scored", "selected"):
         assert a[split].to_dict() == b[split].to_dict(), split
     assert len(b["scored"]) == 2 and len(b["selected"]) == 1
-    meta = json.loads((three / "selection.json").read_text())
+    meta, ref = (json.loads((folder / "selection.json").read_text()) for folder in (three, one))
     assert meta["processes"] == 3 and meta["rows"] == {**meta["rows"], "pool": 2, "selected": 1}
+    assert meta["fingerprints"] == ref["fingerprints"]  # the whole pool's, not process 0's shard's
 
 
 @pytest.mark.parametrize("n,world", [(2, 3), (2, 5), (4, 5), (3, 3)])
@@ -635,3 +636,23 @@ def test_a_folder_each_process_sees_alone_is_refused_on_every_process_and_left_c
     assert got[0].startswith("The 'output_dir' must be on a filesystem every process sees: rank 1 ")
     assert f"(rank 1 looked in '{own[1]}') (nor do ranks [2])" in got[0] and f"wrote in '{own[0]}'" in got[0]
     assert [list(f.iterdir()) for f in (shared, *own)] == [[], [], [], []]  # the probe file is gone
+
+
+def test_the_job_passes_its_timeout_to_the_process_group(tmp_path, monkeypatch):
+    import hf_otselect.job as job
+    from hf_otselect.config import load_config
+
+    seen = []
+
+    class Reached(Exception):
+        pass
+
+    def fake_get_comm(device=None, timeout_s=None):
+        seen.append(timeout_s)
+        raise Reached
+
+    monkeypatch.setattr(job, "get_comm", fake_get_comm)
+    overrides = [*_job_overrides(tmp_path, tmp_path / "out", tmp_path / "cache"), "dist_timeout_s=7"]
+    with pytest.raises(Reached):
+        job.run_job(load_config(REPO / "configs" / "demo.yaml", overrides))
+    assert seen == [7.0]
