@@ -383,6 +383,10 @@ class SelectionConfig:
         Near-duplicate guard; null (default) turns it off.
     decontaminate : DecontaminateConfig or None
         Held-out split whose (near) copies are removed from the pool; null (default) turns it off.
+    dist_timeout_s : float or None
+        Under ``torchrun`` / ``accelerate launch``: seconds a process waits for the others at any
+        collective before the job fails with one line (a crashed, hung or slower process); null
+        means ``$HF_OTSELECT_DIST_TIMEOUT`` or 1800.
     """
 
     pool: DataConfig = field(default_factory=DataConfig)
@@ -406,6 +410,7 @@ class SelectionConfig:
     prefilter: PrefilterConfig | None = None
     dedup: DedupConfig | None = None
     decontaminate: DecontaminateConfig | None = None
+    dist_timeout_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form (what ``selection.json`` and the dataset card record)."""
@@ -440,6 +445,10 @@ class SelectionConfig:
             raise param_error("hub.repo_id", owner, "a repository id such as 'user/name' when push_to_hub is true", None)
         self._validate_pipeline(owner)
         self._check_work_settings()
+        if self.dist_timeout_s is not None:
+            from .dist import resolve_timeout
+
+            resolve_timeout(self.dist_timeout_s, "dist_timeout_s", owner)
         return self
 
     def _check_work_settings(self) -> None:

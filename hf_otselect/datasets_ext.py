@@ -22,7 +22,7 @@ from datasets import Dataset, DatasetDict, IterableDataset
 
 from ._checks import check_embeddings, check_int, check_magnitude, check_solver_device, check_writable_folder, param_error, short_repr
 from .cache import load_array, load_json, save_array, save_json
-from .dist import LOCAL, Comm, PoolView, TextView
+from .dist import LOCAL, Comm, PoolView, TextView, agree, shard_bounds
 from .embed import cache_root
 from .selectors import SelectionResult, Selector, get_selector
 
@@ -93,7 +93,8 @@ def _digest(*parts: Any) -> str:
     for part in parts:
         if isinstance(part, np.ndarray):
             h.update(str((part.shape, part.dtype.str)).encode())
-            h.update(memoryview(np.ascontiguousarray(part)).cast("B"))
+            if part.size:  # memoryview cannot cast an empty array (an empty shard's vectors)
+                h.update(memoryview(np.ascontiguousarray(part)).cast("B"))
         else:
             h.update(json.dumps(part, sort_keys=True, default=str).encode())
         h.update(b"\x00")
@@ -165,6 +166,67 @@ def _fingerprint(data: Any, column: str) -> str:
             pass
         return digest.fingerprint(column)
     return "texts:" + _digest(list(data))
+
+
+def content_fingerprint(data: Any) -> str:
+    """A fingerprint of one side's content alone, the same wherever and however it was loaded.
+
+    datasets' own fingerprint also covers where a file was read from and its cache folder, which
+    differ between nodes for the same rows. A ``Dataset`` is hashed in full (its features and every
+    column, as Arrow IPC batches: one pass over memory-mapped data, cheaper than embedding it); a
+    stream by its declared features, file shards and first 64 rows (reading all of it on every
+    process would cost a full pass per process); texts and arrays by content.
+    """
+    h = hashlib.sha256()
+    if isinstance(data, Dataset):
+        h.update(json.dumps(data.features.to_dict(), sort_keys=True, default=str).encode("utf-8"))
+        for batch in data.with_format("arrow").iter(batch_size=16_384):
+            for record in batch.combine_chunks().to_batches():
+                h.update(record.serialize())
+        return f"{len(data)} rows, sha256 {h.hexdigest()[:24]}"
+    if isinstance(data, IterableDataset):
+        features = data.features.to_dict() if data.features is not None else None
+        h.update(json.dumps([features, data.n_shards], sort_keys=True, default=str).encode("utf-8"))
+        for row in data.take(64):
+            h.update(json.dumps(row, sort_keys=True, default=_json_default).encode("ascii") + b"\n")
+        return f"stream of {data.n_shards} file shard(s), first rows sha256 {h.hexdigest()[:24]}"
+    if isinstance(data, np.ndarray):
+        return f"array {data.shape}, {_digest(data)[:24]}"
+    return f"{len(data)} texts, {_digest(list(data))[:24]}"
+
+
+def _model_identity(model: Any) -> str | None:
+    """A name for the encoder that is the same in every process: a loaded model by its weights."""
+    if model is None or isinstance(model, (str, os.PathLike)):
+        return None if model is None else os.fspath(model)
+    from .embed import _sentence_transformer_identity, is_sentence_transformer
+
+    if is_sentence_transformer(model):
+        return f"a SentenceTransformer, weights sha256 {_sentence_transformer_identity(model)['weights'][:24]}"
+    return type(model).__qualname__
+
+
+def _identity(
+    probe: Selector, k: int, seed: int, columns: dict[str, str], embed_kwargs: dict[str, Any], vectors_given: bool,
+    sides: dict[str, Any],
+) -> dict[str, Any]:
+    """What every process of one selection must agree on (see :func:`hf_otselect.dist.agree`).
+
+    Devices and worker counts are left out: each process has its own GPU, and neither changes a
+    score. Arrays among the parameters are compared by content.
+    """
+    ident: dict[str, Any] = {"method": probe.name, "selector class": type(probe).__qualname__, "k": k, "seed": seed,
+                             **columns, "vectors passed in (embeddings=)": vectors_given}
+    for key, value in probe.get_params().items():
+        if key != "device":
+            ident[f"params.{key}"] = f"array {value.shape}, {_digest(value)[:24]}" if isinstance(value, np.ndarray) else value
+    for key, value in embed_kwargs.items():
+        if key not in ("device", "num_proc", "use_cache"):
+            ident[f"embedding.{key}"] = _model_identity(value) if key == "model" else value
+    for name, side in sides.items():
+        if side is not None:
+            ident[name] = content_fingerprint(side)
+    return ident
 
 
 def _check_target(target: Any, name: str) -> None:
@@ -391,10 +453,27 @@ def _shard_of(dataset: Dataset | IterableDataset, comm: Comm, owner: str) -> Dat
     """This process's contiguous rows (the whole pool for one process)."""
     if comm.world_size == 1:
         return dataset
-    if isinstance(dataset, IterableDataset) and dataset.n_shards < comm.world_size:
-        raise param_error("dataset", owner, f"a stream with at least as many file shards as the {comm.world_size} processes",
-                          f"{dataset.n_shards} shard(s)")
-    return dataset.shard(num_shards=comm.world_size, index=comm.rank, contiguous=True)
+    if isinstance(dataset, IterableDataset):
+        if dataset.n_shards < comm.world_size:
+            raise param_error("dataset", owner, f"a stream with at least as many file shards as the {comm.world_size} processes",
+                              f"{dataset.n_shards} shard(s)")
+        return dataset.shard(num_shards=comm.world_size, index=comm.rank, contiguous=True)
+    # Dataset.shard's own split, but an empty shard (more processes than rows) is legal here:
+    # datasets refuses to select an empty range that starts at the end of the table.
+    lo, hi = shard_bounds(len(dataset), comm.world_size, comm.rank)
+    return dataset.select(range(lo, hi)) if hi > lo else dataset.select([])
+
+
+def _rows_of(data: Dataset, local: np.ndarray) -> Dataset:
+    """``data.select(local)``, also for no rows: a process with none chosen, or an empty shard.
+
+    datasets 5.2 gives a table that ``add_column`` then refuses (its blocks keep the old row count)
+    when zero rows are selected from a non-empty dataset; an empty table with the same features is
+    built instead.
+    """
+    if local.size == 0:
+        return Dataset.from_dict({name: [] for name in data.column_names}, features=data.features)
+    return data.select(local)
 
 
 def _stream_rows(pool: IterableDataset, offset: int, columns: dict[str, np.ndarray]) -> Iterator[dict]:
@@ -530,11 +609,16 @@ def run_selection(
     caching = is_caching_enabled()  # datasets.disable_caching() turns our caches off too
     if not caching:
         embed_kwargs["use_cache"] = False
+    if comm.world_size > 1:  # every process runs this one selection, or none starts (one line, on every process)
+        agree(comm, _identity(probe, k, seed, {"column": column, "target_column": target_column, "score_column": score_column},
+                              embed_kwargs, embeddings is not None,
+                              {"pool": dataset, "target": target, "negative_target": negative_target}), "the selection")
     timings: dict[str, float] = {}
     part = _shard_of(dataset, comm, owner)
     # A stream is fingerprinted by its full content during the pass that embeds it (below).
     stream_digest = _StreamDigest() if streamed else None
-    fingerprints = {"pool": "" if streamed else _fingerprint(part, column), "target": _fingerprint(target, target_column)}
+    # The whole pool's (selection.json records it; every process has agreed it holds the same rows).
+    fingerprints = {"pool": "" if streamed else _fingerprint(dataset, column), "target": _fingerprint(target, target_column)}
 
     pool_emb = target_emb = None
     selector = probe
@@ -572,12 +656,13 @@ def run_selection(
                 if side is not None and not isinstance(side, np.ndarray):
                     named = target_column if isinstance(side, Dataset) else None
                     check_texts(_texts_of(side, target_column, name), column=named, owner=f"select_by_ot ({name})")
-            pool_emb = (
-                _embed_stream(stream_digest.wrap(part), column, embed_kwargs, cache)
-                if stream_digest is not None
-                else _embed_side(part, column, embed_kwargs, cache)
-            )
             target_emb = _embed_side(target, target_column, embed_kwargs, cache)
+            if stream_digest is not None:
+                pool_emb = _embed_stream(stream_digest.wrap(part), column, embed_kwargs, cache)
+            elif len(part) == 0:  # an empty shard (more processes than rows): it still joins every collective
+                pool_emb = np.zeros((0, target_emb.shape[1]), dtype=np.float32)
+            else:
+                pool_emb = _embed_side(part, column, embed_kwargs, cache)
         if target_emb.shape[1] != pool_emb.shape[1]:
             raise param_error("target", owner, f"embeddings with {pool_emb.shape[1]} columns like the pool", f"shape {target_emb.shape}")
         if negative_target is not None:
@@ -646,7 +731,7 @@ def run_selection(
     columns = {score_column: scores[local], "rank": ranks[draw]}
     if selector.choice != "top_k":
         columns["draw_order"] = draw.astype(np.int64) + 1
-    selected = scored.select(local).remove_columns([score_column, "selected"])
+    selected = _rows_of(scored, local).remove_columns([score_column, "selected"])
     for name, values in columns.items():
         selected = selected.add_column(name, values)
     timings["build_s"] = time.perf_counter() - t

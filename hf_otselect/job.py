@@ -46,8 +46,8 @@ from datasets.exceptions import DatasetGenerationError
 from . import __version__
 from ._checks import check_json_lines, param_error, short_repr
 from .config import DataConfig, SelectionConfig
-from .datasets_ext import SelectionRun, run_selection
-from .dist import Comm, get_comm
+from .datasets_ext import SelectionRun, _shard_of, run_selection
+from .dist import Comm, agree, check_shared_folder, get_comm
 from .embed import cache_root
 from .outdir import OutputFolder
 
@@ -244,13 +244,34 @@ def _check_pool_columns(config: SelectionConfig, pool: Dataset | IterableDataset
                               config.report_columns)
 
 
+#: Settings that name a place or a device of one process: they may differ between processes (another
+#: mount point, node-local cache, one GPU each). The output folder is checked to be one folder instead.
+_PER_PROCESS = ("output_dir", "cache_dir", "embedding.device", "params.device")
+
+
+def _job_identity(config: SelectionConfig) -> dict[str, Any]:
+    """The job's settings as flat dotted keys (``pool.path``, ``params.eps``...), less :data:`_PER_PROCESS`."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), item)
+        elif prefix not in _PER_PROCESS:
+            flat[prefix] = value
+
+    walk("", config.to_dict())
+    return flat
+
+
 def run_job(config: SelectionConfig) -> Path | None:
     """Run a selection job; return the output folder (None on processes other than 0).
 
     Under ``torchrun`` / ``accelerate launch`` every process runs this: each embeds and scores its
     contiguous shard of the pool, the fit talks through collectives, each writes its own rows of
     ``scored`` and ``selected``, and process 0 writes ``selection.json``, the card and the report.
-    The output folder must be shared by all processes (one file system).
+    The output folder must be shared by all processes (one file system): this is checked before any
+    work, as is that every process was given the same job (settings, pool and target content).
 
     Raises
     ------
@@ -260,10 +281,17 @@ def run_job(config: SelectionConfig) -> Path | None:
         (:class:`~hf_otselect.outdir.OutputFolderBusy`). All checked before any work.
     ValueError
         ``output_dir`` is empty, the working directory, a home or root folder or above one.
+    hf_otselect.dist.JobMismatch
+        (a ``ValueError``, on every process) the processes were given different settings, pool or target.
+    hf_otselect.dist.FolderNotShared
+        (an ``OSError``, on every process) ``output_dir`` is not one folder every process sees.
+    hf_otselect.dist.CollectiveError
+        (a ``ConnectionError``) another process failed, or did not answer within ``dist_timeout_s``.
     """
     t0 = time.perf_counter()
     config.validate()
-    comm = get_comm(config.embedding.device)
+    comm = get_comm(config.embedding.device, timeout_s=config.dist_timeout_s)
+    agree(comm, _job_identity(config), "the job")  # before any work: one job, or none (one line on every process)
     folder = OutputFolder(config.output_dir, overwrite=config.overwrite)
     folder.check(leftovers=comm.is_main)  # see hf_otselect/outdir.py: a job deletes only what it wrote
     config.check_environment()
@@ -293,6 +321,9 @@ def _run_job(config: SelectionConfig, folder: OutputFolder, comm: Comm, t0: floa
     if comm.is_main:
         folder.begin()  # clears an earlier run's partial folder (only if ours), creates it
     comm.barrier()
+    # Every process writes its rows into the partial folder process 0 created: it must be one folder.
+    # On failure process 0's lock block removes the partial folder; the others wrote nothing.
+    check_shared_folder(comm, partial)
 
     embedding = _embedding_kwargs(config)
     if embedding["device"] is None and getattr(comm, "device", None) is not None and comm.device.type == "cuda":
@@ -306,9 +337,11 @@ def _run_job(config: SelectionConfig, folder: OutputFolder, comm: Comm, t0: floa
         from .embed import embed
 
         cache = cache_root(config.cache_dir) / "embeddings"
-        part = pool if comm.world_size == 1 else pool.shard(num_shards=comm.world_size, index=comm.rank, contiguous=True)
-        run.pool_embeddings = embed(part, column=config.pool.column, cache_dir=cache, **embedding)
+        part = _shard_of(pool, comm, "run_job")
         run.target_embeddings = embed(target, column=config.target.column, cache_dir=cache, **embedding)
+        empty = isinstance(part, Dataset) and len(part) == 0  # an empty shard: more processes than rows
+        run.pool_embeddings = (np.zeros((0, run.target_embeddings.shape[1]), dtype=np.float32) if empty
+                               else embed(part, column=config.pool.column, cache_dir=cache, **embedding))
 
     t = time.perf_counter()
     n_scored = _save_split(run.scored, partial / "scored", comm)

@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -364,3 +365,294 @@ def test_peak_memory_per_process_grows_with_its_shard_not_the_pool(tmp_path):
     growth = peaks[160_000] - peaks[40_000]
     assert growth < 1.2 * shard_growth + 0.03, (peaks, shard_growth)
     assert growth < 0.75 * pool_growth
+
+
+# -- processes that disagree, collectives that end, folders every process sees, more processes than rows --
+
+def _torchrun(world: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world), *args]
+
+
+def _two_pools(tmp_path: Path, n: int = 12) -> tuple[Path, Path]:
+    rows = read_jsonl(SAMPLE / "pool.jsonl", n)
+    a, b = tmp_path / "pool_a.jsonl", tmp_path / "pool_b.jsonl"
+    a.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    rows[7] = {**rows[7], "text": rows[7]["text"] + " (a stale copy of the file differs in one row)"}
+    b.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return a, b
+
+
+@pytest.mark.slow
+def test_processes_given_different_selections_all_refuse_before_any_work(tmp_path):
+    # Today: another pool file or seed on one rank exits 0 with rows of both; another method hangs.
+    a, b = _two_pools(tmp_path)
+    np.save(tmp_path / "target.npy", np.random.default_rng(5).normal(size=(4, 8)).astype(np.float32))
+    cmd = _torchrun(2, str(REPO / "tests" / "workers" / "disagree.py"), str(a), str(b), str(tmp_path / "target.npy"),
+                    str(tmp_path / "rank"), str(tmp_path / "cache"))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    differs = {"pool": "pool='12 rows, sha256", "seed": "seed=2 while rank 0 has 1", "method": "method='got_d' while rank 0 has 'similarity'",
+               "k": "k=6 while rank 0 has 5", "method_random": "method='random' while rank 0 has 'similarity'"}
+    for case, words in differs.items():
+        for rank in ranks:  # every process refuses, with the same line naming the setting and the rank
+            assert rank[case].get("error") == "JobMismatch", (case, rank[case])
+            assert rank[case]["message"] == ranks[0][case]["message"]
+        message = ranks[0][case]["message"]
+        assert message.startswith(f"Processes disagree on the selection: rank 1 has {words}"), message
+        assert message.endswith("every process must run the same job.") and "\n" not in message
+    assert ranks[0]["same"] == ranks[1]["same"] and len(ranks[0]["same"]["ok"]) == 5  # the group still works
+    # Refused before any scoring: the one score entry per process is the agreed case's.
+    assert len(list((tmp_path / "cache" / "scores").iterdir())) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["late", "crash"])
+def test_a_collective_never_hangs_on_a_late_or_failed_process(tmp_path, mode):
+    # Today: the late process is waited for (no timeout reaches the group); a crash surfaces as gloo's own text.
+    env = {**_env(), "HF_OTSELECT_DIST_TIMEOUT": "5"}
+    cmd = _torchrun(2, str(REPO / "tests" / "workers" / "late_rank.py"), mode, str(tmp_path / "rank"))
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert time.monotonic() - t0 < 100  # well before the late process would have come (120 s)
+    got = json.loads((tmp_path / "rank0.json").read_text())
+    assert got["error"] == "CollectiveError", got
+    assert got["message"].startswith("Process 0 of 2: all_gather between the processes failed after ")
+    if mode == "late":
+        assert 4 < got["waited_s"] < 60
+        assert "within the 5 s timeout" in got["message"] and "dist_timeout_s" in got["message"]
+    else:
+        assert "another process left the job (its own error is in its log)" in got["message"]
+
+
+def test_the_collective_timeout_is_a_setting_checked_up_front(monkeypatch):
+    from hf_otselect.config import SelectionConfig
+    from hf_otselect.dist import DEFAULT_TIMEOUT_S, resolve_timeout
+
+    assert resolve_timeout(None) == DEFAULT_TIMEOUT_S
+    monkeypatch.setenv("HF_OTSELECT_DIST_TIMEOUT", "12.5")
+    assert resolve_timeout(None) == 12.5 and resolve_timeout(3) == 3.0
+    monkeypatch.setenv("HF_OTSELECT_DIST_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match=r"The 'HF_OTSELECT_DIST_TIMEOUT' parameter of the environment must be a number"):
+        resolve_timeout(None)
+    base = {"pool": {"path": "p.jsonl"}, "target": {"path": "t.jsonl"}, "method": "random"}
+    assert SelectionConfig.from_dict({**base, "dist_timeout_s": 90}).dist_timeout_s == 90.0
+    for bad, exc in ((0, ValueError), (-1.0, ValueError), (float("inf"), ValueError), ("10", TypeError), (True, TypeError)):
+        with pytest.raises(exc, match=r"The 'dist_timeout_s' parameter of (SelectionConfig|the job config) must be"):
+            SelectionConfig.from_dict({**base, "dist_timeout_s": bad})
+
+
+def _two_nodes(tmp_path: Path, per_node: list[list[str]], timeout: int = 600) -> list[tuple[int, str]]:
+    """Two one-process "nodes" sharing a rendezvous, each running the CLI job with its own overrides."""
+    port = _free_port()
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
+             "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "hf_otselect.cli", "select",
+             "--config", str(REPO / "configs" / "demo.yaml"), *overrides],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=tmp_path,
+        )
+        for rank, overrides in enumerate(per_node)
+    ]
+    errors = [p.communicate(timeout=timeout)[1] for p in nodes]
+    return [(p.returncode, err) for p, err in zip(nodes, errors)]
+
+
+def _leftovers(folder: Path) -> list[str]:
+    """What a job left in ``folder`` beyond the lock file every job leaves beside its output."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.endswith(".lock")) if folder.exists() else []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting,values", [
+    ("pool.path", None),  # another file with the same rows but one
+    ("method", ("similarity", "got_d")),  # today: a hang (GOT-D's fit on one node, similarity's on the other)
+    ("seed", ("0", "1")),
+])
+def test_job_nodes_given_different_jobs_fail_alike_and_write_nothing(tmp_path, setting, values):
+    out = tmp_path / "out"
+    base = _job_overrides(tmp_path, out, tmp_path / "cache")
+    if values is None:
+        a, b = _two_pools(tmp_path, 40)
+        values = (str(a), str(b))
+    results = _two_nodes(tmp_path, [[*base, f"{setting}={v}"] for v in values])
+    shown = {"pool.path": f"'{values[1]}' while rank 0 has '{values[0]}'", "method": "'got_d' while rank 0 has 'similarity'",
+             "seed": "1 while rank 0 has 0"}[setting]
+    for code, err in results:  # every node: its process exits 2 (bad input) with the CLI's one line
+        assert code != 0 and "exitcode  : 2 " in err, err[-3000:]
+        lines = [line for line in err.splitlines() if "Processes disagree" in line]
+        assert len(lines) == 1, err[-3000:]
+        assert lines[0].startswith(f"hf-otselect: error: Processes disagree on the job: rank 1 has {setting}={shown}")
+        assert lines[0].endswith("every process must run the same job.")
+    assert _leftovers(tmp_path) == sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".jsonl")
+    assert not (tmp_path / "cache").exists()  # nothing embedded
+
+
+@pytest.mark.slow
+def test_an_output_dir_not_shared_by_the_nodes_is_named_and_nothing_is_left(tmp_path):
+    # Each "node" has its own folder under the same name: rank 1 cannot see what rank 0 writes. Today each
+    # node's rows go to its own folder and rank 0 commits an output missing rank 1's rows.
+    homes = [tmp_path / "node0", tmp_path / "node1"]
+    for home in homes:
+        home.mkdir()
+    results = _two_nodes(tmp_path, [_job_overrides(tmp_path, home / "out", tmp_path / "cache") for home in homes])
+    for code, err in results:  # every node: its process exits 1 (an environment failure) with one line
+        assert code != 0 and "exitcode  : 1 " in err, err[-3000:]
+        line = [line for line in err.splitlines() if "every process sees" in line]
+        assert len(line) == 1, err[-3000:]
+        assert line[0].startswith("hf-otselect: error: The 'output_dir' must be on a filesystem every process sees: rank 1")
+        assert str(homes[0] / "out.partial") in line[0] and str(homes[1] / "out.partial") in line[0]
+    for home in homes:
+        assert _leftovers(home) == [], list(home.iterdir())
+
+
+@pytest.mark.slow
+def test_more_processes_than_pool_rows_select_what_one_process_does(tmp_path):
+    # Today: IndexError from Dataset.shard on the process whose shard starts past the last row.
+    one, three = tmp_path / "one", tmp_path / "three"
+    rows = read_jsonl(SAMPLE / "pool.jsonl", 2)
+    (tmp_path / "tiny.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    overrides = [f"pool.path={tmp_path / 'tiny.jsonl'}", "target.max_rows=5", f"target.path={SAMPLE / 'target.jsonl'}", "k=1",
+                 "embedding.max_length=32", "report=false", "method=similarity"]
+    cli = ["-m", "hf_otselect.cli", "select", "--config", str(REPO / "configs" / "demo.yaml"), *overrides]
+    proc = subprocess.run([sys.executable, *cli, f"output_dir={one}", f"cache_dir={tmp_path / 'c1'}"],
+                          capture_output=True, text=True, env=_env(), timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run(_torchrun(3, *cli, f"output_dir={three}", f"cache_dir={tmp_path / 'c3'}"),
+                          capture_output=True, text=True, env=_env(), timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = load_from_disk(str(one)), load_from_disk(str(three))
+    for split in ("scored", "selected"):
+        assert a[split].to_dict() == b[split].to_dict(), split
+    assert len(b["scored"]) == 2 and len(b["selected"]) == 1
+    meta, ref = (json.loads((folder / "selection.json").read_text()) for folder in (three, one))
+    assert meta["processes"] == 3 and meta["rows"] == {**meta["rows"], "pool": 2, "selected": 1}
+    assert meta["fingerprints"] == ref["fingerprints"]  # the whole pool's, not process 0's shard's
+
+
+@pytest.mark.parametrize("n,world", [(2, 3), (2, 5), (4, 5), (3, 3)])
+@pytest.mark.parametrize("method", ["random", "similarity", "got_d", "tsds", "dsir"])
+def test_more_processes_than_rows_select_what_one_process_does(tmp_path, method, n, world):
+    # Empty shards are legal: such a process joins every collective with no rows (today: IndexError in
+    # Dataset.shard); a process none of whose rows is chosen builds an empty split (today: datasets' concat error).
+    pool, target, pool_emb, target_emb = _pool_and_vectors(n)
+    pool_emb, target_emb = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (pool_emb, target_emb))  # an encoder's
+
+    def run(w):
+        def part(comm):
+            lo, hi = contiguous_bounds(n, w, comm.rank)
+            r = run_selection(pool, target, method, 1, seed=4, cache_dir=tmp_path / f"c{w}", comm=comm,
+                              embeddings=(pool_emb[lo:hi], target_emb), **({"chunk_tokens": 5} if method == "dsir" else {}))
+            return r.result.indices.tolist(), r.scored.to_dict(), r.selected.to_dict(), r.n_pool
+        ranks = run_world(w, part)
+        merged = [{key: sum((r[j][key] for r in ranks), []) for key in ranks[0][j]} for j in (1, 2)]
+        return ranks[0][0], merged, {r[3] for r in ranks}
+
+    one, many = run(1), run(world)
+    assert many[0] == one[0] and many[2] == {n}
+    for got, ref in zip(many[1], one[1]):  # scored and selected, every column, in pool order
+        # GOT-D's reductions sum in another order across processes: within 1e-6 of the score scale.
+        atol = 1e-6 * max(np.abs(ref["score"]).max(initial=0), 1e-30) if method == "got_d" else 0.0
+        np.testing.assert_allclose(got.pop("score"), ref.pop("score"), rtol=0, atol=atol)
+        assert got == ref
+
+
+def test_every_process_refuses_another_target_or_setting_in_one_line(tmp_path):
+    from hf_otselect.dist import JobMismatch
+
+    pool, target, pool_emb, target_emb = _pool_and_vectors(20)
+    other = target_emb.copy()
+    other[3, 0] += 1e-3  # one number of one target row
+
+    def ranks(change):
+        def part(comm):
+            lo, hi = contiguous_bounds(20, 2, comm.rank)
+            kwargs = {"seed": 1, "k": 4, "method": "similarity", "tgt": target_emb, "embedding": {}}
+            if comm.rank == 1:
+                kwargs.update(change)
+            try:
+                run_selection(pool, kwargs["tgt"], kwargs["method"], kwargs["k"], seed=kwargs["seed"], comm=comm,
+                              cache_dir=tmp_path, embeddings=(pool_emb[lo:hi], target_emb), embedding=kwargs["embedding"],
+                              **kwargs.get("params", {}))
+            except JobMismatch as err:
+                return str(err)
+            return None
+        return run_world(2, part)
+
+    for change, words in [
+        ({"tgt": other}, "target='array (20, 16), "),
+        ({"params": {"reduce": "max"}}, "params.reduce='max' while rank 0 has 'mean'"),
+        ({"embedding": {"max_length": 64}}, "embedding.max_length=64 while rank 0 has (unset)"),
+        ({"embedding": {"device": "cpu", "num_proc": 2}}, None),  # per-process resources may differ
+    ]:
+        got = ranks(change)
+        assert got[0] == got[1], change
+        if words is None:
+            assert got == [None, None]
+        else:
+            assert got[0].startswith(f"Processes disagree on the selection: rank 1 has {words}"), got[0]
+
+
+def test_the_pool_fingerprint_is_its_content_wherever_it_was_read(tmp_path):
+    from datasets import load_dataset
+
+    from hf_otselect.datasets_ext import content_fingerprint
+
+    rows = read_jsonl(SAMPLE / "pool.jsonl", 30)
+    paths = []
+    for name in ("node0", "node1"):  # the same file on two nodes' own disks, read through their own caches
+        (tmp_path / name).mkdir()
+        paths.append(tmp_path / name / "pool.jsonl")
+        paths[-1].write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    loaded = [load_dataset("json", data_files=str(p), split="train", cache_dir=str(p.parent / "hf")) for p in paths]
+    assert loaded[0]._fingerprint != loaded[1]._fingerprint  # datasets' own fingerprint names the place
+    assert content_fingerprint(loaded[0]) == content_fingerprint(loaded[1]) == content_fingerprint(Dataset.from_list(rows))
+    changed = [dict(r) for r in rows]
+    changed[29]["domain"] = changed[29]["domain"] + "!"  # one cell of a column that is not embedded
+    assert content_fingerprint(Dataset.from_list(changed)) != content_fingerprint(loaded[0])
+    assert content_fingerprint(loaded[0].select(range(29))) != content_fingerprint(loaded[0])
+
+
+def test_a_folder_each_process_sees_alone_is_refused_on_every_process_and_left_clean(tmp_path):
+    from hf_otselect.dist import FolderNotShared, check_shared_folder
+
+    shared, own = tmp_path / "shared", [tmp_path / "a", tmp_path / "b", tmp_path / "c"]
+    for folder in (shared, *own):
+        folder.mkdir()
+
+    def part(folders):
+        def run(comm):
+            try:
+                check_shared_folder(comm, folders[comm.rank], wait_s=0.2)
+            except FolderNotShared as err:
+                return str(err)
+            return None
+        return run_world(3, run)
+
+    assert part([shared] * 3) == [None] * 3
+    got = part(own)  # three "nodes", each with its own folder
+    assert got[0] == got[1] == got[2]
+    assert got[0].startswith("The 'output_dir' must be on a filesystem every process sees: rank 1 ")
+    assert f"(rank 1 looked in '{own[1]}') (nor do ranks [2])" in got[0] and f"wrote in '{own[0]}'" in got[0]
+    assert [list(f.iterdir()) for f in (shared, *own)] == [[], [], [], []]  # the probe file is gone
+
+
+def test_the_job_passes_its_timeout_to_the_process_group(tmp_path, monkeypatch):
+    import hf_otselect.job as job
+    from hf_otselect.config import load_config
+
+    seen = []
+
+    class Reached(Exception):
+        pass
+
+    def fake_get_comm(device=None, timeout_s=None):
+        seen.append(timeout_s)
+        raise Reached
+
+    monkeypatch.setattr(job, "get_comm", fake_get_comm)
+    overrides = [*_job_overrides(tmp_path, tmp_path / "out", tmp_path / "cache"), "dist_timeout_s=7"]
+    with pytest.raises(Reached):
+        job.run_job(load_config(REPO / "configs" / "demo.yaml", overrides))
+    assert seen == [7.0]
