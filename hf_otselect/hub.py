@@ -238,14 +238,27 @@ The YAML header of this card holds the full job configuration under `hf_otselect
 _CARD_HEADER = re.compile(r"\A\s*---[ \t]*\r?\n(.*?)(?:\r?\n)?^---[ \t]*$", re.DOTALL | re.MULTILINE)
 
 
-def config_from_card(card: str | os.PathLike | DatasetCard) -> SelectionConfig:
+def config_from_card(
+    card: str | os.PathLike | DatasetCard, *, trust_remote_code: bool = False, repo_id: str | None = None,
+) -> SelectionConfig:
     """Read the job configuration back from a card.
+
+    A card is untrusted (anyone can edit one), so two settings are never replayed from it alone:
+    ``embedding.trust_remote_code`` (it runs the model repository's own code) and the push target
+    (``push_to_hub`` / ``hub.repo_id``: where the selected rows would be sent). The caller passes
+    them; a card that asks for either is read with a warning that says what was left out.
 
     Parameters
     ----------
     card : str, PathLike or DatasetCard
         The card's text (what ``README.md`` holds, starting with its ``---`` YAML header), the path
-        of such a file, or a loaded :class:`~huggingface_hub.DatasetCard`.
+        of such a file, or a loaded :class:`~huggingface_hub.DatasetCard`. At most
+        :data:`hf_otselect.config.MAX_YAML_BYTES` (1 MiB) of UTF-8 in each form.
+    trust_remote_code : bool, default False
+        Replay the card's ``embedding.trust_remote_code: true``; without it the config says false.
+    repo_id : str, optional
+        Push the rerun's selection to this repository (``push_to_hub`` on, ``hub.repo_id`` this);
+        without it the config pushes nothing, whatever the card says.
 
     Returns
     -------
@@ -258,8 +271,12 @@ def config_from_card(card: str | os.PathLike | DatasetCard) -> SelectionConfig:
     anchors or aliases, no duplicate keys, bounded size and depth), never with the card library's
     own unbounded ``yaml.safe_load``.
     """
-    from .config import load_yaml, read_text_file
+    from .config import check_text_size, load_yaml, read_text_file
 
+    if not isinstance(trust_remote_code, bool):
+        raise param_error("trust_remote_code", "config_from_card", "a bool", trust_remote_code, exc=TypeError)
+    if repo_id is not None:
+        check_repo_id(repo_id)
     if isinstance(card, DatasetCard):
         text, source = str(card.content), "The 'card' text"
     elif isinstance(card, os.PathLike) or (isinstance(card, str) and not _looks_like_card_text(card)):
@@ -269,12 +286,22 @@ def config_from_card(card: str | os.PathLike | DatasetCard) -> SelectionConfig:
         text, source = card, "The 'card' text"
     else:
         raise param_error("card", "config_from_card", "the card's text, its path or a DatasetCard", type(card).__name__, exc=TypeError)
+    check_text_size(text, source)  # the rule a file meets, for the text and the loaded card too
     header = _CARD_HEADER.match(text.lstrip("\ufeff"))
     meta = load_yaml(header.group(1), f"{source} (YAML header)") if header else None
     meta = meta.get("hf_otselect") if isinstance(meta, dict) else None
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
         raise param_error("card", "config_from_card", "a card written by hf_otselect (YAML key 'hf_otselect.config')", "a card without it")
-    return SelectionConfig.from_dict(meta["config"])
+    config = SelectionConfig.from_dict(meta["config"])
+    if config.embedding.trust_remote_code and not trust_remote_code:
+        logger.warning("%s asks for embedding.trust_remote_code=true (it runs the model repository's own code); not "
+                       "replayed: pass trust_remote_code=True to config_from_card if you trust that code.", source)
+        config.embedding.trust_remote_code = False
+    if (config.push_to_hub or config.hub.repo_id) and repo_id is None:
+        logger.warning("%s pushes the selection to %s (push_to_hub=%s); not replayed: pass repo_id='user/name' to "
+                       "config_from_card to push.", source, short_repr(config.hub.repo_id), str(config.push_to_hub).lower())
+    config.push_to_hub, config.hub.repo_id = repo_id is not None, repo_id
+    return config.validate()
 
 
 def _looks_like_card_text(card: str) -> bool:
