@@ -174,6 +174,10 @@ def test_a_solver_device_the_machine_lacks_is_refused_by_the_selector_itself(dev
         get_selector("got_d", device=device)
     with pytest.raises(ValueError, match=template("device") + r".*(CUDA|MPS) is not available"):
         hf_otselect.GOTDSelector(device=device).select(_cloud(20), _cloud(2, seed=1), k=2)
+    from hf_otselect.ot import sinkhorn_potentials
+
+    with pytest.raises(ValueError, match=r"The 'device' parameter of sinkhorn_potentials must be .*(CUDA|MPS) is not available"):
+        sinkhorn_potentials(_cloud(20), _cloud(2, seed=1), 0.5, device=device)
 
 
 # ------------------------------------------------------------------------ the cache folder
