@@ -575,3 +575,30 @@ def test_redact_removes_registered_secrets_hf_tokens_and_bearer_values():
     assert "custom-secret-value-123" not in out and other not in out and "xyz.abc-def" not in out
     assert out.count("<redacted>") == 3 and "hf_otselect hf_home HF_TOKEN" in out
     assert redact(ValueError(f"bad {FAKE_TOKEN}")) == "bad <redacted>"
+
+
+def test_log_records_of_every_logger_reach_their_handlers_redacted():
+    code = f"""
+import logging, warnings
+from hf_otselect._redact import install_log_redaction, remember_secret
+logging.basicConfig(level=logging.DEBUG)
+install_log_redaction()
+remember_secret("custom-secret-value-123")
+other = logging.getLogger("somelib")
+other.addHandler(logging.StreamHandler())  # a library's own handler, as huggingface_hub has
+other.warning("sent %s and %s", "custom-secret-value-123", "Bearer abc.def")
+try:
+    raise RuntimeError("server said {FAKE_TOKEN}")
+except RuntimeError:
+    logging.getLogger("x").exception("failed")
+warnings.warn("token {FAKE_TOKEN} in a warning")
+logging.getLogger("y").info("%d", "not a number")  # a malformed call stays a log line
+print("done")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr
+    err = proc.stderr
+    assert "custom-secret-value-123" not in err and FAKE_TOKEN not in err and "abc.def" not in err
+    assert err.count("sent <redacted> and Bearer <redacted>") == 2  # its own handler and the root's
+    assert "RuntimeError: server said <redacted>" in err and "token <redacted> in a warning" in err
+    assert "(arguments ('not a number',))" in err
