@@ -51,6 +51,15 @@ def check_int(value: Any, name: str, owner: str, low: int | None = None, high: i
     return value
 
 
+# Seeds feed SplitMix64 as one uint64 (selectors/base.row_uniforms) and numpy's SeedSequence.
+SEED_MAX = 2**64 - 1
+
+
+def check_seed(value: Any, name: str, owner: str) -> int:
+    """Return ``value`` as a seed: an int in [0, 2**64 - 1] (larger ones have no uint64 to become)."""
+    return check_int(value, name, owner, 0, SEED_MAX)
+
+
 def check_float(
     value: Any,
     name: str,
@@ -114,9 +123,27 @@ def check_embeddings(x: Any, name: str, owner: str, *, dim: int | None = None) -
             top = float(max(np.max(original), -np.min(original)))
             raise param_error(name, owner, f"values within float32's range (|value| <= {_F32_MAX:.3g}; "
                               "rescale the vectors, e.g. normalise them)", f"largest |value| {top:.3g}")
-        bad = int((~np.isfinite(arr)).any(axis=1).sum())
-        raise param_error(name, owner, "finite (no NaN or Inf)", f"{bad} row(s) with NaN or Inf")
+        raise param_error(name, owner, "finite (no NaN or Inf)", nonfinite_summary(*nonfinite_rows(arr)))
     return arr
+
+
+def nonfinite_rows(x: Any, *, offset: int = 0, show: int = 10, block_rows: int = 65536) -> tuple[int, list[int]]:
+    """Count the rows of ``x`` (n, dim) holding NaN or Inf, block by block (a memory map stays on disk).
+
+    Returns the count and the first ``show`` such rows, numbered from ``offset``.
+    """
+    count, first = 0, []
+    for start in range(0, x.shape[0], block_rows):
+        bad = np.flatnonzero(~np.isfinite(np.asarray(x[start:start + block_rows])).all(axis=1))
+        count += int(bad.size)
+        first.extend(int(i) + start + offset for i in bad[: max(show - len(first), 0)])
+    return count, first
+
+
+def nonfinite_summary(count: int, first: list[int]) -> str:
+    """``'2 row(s) with NaN or Inf: rows [1, 7]'`` (the message part that names the rows)."""
+    more = ", ..." if count > len(first) else ""
+    return f"{count} row(s) with NaN or Inf: rows [{', '.join(map(str, first))}{more}]"
 
 
 _F32_MAX = float(np.finfo(np.float32).max)
@@ -147,6 +174,7 @@ def check_writable_folder(folder: str | os.PathLike, name: str, owner: str) -> P
     The folder need not exist; its nearest existing ancestor must be a folder this process may
     write into. Nothing is created. Returns the folder with ``~`` expanded.
     """
+    check_path_type(folder, name, owner)
     folder = Path(folder).expanduser()
     probe = folder.absolute()
     while not probe.exists() and probe != probe.parent:
@@ -157,6 +185,41 @@ def check_writable_folder(folder: str | os.PathLike, name: str, owner: str) -> P
         raise PermissionError(f"The '{name}' parameter of {owner} must be a folder this process can write. "
                               f"Got {short_repr(str(folder))} instead ({short_repr(str(probe))} is not writable).")
     return folder
+
+
+# The folders the package writes below its cache root (embed shards, scores, a stream's vectors).
+CACHE_SUBFOLDERS = ("embeddings", "scores", "streams")
+
+
+def check_path_type(value: Any, name: str, owner: str) -> None:
+    """Refuse a path parameter that is neither a ``str`` nor an ``os.PathLike`` (``cache_dir=5``)."""
+    if isinstance(value, bool) or not isinstance(value, (str, os.PathLike)) or (isinstance(value, str) and not value.strip()):
+        raise param_error(name, owner, "a folder path (str or os.PathLike) or None", value, exc=TypeError)
+
+
+def check_cache_dir(cache_dir: Any, owner: str, subfolders: Iterable[str] = CACHE_SUBFOLDERS) -> Path:
+    """The cache root (``cache_dir``, else ``$HF_DATASETS_CACHE/hf_otselect``), checked before any work.
+
+    The root and each of its ``subfolders`` that already exists must be a folder this process can
+    write: a read-only ``scores/`` under a writable cache would otherwise fail only once the
+    scores are computed, and throw them away. Nothing is created.
+
+    Raises
+    ------
+    TypeError
+        ``cache_dir`` is not a path.
+    ValueError, PermissionError
+        From :func:`check_writable_folder`, naming the folder at fault.
+    """
+    if cache_dir is not None:
+        check_path_type(cache_dir, "cache_dir", owner)  # before cache_root's Path() meets it
+    from .embed import cache_root
+
+    root = check_writable_folder(cache_root(cache_dir), "cache_dir", owner)
+    for sub in subfolders:
+        if os.path.lexists(root / sub):
+            check_writable_folder(root / sub, "cache_dir", owner)
+    return root
 
 
 def check_solver_device(selector: Any) -> None:

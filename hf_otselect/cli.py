@@ -18,6 +18,8 @@ import os
 import sys
 import traceback
 
+from ._redact import install_log_redaction, redact, remember_secret
+
 __all__ = ["main"]
 
 
@@ -36,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument("--public", action="store_true", help="create the repository as public (default private)")
     push.add_argument("--split", default="train")
     push.add_argument("--license", default="unknown", help="the card's license field (the pool's licence terms carry over)")
+    push.add_argument("--timeout", type=float, default=None,
+                      help="seconds each Hub request may wait (default $HF_HUB_DOWNLOAD_TIMEOUT, else 60)")
+    push.add_argument("--retries", type=int, default=3, help="tries after the first of a request the Hub answers with 429 or 5xx")
 
     rep = sub.add_parser("report", help="write report.html for a finished selection")
     rep.add_argument("output_dir")
@@ -77,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    install_log_redaction()
+    if args.command in ("select", "push", "report"):  # each may talk to the Hub; each imports it anyway
+        _remember_user_token()
     try:
         if args.command == "select":
             from .config import load_config
@@ -88,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "push":
             from .hub import push
 
-            _say(push(args.output_dir, args.repo_id, private=not args.public, split=args.split, license=args.license))
+            _say(push(args.output_dir, args.repo_id, private=not args.public, split=args.split, license=args.license,
+                      timeout=args.timeout, retries=args.retries))
         elif args.command == "report":
             from .report import write_report
 
@@ -115,15 +124,26 @@ def _say(result: object) -> None:
     Python docs on SIGPIPE, stdout is pointed at ``/dev/null`` so the exit-time flush stays quiet.
     """
     try:
-        print(result, flush=True)
+        print(redact(result), flush=True)
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
+def _remember_user_token() -> None:
+    """Register the token ``huggingface_hub`` would send (``HF_TOKEN``, ``hf auth login``) for redaction."""
+    try:
+        from huggingface_hub import get_token
+
+        remember_secret(get_token())
+    except Exception:  # noqa: BLE001 - no token found is no token to hide; the hf_ pattern still applies
+        pass
+
+
 def _explain(verbose: bool, line: str) -> None:
+    """Print the error line (and with ``--verbose`` the traceback first), both through :func:`redact`."""
     if verbose:
-        traceback.print_exc()
-    print(f"hf-otselect: error: {line}", file=sys.stderr)
+        print(redact(traceback.format_exc()).rstrip("\n"), file=sys.stderr)
+    print(redact(f"hf-otselect: error: {line}"), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from ._checks import param_error, short_repr
+from ._checks import check_seed, param_error, short_repr
 
 __all__ = [
     "DataConfig", "DecontaminateConfig", "DedupConfig", "EmbeddingConfig", "HubConfig", "PrefilterConfig",
@@ -156,13 +156,21 @@ def load_yaml(text: str, source: str = "The YAML text") -> Any:
         loader.dispose()
 
 
+def check_text_size(text: str | int, source: str) -> None:
+    """Refuse a job config or card over :data:`MAX_YAML_BYTES` of UTF-8: one rule for a file and a text.
+
+    ``text`` is the text itself or, for a file, its size in bytes; ``source`` names it
+    (``"The 'card' text"``, ``"The 'card' file 'README.md'"``).
+    """
+    size = text if isinstance(text, int) else (len(text) if len(text) > MAX_YAML_BYTES else len(text.encode("utf-8", "surrogatepass")))
+    if size > MAX_YAML_BYTES:
+        raise ValueError(f"{source} is larger than {MAX_YAML_BYTES} bytes ({size}); a job config or card is far smaller.")
+
+
 def read_text_file(path: Path, name: str) -> str:
     """The UTF-8 text of a small user file, with one-line errors naming ``name`` and the file."""
     try:
-        size = path.stat().st_size
-        if size > MAX_YAML_BYTES:
-            raise ValueError(f"The {name!r} file {short_repr(str(path))} is larger than {MAX_YAML_BYTES} bytes "
-                             f"({size}); a job config or card is far smaller.")
+        check_text_size(path.stat().st_size, f"The {name!r} file {short_repr(str(path))}")
         data = path.read_bytes()
     except FileNotFoundError:
         raise FileNotFoundError(f"The {name!r} file {short_repr(str(path))} does not exist.") from None
@@ -435,8 +443,7 @@ class SelectionConfig:
             raise param_error("method", owner, f"one of {available_selectors()}", self.method)
         if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
             raise param_error("k", owner, "an int >= 1", self.k)
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise param_error("seed", owner, "an int >= 0", self.seed)
+        check_seed(self.seed, "seed", owner)
         for side in ("pool", "target", "negative_target", "decontaminate"):
             spec = getattr(self, side)
             if spec is not None and spec.max_rows is not None:
@@ -472,13 +479,13 @@ class SelectionConfig:
     def check_environment(self) -> SelectionConfig:
         """Check the cache folder the job will write, before any data is read: raise with one line.
 
-        Its nearest existing ancestor must be a writable folder. (``output_dir`` is checked by
+        It and its ``embeddings/``, ``scores/`` and ``streams/`` must be writable folders (see
+        :func:`hf_otselect._checks.check_cache_dir`). (``output_dir`` is checked by
         :class:`hf_otselect.outdir.OutputFolder`, which owns the output folder's life cycle.)
         """
-        from ._checks import check_writable_folder
-        from .embed import cache_root
+        from ._checks import check_cache_dir
 
-        check_writable_folder(cache_root(self.cache_dir), "cache_dir", "SelectionConfig")
+        check_cache_dir(self.cache_dir, "SelectionConfig")
         return self
 
     def _validate_pipeline(self, owner: str) -> None:

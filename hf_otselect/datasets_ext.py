@@ -20,10 +20,20 @@ from typing import Any
 import numpy as np
 from datasets import Dataset, DatasetDict, IterableDataset
 
-from ._checks import check_embeddings, check_int, check_magnitude, check_solver_device, check_writable_folder, param_error, short_repr
+from ._checks import (
+    check_cache_dir,
+    check_embeddings,
+    check_int,
+    check_magnitude,
+    check_seed,
+    check_solver_device,
+    nonfinite_rows,
+    nonfinite_summary,
+    param_error,
+    short_repr,
+)
 from .cache import load_array, load_json, save_array, save_json
 from .dist import LOCAL, Comm, PoolView, TextView, agree, shard_bounds
-from .embed import cache_root
 from .selectors import SelectionResult, Selector, get_selector
 
 logger = logging.getLogger(__name__)
@@ -240,6 +250,34 @@ def _check_target(target: Any, name: str) -> None:
         raise param_error(name, "select_by_ot", "a Dataset, a list of str or an (n, dim) array", type(target).__name__, exc=TypeError)
     if len(target) == 0:
         raise param_error(name, "select_by_ot", "a non-empty Dataset, list of str or (n, dim) array", "an empty list")
+
+
+def _column_names(dataset: Dataset | IterableDataset) -> list[str] | None:
+    """The pool's columns; for a stream without declared features (``from_generator``), its first row's.
+
+    None only for an empty stream. Reading one row costs one row (the stream is read again later).
+    """
+    if dataset.column_names is not None:
+        return list(dataset.column_names)
+    first = next(iter(dataset), None)
+    return list(first) if isinstance(first, dict) else None
+
+
+def _check_finite_vectors(pool_emb: Any, target_emb: Any, offset: int, comm: Comm, owner: str, name: str) -> None:
+    """Refuse NaN/Inf in the pool's (this process's rows, numbered globally) or the target's vectors.
+
+    One all-reduce decides, so every process raises together rather than one leaving the others
+    waiting in the fit's collectives.
+    """
+    count, first = nonfinite_rows(pool_emb, offset=offset)
+    t_count, t_first = nonfinite_rows(target_emb)
+    totals = comm.all_reduce(np.array([count, t_count], dtype=np.int64)) if comm.world_size > 1 else (count, t_count)
+    where = "" if name == "embeddings" else " (the encoder's output for the pool)"
+    if int(totals[0]):
+        shown = nonfinite_summary(int(totals[0]), first) if first else f"{int(totals[0])} row(s) with NaN or Inf on other processes"
+        raise param_error(name, owner, f"pool vectors that are finite (no NaN or Inf){where}", shown)
+    if int(totals[1]):
+        raise param_error(name, owner, "target vectors that are finite (no NaN or Inf)", nonfinite_summary(t_count, t_first))
 
 
 def _embed_side(data: Any, column: str, embed_kwargs: dict[str, Any], cache_dir: Path) -> np.ndarray:
@@ -541,8 +579,9 @@ def run_selection(
             raise param_error("dataset", owner, "a non-empty Dataset", "a Dataset with 0 rows")
         if column not in dataset.column_names:
             raise ValueError(f"Column {short_repr(column)} not in the dataset. Current columns: {dataset.column_names}")
-    elif dataset.column_names is not None and column not in dataset.column_names:
-        raise ValueError(f"Column {short_repr(column)} not in the dataset. Current columns: {dataset.column_names}")
+    pool_columns = _column_names(dataset)
+    if streamed and pool_columns is not None and column not in pool_columns:
+        raise ValueError(f"Column {short_repr(column)} not in the dataset. Current columns: {pool_columns}")
     _check_target(target, "target")
     if negative_target is not None:
         _check_target(negative_target, "negative_target")
@@ -550,7 +589,7 @@ def run_selection(
     if isinstance(target, Dataset) and target_column not in target.column_names:
         raise ValueError(f"Column {short_repr(target_column)} not in the target dataset. Current columns: {target.column_names}")
     k = check_int(k, "k", owner, 1)
-    seed = check_int(seed, "seed", owner, 0)
+    seed = check_seed(seed, "seed", owner)
     if not isinstance(score_column, str) or not score_column:
         raise param_error("score_column", owner, "a non-empty str", score_column, exc=TypeError)
     embed_kwargs = dict(embedding or {})
@@ -591,10 +630,10 @@ def run_selection(
     if not streamed:
         k = check_int(k, "k", owner, 1, None if probe.replaces else len(dataset))
     reserved = {score_column, "pool_index", "rank", "draw_order", "selected"}
-    if score_column in (dataset.column_names or []) or score_column in ("pool_index", "rank", "draw_order", "selected"):
-        raise param_error("score_column", owner, f"a name not already in the pool's columns {dataset.column_names} "
+    if score_column in (pool_columns or []) or score_column in ("pool_index", "rank", "draw_order", "selected"):
+        raise param_error("score_column", owner, f"a name not already in the pool's columns {pool_columns} "
                           "nor one of 'pool_index', 'rank', 'draw_order', 'selected'", score_column)
-    taken = sorted(reserved & set(dataset.column_names or []))
+    taken = sorted(reserved & set(pool_columns or []))
     if taken:
         raise param_error("dataset", owner, f"a pool without the columns {sorted(reserved)} that the selection adds "
                           "(re-selecting from a selection? drop them with remove_columns first)", taken)
@@ -603,7 +642,7 @@ def run_selection(
         for side, name in ((target, "target"), (negative_target, "negative_target")):
             if isinstance(side, np.ndarray):
                 check_magnitude(check_embeddings(side, name, owner), name, owner)
-    cache = check_writable_folder(cache_root(cache_dir), "cache_dir", owner)
+    cache = check_cache_dir(cache_dir, owner)
     from datasets import is_caching_enabled
 
     caching = is_caching_enabled()  # datasets.disable_caching() turns our caches off too
@@ -630,8 +669,12 @@ def run_selection(
             raise param_error("dataset", owner, f"an in-memory Dataset for the text selector {probe.name!r}", "an IterableDataset")
         if isinstance(target, np.ndarray):
             raise param_error("target", owner, f"texts (a Dataset or list of str) for the text selector {probe.name!r}", "an embedding array", exc=TypeError)
-        candidates: Any = _texts_of(part, column, "dataset")
-        target_side: Any = _texts_of(target, target_column, "target")
+        from .embed import check_texts
+
+        # The rules the encoder path applies (str, not blank), before the text selector reads a row.
+        candidates: Any = check_texts(_texts_of(part, column, "dataset"), column=column, owner=owner)
+        target_side: Any = check_texts(_texts_of(target, target_column, "target"), column=target_column if isinstance(target, Dataset) else None,
+                                       owner=f"{owner} (target)")
         key_parts: tuple[Any, ...] = (fingerprints["pool"], fingerprints["target"])
         if extras["active"]:  # the filters and the guard work on vectors; embed once (cached)
             if embeddings is not None:
@@ -677,6 +720,8 @@ def run_selection(
     timings["embed_s"] = time.perf_counter() - t
     n_local = len(candidates) if pool_emb is None else pool_emb.shape[0]
     offset, n_pool = comm.exclusive_offset(n_local)
+    if pool_emb is not None:  # vectors handed in (or an encoder that overflowed): refused by every method, on every process
+        _check_finite_vectors(pool_emb, target_emb, offset, comm, owner, "embeddings" if embeddings is not None else "dataset")
     if not probe.replaces and k > n_pool:
         raise param_error("k", owner, f"an int in [1, {n_pool}] (the pool's rows)", k)
     key_parts = (*key_parts, comm.rank, comm.world_size, _digest(np.concatenate(comm.all_gather(np.frombuffer(

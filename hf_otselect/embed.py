@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from ._checks import check_choice, check_int, param_error
+from ._checks import check_choice, check_int, check_path_type, check_writable_folder, param_error
 from .cache import load_array, save_array
 
 if TYPE_CHECKING:  # keep `import hf_otselect` light: torch/transformers load on first use
@@ -526,13 +526,18 @@ class _Engine:
         elif self.num_proc > 1:  # a loaded model cannot be sent to spawned workers
             raise param_error("num_proc", owner, "1 when model is a SentenceTransformer instance (pass its path to use workers)", num_proc)
         self.folder: Path | None = None
+        if cache_dir is not None:
+            check_path_type(cache_dir, "cache_dir", owner)
         if use_cache:
             identity = _encoder_identity(self.name, revision) if self.st is None else _sentence_transformer_identity(self.st)
             key = {"v": _CACHE_VERSION, "encoder": identity, "pooling": pooling,
                    "max_length": max_length, "normalize": normalize, "precision": _precision(self.device)}
             self.settings_key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-            root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+            # Writable now, not after the first shard is encoded (the shard would be thrown away).
+            root = check_writable_folder(cache_dir if cache_dir is not None else default_cache_dir(), "cache_dir", owner)
             self.folder = root / self.settings_key[:20]
+            if self.folder.exists():
+                check_writable_folder(self.folder, "cache_dir", owner)
         self._encoder: tuple[Any, Any, str] | None = None
         self.bar: Any = None
 

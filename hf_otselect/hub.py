@@ -10,10 +10,13 @@ directory, or ``<local>/<file name>`` outside it, so no home directory or user n
 commit through ``huggingface_hub``; the card's header holds both our fields and the ``configs`` /
 ``dataset_info`` metadata that ``Dataset.push_to_hub`` writes. The token comes from the usual
 sources (``HF_TOKEN``, ``hf auth login``) or ``token=`` and is never printed, logged or written.
+Each request has a timeout and 429 / 5xx answers are retried (:mod:`hf_otselect._hub_http`); a
+failure is one :class:`HubError` line with any token redacted.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -28,11 +31,13 @@ import yaml
 from huggingface_hub import DatasetCard
 
 from ._checks import param_error, short_repr
+from ._hub_http import DEFAULT_RETRIES, HubError, check_retries, hub_call, resolve_timeout
+from ._redact import remember_secret
 from .config import SelectionConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_card", "check_repo_id", "config_from_card", "public_provenance", "push"]
+__all__ = ["HubError", "build_card", "check_repo_id", "config_from_card", "public_provenance", "push"]
 
 _METHODS = {
     "got_d": "GOT-D (Kang et al., ICLR 2024): candidates ranked by the gradient of the entropic OT distance "
@@ -233,14 +238,27 @@ The YAML header of this card holds the full job configuration under `hf_otselect
 _CARD_HEADER = re.compile(r"\A\s*---[ \t]*\r?\n(.*?)(?:\r?\n)?^---[ \t]*$", re.DOTALL | re.MULTILINE)
 
 
-def config_from_card(card: str | os.PathLike | DatasetCard) -> SelectionConfig:
+def config_from_card(
+    card: str | os.PathLike | DatasetCard, *, trust_remote_code: bool = False, repo_id: str | None = None,
+) -> SelectionConfig:
     """Read the job configuration back from a card.
+
+    A card is untrusted (anyone can edit one), so two settings are never replayed from it alone:
+    ``embedding.trust_remote_code`` (it runs the model repository's own code) and the push target
+    (``push_to_hub`` / ``hub.repo_id``: where the selected rows would be sent). The caller passes
+    them; a card that asks for either is read with a warning that says what was left out.
 
     Parameters
     ----------
     card : str, PathLike or DatasetCard
         The card's text (what ``README.md`` holds, starting with its ``---`` YAML header), the path
-        of such a file, or a loaded :class:`~huggingface_hub.DatasetCard`.
+        of such a file, or a loaded :class:`~huggingface_hub.DatasetCard`. At most
+        :data:`hf_otselect.config.MAX_YAML_BYTES` (1 MiB) of UTF-8 in each form.
+    trust_remote_code : bool, default False
+        Replay the card's ``embedding.trust_remote_code: true``; without it the config says false.
+    repo_id : str, optional
+        Push the rerun's selection to this repository (``push_to_hub`` on, ``hub.repo_id`` this);
+        without it the config pushes nothing, whatever the card says.
 
     Returns
     -------
@@ -253,8 +271,12 @@ def config_from_card(card: str | os.PathLike | DatasetCard) -> SelectionConfig:
     anchors or aliases, no duplicate keys, bounded size and depth), never with the card library's
     own unbounded ``yaml.safe_load``.
     """
-    from .config import load_yaml, read_text_file
+    from .config import check_text_size, load_yaml, read_text_file
 
+    if not isinstance(trust_remote_code, bool):
+        raise param_error("trust_remote_code", "config_from_card", "a bool", trust_remote_code, exc=TypeError)
+    if repo_id is not None:
+        check_repo_id(repo_id)
     if isinstance(card, DatasetCard):
         text, source = str(card.content), "The 'card' text"
     elif isinstance(card, os.PathLike) or (isinstance(card, str) and not _looks_like_card_text(card)):
@@ -264,12 +286,22 @@ def config_from_card(card: str | os.PathLike | DatasetCard) -> SelectionConfig:
         text, source = card, "The 'card' text"
     else:
         raise param_error("card", "config_from_card", "the card's text, its path or a DatasetCard", type(card).__name__, exc=TypeError)
+    check_text_size(text, source)  # the rule a file meets, for the text and the loaded card too
     header = _CARD_HEADER.match(text.lstrip("\ufeff"))
     meta = load_yaml(header.group(1), f"{source} (YAML header)") if header else None
     meta = meta.get("hf_otselect") if isinstance(meta, dict) else None
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
         raise param_error("card", "config_from_card", "a card written by hf_otselect (YAML key 'hf_otselect.config')", "a card without it")
-    return SelectionConfig.from_dict(meta["config"])
+    config = SelectionConfig.from_dict(meta["config"])
+    if config.embedding.trust_remote_code and not trust_remote_code:
+        logger.warning("%s asks for embedding.trust_remote_code=true (it runs the model repository's own code); not "
+                       "replayed: pass trust_remote_code=True to config_from_card if you trust that code.", source)
+        config.embedding.trust_remote_code = False
+    if (config.push_to_hub or config.hub.repo_id) and repo_id is None:
+        logger.warning("%s pushes the selection to %s (push_to_hub=%s); not replayed: pass repo_id='user/name' to "
+                       "config_from_card to push.", source, short_repr(config.hub.repo_id), str(config.push_to_hub).lower())
+    config.push_to_hub, config.hub.repo_id = repo_id is not None, repo_id
+    return config.validate()
 
 
 def _looks_like_card_text(card: str) -> bool:
@@ -354,6 +386,8 @@ def push(
     token: str | None = None,
     license: str = "unknown",
     max_shard_size: int | str = "500MB",
+    timeout: float | None = None,
+    retries: int = DEFAULT_RETRIES,
 ) -> str:
     """Upload a finished selection to the Hub dataset repository ``repo_id`` in one commit.
 
@@ -387,16 +421,30 @@ def push(
         The card's ``license`` field (a selection inherits the pool's licences).
     max_shard_size : int or str, default "500MB"
         Largest parquet shard, in Arrow bytes, as in ``push_to_hub``.
+    timeout : float, optional
+        Seconds each Hub request may wait to connect, send or receive; default
+        ``$HF_HUB_DOWNLOAD_TIMEOUT``, else 60.
+    retries : int, default 3
+        Tries after the first of a request the Hub answered with 429 or 5xx (1, 2, 4 s apart).
 
     Returns
     -------
     str
         The repository id.
+
+    Raises
+    ------
+    HubError
+        A request got no answer within ``timeout``, the Hub could not be reached, or it refused a
+        step (after the retries, for 429 / 5xx): one line, with no token in it.
     """
     from datasets.utils.py_utils import convert_file_size_to_int
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
+    remember_secret(token)
     check_repo_id(repo_id)
+    timeout = resolve_timeout(timeout, "push")
+    retries = check_retries(retries, "push")
     if not isinstance(split, str) or not re.fullmatch(r"\w+(\.\w+)*", split):
         raise param_error("split", "push", "a split name of letters, digits, '_' and '.'", split)
     shard_bytes = convert_file_size_to_int(max_shard_size)
@@ -414,10 +462,16 @@ def push(
         uploads["selection.json"] = (json.dumps(provenance, indent=2, sort_keys=True) + "\n").encode("utf-8")
         logger.info("Pushing %d rows (%d parquet shards) and the card to the Hub dataset %s, split %s",
                     len(selected), len(files), repo_id, split)
-        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-        stale = [f for f in api.list_repo_files(repo_id, repo_type="dataset") if f.startswith("data/") and f not in uploads]
-        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=src) for name, src in uploads.items()]
-        operations += [CommitOperationDelete(path_in_repo=f) for f in stale]
-        api.create_commit(repo_id, operations=operations, repo_type="dataset",
-                          commit_message=f"Selection of {len(selected)} rows by hf_otselect ({provenance['method']})")
+        call = functools.partial(hub_call, endpoint=api.endpoint, timeout=timeout, retries=retries)
+        call("create_repo", lambda: api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True))
+        files_there = call("list_repo_files", lambda: api.list_repo_files(repo_id, repo_type="dataset"))
+        stale = [f for f in files_there if f.startswith("data/") and f not in uploads]
+
+        def commit() -> Any:  # fresh operations on each try: an operation records its own upload
+            operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=src) for name, src in uploads.items()]
+            operations += [CommitOperationDelete(path_in_repo=f) for f in stale]
+            return api.create_commit(repo_id, operations=operations, repo_type="dataset",
+                                     commit_message=f"Selection of {len(selected)} rows by hf_otselect ({provenance['method']})")
+
+        call("the commit", commit)
     return repo_id

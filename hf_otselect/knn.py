@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ._checks import check_choice, check_embeddings, check_float, check_int, param_error
+from ._checks import check_choice, check_embeddings, check_float, check_int, check_seed, param_error
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def index_from_blocks(
         nlist = default_nlist(n) if nlist is None else nlist
         quantizer = faiss.IndexFlatL2(dim) if metric == "l2" else faiss.IndexFlatIP(dim)
         idx = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss_metric)
-        idx.cp.seed = seed
+        idx.cp.seed = seed % 2**31  # FAISS keeps a C int; the row sample below takes the full seed
         idx.cp.niter = 10
         n_train = min(n, 40 * nlist)
         rng = np.random.default_rng(seed)
@@ -248,7 +248,7 @@ def knn_search(
     owner = "knn_search"
     queries, base = _check_common(queries, base, metric, index, owner, ["auto", "flat", "ivf", "hnsw"])
     k = check_int(k, "k", owner, 1)
-    seed = check_int(seed, "seed", owner, 0)
+    seed = check_seed(seed, "seed", owner)
     n = base.shape[0]
     k = min(k, n)
     kind = ("flat" if n <= FLAT_MAX_BASE else "ivf") if index == "auto" else index
@@ -342,7 +342,7 @@ def radius_search(
     owner = "radius_search"
     queries, base = _check_common(queries, base, metric, index, owner, ["auto", "flat", "ivf"])
     radius = check_float(radius, "radius", owner, 0.0 if metric == "l2" else None, low_open=True)
-    seed = check_int(seed, "seed", owner, 0)
+    seed = check_seed(seed, "seed", owner)
     batch_size = check_int(batch_size, "batch_size", owner, 1)
     kind = "flat" if index == "auto" else index
     if nlist is not None:

@@ -189,9 +189,13 @@ def _as_weights(w: Any, n: int, name: str, owner: str) -> np.ndarray:
     return arr / arr.sum()
 
 
-def _resolve_device(device: Any) -> Any:
+def _resolve_device(device: Any, owner: str) -> Any:
     import torch
 
+    if isinstance(device, str):  # the one resolver: 'cuda' on a machine without it is refused, named
+        from .embed import resolve_device
+
+        device = resolve_device(device, owner)
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -291,7 +295,7 @@ class ShardedSinkhornResult:
 
         rows = np.asarray(rows)
         dtype = np.float64 if self.y.dtype == np.float64 and rows.dtype == np.float64 else np.float32
-        dev = _resolve_device(device)
+        dev = _resolve_device(device, "ShardedSinkhornResult.c_transform")
         prep = _prep(self.center, self.scale, dtype, dev)
         s2 = self.scale * self.scale
         eps = self.eps / s2
@@ -494,7 +498,7 @@ def sharded_sinkhorn(
                         f"({lo:g} to {hi:g} times their mean squared distance {mean_cost:.3g}; or pass a multiple "
                         "of it with eps_mode='relative')")
         raise param_error(eps_name, owner, expected, eps)
-    dev = _resolve_device(device)
+    dev = _resolve_device(device, "sharded_sinkhorn")
     init = None
     if start == "geomloss":
         if comm.world_size > 1:
@@ -640,7 +644,7 @@ def sinkhorn_potentials(
     n, m = len(xa), len(ya)
     if backend == "auto":
         backend = "tensorized" if n * m * xa.dtype.itemsize <= memory_budget else "blocked"
-    dev = _resolve_device(device)
+    dev = _resolve_device(device, owner)
     # The in-memory back ends are the sharded solver on one process: "tensorized" keeps the
     # kernel, "blocked" recomputes it, "geomloss" starts from GeomLoss's potentials.
     r = sharded_sinkhorn(

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 from datasets import Dataset, DatasetDict, concatenate_datasets
 
-from ._checks import check_embeddings, check_float, check_int, param_error
+from ._checks import check_embeddings, check_float, check_int, check_seed, param_error
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ def prefilter_sources(
     candidates = check_embeddings(candidates, "candidates", owner)
     target = check_embeddings(target, "target", owner, dim=candidates.shape[1])
     opts = check_prefilter({"keep": keep, "max_distance": max_distance, "sample_size": sample_size, "eps": eps}, owner)
-    seed = check_int(seed, "seed", owner, 0)
+    seed = check_seed(seed, "seed", owner)
     labels = np.asarray([str(s) for s in sources], dtype=object)
     n = candidates.shape[0]
     if labels.shape != (n,):

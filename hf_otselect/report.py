@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from ._checks import check_float, check_int, param_error
+from ._checks import check_float, check_int, check_seed, param_error
 from .selectors.base import descending_order
 
 logger = logging.getLogger(__name__)
@@ -792,7 +792,7 @@ def write_report(
     """
     n_examples = check_int(n_examples, "n_examples", _OWNER, 0)
     duplicate_threshold = check_float(duplicate_threshold, "duplicate_threshold", _OWNER, -1.0, 1.0)
-    seed = check_int(seed, "seed", _OWNER, 0)
+    seed = check_seed(seed, "seed", _OWNER)
     if columns is not None and (isinstance(columns, str) or not all(isinstance(c, str) for c in columns)):
         raise param_error("columns", _OWNER, "a sequence of column names (str) or None", columns, exc=TypeError)
     folder = Path(output_dir)

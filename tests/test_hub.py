@@ -26,6 +26,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -55,6 +56,11 @@ class LocalHub(http.server.ThreadingHTTPServer):
         self.lfs: dict[str, bytes] = {}  # sha256 -> content
         self.requests: list[dict] = []  # method, path, headers, body
         self.lock = threading.Lock()
+        # Faults to inject, by endpoint (the handler's name): each a list of "hang" (accept, read the
+        # request, never answer) or an HTTP status to answer, used up in order; then the endpoint works.
+        self.faults: dict[str, list] = {}
+        self.echo_authorization = False  # error bodies and X-Error-Message repeat the Authorization header
+        self.closing = threading.Event()
 
     @property
     def url(self) -> str:
@@ -68,6 +74,7 @@ class LocalHub(http.server.ThreadingHTTPServer):
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.closing.set()  # releases the handlers told to hang
         self._timer.cancel()
         self.shutdown()
         self.server_close()
@@ -102,10 +109,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _error_text(self, text: str) -> str:
+        if self.server.echo_authorization:  # as a careless proxy or server does
+            return f"{text}; request had Authorization: {self.headers.get('Authorization')}"
+        return text
+
+    def _error_headers(self) -> dict[str, str]:
+        return {"X-Error-Message": self._error_text("refused")} if self.server.echo_authorization else {}
+
     def _authorised(self) -> bool:
         if self.headers.get("Authorization") == f"Bearer {self.server.token}":
             return True
-        self._reply(401, {"error": "Invalid credentials in Authorization header"})
+        self._reply(401, {"error": self._error_text("Invalid credentials in Authorization header")}, self._error_headers())
         return False
 
     def _handle(self, method: str) -> None:
@@ -116,6 +131,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         for pattern, handler in _ROUTES:
             m = re.fullmatch(pattern, f"{method} {path}")
             if m:
+                with self.server.lock:
+                    queue = self.server.faults.get(handler.__name__) or []
+                    fault = queue.pop(0) if queue else None
+                if fault == "hang":
+                    self.server.closing.wait(SERVER_LIFETIME_S)
+                    self.close_connection = True
+                    return None
+                if fault is not None:
+                    return self._reply(fault, {"error": self._error_text(f"injected failure {fault}")}, self._error_headers())
                 return handler(self, body, **m.groupdict())
         self._reply(404, {"error": f"the stand-in has no route for {method} {path}"})
 
@@ -255,13 +279,15 @@ def hub():
         yield server
 
 
-def _cli_push(folder: Path, hub: LocalHub, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
+def _cli_push(folder: Path, hub: LocalHub, cwd: Path, *extra: str, verbose: bool = True, token: str = FAKE_TOKEN,
+              env_extra: dict[str, str] | None = None, timeout: float = SERVER_LIFETIME_S) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
     env.update(TRANSFORMERS_OFFLINE="0",  # CI sets it, and huggingface_hub reads it as HF_HUB_OFFLINE
-               HF_ENDPOINT=hub.url, HF_TOKEN=FAKE_TOKEN, HF_HUB_DISABLE_XET="1", HF_HUB_VERBOSITY="debug",
-               HF_HUB_DISABLE_TELEMETRY="1", HF_HOME=str(cwd / "hf_home"), PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "hf_otselect.cli", "--verbose", "push", str(folder), "--repo-id", "user/selection", *extra],
-                          capture_output=True, text=True, env=env, cwd=cwd, timeout=SERVER_LIFETIME_S)
+               HF_ENDPOINT=hub.url, HF_TOKEN=token, HF_HUB_DISABLE_XET="1", HF_HUB_VERBOSITY="debug",
+               HF_HUB_DISABLE_TELEMETRY="1", HF_HOME=str(cwd / "hf_home"), PYTHONPATH=str(REPO), **(env_extra or {}))
+    flags = ["--verbose"] if verbose else []
+    return subprocess.run([sys.executable, "-m", "hf_otselect.cli", *flags, "push", str(folder), "--repo-id", "user/selection", *extra],
+                          capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
 
 
 # ----------------------------------------------------------------------------------- fixtures
@@ -449,3 +475,150 @@ def test_push_logs_never_show_the_token(finished, monkeypatch, caplog):
     with caplog.at_level(logging.DEBUG), pytest.raises(Exception) as err:
         push(finished, "user/selection", token=FAKE_TOKEN)
     assert FAKE_TOKEN not in caplog.text + str(err.value) + repr(err.value)
+
+
+# ----------------------------------------------------------------------------------- network failures
+@pytest.fixture
+def online(hub, monkeypatch):
+    """This process's huggingface_hub talks to the stand-in (CI runs the suite offline)."""
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", hub.url)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+
+
+def _error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("hf-otselect: error:")]
+
+
+@pytest.mark.parametrize(("endpoint", "how"), [("create_repo", "flag"), ("create_repo", "env"), ("commit", "flag")])
+def test_a_hub_that_never_answers_fails_within_the_timeout_in_one_line(tmp_path, hub, endpoint, how):
+    # The stand-in accepts the connection, reads the request and never answers: without a timeout
+    # the push waited forever (the child is killed at 60 s here, which fails the test).
+    work = tmp_path / "work"
+    work.mkdir()
+    folder = _job_folder(tmp_path, _provenance(), "folders")
+    hub.faults[endpoint] = ["hang"] * 10
+    extra, env = (["--timeout", "2"], None) if how == "flag" else ([], {"HF_HUB_DOWNLOAD_TIMEOUT": "2"})
+    t0 = time.monotonic()
+    proc = _cli_push(folder, hub, work, *extra, verbose=False, env_extra=env, timeout=60)
+    elapsed = time.monotonic() - t0
+    step = "create_repo" if endpoint == "create_repo" else "the commit"
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert _error_lines(proc.stderr) == [f"hf-otselect: error: The Hub at {hub.url} did not answer {step} within 2 s "
+                                         "(set a longer timeout with --timeout, timeout= or HF_HUB_DOWNLOAD_TIMEOUT if the Hub is slow)."]
+    assert "Traceback" not in proc.stderr
+    assert elapsed < 45  # the interpreter's start and imports, then 2 s per request
+    assert "user/selection" not in hub.repos or not hub.repos["user/selection"]["files"]
+
+
+def test_the_library_push_times_out_and_leaves_the_shared_client_as_it_was(finished, hub, monkeypatch, online):
+    from huggingface_hub.utils import get_session
+
+    from hf_otselect.hub import HubError
+
+    hub.faults["create_repo"] = ["hang"]
+    before = get_session().timeout
+    t0 = time.monotonic()
+    with pytest.raises(HubError, match=r"did not answer create_repo within 0.5 s"):
+        push(finished, "user/selection", token=FAKE_TOKEN, timeout=0.5)
+    assert time.monotonic() - t0 < 10
+    assert get_session().timeout == before  # the caller's client keeps its own settings
+    for bad, exc in ((0, ValueError), (-1.0, ValueError), ("5", TypeError)):
+        with pytest.raises(exc, match=r"The 'timeout' parameter of push must be a float in \(0.0, inf\]"):
+            push(finished, "user/selection", token=FAKE_TOKEN, timeout=bad)
+    with pytest.raises(ValueError, match=r"The 'retries' parameter of push must be an int in \[0, 10\]"):
+        push(finished, "user/selection", token=FAKE_TOKEN, retries=-1)
+    monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match=r"The 'HF_HUB_DOWNLOAD_TIMEOUT' parameter of push \(environment variable\)"):
+        push(finished, "user/selection", token=FAKE_TOKEN)
+
+
+@pytest.mark.slow
+def test_a_5xx_answer_is_retried_and_the_push_completes(tmp_path, hub):
+    work = tmp_path / "work"
+    work.mkdir()
+    folder = _job_folder(tmp_path, _provenance(), "folders")
+    hub.faults.update(create_repo=[500, 503], tree=[502], commit=[500])
+    proc = _cli_push(folder, hub, work, verbose=False, timeout=90)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(hub.repos["user/selection"]["files"]) == ["README.md", "data/train-00000-of-00001.parquet", "selection.json"]
+    creates = [r for r in hub.requests if r["path"] == "/api/repos/create"]
+    assert len(creates) == 3 and "The Hub answered 500 to create_repo; retrying in 1 s (retry 1 of 3)" in proc.stderr
+    assert len(hub.repos["user/selection"]["commits"]) == 1
+
+
+def test_retries_are_bounded_and_a_4xx_is_not_retried(finished, hub, monkeypatch, online):
+    from hf_otselect.hub import HubError
+
+    monkeypatch.setattr("hf_otselect._hub_http._BACKOFF_S", 0.01)
+    hub.faults["create_repo"] = [500] * 5
+    with pytest.raises(HubError, match=r"refused create_repo after 3 tries \(HTTP 500\)"):
+        push(finished, "user/selection", token=FAKE_TOKEN, retries=2)
+    assert sum(r["path"] == "/api/repos/create" for r in hub.requests) == 3
+    hub.requests.clear()
+    hub.faults["create_repo"] = [403]
+    with pytest.raises(HubError, match=r"refused create_repo \(HTTP 403\)"):
+        push(finished, "user/selection", token=FAKE_TOKEN)
+    assert sum(r["path"] == "/api/repos/create" for r in hub.requests) == 1
+
+
+OTHER_TOKEN = "my-endpoint-secret-not-hf-shaped-42"
+
+
+@pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "verbose"])
+@pytest.mark.parametrize(("case", "token"), [("403 echoing the token", FAKE_TOKEN), ("403 echoing a non-hf token", OTHER_TOKEN),
+                                             ("401 for a wrong token", "hf_" + "W" * 34)], ids=["403", "403-not-hf-shaped", "401"])
+def test_an_error_that_echoes_the_authorization_header_prints_no_token(tmp_path, hub, verbose, case, token):
+    work = tmp_path / "work"
+    work.mkdir()
+    folder = _job_folder(tmp_path, _provenance(), "folders")
+    hub.echo_authorization = True
+    if case.startswith("403"):
+        hub.token = token
+        hub.faults["create_repo"] = [403]
+    proc = _cli_push(folder, hub, work, verbose=verbose, token=token, timeout=60)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert any(token in r["headers"].get("authorization", "") for r in hub.requests)  # it was sent, and echoed
+    assert token not in proc.stdout + proc.stderr
+    lines = _error_lines(proc.stderr)
+    assert len(lines) == 1 and "<redacted>" in lines[0] and "refused create_repo" in lines[0], proc.stderr[-3000:]
+    assert ("Traceback" in proc.stderr) == verbose
+
+
+def test_redact_removes_registered_secrets_hf_tokens_and_bearer_values():
+    from hf_otselect._redact import redact, remember_secret
+
+    remember_secret("custom-secret-value-123")
+    other = "hf_" + "a1B2" * 9
+    text = f"token custom-secret-value-123 and {other}, Authorization: Bearer xyz.abc-def; hf_otselect hf_home HF_TOKEN"
+    out = redact(text)
+    assert "custom-secret-value-123" not in out and other not in out and "xyz.abc-def" not in out
+    assert out.count("<redacted>") == 3 and "hf_otselect hf_home HF_TOKEN" in out
+    assert redact(ValueError(f"bad {FAKE_TOKEN}")) == "bad <redacted>"
+
+
+def test_log_records_of_every_logger_reach_their_handlers_redacted():
+    code = f"""
+import logging, warnings
+from hf_otselect._redact import install_log_redaction, remember_secret
+logging.basicConfig(level=logging.DEBUG)
+install_log_redaction()
+remember_secret("custom-secret-value-123")
+other = logging.getLogger("somelib")
+other.addHandler(logging.StreamHandler())  # a library's own handler, as huggingface_hub has
+other.warning("sent %s and %s", "custom-secret-value-123", "Bearer abc.def")
+try:
+    raise RuntimeError("server said {FAKE_TOKEN}")
+except RuntimeError:
+    logging.getLogger("x").exception("failed")
+warnings.warn("token {FAKE_TOKEN} in a warning")
+logging.getLogger("y").info("%d", "not a number")  # a malformed call stays a log line
+print("done")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr
+    err = proc.stderr
+    assert "custom-secret-value-123" not in err and FAKE_TOKEN not in err and "abc.def" not in err
+    assert err.count("sent <redacted> and Bearer <redacted>") == 2  # its own handler and the root's
+    assert "RuntimeError: server said <redacted>" in err and "token <redacted> in a warning" in err
+    assert "(arguments ('not a number',))" in err

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from .._checks import check_choice, check_embeddings, check_int, check_magnitude, param_error
+from .._checks import check_choice, check_embeddings, check_int, check_magnitude, check_seed, check_solver_device, param_error
 from ..dist import LOCAL, Comm, PoolView, TextView
 
 ChoiceMode = Literal["top_k", "sample", "log_sample"]
@@ -155,11 +155,14 @@ class Selector(ABC):
         seed : int, default 0
             Seed of the random generator used for ties-free sampling; top-k ignores it.
         """
-        n = len(candidates)
-        if n == 0:  # said plainly, rather than as "k must be in [1, 0]"
+        if hasattr(candidates, "__len__") and len(candidates) == 0:  # said plainly, rather than as "k must be in [1, 0]"
             raise param_error("candidates", f"{type(self).__name__}.select", "a non-empty array or sequence (n_candidates >= 1)", "0 rows")
+        # The candidates' form before k: a 3-D array's len() is no row count to check k against.
+        owner = f"{type(self).__name__}.score"
+        candidates = as_texts(candidates, "candidates", owner) if self.needs_text else check_embeddings(candidates, "candidates", owner)
+        n = len(candidates)
         k = check_int(k, "k", f"{type(self).__name__}.select", 1, None if self.replaces else n)
-        seed = check_int(seed, "seed", f"{type(self).__name__}.select", 0)
+        seed = check_seed(seed, "seed", f"{type(self).__name__}.select")
         self.diagnostics_ = {}
         scores = np.asarray(self.score(candidates, target), dtype=np.float64)
         return SelectionResult(indices=self.choose_rows(scores, k, seed=seed), scores=scores, info=dict(self.diagnostics_))
@@ -185,6 +188,7 @@ class Selector(ABC):
             fn = getattr(self, hook, None)
             if callable(fn):
                 fn()
+        check_solver_device(self)  # 'cuda' on a machine without it: here, not as a torch assert mid-fit
 
     @classmethod
     def param_names(cls) -> list[str]:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .._checks import check_choice, check_embeddings, check_float, check_int, param_error
+from .._checks import check_choice, check_embeddings, check_float, check_int, check_seed, param_error
 from ..dist import LOCAL, Comm, PoolView
 from ..ot import EPS_MODES, ShardedSinkhornResult, nonconvergence_message, sharded_sinkhorn
 from .base import Selector, register
@@ -154,7 +154,7 @@ class GOTDSelector(Selector):
         check_float(self.negative_weight, "negative_weight", owner, 0.0)
         check_float(self.tol, "tol", owner, 0.0)
         check_int(self.max_iter, "max_iter", owner, 1)
-        check_int(self.seed, "seed", owner, 0)
+        check_seed(self.seed, "seed", owner)
         if self.chunk_size is not None:
             check_int(self.chunk_size, "chunk_size", owner, 2)
 

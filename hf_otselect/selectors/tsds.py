@@ -66,7 +66,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .. import knn
-from .._checks import MAGNITUDE_RANGE, check_choice, check_embeddings, check_float, check_int, check_magnitude, param_error
+from .._checks import MAGNITUDE_RANGE, check_choice, check_embeddings, check_float, check_int, check_magnitude, check_seed, param_error
 from ..dist import LOCAL, Comm, PoolView
 from .base import Selector, choose, register
 
@@ -459,7 +459,7 @@ class TSDSSelector(Selector):
         if self.nprobe is not None:
             check_int(self.nprobe, "nprobe", owner, 1)
         check_int(self.density_nprobe, "density_nprobe", owner, 1)
-        check_int(self.seed, "seed", owner, 0)
+        check_seed(self.seed, "seed", owner)
 
     def fit(self, pool: PoolView, target: Any, *, comm: Comm | None = None) -> TSDSState:
         """Neighbour lists, densities and water level over a (possibly sharded) pool.
@@ -696,7 +696,7 @@ def sample_epochs(
     ndarray of shape (n_epochs, k), int64
     """
     n_epochs = check_int(n_epochs, "n_epochs", "sample_epochs", 1)
-    seed = check_int(seed, "seed", "sample_epochs", 0)
+    seed = check_seed(seed, "seed", "sample_epochs")
     children = np.random.SeedSequence(seed).spawn(n_epochs)
     return np.stack(
         [choose(p, k, mode="sample", seed=int(c.generate_state(1)[0]), replace=replace) for c in children]
