@@ -315,8 +315,8 @@ def test_torchrun_one_two_and_three_processes_fit_the_same_sample_and_keep_the_s
 
 
 def test_the_calibrated_threshold_keeps_at_least_the_fraction_of_the_fit_rows_with_undrawable_rows(data, fitted):
-    f = fitted["dsir"]  # rows under chunk_tokens score -inf: never drawn
-    keys = choice_keys(f.score_rows(data["pool"]), np.arange(N_POOL), f.choice, f.seed)
+    f = fitted["tsds"]  # rows outside every query's neighbour list have probability 0: never drawn
+    keys = choice_keys(f.score_rows(data["x"], np.arange(N_POOL)), np.arange(N_POOL), f.choice, f.seed)
     assert np.isneginf(keys).any() and np.isfinite(keys).any()
     for fraction in np.linspace(0.0005, 1.0, 997):  # mostly between the calibration's grid points
         t = f.calibrated_threshold(float(fraction))
