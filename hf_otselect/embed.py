@@ -551,15 +551,20 @@ class _Engine:
             h.update(b)
         return self.folder / f"{h.hexdigest()}.npy"
 
+    def entry_key(self, path: Path) -> str:
+        """The cache key a shard is written and read under: a shard swapped or copied under another
+        name (or settings folder) is a miss, not another shard's vectors."""
+        return f"embeddings/{self.settings_key}/{path.stem}"
+
     def read(self, path: Path | None, rows: int) -> np.ndarray | None:
         """A cached shard of ``rows`` float32 vectors, verified against its checksum; else None."""
         if path is None:
             return None
-        return load_array(path, dtype=np.float32, ndim=2, rows=rows)
+        return load_array(path, key=self.entry_key(path), dtype=np.float32, ndim=2, rows=rows)
 
     def write(self, path: Path | None, arr: np.ndarray) -> None:
         if path is not None:
-            save_array(path, arr)  # atomic, checksum beside it: a killed run never leaves a half shard
+            save_array(path, arr, key=self.entry_key(path))  # atomic, checksum beside it: a killed run never leaves a half shard
 
     def compute(self, texts: list[str]) -> np.ndarray:
         if self.st is not None:  # its own tokenizer, pooling and max length decide; we keep the batching
