@@ -1,22 +1,26 @@
-"""Cache entries bound to their keys (issue 21, class 1).
+"""Cache entries bound to their keys (issue 21, class 1); an embedding cache keyed by each text (issue 23, item 3).
 
 A cached file that is well formed, with its own valid checksum, but lies under another key (moved,
-copied, swapped) must be a miss, logged and recomputed, never used.
+copied, swapped) must be a miss, logged and recomputed, never used. And the embedding cache must
+find every vector already computed whatever the pool's order, cut, size or process count.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from hf_otselect.cache import load_array, load_json, save_array, save_json, sidecar
-from hf_otselect.embed import embed
+from hf_otselect.embed import embed, iter_embeddings
 
-from .conftest import SAMPLE, read_jsonl
+from .conftest import REPO, SAMPLE, read_jsonl
 from .test_embed import encoded  # noqa: F401  (a fixture: the rows each encoder call gets)
 
 
@@ -157,3 +161,88 @@ def test_score_entries_swapped_or_copied_under_another_key_are_recomputed(tmp_pa
     np.testing.assert_array_equal(scores, first[1])
     if how == "swap-methods":
         np.testing.assert_array_equal(_select(cache, *other_run)[1], other[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# one key per text: order, cut, size, duplicates, streams
+
+
+def test_reordered_subset_and_superset_pools_read_every_vector_from_the_cache(texts, tmp_path, encoded):
+    cache = tmp_path / "cache"
+    rows = texts[:30]
+    want = embed(rows, shard_rows=8, **_kw(cache))
+    assert sum(encoded) == 30
+    perm = np.random.default_rng(0).permutation(30)
+    cases = {
+        "reversed": list(range(29, -1, -1)),
+        "shuffled": perm.tolist(),
+        "subset": perm[:11].tolist(),
+        "one row": [17],
+        "repeated rows": [3, 3, 9, 3, 9],
+    }
+    for name, order in cases.items():
+        encoded.clear()
+        got = embed([rows[i] for i in order], shard_rows=8, **_kw(cache))
+        assert encoded == [], name
+        assert got.tobytes() == want[order].tobytes(), name  # byte-identical: read, not recomputed
+    # A stream in another order reads the cache too.
+    encoded.clear()
+    blocks = list(iter_embeddings(iter([rows[i] for i in perm]), shard_rows=8, **_kw(cache)))
+    assert encoded == []
+    assert np.concatenate(blocks).tobytes() == want[perm].tobytes()
+    # A superset: only its new texts are encoded, each once, the old rows byte-identical.
+    new = texts[30:36]
+    grown = [*new[:3], *rows[::-1], *new[3:], new[0]]
+    encoded.clear()
+    got = embed(grown, shard_rows=8, **_kw(cache))
+    assert encoded == [6]
+    assert got[3:33].tobytes() == want[::-1].tobytes()
+    assert got[-1].tobytes() == got[0].tobytes()
+    encoded.clear()
+    np.testing.assert_array_equal(embed(new, **_kw(cache)), got[[0, 1, 2, 33, 34, 35]])
+    assert encoded == []
+
+
+def test_a_pool_with_repeated_texts_encodes_each_once(texts, tmp_path, encoded):
+    pool = [texts[i % 5] for i in range(23)]
+    got = embed(pool, shard_rows=4, **_kw(tmp_path / "cache"))
+    assert sum(encoded) == 5
+    ref = embed(texts[:5], **_kw(tmp_path / "cache", use_cache=False))
+    np.testing.assert_allclose(got, ref[np.arange(23) % 5], atol=1e-6, rtol=0)
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+            "PYTHONPATH": str(REPO)}
+
+
+def _job(tmp_path: Path, out: Path, cache: Path, pool: Path, world: int) -> subprocess.CompletedProcess:
+    launcher = [sys.executable] if world == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]
+    cmd = [*launcher, "-m", "hf_otselect.cli", "select", "--config", str(REPO / "configs" / "demo.yaml"),
+           f"pool.path={pool}", f"target.path={SAMPLE / 'target.jsonl'}", "target.max_rows=10", "k=8",
+           "method=similarity", "embedding.max_length=32", "embedding.shard_rows=16", f"cache_dir={cache}",
+           f"output_dir={out}", "report=false", "save_embeddings=true"]
+    return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=tmp_path)
+
+
+@pytest.mark.slow
+def test_a_two_process_job_on_a_reordered_pool_reads_every_vector_the_one_process_job_cached(tmp_path):
+    rows = read_jsonl(SAMPLE / "pool.jsonl")[::20][:60]
+    (tmp_path / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    cache = tmp_path / "cache"
+    one = _job(tmp_path, tmp_path / "one", cache, tmp_path / "pool.jsonl", 1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "Embedding with" in one.stdout + one.stderr  # the log line this test looks for below
+    cached = {p: p.stat().st_mtime_ns for p in (cache / "embeddings").rglob("*")}
+    assert cached
+    # The same pool, its two halves swapped, on two processes: each rank's part was a block of
+    # the other process layout, and each rank's rows now sit at other offsets.
+    (tmp_path / "swapped.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[30:] + rows[:30]), encoding="utf-8")
+    two = _job(tmp_path, tmp_path / "two", cache, tmp_path / "swapped.jsonl", 2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in (cache / "embeddings").rglob("*")} == cached, "a vector was encoded again"
+    assert "Embedding with" not in two.stdout + two.stderr  # no process loaded the encoder
+    ones = np.load(tmp_path / "one" / "embeddings" / "pool.npy")
+    twos = np.concatenate([np.load(p) for p in sorted((tmp_path / "two" / "embeddings").glob("pool-*.npy"))])
+    assert twos.tobytes() == np.concatenate([ones[30:], ones[:30]]).tobytes()
