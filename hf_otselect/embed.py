@@ -546,9 +546,9 @@ class _Engine:
             self.settings_key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
             root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
             self.folder = root / self.settings_key[:20]
-        self._store: VectorStore | None = None
         self._encoder: tuple[Any, Any, str] | None = None
         self.bar: Any = None
+        self._store: VectorStore | None = None
 
     def encoder(self) -> tuple[Any, Any, str]:
         if self._encoder is None:
