@@ -55,14 +55,14 @@ def _shard_times(folder: Path, rows: int, repeats: int) -> tuple[list[float], li
     arr = np.random.default_rng(0).standard_normal((rows, 384)).astype(np.float32)
     plain_path, checked_path = folder / "plain.npy", folder / "checked.npy"
     np.save(plain_path, arr, allow_pickle=False)
-    save_array(checked_path, arr)
+    save_array(checked_path, arr, key="benchmark")
     plain, checked = [], []
     for _ in range(repeats):
         t = time.perf_counter()
         np.load(plain_path, allow_pickle=False)
         plain.append(time.perf_counter() - t)
         t = time.perf_counter()
-        assert load_array(checked_path, dtype=np.float32, ndim=2, rows=rows) is not None
+        assert load_array(checked_path, key="benchmark", dtype=np.float32, ndim=2, rows=rows) is not None
         checked.append(time.perf_counter() - t)
     return plain, checked
 

@@ -1,15 +1,19 @@
-"""Checked cache files: written atomically with a checksum beside them, verified on every read.
+"""Checked cache files: written atomically with their key and a checksum beside them, both verified on read.
 
 Every file the package caches (embedding shards, scores and their diagnostics) goes through
-:func:`save_array` / :func:`save_json` and comes back through :func:`load_array` /
-:func:`load_json`. A write puts the checksum in a small JSON sidecar ``<file>.check.json``
-(SHA-256 of the file's bytes and their count) and then the file itself, each through a
-temporary file in the same folder and ``os.replace``, so a killed writer leaves either the old
-entry, a sidecar without its file (a miss), or both complete. A read hashes the bytes it loads
-and compares them with the sidecar: a missing sidecar, a different length (a cut file) or a
-different digest (bytes changed with the ``.npy`` header intact) is logged, both files are
-removed, and the caller gets ``None`` and recomputes. A damaged entry is never used and never a
-permanent failure.
+:func:`save_array` / :func:`save_json` / :func:`write_checked` and comes back through
+:func:`load_array` / :func:`load_json` / :func:`read_checked`, always with the *key* the caller
+files it under. A write puts a small JSON sidecar ``<file>.check.json`` beside the file: the key,
+the file's name, the byte count and a SHA-256 over the key, the name and the bytes; then the file
+itself, each through a temporary file in the same folder and ``os.replace``, so a killed writer
+leaves either the old entry, a sidecar without its file (a miss), or both complete.
+
+A read checks, before the bytes are used: that a sidecar exists, that it was written for the key
+and the file name asked for (so a file moved, copied or swapped with its own valid sidecar, under
+another key or name, is not taken for this one: the sidecar verifies identity, not only bytes),
+the length (a cut file) and the digest (bytes changed with the ``.npy`` header intact, or a sidecar
+whose key was edited). Any failure is logged, both files are removed, and the caller gets ``None``
+and recomputes. A damaged or misplaced entry is never used and never a permanent failure.
 
 Why a sidecar and not a hash inside the name: the key of an entry is known before its content,
 and looking an entry up by key must not list a folder of thousands of shards. Why SHA-256 from
@@ -44,8 +48,20 @@ def sidecar(path: str | os.PathLike) -> Path:
     return path.with_name(path.name + ".check.json")
 
 
-def _digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def _digest(key: str, name: str, data: bytes) -> str:
+    """SHA-256 over the key, the file name and the bytes (each identity field length-prefixed)."""
+    h = hashlib.sha256()
+    for field in (key.encode("utf-8"), name.encode("utf-8")):
+        h.update(len(field).to_bytes(8, "little"))
+        h.update(field)
+    h.update(data)
+    return h.hexdigest()
+
+
+def _check_key(key: Any) -> str:
+    if not isinstance(key, str) or not key:
+        raise TypeError(f"A cache entry's key must be a non-empty str. Got {key!r} instead.")
+    return key
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -60,11 +76,23 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def write_checked(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically, its checksum first (see the module docstring)."""
+def write_checked(path: str | os.PathLike, data: bytes, *, key: str) -> None:
+    """Write ``data`` to ``path`` atomically under ``key``, its sidecar first (see the module docstring).
+
+    Parameters
+    ----------
+    path : path
+        The cached file.
+    data : bytes
+        Its content.
+    key : str
+        What the entry is for (a digest of every input of what it stores); a read must ask for
+        the same key, or the entry is a miss.
+    """
     path = Path(path)
+    key = _check_key(key)
     path.parent.mkdir(parents=True, exist_ok=True)
-    check = {"algorithm": _ALGO, "digest": _digest(data), "bytes": len(data)}
+    check = {"algorithm": _ALGO, "key": key, "name": path.name, "digest": _digest(key, path.name, data), "bytes": len(data)}
     _atomic_write(sidecar(path), json.dumps(check).encode())
     _atomic_write(path, data)
 
@@ -82,12 +110,14 @@ def discard(path: str | os.PathLike, reason: str) -> None:
             logger.warning("Could not remove %s (%s)", p, err)
 
 
-def read_checked(path: str | os.PathLike) -> bytes | None:
-    """The bytes of a cached file if they match their checksum; ``None`` when absent or damaged.
+def read_checked(path: str | os.PathLike, *, key: str) -> bytes | None:
+    """The bytes of a cached file if it was written under ``key`` and matches its checksum; else ``None``.
 
-    A damaged entry (no sidecar, unreadable sidecar, wrong length or digest) is logged and removed.
+    A damaged or misplaced entry (no sidecar, unreadable sidecar, another key or file name, wrong
+    length or digest) is logged and removed.
     """
     path = Path(path)
+    key = _check_key(key)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -98,6 +128,7 @@ def read_checked(path: str | os.PathLike) -> bytes | None:
     try:
         check = json.loads(sidecar(path).read_text(encoding="utf-8"))
         want, size = str(check["digest"]), int(check["bytes"])
+        written_key, written_name = check["key"], check["name"]
         if check["algorithm"] != _ALGO:
             raise ValueError(f"checksum algorithm {check['algorithm']!r}")
     except FileNotFoundError:
@@ -106,30 +137,36 @@ def read_checked(path: str | os.PathLike) -> bytes | None:
     except (OSError, ValueError, TypeError, KeyError) as err:
         discard(path, f"unreadable checksum: {type(err).__name__}")
         return None
+    if written_key != key or written_name != path.name:
+        discard(path, f"it was written as {written_name!r} under another key ({str(written_key)[:16]}..., not "
+                      f"{key[:16]}...): a moved, copied or swapped file")
+        return None
     if len(data) != size:
         discard(path, f"{len(data)} bytes where {size} were written")
         return None
-    if _digest(data) != want:
+    if _digest(key, path.name, data) != want:
         discard(path, "its checksum does not match its bytes")
         return None
     return data
 
 
-def save_array(path: str | os.PathLike, array: np.ndarray) -> None:
-    """Save ``array`` as a checked ``.npy`` file (no pickle)."""
+def save_array(path: str | os.PathLike, array: np.ndarray, *, key: str) -> None:
+    """Save ``array`` as a checked ``.npy`` file under ``key`` (no pickle)."""
     buf = io.BytesIO()
     np.save(buf, np.asarray(array), allow_pickle=False)
-    write_checked(path, buf.getvalue())
+    write_checked(path, buf.getvalue(), key=key)
 
 
-def load_array(path: str | os.PathLike, *, dtype: np.dtype | type | None = None, ndim: int | None = None,
+def load_array(path: str | os.PathLike, *, key: str, dtype: np.dtype | type | None = None, ndim: int | None = None,
                rows: int | None = None) -> np.ndarray | None:
-    """Load a checked ``.npy`` file; ``None`` when absent, damaged, or not the expected kind.
+    """Load a checked ``.npy`` file; ``None`` when absent, damaged, under another key, or not the expected kind.
 
     Parameters
     ----------
     path : path
         The cached file.
+    key : str
+        The key it must have been written under (see :func:`write_checked`).
     dtype, ndim, rows : optional
         What the caller expects; an array of another dtype, rank or row count is discarded too.
 
@@ -137,7 +174,7 @@ def load_array(path: str | os.PathLike, *, dtype: np.dtype | type | None = None,
     -------
     ndarray or None
     """
-    data = read_checked(path)
+    data = read_checked(path, key=key)
     if data is None:
         return None
     try:
@@ -153,14 +190,14 @@ def load_array(path: str | os.PathLike, *, dtype: np.dtype | type | None = None,
     return arr
 
 
-def save_json(path: str | os.PathLike, obj: Any) -> None:
-    """Save ``obj`` as a checked JSON file (NumPy scalars written as numbers)."""
-    write_checked(path, json.dumps(obj, default=float).encode("utf-8"))
+def save_json(path: str | os.PathLike, obj: Any, *, key: str) -> None:
+    """Save ``obj`` as a checked JSON file under ``key`` (NumPy scalars written as numbers)."""
+    write_checked(path, json.dumps(obj, default=float).encode("utf-8"), key=key)
 
 
-def load_json(path: str | os.PathLike) -> Any | None:
-    """Load a checked JSON file; ``None`` when absent or damaged."""
-    data = read_checked(path)
+def load_json(path: str | os.PathLike, *, key: str) -> Any | None:
+    """Load a checked JSON file; ``None`` when absent, damaged or under another key."""
+    data = read_checked(path, key=key)
     if data is None:
         return None
     try:

@@ -329,8 +329,10 @@ def _scores_cached(
     key = _digest(_SCORES_CACHE_VERSION, __version__, selector.name, type(selector).__qualname__, params, *key_parts)
     folder = cache_dir / "scores" / key
     scores_path, info_path = folder / "scores.npy", folder / "info.json"
-    scores = load_array(scores_path, dtype=np.float64, ndim=1, rows=len(candidates)) if use_cache else None
-    info = load_json(info_path) if scores is not None else None
+    # Each file is bound to this key (cache.py): an entry of another method, pool or target moved,
+    # copied or swapped into this folder is a miss, never another method's scores.
+    scores = load_array(scores_path, key=key, dtype=np.float64, ndim=1, rows=len(candidates)) if use_cache else None
+    info = load_json(info_path, key=key) if scores is not None else None
     hit = scores is not None and isinstance(info, dict)
     if int(comm.all_reduce(np.array([hit], dtype=np.int64), op="min")[0]):
         logger.info("Scores read from the cache (%s)", folder)
@@ -343,8 +345,8 @@ def _scores_cached(
     info = dict(getattr(selector, "diagnostics_", {}))
     if not use_cache:
         return scores, info
-    save_array(scores_path, scores)
-    save_json(info_path, info)
+    save_array(scores_path, scores, key=key)
+    save_json(info_path, info, key=key)
     return scores, info
 
 

@@ -7,16 +7,17 @@ stream (``IterableDataset`` / iterable of str or dict):
    before any model is loaded; lone surrogates are replaced by U+FFFD and very long texts are cut
    to a character bound derived from ``max_length`` (see :func:`_clip`), so neither can upset the
    tokenizer.
-2. **Shard** the rows (``shard_rows`` at a time). Each shard is *content-addressed*: its key is a
-   SHA-256 of the shard's texts, the encoder identity (model id or path, revision, and for a local
+2. **Look up** each text in the cache by its content: a key per text (SHA-256 of its UTF-8 bytes)
+   inside a folder named by the encoder identity (model id or path, revision, and for a local
    folder the name, size and mtime of each file in it) and every setting that changes the vectors
    (pooling, max_length, normalize, precision). So the Dataset, list and stream paths share one
-   cache, a second call does no forward pass, a changed setting misses, and a run killed mid-way
-   recomputes only the shards that were not finished. Shards are ``.npy`` files written atomically
-   (temporary file + ``os.replace``) under ``cache_dir`` (default
-   ``$HF_DATASETS_CACHE/hf_otselect/embeddings``). A datasets fingerprint would do for a
-   ``Dataset`` but not for lists or streams; hashing the texts costs ~1 ms per 4k short rows.
-3. **Encode** a shard: tokenize once, sort rows by token count (longest first), cut batches of at
+   cache, a second call does no forward pass, a changed setting misses, and a pool reordered, cut,
+   grown or split over processes reuses every vector already computed (layout and why:
+   :mod:`hf_otselect.embed_cache`). The texts not found are encoded in chunks of ``shard_rows``
+   distinct texts (a text repeated in the pool is encoded once), each chunk written atomically as
+   it completes under ``cache_dir`` (default ``$HF_DATASETS_CACHE/hf_otselect/embeddings``), so a
+   run killed mid-way recomputes only the chunks that were not finished.
+3. **Encode** a chunk: tokenize once, sort rows by token count (longest first), cut batches of at
    most ``batch_size`` rows and ``max_batch_tokens`` padded tokens, so each batch pads only to its
    own longest row; run the model under ``torch.inference_mode`` (bf16 autocast on CUDA, fp16 where
    bf16 is not supported; fp32 on CPU); pool (masked mean or CLS), optionally L2-normalise, and
@@ -30,20 +31,22 @@ its own. GOT-D's "text units" (fixed-size character chunks) are built by :func:`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
 import unicodedata
-from collections.abc import Iterable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from ._checks import check_choice, check_int, check_path_type, check_writable_folder, param_error
-from .cache import load_array, save_array
+from .embed_cache import VectorStore, text_keys
 
 if TYPE_CHECKING:  # keep `import hf_otselect` light: torch/transformers load on first use
     from datasets import Dataset, IterableDataset
@@ -59,7 +62,7 @@ DEFAULT_MODEL: str = str(_bundled.MODEL_DIR)
 
 Pooling = Literal["mean", "cls"]
 
-_CACHE_VERSION = 2  # bump when the numbers a shard holds would change for the same key
+_CACHE_VERSION = 3  # bump when the numbers cached for the same key would change (3: one key per text)
 _SHARD_ROWS = 4096
 _MAX_SHOWN = 10
 _SURROGATES = re.compile("[\ud800-\udfff]")
@@ -357,25 +360,35 @@ def _dataset_view(data: Dataset, column: str, owner: str) -> Dataset:
 
 def _sized_shards(data: Any, column: str, shard_rows: int, owner: str) -> tuple[int, Iterator[list[str]]]:
     """Validate all rows of a Dataset or sequence, then return (n, iterator over clean shards)."""
+    n, _, fetch = _sized_texts(data, column, owner)
+    return n, (fetch(np.arange(s, min(s + shard_rows, n))) for s in range(0, n, shard_rows))
+
+
+def _sized_texts(data: Any, column: str, owner: str) -> tuple[int, np.ndarray, Callable[[np.ndarray], list[str]]]:
+    """Validate all rows of a Dataset or sequence in one pass that also keys them.
+
+    Returns ``(n, keys, fetch)``: the row count, each row's cache key
+    (:func:`~hf_otselect.embed_cache.text_keys`, shape ``(n,)``), and ``fetch(rows)``, the clean
+    texts of those rows (read again from a Dataset, so only the ones to encode are held).
+    """
     if _is_dataset(data):
         view = _dataset_view(data, column, owner)
         n = len(view)
         if n == 0:
             raise param_error("data", owner, "a non-empty Dataset", "a Dataset with 0 rows")
-        for start in range(0, n, 65536):  # a full pass first: every bad row fails before model work
-            _check_texts(view[start:start + 65536][column], start, column, owner)
+        step = 65536
+        keys = np.concatenate([text_keys(_check_texts(view[s:s + step][column], s, column, owner)) for s in range(0, n, step)])
 
-        def shards() -> Iterator[list[str]]:
-            for s in range(0, n, shard_rows):
-                yield _check_texts(view[s:s + shard_rows][column], s, column, owner)
+        def fetch(rows: np.ndarray) -> list[str]:
+            return _check_texts(view[rows.tolist()][column], 0, column, owner)
 
-        return n, shards()
+        return n, keys, fetch
     if isinstance(data, (str, bytes)) or not isinstance(data, Sequence):
         raise param_error("data", owner, "a Dataset, IterableDataset or sequence of str", type(data).__name__, exc=TypeError)
     if len(data) == 0:
         raise param_error("data", owner, "a non-empty Dataset or sequence of str", "an empty sequence")
     clean = _check_texts(data, 0, None, owner)
-    return len(clean), (clean[s:s + shard_rows] for s in range(0, len(clean), shard_rows))
+    return len(clean), text_keys(clean), lambda rows: [clean[i] for i in rows]
 
 
 def _stream_shards(data: Any, column: str, shard_rows: int, owner: str) -> Iterator[list[str]]:
@@ -494,11 +507,11 @@ def _encode(texts: list[str], tok: Any, enc: Any, dev: str, *, batch_size: int, 
 
 
 # ----------------------------------------------------------------------------------------------
-# shard cache
+# the engine: cache lookups, chunks of new texts, workers
 
 
 class _Engine:
-    """One embedding job: settings, the lazily loaded encoder and the shard cache."""
+    """One embedding job: settings, the lazily loaded encoder and the per-text vector cache."""
 
     def __init__(self, owner: str, model: Any, *, batch_size: int, device: str | None, max_length: int,
                  normalize: bool, pooling: str, revision: str | None, trust_remote_code: bool,
@@ -540,31 +553,18 @@ class _Engine:
                 check_writable_folder(self.folder, "cache_dir", owner)
         self._encoder: tuple[Any, Any, str] | None = None
         self.bar: Any = None
+        self._store: VectorStore | None = None
 
     def encoder(self) -> tuple[Any, Any, str]:
         if self._encoder is None:
             self._encoder = load_encoder(self.name, revision=self.revision, device=self.device, trust_remote_code=self.trust)
         return self._encoder
 
-    def shard_path(self, texts: list[str]) -> Path | None:
-        if self.folder is None:
-            return None
-        h = hashlib.sha256(self.settings_key.encode())
-        for t in texts:
-            b = t.encode("utf-8")
-            h.update(len(b).to_bytes(8, "little"))
-            h.update(b)
-        return self.folder / f"{h.hexdigest()}.npy"
-
-    def read(self, path: Path | None, rows: int) -> np.ndarray | None:
-        """A cached shard of ``rows`` float32 vectors, verified against its checksum; else None."""
-        if path is None:
-            return None
-        return load_array(path, dtype=np.float32, ndim=2, rows=rows)
-
-    def write(self, path: Path | None, arr: np.ndarray) -> None:
-        if path is not None:
-            save_array(path, arr)  # atomic, checksum beside it: a killed run never leaves a half shard
+    def store(self) -> VectorStore | None:
+        """The vector cache of these settings, opened (its index read) on first use; None without a cache."""
+        if self._store is None and self.folder is not None:
+            self._store = VectorStore(self.folder, self.settings_key)
+        return self._store
 
     def compute(self, texts: list[str]) -> np.ndarray:
         if self.st is not None:  # its own tokenizer, pooling and max length decide; we keep the batching
@@ -578,41 +578,111 @@ class _Engine:
                        max_batch_tokens=self.max_batch_tokens, pooling=self.pooling,
                        normalize=self.normalize, bar=self.bar)
 
-    def shard(self, texts: list[str]) -> np.ndarray:
-        path = self.shard_path(texts)
-        arr = self.read(path, len(texts))
-        if arr is None:
-            arr = self.compute(texts)
-            self.write(path, arr)
-        elif self.bar is not None:
-            self.bar.update(len(texts))
-        return arr
-
     def progress(self, total: int | None) -> Any:
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=total, unit="rows", desc="Embedding", disable=not self.show_progress, dynamic_ncols=True)
         return self.bar
 
-    def run(self, shards: Iterable[list[str]], total: int | None) -> Iterator[np.ndarray]:
-        """Yield each shard's vectors in order (num_proc > 1: computed by worker processes)."""
-        with self.progress(total):
-            if self.num_proc > 1:
-                yield from self._run_parallel(shards)
-                return
-            for texts in shards:
-                yield self.shard(texts)
+    def _plan(self, keys: np.ndarray) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, np.ndarray]:
+        """Read what the cache holds for ``keys``; say what is left to encode.
 
-    # -- several processes ----------------------------------------------------------------
-    def _run_parallel(self, shards: Iterable[list[str]]) -> Iterator[np.ndarray]:
-        """Map shards over ``num_proc`` spawned workers, one device each (GPU ``rank``, or CPU).
-
-        We use a *spawn* pool rather than ``Dataset.map(num_proc=...)``: a forked worker deadlocks
-        once torch has run in the parent (measured with datasets 5.2) and cannot re-initialise
-        CUDA. Each worker pins itself to ``cuda:rank`` when GPUs are visible and otherwise splits
-        the CPU cores (``torch.set_num_threads``). Results come back in input order; cached shards
-        never leave the parent.
+        Returns ``(out, missing, todo, source)``: the vectors found (or None), the rows not found,
+        one row per distinct missing text in first-occurrence order (what to encode), and for each
+        missing row the position in ``todo`` of its text.
         """
+        store = self.store()
+        if store is not None:
+            out, found = store.fill(keys, None)
+        else:
+            out, found = None, np.zeros(keys.size, dtype=bool)
+        if self.bar is not None:
+            self.bar.update(int(found.sum()))
+        missing = np.flatnonzero(~found)
+        _, first, inverse = np.unique(keys[missing], return_index=True, return_inverse=True)
+        order = np.argsort(first, kind="stable")
+        position = np.empty_like(order)
+        position[order] = np.arange(order.size)
+        return out, missing, missing[first[order]], position[inverse.reshape(-1)]
+
+    def _keep(self, keys: np.ndarray, vectors: np.ndarray) -> None:
+        store = self.store()
+        if store is not None:
+            store.add(keys, vectors)  # atomic, key and checksum beside it: a killed run never leaves a half shard
+
+    def embed_rows(self, n: int, keys: np.ndarray, fetch: Callable[[np.ndarray], list[str]]) -> np.ndarray:
+        """All ``n`` rows of a sized input: cached vectors read once per shard, the rest encoded in
+        chunks of ``shard_rows`` distinct new texts (each written to the cache as it completes).
+
+        ``keys`` are the rows' :func:`~hf_otselect.embed_cache.text_keys`; ``fetch(rows)`` returns
+        the clean texts of those rows.
+        """
+        with self.progress(n):
+            out, missing, todo, source = self._plan(keys)
+            chunks = ((rows, fetch(rows)) for rows in (todo[s:s + self.shard_rows] for s in range(0, todo.size, self.shard_rows)))
+            for rows, vectors in self._computed(chunks):
+                if out is None:
+                    out = np.empty((n, vectors.shape[1]), dtype=np.float32)
+                self._keep(keys[rows], vectors)
+                out[rows] = vectors
+            assert out is not None  # n > 0
+            if missing.size:  # a text repeated in the pool: encoded once, copied to its other rows
+                out[missing] = out[todo[source]]
+                if self.bar is not None:
+                    self.bar.update(missing.size - todo.size)
+            return out
+
+    def run(self, blocks: Iterable[list[str]], total: int | None) -> Iterator[np.ndarray]:
+        """Yield each block's vectors in order (a stream): cached rows read, the block's new texts encoded
+        as one chunk (with ``num_proc > 1``, the chunks of the next blocks meanwhile on other workers)."""
+        with self.progress(total):
+
+            def planned() -> Iterator[tuple[Any, list[str]]]:
+                for texts in blocks:
+                    keys = text_keys(texts)
+                    out, missing, todo, source = self._plan(keys)
+                    yield (keys, out, missing, todo, source), [texts[i] for i in todo]
+
+            for (keys, out, missing, todo, source), vectors in self._computed(planned()):
+                if vectors is not None:
+                    self._keep(keys[todo], vectors)
+                    if out is None:
+                        out = np.empty((keys.size, vectors.shape[1]), dtype=np.float32)
+                    out[missing] = vectors[source]
+                    if self.bar is not None:
+                        self.bar.update(missing.size - todo.size)
+                assert out is not None
+                yield out
+
+    def _computed(self, chunks: Iterable[tuple[Any, list[str]]]) -> Iterator[tuple[Any, np.ndarray | None]]:
+        """``(tag, texts)`` in, ``(tag, vectors)`` out in the same order; None for an empty chunk.
+
+        With ``num_proc > 1`` the chunks go to a *spawn* pool of workers, started at the first
+        non-empty chunk (a warm cache starts none), up to ``2 * num_proc`` chunks ahead. We use spawn
+        rather than ``Dataset.map(num_proc=...)``: a forked worker deadlocks once torch has run in
+        the parent (measured with datasets 5.2) and cannot re-initialise CUDA. Each worker pins
+        itself to ``cuda:rank`` when GPUs are visible and otherwise splits the CPU cores
+        (``torch.set_num_threads``).
+        """
+        if self.num_proc == 1:
+            for tag, texts in chunks:
+                yield tag, (self.compute(texts) if texts else None)
+            return
+        with contextlib.ExitStack() as stack:
+            pool = None
+            pending: deque[tuple[Any, Any, int]] = deque()
+            for tag, texts in chunks:
+                job = None
+                if texts:
+                    pool = pool or stack.enter_context(self._pool())
+                    job = pool.apply_async(_worker_embed, (texts,))
+                pending.append((tag, job, len(texts)))
+                while len(pending) > 2 * self.num_proc or (pending and pending[0][1] is None):
+                    yield self._collect(pending.popleft())
+            while pending:
+                yield self._collect(pending.popleft())
+
+    def _pool(self) -> Any:
         import multiprocessing as mp
 
         import torch
@@ -627,27 +697,16 @@ class _Engine:
         ranks = ctx.Queue()
         for r in range(self.num_proc):
             ranks.put(r)
-        with ctx.Pool(self.num_proc, initializer=_worker_init, initargs=(cfg, ranks)) as pool:
-            pending: list[tuple[Path | None, Any, int, np.ndarray | None]] = []
-            for texts in shards:
-                path = self.shard_path(texts)
-                arr = self.read(path, len(texts))
-                job = None if arr is not None else pool.apply_async(_worker_embed, (texts,))
-                pending.append((path, job, len(texts), arr))
-                while len(pending) > 2 * self.num_proc or (pending and pending[0][1] is None):
-                    yield self._finish(pending.pop(0))
-            while pending:
-                yield self._finish(pending.pop(0))
+        return ctx.Pool(self.num_proc, initializer=_worker_init, initargs=(cfg, ranks))
 
-    def _finish(self, item: tuple[Path | None, Any, int, np.ndarray | None]) -> np.ndarray:
-        path, job, rows, arr = item
-        if job is not None:
-            arr = job.get()
-            self.write(path, arr)
+    def _collect(self, item: tuple[Any, Any, int]) -> tuple[Any, np.ndarray | None]:
+        tag, job, rows = item
+        if job is None:
+            return tag, None
+        vectors = job.get()
         if self.bar is not None:
             self.bar.update(rows)
-        assert arr is not None
-        return arr
+        return tag, vectors
 
 
 _WORKER: dict[str, Any] = {}
@@ -706,7 +765,8 @@ _KNOBS_DOC = """column : str, default "text"
     show_progress : bool, optional
         tqdm bar with rows/s; None follows ``datasets.utils.logging.is_progress_bar_enabled()``.
     shard_rows : int, default 4096
-        Rows per cached shard (the unit of resume).
+        Most new texts per cached shard (the unit of resume); a stream is read this many rows at
+        a time.
     max_batch_tokens : int, optional
         Padded-token budget of a batch (default ``batch_size * 64``): long texts go in smaller
         batches, so memory stays bounded whatever the lengths.
@@ -806,16 +866,7 @@ def embed(
                   cache_dir=cache_dir, use_cache=use_cache, shard_rows=shard_rows,
                   max_batch_tokens=max_batch_tokens, num_proc=num_proc, show_progress=show_progress)
     if _is_dataset(data) or isinstance(data, Sequence):
-        n, shards = _sized_shards(data, column, shard_rows, "embed")
-        out: np.ndarray | None = None
-        at = 0
-        for block in eng.run(shards, n):
-            if out is None:
-                out = np.empty((n, block.shape[1]), dtype=np.float32)
-            out[at:at + len(block)] = block
-            at += len(block)
-        assert out is not None and at == n
-        return out
+        return eng.embed_rows(*_sized_texts(data, column, "embed"))
     blocks = list(eng.run(_stream_shards(data, column, shard_rows, "embed"), None))
     return np.concatenate(blocks, axis=0)
 

@@ -223,7 +223,7 @@ def test_a_damaged_score_entry_is_recomputed_and_never_a_permanent_failure(tmp_p
     # Rewritten whole and verified (info.json holds timings, so only its keys are compared).
     assert (entry / "scores.npy").read_bytes() == intact["scores.npy"]
     assert sorted(p.name for p in entry.iterdir()) == sorted(intact)
-    info = load_json(entry / "info.json")
+    info = load_json(entry / "info.json", key=entry.name)
     assert info is not None and sorted(info) == sorted(json.loads(intact["info.json"]))
     caplog.clear()
     with caplog.at_level("INFO"):  # and the entry is good again: read, not recomputed

@@ -121,7 +121,8 @@ def test_interrupted_run_resumes_only_unfinished_shards(texts, tmp_path, forward
     files = list((tmp_path / "cache").rglob("*"))
     names = sorted(p.name for p in files if p.is_file())
     assert not [n for n in names if n.startswith(".")]  # no half-written shard or checksum
-    assert sorted(n.endswith(".npy.check.json") for n in names) == [False, False, True, True]  # 2 shards, 2 checksums
+    # 2 shards, each its text keys and its vectors, each file with its checksum
+    assert sorted(n.split(".", 1)[1] for n in names) == sorted(["keys", "keys.check.json", "npy", "npy.check.json"] * 2)
     forwards.clear()
     resumed = embed(texts, shard_rows=8, **_kw(tmp_path))
     assert sum(forwards) == len(texts) - 16
@@ -377,8 +378,8 @@ def test_local_model_retrained_or_touched_in_place_is_recomputed(texts, tmp_path
 
 
 def test_every_field_of_the_shard_key_forces_a_recompute(texts, tmp_path, encoded, monkeypatch):
-    """Change one input of the shard key at a time (model, revision, pooling, max_length, normalize,
-    precision, texts): the encoder runs again on exactly the rows whose key changed."""
+    """Change one input of the cache key at a time (model, revision, pooling, max_length, normalize,
+    precision, a text): the encoder runs again on exactly the rows whose key changed."""
     import shutil
 
     rows = texts[:8]
@@ -419,5 +420,5 @@ def test_every_field_of_the_shard_key_forces_a_recompute(texts, tmp_path, encode
     changed = [*rows[:5], first + rows[5][1:], *rows[6:]]
     assert len(changed[5].encode()) == len(rows[5].encode()) and changed[5] != rows[5]
     got = embed(changed, **base)
-    assert encoded == [4], "texts: only the second shard changed"
+    assert encoded == [1], "texts: only the changed text is encoded (one key per text)"
     np.testing.assert_allclose(got, _plain_mean(model_a, changed), atol=1e-5, rtol=0)
