@@ -165,8 +165,11 @@ def test_modes_a_stream_cannot_decide_and_missing_indices_are_refused(data):
     with pytest.raises(ValueError, match=r"The metadata field 'row' of document 'a.jsonl/0' must be its global row index .* Got 'zero'"):
         step.filter_batch([doc])
     doc.metadata["row"] = "0"  # a str of digits, as datatrove ids often are
-    assert step.filter_batch([doc]) == FittedSelectorFilter(fitted, fraction=0.1, index_key="id").filter_batch(
-        [Document(text=doc.text, id="0", metadata={"vec": doc.metadata["vec"]})])
+    by_id = Document(text=doc.text, id="0", metadata={"vec": doc.metadata["vec"]})
+    assert step.filter_batch([doc]) == FittedSelectorFilter(fitted, fraction=0.1, index_key="id").filter_batch([by_id])
+    assert doc.metadata["score"] == by_id.metadata["score"] == fitted.score_rows(data["x"][:1], np.array([0]))[0]
+    with pytest.raises(TypeError, match="The 'revision/token' parameter of FittedSelectorFilter must be None when selector is a"):
+        FittedSelectorFilter(got_d, fraction=0.1, token="hf_" + "q" * 34)
     no_vec = FittedSelectorFilter(got_d, fraction=0.1)
     with pytest.raises(ValueError, match=r"Column 'vec' not in the metadata of document 'b'"):
         no_vec.filter(Document(text="x", id="b"))

@@ -130,6 +130,9 @@ class FittedSelectorFilter(BaseFilter):
         super().__init__(exclusion_writer=exclusion_writer, batch_size=batch_size)
 
         if isinstance(selector, FittedSelector):
+            if revision is not None or token is not None:
+                raise param_error("revision/token", _OWNER, "None when selector is a FittedSelector (they load one from the Hub)",
+                                  "revision" if token is None else "a token", exc=TypeError)
             fitted = selector
         elif isinstance(selector, (str, os.PathLike)):
             fitted = FittedSelector.from_pretrained(selector, revision=revision, token=token)
