@@ -1,20 +1,19 @@
 """The datatrove filter step keeps exactly what ``Dataset.filter(fitted.keep(...))`` keeps.
 
 Real data: rows of the bundled sample pool written to several jsonl files, read by datatrove's
-Hugging Face reader (streamed, one file per shard) in a ``LocalPipelineExecutor`` of several tasks
-and written by its ``ParquetWriter``. (datatrove's ``JsonlReader``/``JsonlWriter`` need ``orjson``,
-from its ``io`` extra; these two need only ``datasets`` and ``pyarrow``, which hf_otselect has.)
+``JsonlReader`` (one file per shard) in a ``LocalPipelineExecutor`` of several tasks and written by
+its ``JsonlWriter`` (both need ``orjson``, from datatrove's ``io`` extra; the dev extra installs it).
 """
 
 from __future__ import annotations
 
+import gzip
 import importlib
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from datasets import Dataset
 
@@ -26,8 +25,8 @@ pytest.importorskip("datatrove")  # in the dev extra; a bare install skips rathe
 
 from datatrove.data import Document  # noqa: E402
 from datatrove.executor import LocalPipelineExecutor  # noqa: E402
-from datatrove.pipeline.readers import HuggingFaceDatasetReader  # noqa: E402
-from datatrove.pipeline.writers import ParquetWriter  # noqa: E402
+from datatrove.pipeline.readers import JsonlReader  # noqa: E402
+from datatrove.pipeline.writers import JsonlWriter  # noqa: E402
 
 from hf_otselect.integrations.datatrove import FittedSelectorFilter  # noqa: E402
 
@@ -69,14 +68,14 @@ def _write_corpus(data, folder: Path, with_vectors: bool) -> Dataset:
 
 def _run(step: FittedSelectorFilter, corpus: Path, out: Path, tasks: int) -> dict[int, float]:
     """Run reader -> step -> writer with ``tasks`` tasks; the kept documents' ids and written scores."""
-    files = sorted(str(p) for p in corpus.glob("*.jsonl"))
-    reader = HuggingFaceDatasetReader("json", dataset_options={"data_files": files, "split": "train"}, streaming=True)
-    LocalPipelineExecutor([reader, step, ParquetWriter(str(out / "kept"))], tasks=tasks, logging_dir=str(out / "logs")).run()
-    kept = {}
-    for path in sorted((out / "kept").glob("*.parquet")):
-        for doc in pq.read_table(path).to_pylist():
-            kept[int(doc["id"])] = doc["metadata"]["score"]
-    assert len(kept) == sum(pq.read_metadata(p).num_rows for p in (out / "kept").glob("*.parquet"))  # no id twice
+    reader = JsonlReader(str(corpus), glob_pattern="*.jsonl")
+    LocalPipelineExecutor([reader, step, JsonlWriter(str(out / "kept"))], tasks=tasks, logging_dir=str(out / "logs")).run()
+    docs = []
+    for path in sorted((out / "kept").glob("*.jsonl.gz")):
+        with gzip.open(path, "rt", encoding="utf-8") as fh:
+            docs += [json.loads(line) for line in fh]
+    kept = {int(doc["id"]): doc["metadata"]["score"] for doc in docs}
+    assert len(kept) == len(docs)  # no id twice
     return kept
 
 
