@@ -345,7 +345,15 @@ class OutputFolder:
 
     # -- writing --------------------------------------------------------------------------
     def begin(self) -> Path:
-        """Clear an earlier run's partial (and set-aside) folder, if ours; create the partial folder."""
+        """Clear an earlier run's partial (and set-aside) folder, if ours; create the partial folder.
+
+        An old output set aside by a job that died between the two moves of :meth:`commit` is put
+        back first, so it is replaced only under this job's own ``overwrite``.
+        """
+        if os.path.lexists(self.previous) and not os.path.lexists(self.final):
+            self._refuse_unless_ours(self.previous, complete=True)
+            logger.warning("Restoring the output an interrupted job had set aside: %s -> %s", self.previous, self.final)
+            os.replace(self.previous, self.final)
         self.check()  # again, under the lock: the folders may have changed since the first check
         for leftover in (self.partial, self.previous):
             if os.path.lexists(leftover):
@@ -368,7 +376,13 @@ class OutputFolder:
                 self._refuse_unless_ours(self.previous, complete=True)
                 shutil.rmtree(self.previous)
             os.replace(self.final, self.previous)
-        os.replace(self.partial, self.final)
+        try:
+            os.replace(self.partial, self.final)
+        except BaseException:
+            if os.path.lexists(self.previous) and not os.path.lexists(self.final):
+                with contextlib.suppress(OSError):  # the old output back in place; begin() retries otherwise
+                    os.replace(self.previous, self.final)
+            raise
         self._begun = False
         if os.path.lexists(self.previous):
             shutil.rmtree(self.previous)

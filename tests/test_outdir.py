@@ -413,3 +413,43 @@ def test_a_failed_rename_during_an_overwrite_keeps_the_old_output_whole(tmp_path
     assert whole, f"the old output was lost: {sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob('*'))}"
     marker = json.loads((whole[0] / MARKER).read_text())
     assert sorted(marker["manifest"]["files"]) == sorted(old)  # whole: its own manifest, not the new one's
+
+
+def test_a_failed_final_move_puts_the_old_output_back_in_place(tmp_path, monkeypatch):
+    """The old output is not left set aside (where the next begin() used to delete it): it is
+    moved back to the output path when the new one cannot be put there."""
+    folder = OutputFolder(tmp_path / "sel", overwrite=True)
+    old = {"selection.json": '{"k": 3}', "scored/part-0": "a" * 50}
+    _ours(folder, old)
+    real_replace = os.replace
+
+    def failing(src, dst):
+        if Path(src) == folder.partial:
+            raise OSError("injected failure")
+        real_replace(src, dst)
+
+    with pytest.raises(OSError, match="injected failure"), folder.locked():
+        (folder.begin() / "selection.json").write_text("new")
+        monkeypatch.setattr(os, "replace", failing)
+        folder.commit()
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert not folder.previous.exists()
+    assert all((folder.final / rel).read_text() == text for rel, text in old.items())
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_an_output_set_aside_by_a_killed_job_is_restored_not_deleted(tmp_path, overwrite):
+    """A job killed between commit()'s two moves leaves only ``.previous``: the next job puts it
+    back before anything else, and replaces it only under its own overwrite."""
+    folder = OutputFolder(tmp_path / "sel", overwrite=overwrite)
+    old = {"selection.json": '{"k": 3}', "selected/part-0": "bc"}
+    _ours(folder, old)
+    os.replace(folder.final, folder.previous)  # the killed job's state
+    if overwrite:
+        with folder.locked():
+            folder.begin()
+    else:
+        with pytest.raises(FileExistsError, match="already exists"), folder.locked():
+            folder.begin()
+    assert not folder.previous.exists()
+    assert all((folder.final / rel).read_text() == text for rel, text in old.items())
