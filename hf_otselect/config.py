@@ -218,7 +218,8 @@ class EmbeddingConfig:
     Attributes
     ----------
     model : str or None
-        Local path or Hub id of the encoder; None means the bundled all-MiniLM-L6-v2.
+        Local path or Hub id of the encoder; None means the bundled all-MiniLM-L6-v2, which
+        ``sentence-transformers/all-MiniLM-L6-v2`` and ``bundled`` also name (offline).
     revision : str or None
         Hub revision (branch, tag or commit) of the encoder.
     batch_size : int

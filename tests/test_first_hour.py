@@ -252,3 +252,51 @@ def test_a_default_tsds_call_on_a_small_pool_is_silent(caplog):
     with caplog.at_level(logging.WARNING):
         TSDSSelector().select(pool, target, 20)  # max_K=5000 and kde_K=1000 exceed the 200 rows
     assert not caplog.records
+
+
+# --------------------------------------------------------------------- 8. clutter and consistency
+def test_select_by_ot_shows_no_flattening_bars(capfd):
+    import datasets
+
+    datasets.enable_progress_bars()
+    pool = Dataset.from_dict({"text": TEXTS, "label": list(range(6))})
+    got = pool.select_by_ot(["x"], "random", 3, return_scored=True)
+    assert "Flattening the indices" not in capfd.readouterr().err
+    assert got["selected"].column_names == ["text", "label", "pool_index", "score", "rank", "draw_order"]
+    assert got["selected"]["label"] == [got["scored"]["label"][i] for i in got["selected"]["pool_index"]]
+
+
+def test_the_embedding_bar_does_not_count_the_encoder_load(tmp_path, monkeypatch, capfd):
+    """The bar's clock starts when the first batch starts: a slow model load (here 4 s) no longer
+    turns into a first ETA many times the real one."""
+    import time
+
+    embed = sys.modules["hf_otselect.embed"]
+    real = embed.load_encoder
+
+    def slow(*args, **kwargs):
+        time.sleep(4)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(embed, "load_encoder", slow)
+    monkeypatch.setattr(embed, "_ENCODERS", {})  # loaded afresh, through the slow load
+    hf_otselect.embed(TEXTS[:2], cache_dir=tmp_path, show_progress=True)
+    elapsed = re.findall(r"2/2 \[(\d+):(\d+)<", capfd.readouterr().err)
+    assert elapsed and int(elapsed[-1][0]) * 60 + int(elapsed[-1][1]) < 3
+
+
+def test_a_prefinetune_yaml_reads_relative_paths_from_its_folder(tmp_path, monkeypatch):
+    from tests.test_scripts import _script
+
+    pre = _script("prefinetune")
+    folder = tmp_path / "configs"
+    (folder / "job").mkdir(parents=True)
+    (folder / "args.yaml").write_text("model_name_or_path: sentence-transformers/all-MiniLM-L6-v2\ntrain_data: job\n"
+                                      "validation_data: missing.jsonl\noutput_dir: ../warm\nuse_cpu: true\nreport_to: none\n")
+    monkeypatch.chdir(tmp_path / "configs" / "job")  # anywhere else
+    model_args, data_args, training_args = pre.parse_args([str(folder / "args.yaml")])
+    assert data_args.train_data == str(folder / "job")
+    assert data_args.validation_data == "missing.jsonl"  # not there: left as given (a Hub id, say)
+    assert training_args.output_dir == str(tmp_path / "warm")
+    assert model_args.model_name_or_path == "sentence-transformers/all-MiniLM-L6-v2"
+    assert pre.model_path(model_args.model_name_or_path) == hf_otselect.DEFAULT_MODEL
