@@ -409,6 +409,15 @@ def parse_dataclasses(types: tuple[type, ...], argv: list[str] | None = None) ->
         data = json.loads(text) if path.suffix == ".json" else load_yaml(text, str(path))
         if not isinstance(data, dict):
             raise ValueError(f"{str(path)!r} must hold a mapping of argument names to values. Got {type(data).__name__} instead.")
+        import dataclasses
+
+        from hf_otselect._suggest import did_you_mean
+
+        known = [f.name for cls in types for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(known), key=str)
+        if unknown:
+            raise ValueError(f"Unknown key {unknown[0]!r} in {str(path)!r}.{did_you_mean(unknown[0], known)} Keys are the "
+                             f"fields of {', '.join(cls.__name__ for cls in types)}.")
         for key in _OUTPUT_ARGS + _INPUT_ARGS:
             if key in data:
                 data[key] = path_from_file(data[key], path.parent, must_exist=key in _INPUT_ARGS)

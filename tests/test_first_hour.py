@@ -300,3 +300,6 @@ def test_a_prefinetune_yaml_reads_relative_paths_from_its_folder(tmp_path, monke
     assert training_args.output_dir == str(tmp_path / "warm")
     assert model_args.model_name_or_path == "sentence-transformers/all-MiniLM-L6-v2"
     assert pre.model_path(model_args.model_name_or_path) == hf_otselect.DEFAULT_MODEL
+    (folder / "bad.yaml").write_text("train_data: job\nblok_size: 3\n")
+    with pytest.raises(ValueError, match=r"Unknown key 'blok_size' in .*bad.yaml'. Did you mean 'block_size'\?"):
+        pre.parse_args([str(folder / "bad.yaml")])
