@@ -6,12 +6,14 @@ calls :func:`hf_otselect.embed`, a registered selector and :func:`~hf_otselect.s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -444,13 +446,49 @@ def take_rows(
     return Dataset(InMemoryTable(table), fingerprint=fingerprint)
 
 
+class _QuietBars:
+    """datasets' progress bars off for a block, re-entrant and shared by threads.
+
+    Flattening the indices mapping of a filtered, shuffled or re-selected pool (or of a
+    DatasetDict's splits) before columns are added is our plumbing, not an operation the user asked
+    for; its "Flattening the indices" bar on every call is noise. The setting the user chose is
+    restored when the last block ends.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._restore = False
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        import datasets
+
+        with self._lock:
+            if self._depth == 0:
+                self._restore = not datasets.are_progress_bars_disabled()
+                datasets.disable_progress_bars()
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if self._depth == 0 and self._restore:
+                    datasets.enable_progress_bars()
+
+
+_quiet_bars = _QuietBars()
+
+
 def _with_columns(part: Dataset | IterableDataset, offset: int, columns: dict[str, np.ndarray], fingerprint: str) -> Dataset:
     """``part`` plus ``pool_index`` and the given per-row columns (a stream is read once more)."""
     if isinstance(part, IterableDataset):
         return Dataset.from_generator(_stream_rows, gen_kwargs={"pool": part, "offset": offset, "columns": columns}, fingerprint=fingerprint)
-    out = part.add_column("pool_index", np.arange(offset, offset + len(part), dtype=np.int64))
-    for name, values in columns.items():
-        out = out.add_column(name, values)
+    with _quiet_bars():  # a pool with an indices mapping is flattened by the first add_column
+        out = part.add_column("pool_index", np.arange(offset, offset + len(part), dtype=np.int64))
+        for name, values in columns.items():
+            out = out.add_column(name, values)
     return out
 
 
@@ -495,7 +533,8 @@ def run_selection(
         from .prefilter import combine_sources
 
         source_column = source_column or "source"
-        dataset = combine_sources(dataset, source_column)
+        with _quiet_bars():  # each filtered/shuffled split is flattened when its source column is added
+            dataset = combine_sources(dataset, source_column)
     if not isinstance(dataset, (Dataset, IterableDataset)):
         raise param_error("dataset", owner, "a datasets.Dataset, IterableDataset, DatasetDict or list of Dataset", type(dataset).__name__, exc=TypeError)
     streamed = isinstance(dataset, IterableDataset)

@@ -264,6 +264,12 @@ def test_select_by_ot_shows_no_flattening_bars(capfd):
     assert "Flattening the indices" not in capfd.readouterr().err
     assert got["selected"].column_names == ["text", "label", "pool_index", "score", "rank", "draw_order"]
     assert got["selected"]["label"] == [got["scored"]["label"][i] for i in got["selected"]["pool_index"]]
+    # a filtered and shuffled pool, and a DatasetDict of such splits, need flattening: quietly
+    mixed = pool.filter(lambda row: row["label"] != 2).shuffle(seed=0)
+    mixed.select_by_ot(["x"], "random", 2)
+    DatasetDict(a=mixed, b=mixed.select([3, 1])).select_by_ot(["x"], "random", 2)
+    assert "Flattening the indices" not in capfd.readouterr().err
+    assert not datasets.are_progress_bars_disabled()  # the user's setting is back
 
 
 def test_the_embedding_bar_does_not_count_the_encoder_load(tmp_path, monkeypatch, capfd):
