@@ -313,7 +313,7 @@ def make_selector(name: str, n_pool: int, negative: np.ndarray | None = None, se
     if name == "dsir":
         return get_selector("dsir", chunk_tokens=dsir_chunk_tokens or None)
     if name == "tsds":
-        return get_selector("tsds", max_K=min(5000, n_pool), kde_K=min(1000, n_pool), seed=seed)
+        return get_selector("tsds", max_K=min(5000, n_pool), kde_K=min(1000, n_pool), seed=seed, replace=True)  # the paper's draws, as recorded
     if name == "got_d_neg":
         return get_selector("got_d", negative_target=negative)
     return get_selector(name)

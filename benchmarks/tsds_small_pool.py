@@ -99,7 +99,7 @@ def main() -> None:
         sim = get_selector("similarity").select(pool_emb, tgt, args.k).indices
         res["similarity"] = warmed_ot(pool_emb, sim, tgt)
         res["random"] = float(np.mean([warmed_ot(pool_emb, np.random.default_rng(s).choice(n, args.k, replace=False), tgt) for s in range(args.seeds)]))
-        sel = get_selector("tsds", **{"budget": args.k, **tsds_params})
+        sel = get_selector("tsds", **{"budget": args.k, "replace": True, **tsds_params})  # the paper's draws, as recorded
         t0 = time.perf_counter()
         p = sel.score(pool_emb, tgt)
         res["tsds_s"] = time.perf_counter() - t0

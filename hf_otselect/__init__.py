@@ -1,6 +1,6 @@
 """hf_otselect: optimal-transport data selection for Hugging Face datasets.
 
-``import hf_otselect`` adds ``select_by_ot`` to ``datasets.Dataset`` and ``IterableDataset`` and
+``import hf_otselect`` adds ``select_by_ot`` to ``datasets.Dataset``, ``IterableDataset`` and ``DatasetDict`` and
 registers the selectors; torch, transformers and faiss load only when first needed (the
 modules import them inside the functions that use them).
 """

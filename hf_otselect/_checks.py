@@ -91,7 +91,9 @@ def check_choice(value: Any, name: str, owner: str, choices: Iterable[Any]) -> A
     """Return ``value`` if it is one of ``choices``."""
     choices = list(choices)
     if value not in choices:
-        raise param_error(name, owner, f"one of {choices}", value)
+        from ._suggest import did_you_mean
+
+        raise ValueError(str(param_error(name, owner, f"one of {choices}", value)) + did_you_mean(value, choices))
     return value
 
 

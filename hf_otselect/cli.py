@@ -3,6 +3,8 @@
     hf-otselect select --config configs/demo.yaml [key=value ...]
     hf-otselect push OUTPUT_DIR --repo-id user/name [--public]
     hf-otselect report OUTPUT_DIR [--columns domain]
+    hf-otselect methods            (the methods and their parameters with defaults)
+    hf-otselect --version
 
 Several processes: ``accelerate launch --multi_gpu --num_processes 2 --num_machines 1 -m
 hf_otselect.cli select --config ...`` (or ``torchrun --standalone --nproc_per_node 2 -m
@@ -24,9 +26,14 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="hf-otselect", description="Optimal-transport data selection for Hugging Face datasets.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"hf-otselect {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("methods", help="list the selection methods and their parameters with defaults")
 
     sel = sub.add_parser("select", help="run a selection job from a YAML config")
     sel.add_argument("--config", help="YAML job file (see configs/)")
@@ -98,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
 
             _say(push(args.output_dir, args.repo_id, private=not args.public, split=args.split, license=args.license,
                       timeout=args.timeout, retries=args.retries))
+        elif args.command == "methods":
+            _say(methods_text())
         elif args.command == "report":
             from .report import write_report
 
@@ -115,6 +124,28 @@ def main(argv: list[str] | None = None) -> int:
         _explain(args.verbose, f"{type(err).__name__}: {_one_line(err)} (an unexpected error; --verbose shows the traceback)")
         return EXIT_ENVIRONMENT
     return 0
+
+
+def methods_text() -> str:
+    """Every registered method: its class, the first line of its docstring, its parameters with defaults.
+
+    Read from the selectors' own signatures, so the list cannot drift from the code. Parameters
+    go as keywords of ``select_by_ot`` (``eps=0.05``) or under ``params:`` in a job YAML.
+    """
+    import inspect
+
+    from .selectors import available_selectors
+    from .selectors.base import selector_class
+
+    lines = ["Methods (select_by_ot(..., method=NAME, PARAM=VALUE); YAML: method: NAME, params: {PARAM: VALUE}):", ""]
+    for name in available_selectors():
+        cls = selector_class(name)
+        summary = (inspect.getdoc(cls) or "").splitlines()[0] if inspect.getdoc(cls) else ""
+        lines.append(f"{name}  ({cls.__name__}) {summary}")
+        params = inspect.signature(cls.__init__).parameters.values()
+        shown = [f"{p.name}={p.default!r}" for p in params if p.name != "self" and p.default is not inspect.Parameter.empty]
+        lines.append("    " + (", ".join(shown) if shown else "(no parameters)"))
+    return "\n".join(lines)
 
 
 def _say(result: object) -> None:

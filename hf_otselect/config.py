@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from ._checks import check_seed, param_error, short_repr
+from ._suggest import did_you_mean
 
 __all__ = [
     "DataConfig", "DecontaminateConfig", "DedupConfig", "EmbeddingConfig", "HubConfig", "PrefilterConfig",
@@ -225,7 +226,8 @@ class EmbeddingConfig:
     Attributes
     ----------
     model : str or None
-        Local path or Hub id of the encoder; None means the bundled all-MiniLM-L6-v2.
+        Local path or Hub id of the encoder; None means the bundled all-MiniLM-L6-v2, which
+        ``sentence-transformers/all-MiniLM-L6-v2`` and ``bundled`` also name (offline).
     revision : str or None
         Hub revision (branch, tag or commit) of the encoder.
     batch_size : int
@@ -530,7 +532,8 @@ def _build(cls: type, data: Any, where: str) -> Any:
     unknown = sorted(set(data) - set(known), key=str)
     if unknown:
         name = f"{where}.{unknown[0]}" if where else unknown[0]
-        raise ValueError(f"Unknown config key {short_repr(name)}. Known keys{' of ' + where if where else ''}: {known}")
+        hint = did_you_mean(unknown[0], known)
+        raise ValueError(f"Unknown config key {short_repr(name)}.{hint} Known keys{' of ' + where if where else ''}: {known}")
     kwargs = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
@@ -585,30 +588,34 @@ _OUTPUT_PATHS = ("output_dir", "cache_dir")
 _INPUT_PATHS = ("pool.path", "target.path", "negative_target.path", "decontaminate.path", "embedding.model")
 
 
-def _paths_from(data: dict[str, Any], base: Path) -> dict[str, Any]:
-    """``data`` with the relative paths it names resolved against ``base`` (the config's folder).
+def path_from_file(value: Any, base: Path, *, must_exist: bool) -> Any:
+    """A relative path written in a config file, read from that file's folder ``base``.
 
-    Output folders always are; an input path only when it exists there (a file, a folder or a
-    glob's match), since the same field also takes a Hub id such as ``"user/dataset"``.
+    Output folders (``must_exist=False``) always are; an input (``must_exist=True``) only when it
+    exists there (a file, a folder or a glob's match), since the same field also takes a Hub id
+    such as ``"user/dataset"`` or a name such as ``"bundled"``. Absolute paths, ``~`` paths and
+    non-strings are returned unchanged. The scripts' YAML files follow the same rule.
     """
     import glob
 
-    def resolve(key: str, value: Any, *, must_exist: bool) -> Any:
-        if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
-            return value
-        candidate = os.path.normpath(base / value)  # lexical: a link in the path is never followed here
-        if must_exist and not (os.path.exists(candidate) or glob.glob(candidate)):
-            return value
-        return candidate
+    if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+        return value
+    candidate = os.path.normpath(base / value)  # lexical: a link in the path is never followed here
+    if must_exist and not (os.path.exists(candidate) or glob.glob(candidate)):
+        return value
+    return candidate
 
+
+def _paths_from(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """``data`` with the relative paths it names resolved against ``base`` (see :func:`path_from_file`)."""
     out = dict(data)
     for key in _OUTPUT_PATHS:
         if key in out:
-            out[key] = resolve(key, out[key], must_exist=False)
+            out[key] = path_from_file(out[key], base, must_exist=False)
     for dotted in _INPUT_PATHS:
         section, field = dotted.split(".")
         if isinstance(out.get(section), dict) and field in out[section]:
-            out[section] = {**out[section], field: resolve(dotted, out[section][field], must_exist=True)}
+            out[section] = {**out[section], field: path_from_file(out[section][field], base, must_exist=True)}
     return out
 
 

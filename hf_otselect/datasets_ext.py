@@ -6,10 +6,14 @@ calls :func:`hf_otselect.embed`, a registered selector and :func:`~hf_otselect.s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import inspect
 import json
 import logging
 import os
+import shutil
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -32,13 +36,14 @@ from ._checks import (
     param_error,
     short_repr,
 )
+from ._suggest import did_you_mean
 from .cache import load_array, load_json, save_array, save_json
 from .dist import LOCAL, Comm, PoolView, TextView, agree, shard_bounds
 from .selectors import SelectionResult, Selector, get_selector
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SelectionRun", "register_dataset_methods", "run_selection", "select_by_ot"]
+__all__ = ["SelectionRun", "best_first", "register_dataset_methods", "run_selection", "select_by_ot", "write_best_first"]
 
 Target = Dataset | Sequence[str] | np.ndarray
 _EMBED_KEYS = ("model", "revision", "batch_size", "max_length", "pooling", "normalize", "device", "trust_remote_code",
@@ -504,30 +509,93 @@ def _shard_of(dataset: Dataset | IterableDataset, comm: Comm, owner: str) -> Dat
     return dataset.select(range(lo, hi)) if hi > lo else dataset.select([])
 
 
-def _rows_of(data: Dataset, local: np.ndarray) -> Dataset:
-    """``data.select(local)``, also for no rows: a process with none chosen, or an empty shard.
-
-    datasets 5.2 gives a table that ``add_column`` then refuses (its blocks keep the old row count)
-    when zero rows are selected from a non-empty dataset; an empty table with the same features is
-    built instead.
-    """
-    if local.size == 0:
-        return Dataset.from_dict({name: [] for name in data.column_names}, features=data.features)
-    return data.select(local)
-
-
 def _stream_rows(pool: IterableDataset, offset: int, columns: dict[str, np.ndarray]) -> Iterator[dict]:
     for i, row in enumerate(pool):
         yield {**row, "pool_index": offset + i, **{name: values[i].item() for name, values in columns.items()}}
+
+
+def take_rows(
+    data: Dataset, rows: np.ndarray, columns: dict[str, np.ndarray] | None = None, *, drop: Sequence[str] = (), fingerprint: str | None = None,
+) -> Dataset:
+    """Rows of ``data`` (repeats allowed) as a new in-memory Dataset, plus per-row ``columns``, minus ``drop``.
+
+    ``select`` followed by ``add_column`` would flatten an indices mapping through ``map``, which
+    shows a "Flattening the indices" bar on every call; gathering the few chosen rows as one Arrow
+    table does the same work silently. The features (class labels, images...) travel in the
+    table's schema metadata.
+
+    Parameters
+    ----------
+    data : Dataset
+        The source rows.
+    rows : ndarray of shape (q,), int
+        Positions in ``data``.
+    columns : dict of ndarray of shape (q,), optional
+        Columns appended, in order.
+    drop : sequence of str
+        Columns of ``data`` left out.
+    fingerprint : str, optional
+        The new dataset's fingerprint (derive it from every input, so datasets' caches stay valid).
+
+    Returns
+    -------
+    Dataset
+        ``q`` rows.
+    """
+    import pyarrow as pa
+    from datasets.table import InMemoryTable
+
+    table = data.with_format("arrow")[np.asarray(rows, dtype=np.int64)]
+    if drop:
+        table = table.drop_columns(list(drop))
+    for name, values in (columns or {}).items():
+        table = table.append_column(name, pa.array(np.asarray(values)))
+    return Dataset(InMemoryTable(table), fingerprint=fingerprint)
+
+
+class _QuietBars:
+    """datasets' progress bars off for a block, re-entrant and shared by threads.
+
+    Flattening the indices mapping of a filtered, shuffled or re-selected pool (or of a
+    DatasetDict's splits) before columns are added is our plumbing, not an operation the user asked
+    for; its "Flattening the indices" bar on every call is noise. The setting the user chose is
+    restored when the last block ends.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._restore = False
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        import datasets
+
+        with self._lock:
+            if self._depth == 0:
+                self._restore = not datasets.are_progress_bars_disabled()
+                datasets.disable_progress_bars()
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if self._depth == 0 and self._restore:
+                    datasets.enable_progress_bars()
+
+
+_quiet_bars = _QuietBars()
 
 
 def _with_columns(part: Dataset | IterableDataset, offset: int, columns: dict[str, np.ndarray], fingerprint: str) -> Dataset:
     """``part`` plus ``pool_index`` and the given per-row columns (a stream is read once more)."""
     if isinstance(part, IterableDataset):
         return Dataset.from_generator(_stream_rows, gen_kwargs={"pool": part, "offset": offset, "columns": columns}, fingerprint=fingerprint)
-    out = part.add_column("pool_index", np.arange(offset, offset + len(part), dtype=np.int64))
-    for name, values in columns.items():
-        out = out.add_column(name, values)
+    with _quiet_bars():  # a pool with an indices mapping is flattened by the first add_column
+        out = part.add_column("pool_index", np.arange(offset, offset + len(part), dtype=np.int64))
+        for name, values in columns.items():
+            out = out.add_column(name, values)
     return out
 
 
@@ -572,7 +640,8 @@ def run_selection(
         from .prefilter import combine_sources
 
         source_column = source_column or "source"
-        dataset = combine_sources(dataset, source_column)
+        with _quiet_bars():  # each filtered/shuffled split is flattened when its source column is added
+            dataset = combine_sources(dataset, source_column)
     if not isinstance(dataset, (Dataset, IterableDataset)):
         raise param_error("dataset", owner, "a datasets.Dataset, IterableDataset, DatasetDict or list of Dataset", type(dataset).__name__, exc=TypeError)
     streamed = isinstance(dataset, IterableDataset)
@@ -616,12 +685,14 @@ def run_selection(
         accepted = selector_class(method).param_names()
         unknown = sorted(set(params) - set(accepted))
         if unknown:
-            raise param_error(
+            own = own_keywords()
+            err = param_error(
                 ", ".join(unknown), owner,
-                f"a keyword of select_by_ot, or of the {method!r} selector ({', '.join(accepted) or 'none'}); encoder "
-                f"settings go as keywords of their own or in embedding={{...}} (keys {', '.join(_EMBED_KEYS)})",
-                {key: params[key] for key in unknown}, exc=TypeError,
+                f"a keyword of select_by_ot ({', '.join(own)}), or of the {method!r} selector ({', '.join(accepted) or 'none'}); "
+                f"encoder settings go as keywords of their own or in embedding={{...}} (keys {', '.join(_EMBED_KEYS)})",
+                {key: params[key] for key in unknown},
             )
+            raise TypeError(str(err) + did_you_mean(unknown[0], [*own, *accepted]))
     probe = get_selector(method, **params) if not isinstance(method, Selector) else method
     if dedup_radius is not None:
         from .dedup import resolve_dedup_mode
@@ -775,12 +846,12 @@ def run_selection(
     # Every input of the rows written: the pool's full content, the scores, the counts, the column name.
     fp = _digest("scored", _SCORES_CACHE_VERSION, fingerprints["pool"], scores, times, score_column)
     scored = _with_columns(part, offset, {score_column: scores, "selected": times}, fp)
-    columns = {score_column: scores[local], "rank": ranks[draw]}
+    columns = {"rank": ranks[draw]}
     if selector.choice != "top_k":
         columns["draw_order"] = draw.astype(np.int64) + 1
-    selected = _rows_of(scored, local).remove_columns([score_column, "selected"])
-    for name, values in columns.items():
-        selected = selected.add_column(name, values)
+    # take_rows also gives a process with no chosen row (or an empty shard) its empty table.
+    selected = take_rows(scored, local, columns, drop=(score_column, "selected"),
+                         fingerprint=_digest("selected", fp, local, *columns.values()))
     timings["build_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
     return SelectionRun(
@@ -932,12 +1003,62 @@ def select_by_ot(
         decontaminate_column=decontaminate_column, decontaminate_radius=decontaminate_radius,
         decontaminate_ngram=decontaminate_ngram, **params,
     )
-    # One process holds every row here: hand the selection back best (or first drawn) first.
-    key = "draw_order" if "draw_order" in run.selected.column_names else "rank"
-    selected = run.selected.select(np.argsort(np.asarray(run.selected[key]), kind="stable"))
+    selected = best_first(run.selected)  # one process holds every row here
     if return_scored:
         return DatasetDict({"scored": run.scored, "selected": selected, **run.extra_splits})
     return selected
+
+
+def best_first(selected: Dataset) -> Dataset:
+    """The selected rows in the one order every output uses: best (or first drawn) first.
+
+    ``select_by_ot``, the job's ``selected/`` split and the pushed dataset all hand rows back in
+    this order, so nobody has to ``sort("rank")``. The key is ``draw_order`` for sampling selectors
+    (1 = first drawn) and ``rank`` otherwise (1 = best score in the pool, ties to the lower index).
+    A split without either column (not a selection) is returned unchanged.
+
+    Parameters
+    ----------
+    selected : Dataset
+        Chosen rows (``n_selected`` rows) with ``rank`` and, for sampling selectors, ``draw_order``.
+
+    Returns
+    -------
+    Dataset
+        The same ``n_selected`` rows, reordered; row contents and columns unchanged.
+    """
+    key = "draw_order" if "draw_order" in selected.column_names else "rank"
+    if key not in selected.column_names:
+        return selected
+    order = np.argsort(np.asarray(selected[key]), kind="stable")
+    if np.array_equal(order, np.arange(order.size)):
+        return selected
+    return take_rows(selected, order, fingerprint=_digest("best_first", selected._fingerprint))
+
+
+def write_best_first(folder: Path) -> None:
+    """Rewrite a saved ``selected`` split (``save_to_disk`` folder) best first (see :func:`best_first`).
+
+    A multi-process job saves each process's rows in pool order; the chosen rows are few (``k``),
+    so process 0 reads them back (memory-mapped), orders them and saves them again in their place.
+    """
+    from datasets import load_from_disk
+
+    saved = load_from_disk(str(folder))
+    ordered = best_first(saved)
+    if ordered is saved:
+        return
+    staging = folder.with_name(f".{folder.name}-best-first")
+    ordered.save_to_disk(str(staging))
+    del saved, ordered
+    shutil.rmtree(folder)
+    os.replace(staging, folder)
+
+
+def own_keywords() -> list[str]:
+    """``select_by_ot``'s own keyword arguments (besides ``dataset``, ``target``, ``method``, ``k``), in order."""
+    skip = {"dataset", "target", "method", "k", "params"}
+    return [name for name in inspect.signature(select_by_ot).parameters if name not in skip]
 
 
 def _merge_embedding(embedding: dict[str, Any] | None, given: dict[str, Any]) -> dict[str, Any]:
@@ -960,11 +1081,42 @@ _method.__doc__ = select_by_ot.__doc__
 _method.__name__ = "select_by_ot"
 
 
+def _dict_method(
+    self: DatasetDict, target: Target, method: str | Selector = "got_d", k: int = 100, *, split: str | None = None, **kwargs: Any,
+) -> Dataset | DatasetDict:
+    """``DatasetDict.select_by_ot``: select from every split as one pool, or from one named split.
+
+    Parameters
+    ----------
+    target, method, k, **kwargs
+        As :func:`select_by_ot`.
+    split : str or None
+        None (default): the splits are one pool of several sources, concatenated in the dict's
+        order; ``pool_index`` points into that concatenation and the column ``source_column``
+        (default ``"source"``) holds each row's split name, exactly as ``select_by_ot(dataset_dict)``.
+        A split name: that split alone is the pool (``dd.select_by_ot(t, split="train")`` is
+        ``dd["train"].select_by_ot(t)``), e.g. to keep a test split out of the pool.
+
+    Returns
+    -------
+    Dataset or DatasetDict
+        As :func:`select_by_ot`.
+    """
+    if split is None:
+        return select_by_ot(self, target, method, k, **kwargs)
+    if split not in self:
+        raise param_error("split", "DatasetDict.select_by_ot", f"None (every split) or one of {list(self)}", split)
+    return select_by_ot(self[split], target, method, k, **kwargs)
+
+
+_dict_method.__name__ = "select_by_ot"
+
+
 def register_dataset_methods() -> None:
-    """Add ``select_by_ot`` to ``Dataset`` and ``IterableDataset``, never replacing an attribute."""
-    for cls in (Dataset, IterableDataset):
+    """Add ``select_by_ot`` to ``Dataset``, ``IterableDataset`` and ``DatasetDict``, never replacing an attribute."""
+    for cls, method in ((Dataset, _method), (IterableDataset, _method), (DatasetDict, _dict_method)):
         existing = getattr(cls, "select_by_ot", None)
         if existing is None:
-            cls.select_by_ot = _method  # type: ignore[attr-defined]
-        elif existing is not _method:
+            cls.select_by_ot = method  # type: ignore[attr-defined]
+        elif existing is not method:
             logger.warning("%s already has a 'select_by_ot' attribute; hf_otselect left it alone.", cls.__name__)

@@ -13,7 +13,7 @@ Two rules, both on L2-normalised embeddings with a radius ``h`` (Euclidean; on u
     calibrated gradients, cosine similarities, DSIR's log-weights) are not densities: dividing them
     by a kernel density has no meaning, while the greedy skip is exact and keeps the ranking.
 
-``"kde"`` (sampling with replacement, e.g. TSDS's default)
+``"kde"`` (sampling with replacement, e.g. TSDS with replace=True)
     TSDS's diversity device (Liu et al., NeurIPS 2024, Sec. 3): the Epanechnikov kernel density
     ``rho_j = sum_{||x_j - x'|| < h} (1 - ||x_j - x'||^2 / h^2)`` over the pool (itself included,
     so ``rho_j >= 1``), and the sampling probabilities become ``p_j / rho_j`` (renormalised; for

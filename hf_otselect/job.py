@@ -6,8 +6,8 @@ Outputs go to one folder (see DESIGN.md), which ``datasets.load_from_disk(output
     <output_dir>/
       dataset_dict.json  the two splits below
       scored/            every pool row + pool_index, score, selected (times chosen), in pool order
-      selected/          the chosen rows in pool order + pool_index, score, rank (by score in the
-                         pool, 1 = best), draw_order (sampling selectors); sort by either for "best first"
+      selected/          the chosen rows best (or first drawn) first + pool_index, score, rank (by
+                         score in the pool, 1 = best), draw_order (sampling selectors)
       selection.json     provenance: method, params, model, fingerprints, version, seed, OT distances, timings
       embeddings/        pool.npy (pool-RANK-of-WORLD.npy per process), target.npy (when save_embeddings)
       prefilter/         the source ranking (when the pre-filter ran)
@@ -46,7 +46,7 @@ from datasets.exceptions import DatasetGenerationError
 from . import __version__
 from ._checks import check_json_lines, param_error, short_repr
 from .config import DataConfig, SelectionConfig
-from .datasets_ext import SelectionRun, _shard_of, run_selection
+from .datasets_ext import SelectionRun, _shard_of, run_selection, write_best_first
 from .dist import Comm, agree, check_shared_folder, get_comm
 from .embed import cache_root
 from .outdir import OutputFolder
@@ -346,6 +346,8 @@ def _run_job(config: SelectionConfig, folder: OutputFolder, comm: Comm, t0: floa
     t = time.perf_counter()
     n_scored = _save_split(run.scored, partial / "scored", comm)
     n_selected = _save_split(run.selected, partial / "selected", comm)
+    if comm.is_main:  # best (or first drawn) first, as select_by_ot returns them
+        write_best_first(partial / "selected")
     if config.save_embeddings and run.pool_embeddings is not None:
         (partial / "embeddings").mkdir(exist_ok=True)
         name = "pool.npy" if comm.world_size == 1 else f"pool-{comm.rank:05d}-of-{comm.world_size:05d}.npy"

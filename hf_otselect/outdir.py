@@ -5,7 +5,7 @@ A job deletes only what it wrote. :class:`OutputFolder` owns four paths beside e
     <parent>/<name>/            the finished output (carries MARKER with the manifest of its files)
     <parent>/<name>.partial/    where the job writes (carries MARKER from its first moment)
     <parent>/<name>.previous/   the old output, moved aside for the instant of the swap
-    <parent>/<name>.lock        the lock (and <name>.lock.json: who holds it)
+    <parent>/<name>.lock        the lock (and <name>.lock.json: who holds it), both removed when the job ends
 
 Rules, all checked by :meth:`OutputFolder.check` before any data is read:
 
@@ -20,7 +20,10 @@ Rules, all checked by :meth:`OutputFolder.check` before any data is read:
   file, folder or link we did not write is left alone and the job refused.
 - One writer per output folder: :meth:`OutputFolder.locked` takes ``<name>.lock`` (``filelock``,
   an OS lock released when the process dies, even by ``kill -9``) without waiting; a second job
-  fails at once naming the holder (pid, host, start time from ``<name>.lock.json``).
+  fails at once naming the holder (pid, host, start time from ``<name>.lock.json``, a side file
+  written atomically, so a contender never reads a half-written record). Both files are
+  removed when the job ends, whether it succeeded or failed; only a killed job leaves them, and
+  the next job takes them over.
 
 :meth:`OutputFolder.commit` writes the manifest into the partial folder, moves an old output to
 ``.previous``, renames the partial folder into place (``os.replace``) and only then removes the
@@ -269,9 +272,11 @@ class OutputFolder:
                 kind = "a symbolic link" if final.is_symlink() else "not a folder"
                 raise FileExistsError(f"The 'output_dir' {str(final)!r} is {kind}; hf_otselect never replaces one. "
                                       "Give a folder path of its own.")
-            if not self.overwrite:
-                raise FileExistsError(f"The 'output_dir' {str(final)!r} already exists. Pass overwrite=true to replace it.")
+            # What would refuse the replacement is said first, so the advice given is never then refused.
             self._refuse_unless_ours(final, complete=True)
+            if not self.overwrite:
+                raise FileExistsError(f"The 'output_dir' {str(final)!r} already exists (an earlier selection). "
+                                      "Pass overwrite=true to replace it, or choose another output_dir.")
         for path, complete in ((self.partial, False), (self.previous, True)) if leftovers else ():
             if os.path.lexists(path):
                 self._refuse_unless_ours(path, complete=complete)
@@ -279,8 +284,8 @@ class OutputFolder:
     def _refuse_unless_ours(self, folder: Path, *, complete: bool) -> None:
         why = _not_ours(folder, complete=complete)
         if why is not None:
-            raise FileExistsError(f"The 'output_dir' path {str(folder)!r} {why}; it is left alone. "
-                                  "Remove or move it yourself, or choose another output_dir.")
+            raise FileExistsError(f"The 'output_dir' path {str(folder)!r} {why}; it is left alone, even with overwrite=true. "
+                                  "Choose another output_dir, or remove or move it yourself.")
 
     # -- one writer -----------------------------------------------------------------------
     def _holder(self) -> str:
@@ -341,6 +346,11 @@ class OutputFolder:
         finally:
             with contextlib.suppress(OSError):
                 self.holder_path.unlink()
+            # No lock file outlives the job. It is unlinked while still held: a job that opened it
+            # in this instant locks an unlinked file, which filelock (>= 4.3) detects and refuses
+            # (st_nlink == 0), so two jobs never hold two different files. Only kill -9 leaves one.
+            with contextlib.suppress(OSError):
+                self.lock_path.unlink()
             lock.release()
 
     # -- writing --------------------------------------------------------------------------

@@ -294,7 +294,7 @@ def _load_run(folder: Path, columns: Sequence[str] | None) -> tuple[_Run, list[s
     scores[pool_index] = _column(scored, score_column).astype(np.float64)
     ranks = np.empty(n, dtype=np.int64)  # by score, 1 = best, ties to the lower index, unscored last
     ranks[descending_order(scores)] = np.arange(1, n + 1)
-    # The selected split is in pool order: put it in choice order (first drawn, or best, first).
+    # Choice order (first drawn, or best, first); folders written before it was the saved order were in pool order.
     order_by = "draw_order" if "draw_order" in selected.column_names else "rank"
     chosen = _column(selected, "pool_index").astype(np.int64)
     if order_by in selected.column_names:

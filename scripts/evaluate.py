@@ -20,9 +20,12 @@ NeurIPS 2024, Sec. 5):
    with ``evaluate`` modules (the Hub ones when online, our bundled scikit-learn ones offline:
    :func:`hf_otselect.metrics.load`).
 
-Results go to ``<output_dir>/eval_results.json`` and are returned by :func:`evaluate_model`. The
-file is rewritten (atomically) after each measurement, so a perplexity already computed survives a
-failure of the downstream fine-tuning. ``block_size`` and ``max_length`` are clipped to what the
+Results are returned by :func:`evaluate_model` and written the way ``Trainer.save_metrics``
+writes them, like ``prefinetune.py``'s: ``eval_results.json`` and ``all_results.json`` hold the
+flat numbers (``eval_perplexity``, ``eval_mean_nll``, ``eval_n_tokens``, ``eval_accuracy``,
+``eval_macro_f1``...), and ``evaluation.json`` the full nested record (method, kind, block size,
+labels...). Each file is rewritten (atomically) after each measurement, so a perplexity already
+computed survives a failure of the downstream fine-tuning. ``block_size`` and ``max_length`` are clipped to what the
 model can take (its position embeddings and the tokenizer's ``model_max_length``), with a warning;
 the results record the values used.
 
@@ -288,7 +291,7 @@ def finetune_classifier(eval_args: EvalArguments, training_args: Any) -> dict[st
 
 
 def evaluate_model(eval_args: EvalArguments, training_args: Any) -> dict[str, Any]:
-    """Run the measurements asked for and write ``<output_dir>/eval_results.json``.
+    """Run the measurements asked for and write them to ``output_dir`` (see the module docstring).
 
     Parameters
     ----------
@@ -342,13 +345,27 @@ def evaluate_model(eval_args: EvalArguments, training_args: Any) -> dict[str, An
     return results
 
 
+def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
+    """The numbers of ``results`` as ``Trainer.save_metrics`` names eval metrics: ``eval_<name>``."""
+    parts = {"perplexity": ("perplexity", "mean_nll", "n_tokens", "n_texts"), "task": ("accuracy", "macro_f1", "n_train", "n_eval")}
+    return {f"eval_{name}": results[part][name] for part, names in parts.items() if part in results for name in names}
+
+
 def _save(results: dict[str, Any], output_dir: str | os.PathLike) -> None:
-    """Write ``eval_results.json`` through a temporary file, so it is never half written."""
+    """Write ``evaluation.json`` (nested) and the ``save_metrics`` files, each never half written.
+
+    ``eval_results.json`` and ``all_results.json`` have ``Trainer.save_metrics``'s layout (a flat
+    object, keys sorted, indent 4), so they read like the files ``prefinetune.py`` writes.
+    """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "eval_results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2), encoding="utf-8")
-    os.replace(tmp, out / "eval_results.json")
+    flat = flat_metrics(results)
+    for name, content in (("evaluation.json", json.dumps(results, indent=2)),
+                          ("eval_results.json", json.dumps(flat, indent=4, sort_keys=True)),
+                          ("all_results.json", json.dumps(flat, indent=4, sort_keys=True))):
+        tmp = out / f"{name}.tmp"
+        tmp.write_text(content, encoding="utf-8")
+        os.replace(tmp, out / name)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[EvalArguments, Any]:

@@ -44,6 +44,7 @@ Do not put ``scripts/`` on ``sys.path``: ``scripts/evaluate.py`` would then shad
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -67,7 +68,7 @@ _FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".cs
 class ModelArguments:
     """Which model to warm up."""
 
-    model_name_or_path: str = field(metadata={"help": "Local folder or Hub id of the pre-trained LM; 'bundled' = hf_otselect.DEFAULT_MODEL."})
+    model_name_or_path: str = field(metadata={"help": "Local folder or Hub id of the pre-trained LM; 'bundled' or 'sentence-transformers/all-MiniLM-L6-v2' = the packaged copy."})
     model_kind: str = field(
         default="auto",
         metadata={"help": "'causal', 'masked', or 'auto' (from the config's architectures)."},
@@ -138,13 +139,12 @@ def load_texts(spec: str, *, split: str = "train", text_column: str = "text", re
 
 
 def model_path(name: str) -> str:
-    """``name``, or the bundled all-MiniLM-L6-v2 folder (``hf_otselect.DEFAULT_MODEL``) for ``'bundled'``,
-    so a config file runs on any install without naming a site-packages path."""
-    if name == "bundled":
-        from hf_otselect import DEFAULT_MODEL
+    """``name``, or the bundled all-MiniLM-L6-v2 folder (``hf_otselect.DEFAULT_MODEL``) for ``'bundled'``
+    or ``'sentence-transformers/all-MiniLM-L6-v2'``, so a config file runs offline on any install
+    without naming a site-packages path."""
+    from hf_otselect.bundled import resolve_model_name
 
-        return str(DEFAULT_MODEL)
-    return name
+    return resolve_model_name(name)
 
 
 def resolve_kind(config: Any, kind: str) -> str:
@@ -383,16 +383,45 @@ def _perplexity(loss: float) -> float:
         return float("inf")
 
 
+#: Arguments naming files or folders: in a YAML/JSON file a relative one is read from the file's
+#: folder, as in job YAMLs (outputs always; inputs when they exist there, else a Hub id or name).
+_OUTPUT_ARGS = ("output_dir", "logging_dir")
+_INPUT_ARGS = ("model_name_or_path", "tokenizer_name_or_path", "train_data", "validation_data", "perplexity_data",
+               "task_train_data", "task_eval_data", "resume_from_checkpoint")
+
+
 def parse_dataclasses(types: tuple[type, ...], argv: list[str] | None = None) -> tuple[Any, ...]:
-    """Instances of ``types`` from one YAML/JSON file (unknown keys refused) or from CLI flags."""
+    """Instances of ``types`` from one YAML/JSON file (unknown keys refused) or from CLI flags.
+
+    A relative path in the file is read from the file's folder, the rule of the job YAMLs
+    (:func:`hf_otselect.config.path_from_file`), so a file runs the same from any working
+    directory; paths given as CLI flags are read from the working directory.
+    """
     from transformers import HfArgumentParser
+
+    from hf_otselect.config import load_yaml, path_from_file
 
     parser = HfArgumentParser(types)
     argv = sys.argv[1:] if argv is None else list(argv)
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(os.path.abspath(argv[0]), allow_extra_keys=False)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(argv[0]), allow_extra_keys=False)
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
+        path = Path(os.path.abspath(argv[0]))
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix == ".json" else load_yaml(text, str(path))
+        if not isinstance(data, dict):
+            raise ValueError(f"{str(path)!r} must hold a mapping of argument names to values. Got {type(data).__name__} instead.")
+        import dataclasses
+
+        from hf_otselect._suggest import did_you_mean
+
+        known = [f.name for cls in types for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(known), key=str)
+        if unknown:
+            raise ValueError(f"Unknown key {unknown[0]!r} in {str(path)!r}.{did_you_mean(unknown[0], known)} Keys are the "
+                             f"fields of {', '.join(cls.__name__ for cls in types)}.")
+        for key in _OUTPUT_ARGS + _INPUT_ARGS:
+            if key in data:
+                data[key] = path_from_file(data[key], path.parent, must_exist=key in _INPUT_ARGS)
+        return parser.parse_dict(data, allow_extra_keys=False)
     return parser.parse_args_into_dataclasses(args=argv)
 
 

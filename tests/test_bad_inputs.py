@@ -288,7 +288,7 @@ def _error_lines(capsys) -> list[str]:
 
 CLI_CASES = [
     ("unknown config key", ["colour=blue"], r"Unknown config key 'colour'. Known keys: \[.*'pool'"),
-    ("unknown nested key", ["embedding.modle=x"], r"Unknown config key 'embedding.modle'. Known keys of embedding: \[.*'model'"),
+    ("unknown nested key", ["embedding.modle=x"], r"Unknown config key 'embedding.modle'. Did you mean 'model'\? Known keys of embedding: \[.*'model'"),
     ("wrong type", ["k=many"], template("k") + ".*a int. Got 'many' instead"),
     ("k = 0", ["k=0"], template("k") + ".*Got 0 instead"),
     ("k > n", ["k=31"], template("k") + r".*\[1, 30\]\. Got 31 instead"),
@@ -365,7 +365,9 @@ def test_cli_existing_output_folder_is_refused_unless_overwrite(tmp_path, capsys
     (tmp_path / "out" / "keep.txt").write_text("mine")
     assert cli.main(["select", "--config", str(REPO / "configs/demo.yaml"), *_overrides(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "'output_dir'" in err and "already exists" in err and "overwrite=true" in err
+    # A folder of the user's own: the refusal that overwrite=true would meet is said first (issue 23).
+    assert "'output_dir'" in err and "has no .hf_otselect.json marker" in err and "even with overwrite=true" in err
+    assert "Pass overwrite=true" not in err
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
 

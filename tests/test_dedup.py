@@ -117,7 +117,7 @@ def test_tsds_kde_guard_draws_duplicates_in_proportion(clean, cache):
     text copied 100 times keeps about the mass of one copy instead of taking 100 times the draws."""
     pool, target, pool_emb, target_emb = clean
     # KNN-Uniform: no TSDS density of its own; C fixed at the scale this test was set up with
-    params = {"alpha": 0.5, "C": 5.0, "sigma": 0.0, "max_K": 200, "kde_K": 50}
+    params = {"alpha": 0.5, "C": 5.0, "sigma": 0.0, "max_K": 200, "kde_K": 50, "replace": True}  # the paper's draws
     base, big, big_emb, dup_texts = _injected(clean, "tsds", cache, **params)
     sel = get_selector("tsds", **params)
     p_clean = sel.score(pool_emb, target_emb)
@@ -158,7 +158,7 @@ def test_tsds_with_its_own_density_is_weighted_once():
     x = x.astype(np.float32)
     sq = ((x[:, None, :].astype(np.float64) - x[None]) ** 2).sum(-1)
     np.fill_diagonal(sq, np.inf)
-    sel = get_selector("tsds", C=5.0)  # kernel="kde", sigma=0.75; a fixed scale, so both pools solve the same problem
+    sel = get_selector("tsds", C=5.0, replace=True)  # the paper's draws; kernel="kde", sigma=0.75; a fixed scale, so both pools solve the same problem
     assert np.sqrt(sq.min()) > sel.sigma  # the planted condition: no neighbour within sigma
     p_clean = sel.score(x, queries)
     j, copies = int(np.argmax(p_clean)), 50
@@ -172,7 +172,7 @@ def test_tsds_with_its_own_density_is_weighted_once():
     assert info == {"mode": "kde", "radius": RADIUS, "weighting": "selector", "selector_bandwidth": sel.sigma}
     assert idx.tolist() == sel.choose_rows(p_big, K, seed=3).tolist()
     # and the guard still weights once where TSDS does not: sigma = 0 gets the guard's density
-    uniform = get_selector("tsds", sigma=0.0)
+    uniform = get_selector("tsds", sigma=0.0, replace=True)
     p_uni = uniform.score(big, queries)
     rho = _density_by_loop(big, RADIUS)
     assert np.allclose(rho[group], copies) and np.allclose(rho[others], 1.0)
@@ -184,7 +184,7 @@ def test_tsds_with_its_own_density_is_weighted_once():
 def test_a_radius_beyond_sigma_warns(caplog):
     rng = np.random.default_rng(1)
     x = rng.normal(size=(50, 8)).astype(np.float32)
-    sel = get_selector("tsds", sigma=0.1, max_K=50, kde_K=50)
+    sel = get_selector("tsds", sigma=0.1, max_K=50, kde_K=50, replace=True)
     p = sel.score(x, x[:5])
     with caplog.at_level("WARNING", logger="hf_otselect.dedup"):
         guarded_choose(sel, p, 5, seed=0, candidates=x, radius=0.3)
@@ -235,7 +235,7 @@ def test_modes_and_bad_arguments(clean, cache):
     with pytest.raises(ValueError, match="'dedup_mode' parameter of select_by_ot must be 'greedy' or 'auto' for a top-k selector"):
         select_by_ot(pool, target, "got_d", 3, dedup_radius=0.2, dedup_mode="kde", cache_dir=cache)
     with pytest.raises(ValueError, match="'dedup_mode' parameter of select_by_ot must be 'kde' or 'auto'"):
-        select_by_ot(pool, target, "tsds", 3, dedup_radius=0.2, dedup_mode="greedy", cache_dir=cache)
+        select_by_ot(pool, target, "tsds", 3, dedup_radius=0.2, dedup_mode="greedy", cache_dir=cache, replace=True)
     with pytest.raises(ValueError, match=r"'dedup_radius' parameter of select_by_ot must be a float in \(0.0, 2.0\]"):
         select_by_ot(pool, target, "got_d", 3, dedup_radius=0.0, cache_dir=cache)
     with pytest.raises(ValueError, match="'dedup_mode' parameter of select_by_ot must be one of"):

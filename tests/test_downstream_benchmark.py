@@ -225,5 +225,5 @@ def test_finetune_goes_through_evaluate_script(tmp_path, tiny_bert):
     tgt = {"ft_train": tmp_path / "probe_train.jsonl", "probe_test": tmp_path / "probe_test.jsonl"}
     cfg = ds.Config(block_size=32, batch_size=8, finetune_epochs=1.0)
     f1 = ds.finetune_f1(tiny_bert, tgt, 0, cfg, tmp_path / "ft")
-    saved = json.loads((tmp_path / "ft" / "eval_results.json").read_text())
+    saved = json.loads((tmp_path / "ft" / "evaluation.json").read_text())
     assert f1 == saved["task"]["macro_f1"] and saved["task"]["n_eval"] == 16 and 0.0 <= f1 <= 1.0

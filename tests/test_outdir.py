@@ -179,7 +179,7 @@ def test_a_partial_folder_without_our_marker_is_refused(tmp_path, no_encoder):
 
 def test_without_overwrite_even_our_output_is_kept(tmp_path, no_encoder):
     out = _ours(OutputFolder(tmp_path / "sel", overwrite=False), {"selection.json": '{"k": 1}'})
-    with pytest.raises(FileExistsError, match="already exists. Pass overwrite=true"):
+    with pytest.raises(FileExistsError, match=r"already exists \(an earlier selection\)\. Pass overwrite=true"):
         run_job(_config(tmp_path, str(out), "overwrite=false"))
     assert (out / "selection.json").read_text() == '{"k": 1}'
 

@@ -1,4 +1,4 @@
-"""Every figure the README quotes next to a results file appears in that file (issue 16).
+"""Every figure the README (and docs/) quotes next to a results file appears in that file (issue 16).
 
 Convention (stated in the README's Benchmarks section): a paragraph, list item or table row that
 quotes measured figures names the results file they come from in backticks, e.g.
@@ -55,15 +55,21 @@ def _spellings(value: str, unit: str | None) -> set[str]:
     return out
 
 
+def _readme_text() -> str:
+    """The README and the reference pages it links under docs/ (where the long sections live)."""
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    return "\n\n".join(page.read_text(encoding="utf-8") for page in pages)
+
+
 def _cited_blocks() -> list[tuple[str, list[str]]]:
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    readme = _readme_text()
     # code spans are names, not figures; the citations themselves are taken out before numbers are read
     blocks = [(b, [n for n in CITE.findall(b) if (RESULTS / n).is_file()]) for b in _blocks(readme)]
     return [(b, names) for b, names in blocks if names]
 
 
 def test_the_readme_cites_results_files_that_exist():
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    readme = _readme_text()
     assert {name for _, names in _cited_blocks() for name in names} >= {"quality.md", "embed_throughput.md"}
     assert not sorted(n for n in PATH.findall(readme) if not (RESULTS / n).exists())
 

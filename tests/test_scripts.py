@@ -294,7 +294,11 @@ def test_evaluate_end_to_end_perplexity_and_a_learnable_task(tmp_path, tiny_mode
     assert 0.3 * 30522 < res["perplexity"]["perplexity"] < 3 * 30522
     assert res["task"]["labels"] == ["code", "movie_reviews"] and res["task"]["n_eval"] == 64
     assert res["task"]["accuracy"] >= 0.85 and res["task"]["macro_f1"] >= 0.8
-    assert json.loads((out / "eval_results.json").read_text()) == res
+    assert json.loads((out / "evaluation.json").read_text()) == res
+    # and the flat numbers where Trainer.save_metrics puts them, as prefinetune.py does (issue 23)
+    flat = json.loads((out / "eval_results.json").read_text())
+    assert flat == json.loads((out / "all_results.json").read_text()) == ev.flat_metrics(res)
+    assert flat["eval_perplexity"] == res["perplexity"]["perplexity"] and flat["eval_macro_f1"] == res["task"]["macro_f1"]
 
 
 @pytest.mark.slow
@@ -323,7 +327,7 @@ def test_evaluate_clips_max_length_to_the_models_positions_and_keeps_what_it_com
 
     res = ev.main(flags(out))
     assert res["task"]["max_length"] == 64 and res["perplexity"]["block_size"] == 64
-    assert json.loads((out / "eval_results.json").read_text()) == res
+    assert json.loads((out / "evaluation.json").read_text()) == res
 
     # The task fails after the perplexity is computed: the perplexity is on disk all the same.
     def broken(*args, **kwargs):
@@ -333,8 +337,9 @@ def test_evaluate_clips_max_length_to_the_models_positions_and_keeps_what_it_com
     out2 = tmp_path / "eval2"
     with pytest.raises(RuntimeError, match="out of memory"):
         ev.main(flags(out2))
-    saved = json.loads((out2 / "eval_results.json").read_text())
+    saved = json.loads((out2 / "evaluation.json").read_text())
     assert saved["perplexity"] == res["perplexity"] and "task" not in saved
+    assert json.loads((out2 / "eval_results.json").read_text())["eval_perplexity"] == res["perplexity"]["perplexity"]
 
 
 def test_evaluate_refuses_an_empty_request(tmp_path):
@@ -361,5 +366,5 @@ def test_evaluate_runs_as_a_script_despite_its_name(tmp_path, tiny_models):
         capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    res = json.loads((out / "eval_results.json").read_text())
+    res = json.loads((out / "evaluation.json").read_text())
     assert res["perplexity"]["n_texts"] == 3 and res["perplexity"]["perplexity"] > 1

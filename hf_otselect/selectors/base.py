@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from .._checks import check_choice, check_embeddings, check_int, check_magnitude, check_seed, check_solver_device, param_error
+from .._suggest import did_you_mean
 from ..dist import LOCAL, Comm, PoolView, TextView
 
 ChoiceMode = Literal["top_k", "sample", "log_sample"]
@@ -249,7 +250,8 @@ def get_selector(method: str | Selector, **params: Any) -> Selector:
     accepted = set(cls.param_names())
     unknown = sorted(set(params) - accepted)
     if unknown:
-        raise param_error("params", f"get_selector({method!r})", f"keyword(s) among {sorted(accepted)}", unknown)
+        raise ValueError(str(param_error("params", f"get_selector({method!r})", f"keyword(s) among {sorted(accepted)}", unknown))
+                         + did_you_mean(unknown[0], accepted))
     selector = cls(**params)
     selector.check_params()  # bad values fail here, before the caller embeds or scores anything
     return selector

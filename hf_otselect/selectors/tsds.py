@@ -45,8 +45,8 @@ that ``alpha = 0.5`` spreads each query over ``max(2, k / M)`` neighbours on ave
 
 Differences from the published code, on purpose: a query whose nearest neighbour alone takes its
 whole budget gets ``1/M`` on that neighbour (the published loop fails there); every sum is float64;
-``max_K``/``kde_K`` larger than the pool are clipped to the pool size with a logged warning instead
-of a silent cap at ``N // 10``; pools of any size ``>= 1`` work; a query that uses up its list
+``max_K``/``kde_K`` larger than the pool are clipped to the pool size (the published code caps
+them at ``N // 10``); pools of any size ``>= 1`` work; a query that uses up its list
 widens it rather than piling its remaining mass on its last neighbour while the others go on;
 densities are taken over the whole pool (the paper's definition), not only over the prefetched
 neighbours, and only for the rows the solution can reach, each over at most ``kde_K`` neighbours
@@ -373,7 +373,7 @@ class TSDSSelector(Selector):
         Kernel bandwidth ``h >= 0`` of the Epanechnikov density; 0 means KNN-Uniform.
     max_K : int, default 5000
         ``L``, the most neighbours a query may spread over (the cap of the growing lists);
-        clipped to the pool size with a logged warning. Lists start at 128 and double only while
+        clipped to the pool size (silently: every row is then a neighbour). Lists start at 128 and double only while
         some query's optimum reaches the end of its list; if that still holds at ``max_K``, the
         result is the optimum restricted to ``max_K`` neighbours and a warning gives the figures.
         5000 is the paper's value; with ``C=None`` the lists stay near ``2 s``, far below it.
@@ -381,12 +381,18 @@ class TSDSSelector(Selector):
         ``k``, the rows the selection will draw; used only by ``C=None``. :meth:`select` passes
         its ``k``; a bare :meth:`fit` without it assumes 1% of the pool (at least 1).
     kde_K : int, default 1000
-        ``I``, most neighbours counted in a density; clipped to the pool size with a warning.
+        ``I``, most neighbours counted in a density; clipped to the pool size (silently).
     kernel : {"kde", "uniform"}, default "kde"
         ``"uniform"`` ignores ``sigma`` (KNN-Uniform, Thm 3.1).
-    replace : bool, default True
-        :meth:`select` samples with replacement (multinomial, as the paper) or without
-        (Gumbel-top-k).
+    replace : bool or None, default None
+        How the ``k`` rows are drawn from ``p``. None: ``k`` distinct rows, drawn in proportion to
+        ``p`` without replacement (Gumbel-top-k: the paper's draws with repeats skipped), when
+        ``p`` reaches at least ``k`` rows; when it reaches fewer, the paper's ``k`` draws with
+        replacement, with a warning giving the distinct count (a row drawn twice then appears
+        twice, told apart by ``draw_order``). True: always the paper's rule (multinomial, any
+        ``k``). False: always without replacement (an error when ``p`` reaches fewer than ``k``
+        rows). A user asking for ``k`` rows expects ``k`` different rows, and the default gives
+        them whenever the distribution allows; the paper's multiset stays one keyword away.
     index : {"auto", "flat", "ivf", "hnsw"}, default "auto"
         FAISS index over each process's rows (see :func:`hf_otselect.knn.knn_search`; ``"auto"``
         is flat up to ``knn.FLAT_MAX_BASE`` rows per process, IVF above). Densities are searched
@@ -419,7 +425,7 @@ class TSDSSelector(Selector):
         kde_K: int = 1000,
         budget: int | None = None,
         kernel: Literal["kde", "uniform"] = "kde",
-        replace: bool = True,
+        replace: bool | None = None,
         index: Literal["auto", "flat", "ivf", "hnsw"] = "auto",
         nprobe: int | None = None,
         density_nprobe: int = 4,
@@ -453,8 +459,8 @@ class TSDSSelector(Selector):
         check_int(self.max_K, "max_K", owner, 1)
         check_int(self.kde_K, "kde_K", owner, 1)
         check_choice(self.kernel, "kernel", owner, ["kde", "uniform"])
-        if not isinstance(self.replace, bool):
-            raise param_error("replace", owner, "a bool", self.replace, exc=TypeError)
+        if self.replace is not None and not isinstance(self.replace, bool):
+            raise param_error("replace", owner, "None (k distinct rows when p reaches k rows) or a bool", self.replace, exc=TypeError)
         check_choice(self.index, "index", owner, ["auto", "flat", "ivf", "hnsw"])
         if self.nprobe is not None:
             check_int(self.nprobe, "nprobe", owner, 1)
@@ -596,6 +602,42 @@ class TSDSSelector(Selector):
         finally:
             del self._select_k
 
+    def choose_rows(self, scores: np.ndarray, k: int, *, seed: int = 0, index: np.ndarray | None = None, comm: Comm | None = None) -> np.ndarray:
+        """``k`` rows drawn from ``p`` (see ``replace``): distinct by default when ``p`` reaches ``k`` rows.
+
+        Parameters
+        ----------
+        scores : ndarray of shape (n,)
+            This process's ``p``.
+        k : int
+            Rows to draw over all processes.
+        seed : int
+            Sampling seed (keys from ``(seed, global row index)``).
+        index : ndarray of shape (n,), int, optional
+            Global row indices of ``scores``.
+        comm : Comm, optional
+            The processes sharing the pool.
+
+        Returns
+        -------
+        ndarray of shape (k,), int64
+            Global rows in draw order, the same on every process.
+        """
+        if self.replace is not None:
+            return choose(scores, k, mode="sample", seed=seed, replace=self.replace, index=index, comm=comm)
+        comm = comm or LOCAL
+        support = int(comm.all_reduce(np.array([(np.asarray(scores) > 0).sum()], dtype=np.int64))[0])
+        if support >= k:
+            return choose(scores, k, mode="sample", seed=seed, replace=False, index=index, comm=comm)
+        rows = choose(scores, k, mode="sample", seed=seed, replace=True, index=index, comm=comm)
+        logger.warning(
+            "TSDS: p reaches only %d rows, fewer than k=%d, so the %d rows were drawn with replacement as the paper "
+            "does: %d distinct (a row drawn again appears again; draw_order tells the draws apart). Lower alpha or "
+            "raise C to spread p wider, or pass replace=True to always draw as the paper does.",
+            support, k, k, np.unique(rows).size,
+        )
+        return rows
+
     def score_batch(self, state: TSDSState, rows: Any, index: np.ndarray) -> np.ndarray:
         """``p`` of these rows, looked up by global index (0 for rows no query reached)."""
         index = np.asarray(index, dtype=np.int64)
@@ -604,8 +646,10 @@ class TSDSSelector(Selector):
         return np.where(hit & (state.rows[pos] == index), state.probs[pos], 0.0) if hit else np.zeros(index.size)
 
     def _clipped(self, name: str, value: int, n: int) -> int:
+        # A cap above the pool is no error: every row is a neighbour then. The defaults (5000 and
+        # 1000, the paper's) exceed any small pool, so this is not worth a warning on every call.
         if value > n:
-            logger.warning("TSDSSelector: %s=%d exceeds the %d candidates; using %d.", name, value, n, n)
+            logger.debug("TSDSSelector: %s=%d exceeds the %d candidates; using %d.", name, value, n, n)
             return n
         return int(value)
 

@@ -36,7 +36,7 @@ def main() -> None:
     state = sel.fit(view, y, comm=comm)
     index = np.arange(view.offset, view.offset + view.n_local)
     p = sel.score_batch(state, x[lo:hi], index)
-    with_r = TSDSSelector(**params).choose_rows(p, 50, seed=3, index=index, comm=comm)
+    with_r = TSDSSelector(**params, replace=True).choose_rows(p, 50, seed=3, index=index, comm=comm)
     without = TSDSSelector(**params, replace=False).choose_rows(p, 30, seed=3, index=index, comm=comm)
     full = np.concatenate(comm.all_gather(p))
     auto = TSDSSelector(**{**params, "C": None, "budget": 50})  # the default scale, set from the merged lists
