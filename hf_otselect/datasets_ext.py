@@ -12,7 +12,6 @@ import inspect
 import json
 import logging
 import os
-import shutil
 import threading
 import time
 import uuid
@@ -43,7 +42,7 @@ from .selectors import SelectionResult, Selector, get_selector
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SelectionRun", "best_first", "register_dataset_methods", "run_selection", "select_by_ot", "write_best_first"]
+__all__ = ["SelectionRun", "best_first", "register_dataset_methods", "run_selection", "select_by_ot"]
 
 Target = Dataset | Sequence[str] | np.ndarray
 _EMBED_KEYS = ("model", "revision", "batch_size", "max_length", "pooling", "normalize", "device", "trust_remote_code",
@@ -772,13 +771,16 @@ def run_selection(
                 if side is not None and not isinstance(side, np.ndarray):
                     named = target_column if isinstance(side, Dataset) else None
                     check_texts(_texts_of(side, target_column, name), column=named, owner=f"select_by_ot ({name})")
-            target_emb = _embed_side(target, target_column, embed_kwargs, cache)
+            # The pool first: its pass checks every row before the encoder loads (for either side).
             if stream_digest is not None:
                 pool_emb = _embed_stream(stream_digest.wrap(part), column, embed_kwargs, cache)
+                target_emb = _embed_side(target, target_column, embed_kwargs, cache)
             elif len(part) == 0:  # an empty shard (more processes than rows): it still joins every collective
+                target_emb = _embed_side(target, target_column, embed_kwargs, cache)
                 pool_emb = np.zeros((0, target_emb.shape[1]), dtype=np.float32)
             else:
                 pool_emb = _embed_side(part, column, embed_kwargs, cache)
+                target_emb = _embed_side(target, target_column, embed_kwargs, cache)
         if target_emb.shape[1] != pool_emb.shape[1]:
             raise param_error("target", owner, f"embeddings with {pool_emb.shape[1]} columns like the pool", f"shape {target_emb.shape}")
         if negative_target is not None:
@@ -849,9 +851,9 @@ def run_selection(
     columns = {"rank": ranks[draw]}
     if selector.choice != "top_k":
         columns["draw_order"] = draw.astype(np.int64) + 1
-    # take_rows also gives a process with no chosen row (or an empty shard) its empty table.
-    selected = take_rows(scored, local, columns, drop=(score_column, "selected"),
-                         fingerprint=_digest("selected", fp, local, *columns.values()))
+    # The score stays where it is (the chosen rows' own); take_rows also gives a process with no
+    # chosen row (or an empty shard) its empty table.
+    selected = take_rows(scored, local, columns, drop=("selected",), fingerprint=_digest("selected", fp, local, *columns.values()))
     timings["build_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
     return SelectionRun(
@@ -1034,25 +1036,6 @@ def best_first(selected: Dataset) -> Dataset:
     if np.array_equal(order, np.arange(order.size)):
         return selected
     return take_rows(selected, order, fingerprint=_digest("best_first", selected._fingerprint))
-
-
-def write_best_first(folder: Path) -> None:
-    """Rewrite a saved ``selected`` split (``save_to_disk`` folder) best first (see :func:`best_first`).
-
-    A multi-process job saves each process's rows in pool order; the chosen rows are few (``k``),
-    so process 0 reads them back (memory-mapped), orders them and saves them again in their place.
-    """
-    from datasets import load_from_disk
-
-    saved = load_from_disk(str(folder))
-    ordered = best_first(saved)
-    if ordered is saved:
-        return
-    staging = folder.with_name(f".{folder.name}-best-first")
-    ordered.save_to_disk(str(staging))
-    del saved, ordered
-    shutil.rmtree(folder)
-    os.replace(staging, folder)
 
 
 def own_keywords() -> list[str]:

@@ -46,7 +46,7 @@ from datasets.exceptions import DatasetGenerationError
 from . import __version__
 from ._checks import check_json_lines, param_error, short_repr
 from .config import DataConfig, SelectionConfig
-from .datasets_ext import SelectionRun, _shard_of, run_selection, write_best_first
+from .datasets_ext import SelectionRun, _shard_of, best_first, run_selection
 from .dist import Comm, agree, check_shared_folder, get_comm
 from .embed import cache_root
 from .outdir import OutputFolder
@@ -57,6 +57,23 @@ __all__ = ["load_split", "output_paths", "run_job"]
 
 _FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".txt": "text"}
 
+
+
+def write_best_first(folder: Path) -> None:
+    """Rewrite a saved ``selected`` split (``save_to_disk`` folder) best first (see :func:`best_first`).
+
+    A multi-process job saves each process's rows in pool order; the chosen rows are few (``k``),
+    so process 0 reads them back (memory-mapped), orders them and saves them again in their place.
+    """
+    saved = load_from_disk(str(folder))
+    ordered = best_first(saved)
+    if ordered is saved:
+        return
+    staging = folder.with_name(f".{folder.name}-best-first")
+    ordered.save_to_disk(str(staging))
+    del saved, ordered
+    shutil.rmtree(folder)
+    os.replace(staging, folder)
 
 def load_split(spec: DataConfig, name: str = "pool") -> Dataset | IterableDataset:
     """Load the split a :class:`DataConfig` points at (file, ``save_to_disk`` folder or Hub id)."""

@@ -53,7 +53,7 @@ def test_the_jobs_selected_split_is_best_first_like_select_by_ot(tmp_path, monke
         out = run_job(config)
     else:
         local = threading.local()
-        monkeypatch.setattr(job, "get_comm", lambda device=None: local.comm)
+        monkeypatch.setattr(job, "get_comm", lambda device=None, timeout_s=None: local.comm)
 
         def rank(comm):
             local.comm = comm
