@@ -336,7 +336,7 @@ def fit_selector(
     thresholds = descending_ranks_values(keys, ranks, comm)
     fit_info = {
         "n_pool": int(n_pool), "n_fit": int(n_fit), "sample": sample, "processes": int(comm.world_size),
-        "target_size": int(len(target_side)), "target_fingerprint": _digest(target_side if isinstance(target_side, np.ndarray) else list(target_side)),
+        "target_size": int(len(target_side)), "dim": None if needs_text else int(view.dim), "target_fingerprint": _digest(target_side if isinstance(target_side, np.ndarray) else list(target_side)),
         "pool_fingerprint": getattr(pool, "_fingerprint", None), "diagnostics": diagnostics,
     }
     return FittedSelector(
@@ -433,8 +433,10 @@ class FittedSelector:
             state = replace(state, device=device or self.device)
         if not self.selector.needs_text and self.selector.needs_vectors:
             rows = np.asarray(rows)
-            if rows.ndim != 2:
-                raise param_error("rows", "FittedSelector.score_rows", "a 2-D array of shape (b, dim)", f"shape {rows.shape}")
+            dim = self.fit_info.get("dim")
+            if rows.ndim != 2 or (dim is not None and rows.shape[1] != dim):
+                raise param_error("rows", "FittedSelector.score_rows", f"a 2-D array of shape (b, {dim or 'dim'}) like the fit's rows",
+                                  f"shape {rows.shape}")
         return np.asarray(self.selector.score_batch(state, rows, index), dtype=np.float64)
 
     def _rows_of(self, batch: dict[str, Any], device: str | None) -> Any:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._checks import param_error
+from ._checks import check_writable_folder, param_error
 
 if TYPE_CHECKING:
     from .fitted import FittedSelector
@@ -104,15 +104,18 @@ def save_folder(fitted: FittedSelector, folder: str | os.PathLike) -> Path:
     """Write the three files of the module docstring into ``folder`` (created when missing)."""
     from safetensors.numpy import save
 
-    folder = Path(folder)
+    folder = check_writable_folder(folder, "save_directory", "FittedSelector.save_pretrained")
     folder.mkdir(parents=True, exist_ok=True)
     arrays, config = payload_of(fitted)
     state = save(arrays)
     config["files"] = {STATE_FILE: hashlib.sha256(state).hexdigest()}
     config["checksum"] = hashlib.sha256(_canonical(config)).hexdigest()
-    (folder / STATE_FILE).write_bytes(state)
-    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True, default=_json_value) + "\n", encoding="utf-8")
-    (folder / CARD_FILE).write_text(build_card(fitted), encoding="utf-8")
+    # Each file whole or absent (a temporary file renamed); the JSON, which names the state's checksum, last.
+    for name, data in ((STATE_FILE, state), (CARD_FILE, build_card(fitted).encode("utf-8")),
+                       (CONFIG_FILE, (json.dumps(config, indent=2, sort_keys=True, default=_json_value) + "\n").encode("utf-8"))):
+        tmp = folder / f".{name}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, folder / name)
     return folder
 
 

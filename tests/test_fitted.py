@@ -322,3 +322,19 @@ def test_the_calibrated_threshold_keeps_at_least_the_fraction_of_the_fit_rows_wi
         t = f.calibrated_threshold(float(fraction))
         assert not math.isnan(t)
         assert (keys >= t).sum() >= math.ceil(fraction * N_POOL) - 1  # linear between grid points: within a row
+
+
+def test_rows_of_another_width_and_a_file_as_folder_are_refused_in_our_terms(tmp_path, data, fitted):
+    f = fitted["got_d"]
+    with pytest.raises(ValueError, match=r"The 'rows' parameter of FittedSelector.score_rows must be a 2-D array of shape "
+                                         rf"\(b, {data['x'].shape[1]}\) like the fit's rows\. Got 'shape \(3, 4\)'"):
+        f.score_rows(data["x"][:3, :4])
+    target = tmp_path / "a_file"
+    target.write_text("mine")
+    with pytest.raises(ValueError, match=r"The 'save_directory' parameter of FittedSelector.save_pretrained must be a folder path"):
+        f.save_pretrained(target)
+    assert target.read_text() == "mine"
+    f.save_pretrained(tmp_path / "again")
+    f.save_pretrained(tmp_path / "again")  # over its own files: whole files, no temporaries left
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == ["README.md", "fitted_selector.json", "state.safetensors"]
+    assert np.array_equal(FittedSelector.from_pretrained(tmp_path / "again").score_rows(data["x"]), f.score_rows(data["x"]))
