@@ -22,7 +22,6 @@ fit's gradient uses the sample's mean potential: ``-(N / (N - 1)) (f_j - mean_sa
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import numbers
@@ -35,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from ._checks import check_choice, check_embeddings, check_float, check_int, param_error, short_repr
+from .datasets_ext import _digest
 from .dist import LOCAL, Comm, PoolView, TextView
 from .selectors.base import row_gumbels, row_uniforms
 from .threshold import Cut, descending_ranks_values, top_k_cut
@@ -178,16 +178,6 @@ def _side(data: Any, column: str, vector_column: str | None, needs_text: bool, n
     if isinstance(data, Sequence) and not isinstance(data, (str, bytes)) and len(data) > 0:
         return list(data)
     raise param_error(name, owner, "a non-empty Dataset, list of str or (n, dim) array", type(data).__name__, exc=TypeError)
-
-
-def _digest(value: Any) -> str:
-    h = hashlib.sha256()
-    if isinstance(value, np.ndarray):
-        h.update(str((value.shape, value.dtype.str)).encode())
-        h.update(memoryview(np.ascontiguousarray(value)).cast("B"))
-    else:
-        h.update(json.dumps(value, sort_keys=True).encode())
-    return h.hexdigest()
 
 
 def fit_selector(
