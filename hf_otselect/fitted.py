@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ._checks import check_choice, check_embeddings, check_float, check_int, param_error, short_repr
+from ._checks import check_choice, check_embeddings, check_float, check_int, nonfinite_rows, nonfinite_summary, param_error, short_repr
 from .datasets_ext import _digest
 from .dist import LOCAL, Comm, PoolView, TextView
 from .selectors.base import row_gumbels, row_uniforms
@@ -159,6 +159,28 @@ def _take(part: Any, keep: np.ndarray, column: str, vector_column: str | None, n
     if isinstance(part, np.ndarray):
         return part[keep]
     return [t for t, k in zip(part, keep) if k]
+
+
+def _in_place(part: Any, keep: np.ndarray) -> bool:
+    """Whether the fit can read this process's array rows where they are: every row kept, float16/32.
+
+    Copying them (``part[keep]``, then a float32 cast) would hold the whole pool in memory, twice
+    for a float16 memory map; the solver reads a :class:`~hf_otselect.dist.PoolView` in blocks.
+    """
+    return (isinstance(part, np.ndarray) and part.ndim == 2 and len(part) > 0
+            and part.dtype in (np.float16, np.float32) and bool(keep.all()))
+
+
+def _checked_in_blocks(part: np.ndarray, owner: str) -> np.ndarray:
+    """``part`` itself after the checks of :func:`check_embeddings`, done block by block.
+
+    float16 and float32 values are finite in float32 exactly when they are finite, so the
+    finiteness check is the whole of it (the shape and dtype are what :func:`_in_place` admitted).
+    """
+    count, first = nonfinite_rows(part)
+    if count:
+        raise param_error("pool", owner, "finite (no NaN or Inf)", nonfinite_summary(count, first))
+    return part
 
 
 def _side(data: Any, column: str, vector_column: str | None, needs_text: bool, name: str, owner: str) -> Any:
@@ -305,13 +327,16 @@ def fit_selector(
             selector = get_selector(method, **{**params, "negative_target": neg})
     if not needs_vectors:
         rows: Any = np.zeros((int(keep.sum()), 0), dtype=np.float32)
-    else:
+    elif needs_text:
         rows = _take(part, keep, column, vector_column, needs_text, owner)
-        if not needs_text:
-            rows = vectors_of(rows, "pool")
-            dims = comm.all_reduce(np.array([rows.shape[1] if len(rows) else 0], dtype=np.int64), op="max")
-            if not len(rows):
-                rows = np.zeros((0, int(dims[0])), dtype=np.float32)
+    else:
+        if _in_place(part, keep):
+            rows = _checked_in_blocks(part, owner)  # a memory map stays on disk: the fit reads it in blocks
+        else:
+            rows = vectors_of(_take(part, keep, column, vector_column, needs_text, owner), "pool")
+        dims = comm.all_reduce(np.array([rows.shape[1] if len(rows) else 0], dtype=np.int64), op="max")
+        if not len(rows):
+            rows = np.zeros((0, int(dims[0])), dtype=np.float32)
     view = TextView.of(rows, comm) if needs_text else PoolView.of(rows, comm)
     if method == "tsds" and params.get("budget") is None:
         selector = get_selector(method, **{**params, "budget": max(1, -(-view.n_global // 100))})

@@ -258,6 +258,34 @@ def test_a_sample_fit_reads_the_same_rows_and_selects_the_same_rows_at_any_world
             assert cut.k == ref_cut.k and cut.index_cut == ref_cut.index_cut  # the same K rows are kept
 
 
+def test_a_full_fit_reads_a_memory_map_in_place_and_refuses_its_nan_rows(data, tmp_path, monkeypatch):
+    """A whole-pool fit of a float16/float32 memory map hands the solver the map itself, read in
+    blocks: copying it (the sample path's ``part[keep]`` and a float32 cast) held the pool in memory."""
+    from hf_otselect.selectors.got_d import GOTDSelector
+
+    path = tmp_path / "pool.npy"
+    mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=data["x"].shape)
+    mm[:] = data["x"]
+    mm.flush()
+    pool = np.load(path, mmap_mode="r")
+    seen = []
+    fit = GOTDSelector.fit
+    monkeypatch.setattr(GOTDSelector, "fit", lambda self, view, target, comm=None: seen.append(view.data) or fit(self, view, target, comm=comm))
+    mapped = fit_selector(pool, data["y"], "got_d")
+    assert np.shares_memory(seen[-1], pool)  # the fit read the file, not a copy of it
+    in_memory = fit_selector(np.asarray(pool, dtype=np.float32), data["y"], "got_d")  # the same values as float32
+    np.testing.assert_array_equal(mapped.score_rows(data["x"]), in_memory.score_rows(data["x"]))
+    sampled = fit_selector(pool, data["y"], "got_d", sample=60)  # a sample is still taken out (60 rows)
+    assert not np.shares_memory(seen[-1], pool) and len(seen[-1]) == 60
+    bad = np.lib.format.open_memmap(tmp_path / "bad.npy", mode="w+", dtype=np.float32, shape=data["x"].shape)
+    bad[:] = data["x"]
+    bad[[3, 7]] = np.nan
+    with pytest.raises(ValueError, match=r"The 'pool' parameter of fit_selector must be finite \(no NaN or Inf\)\. "
+                                         r"Got '2 row\(s\) with NaN or Inf: rows \[3, 7\]' instead\."):
+        fit_selector(bad, data["y"], "got_d")
+    assert sampled.fit_info["n_fit"] == 60
+
+
 def test_a_stream_pool_fits_like_the_dataset(data):
     stream = IterableDataset.from_generator(lambda: iter(data["ds"]))
     a = fit_selector(stream, data["y"], "got_d", vector_column="vec", sample=100)
