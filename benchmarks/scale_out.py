@@ -30,18 +30,20 @@ import numpy as np
 DIM, M, CENTRES = 384, 1000, 200
 
 
-def make_pool(path: Path, n: int, seed: int = 0, block: int = 250_000) -> None:
-    """Write ``n`` clustered unit rows to ``path`` (``.npy``) block by block."""
-    if path.exists() and np.load(path, mmap_mode="r").shape == (n, DIM):
-        return
+def make_pool(path: Path, n: int, seed: int = 0, block: int = 250_000, dtype: str = "float32") -> None:
+    """Write ``n`` clustered unit rows to ``path`` (``.npy``, stored as ``dtype``) block by block."""
+    if path.exists():
+        old = np.load(path, mmap_mode="r")
+        if old.shape == (n, DIM) and old.dtype == dtype:
+            return
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(CENTRES, DIM))
     tmp = path.with_suffix(".tmp.npy")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, DIM))
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n, DIM))
     for s in range(0, n, block):
         e = min(s + block, n)
         x = centres[rng.integers(0, CENTRES, e - s)] * 0.5 + rng.normal(size=(e - s, DIM))
-        out[s:e] = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+        out[s:e] = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(dtype)
     out.flush()
     del out
     os.replace(tmp, path)
