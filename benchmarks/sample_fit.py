@@ -317,6 +317,8 @@ def render(res: dict[str, Any]) -> str:
                          f"{c['gather_received']:,} B | {c['gather_sent'] / c['cut_sent']:,.0f}x | {c['cut_s']:.2f} | {c['gather_s']:.2f} | "
                          f"{'yes' if c['same_rows_as_full_sort'] else 'NO'} |")
         lines.append("")
+    if res.get("notes"):
+        lines += ["## Reading", "", *res["notes"], ""]
     if res.get("not_run"):
         lines += ["## Not run", "", *res["not_run"], ""]
     return "\n".join(lines)
@@ -339,9 +341,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=str(quality.DEFAULT_DATA))
     p.add_argument("--choose-sizes", type=int, nargs="*", default=[1_000_000, 4_000_000])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--render", default=None, help="a JSON this script wrote: write its page again (with --not-run lines "
+                   "when given), running nothing")
     p.add_argument("--merge", default=None, help="a JSON this script wrote earlier: its sections come first on the page, "
                    "its provenance with them")
     p.add_argument("--not-run", nargs="*", default=[], help="lines for the page's 'Not run' section")
+    p.add_argument("--note", nargs="*", default=[], help="lines for the page's 'Reading' section (with --render)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "sample_fit.md"))
     return p.parse_args(argv)
 
@@ -351,6 +356,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args = parse_args(argv)
+    if args.render:
+        res = json.loads(Path(args.render).read_text(encoding="utf-8"))
+        res["not_run"] = list(args.not_run) or res.get("not_run", [])
+        res["notes"] = list(args.note) or res.get("notes", [])
+        return _write(res, Path(args.out))
     t = time.perf_counter()
     prov = provenance(seeds={"data, samples, W subsamples, choose scores": args.seed}, argv=argv and [__file__, *argv])
     res: dict[str, Any] = {"provenance": prov, "args": vars(args), "fidelity": [], "choose": []}
@@ -368,7 +378,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         res["merged"] = [*prev.get("merged", []), {"provenance": prev["provenance"], "total_s": prev["total_s"], "uptime_end": prev["uptime_end"]}]
     res["total_s"] = time.perf_counter() - t
     res["uptime_end"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    out = Path(args.out)
+    return _write(res, Path(args.out))
+
+
+def _write(res: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The page and its JSON (``out`` with the suffix ``.json``)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render(res), encoding="utf-8")
     out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str), encoding="utf-8")

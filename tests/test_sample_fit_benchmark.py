@@ -62,6 +62,8 @@ def test_the_fidelity_rows_are_the_fits_recomputed(run):
         assert r["fit_s"] > 0 and r["peak_rss_gib"] >= r["rss_before_gib"] > 0
         assert (f"| {r['fraction']:.1%} | {m:,} | {r['overlap@0.01']:.4f} | {r['overlap@0.1']:.4f} | {r['spearman']:.5f} | "
                 f"{r['w@0.01']:.4f} | {r['w@0.1']:.4f} |") in page
+    sf.main(["--render", str(work / "page.json"), "--not-run", "4M: not run.", "--out", str(work / "again.md")])
+    assert (work / "again.md").read_text() == page.rstrip("\n") + "\n\n## Not run\n\n4M: not run.\n"  # the same page, from its JSON
     whole = rows[-1]
     assert whole["overlap@0.01"] == whole["overlap@0.1"] == 1.0 and whole["spearman"] == pytest.approx(1.0, abs=1e-12)
     # GOT-D's best rows move the pool toward the target: the mixture is nearer to it than the pool.
