@@ -284,6 +284,14 @@ def test_a_full_fit_reads_a_memory_map_in_place_and_refuses_its_nan_rows(data, t
                                          r"Got '2 row\(s\) with NaN or Inf: rows \[3, 7\]' instead\."):
         fit_selector(bad, data["y"], "got_d")
     assert sampled.fit_info["n_fit"] == 60
+    # Read in place on some processes and empty on another, the processes still meet in the same collectives.
+    ref = mapped.score_rows(data["x"])
+    for world in (2, 3):
+        for scores in run_ranks(world, lambda comm: fit_selector(pool, data["y"], "got_d", comm=comm).score_rows(data["x"])):
+            np.testing.assert_allclose(scores, ref, rtol=0, atol=1e-6 * np.abs(ref).max())
+    two = run_ranks(3, lambda comm: fit_selector(pool[:2], data["y"], "got_d", comm=comm).score_rows(data["x"]))
+    ref = fit_selector(pool[:2], data["y"], "got_d").score_rows(data["x"])  # summed in another order: float32 rounding
+    np.testing.assert_allclose(two[2], ref, rtol=0, atol=1e-6 * np.abs(ref).max())
 
 
 def test_a_stream_pool_fits_like_the_dataset(data):
