@@ -937,7 +937,7 @@ def write_report(
     (logger.debug if folder.name.endswith(".partial") else logger.info)("Report written to %s", out)
     from .outdir import record_written
 
-    record_written(folder, [out, folder / "report.json", assets, folder / report_data.REPORT_DATA])  # ours: a later overwrite may replace them
+    record_written(folder, [out, folder / "report.json", assets])  # ours: a later overwrite may replace them
     return out
 
 

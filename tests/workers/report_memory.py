@@ -3,15 +3,24 @@
     python tests/workers/report_memory.py OUTPUT_DIR '{"n_examples": 3}'
 
 The imports the report needs come first, so the growth of the peak during ``write_report`` is the
-report's own (what a test compares at N and 4N rows).
+report's own (what a test compares at N and 4N rows). The peak is this address space's high-water
+mark (``VmHWM``), not ``ru_maxrss``: Linux keeps ``ru_maxrss`` across ``execve``, so a child of a
+large test process would start from its parent's peak.
 """
 
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
+
+
+def _peak_gb() -> float:
+    with open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def main() -> None:
@@ -24,12 +33,12 @@ def main() -> None:
     import hf_otselect.ot  # noqa: F401
     from hf_otselect.report import write_report
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _peak_gb()
     t0 = time.perf_counter()
     write_report(folder, **kwargs)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_rss_gb": peak / 2**20, "before_gb": before / 2**20, "report_s": seconds}))
+    peak = _peak_gb()
+    print(json.dumps({"peak_rss_gb": peak, "before_gb": before, "report_s": seconds}))
 
 
 if __name__ == "__main__":
