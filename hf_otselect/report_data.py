@@ -269,7 +269,8 @@ def summarize(
 
     edges = np.histogram_bin_edges(np.array([lows[0], highs[0]]), bins=HIST_BINS) if n_scored else np.zeros(0)
     card_edges = np.histogram_bin_edges(np.array([lows[1], highs[1]]), bins=CARD_BINS) if distinct and np.isfinite(lows[1]) else np.zeros(0)
-    hist = np.zeros((3, HIST_BINS))  # pool, selected (by draws), rows at or above the threshold in [0, 0]
+    hist = np.zeros((2, HIST_BINS))  # pool, selected (by draws)
+    at_or_above = np.zeros(1)  # scored rows at or above the lowest selected score (top-k's threshold)
     card = np.zeros(CARD_BINS)
     better = np.zeros(union.size, dtype=np.int64)
     ties = np.array([-1.0, -np.inf])  # max index of selected rows at the lowest selected score; -(min index of unselected at the top unselected score)
@@ -283,7 +284,7 @@ def summarize(
         if edges.size:
             hist[0] += np.histogram(b.score[finite], edges)[0]
             hist[1] += np.histogram(b.score[finite & sel], edges, weights=b.draws[finite & sel])[0]
-            hist[2, 0] += (b.score[finite] >= lows[1]).sum()
+            at_or_above += (b.score[finite] >= lows[1]).sum()
         if card_edges.size:
             card += np.histogram(b.score[sel], card_edges, weights=b.draws[sel])[0]
         at = sel & (b.score == lows[1])
@@ -302,6 +303,7 @@ def summarize(
                 got_cols[c].extend(_category(b.columns[c][i]) for i in mine)
             vec_parts.append(np.asarray(v, dtype=np.float32) if v is not None else np.zeros((mine.size, 0), dtype=np.float32))
     hist = comm.all_reduce(hist, "sum")
+    at_or_above = comm.all_reduce(at_or_above, "sum")
     card = comm.all_reduce(card, "sum")
     better = comm.all_reduce(better, "sum")
     ties = comm.all_reduce(ties, "max")
@@ -313,11 +315,11 @@ def summarize(
     local_vec = (np.concatenate([p if p.shape[1] == width else np.zeros((p.shape[0], width), np.float32) for p in vec_parts])
                  if vec_parts else np.zeros((0, width), dtype=np.float32))
     all_index = np.concatenate(comm.all_gather(local_index.astype(np.int64)))
-    vectors = np.concatenate(comm.all_gather(local_vec)) if width else None
     meta = _gather_json(comm, {"text": got_text, "columns": got_cols})
     order = np.argsort(all_index, kind="stable")
     if not np.array_equal(all_index[order], union):
         raise RuntimeError("The report's sampled rows were not all found in the processes' blocks.")
+    vectors = np.concatenate(comm.all_gather(local_vec))[order] if width else None
     text = [t for m in meta for t in m["text"]]
     values = {c: [v for m in meta for v in m["columns"][c]] for c in columns}
     sample = {
@@ -337,7 +339,7 @@ def summarize(
         "selected": {"draws": int(draws_total), "distinct": int(distinct), "min": finite_or_none(lows[1]),
                      "max": finite_or_none(highs[1]), "mean": sel_sum / draws_total if draws_total else None,
                      "card_edges": card_edges.tolist(), "card_counts": card.astype(np.int64).tolist()},
-        "choice": "top_k" if top_k else "sampled", "at_or_above_threshold": int(hist[2, 0]),
+        "choice": "top_k" if top_k else "sampled", "at_or_above_threshold": int(at_or_above[0]),
         "pool_sample_rows": int(in_pool.sum()), "chosen_sample_rows": int(in_chosen.sum()),
         "composition": composition, "sample": sample,
     }

@@ -493,6 +493,49 @@ def test_the_reports_peak_memory_does_not_grow_with_the_pool(tmp_path):
         assert numbers[n]["composition"]["domain"]["pool_rows"] == n  # whole-pool counts still cover every row
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_the_report_data_is_the_same_for_any_number_of_processes(world):
+    from hf_otselect.report_data import RowBlock, summarize
+    from tests._thread_comm import contiguous_bounds, run_ranks
+
+    rng = np.random.default_rng(0)
+    n = 1000
+    scores = rng.integers(0, 20, n).astype(np.float64)  # many ties: ranks break them by the lower index
+    scores[[5, 700]] = np.nan  # unscored rows rank last
+    draws = np.zeros(n, dtype=np.int64)
+    draws[np.lexsort((np.arange(n), -np.nan_to_num(scores, nan=-np.inf)))[:40]] = 1
+    vectors = rng.normal(size=(n, 4)).astype(np.float32)
+    domain = [DOMAINS[i % 3] for i in range(n)]
+
+    def blocks_of(lo, hi):
+        def blocks():
+            for s in range(lo, hi, 97):
+                e = min(hi, s + 97)
+                yield RowBlock(np.arange(s, e), scores[s:e], draws[s:e], {"domain": domain[s:e]},
+                               lambda pos, s=s: ([f"text {s + p}" for p in pos], vectors[s + pos]))
+        return blocks
+
+    one = summarize(blocks_of(0, n), columns=["domain"], sample_rows=100)
+    many = run_ranks(world, lambda comm: summarize(blocks_of(*contiguous_bounds(n, world, comm.rank)), columns=["domain"],
+                                                   sample_rows=100, comm=comm))
+    for got in many:
+        assert json.dumps(got.summary, sort_keys=True) == json.dumps(one.summary, sort_keys=True)
+        assert np.array_equal(got.vectors, one.vectors)
+    s = one.summary
+    index = np.asarray(s["sample"]["pool_index"])
+    assert len(index) <= 100 and s["chosen_sample_rows"] == 40 and s["pool_sample_rows"] == 60
+    ranks = np.empty(n, dtype=np.int64)
+    ranks[np.lexsort((np.arange(n), -scores))] = np.arange(1, n + 1)  # the package's tie rule, NaN last
+    assert s["sample"]["rank"] == ranks[index].tolist()
+    assert np.array_equal(one.vectors, vectors[index]) and s["sample"]["text"] == [f"text {i}" for i in index]
+    assert s["choice"] == "top_k" and s["selected"]["min"] == np.sort(scores[draws > 0])[0]
+    assert s["at_or_above_threshold"] == int((scores >= s["selected"]["min"]).sum())
+    assert s["composition"]["domain"]["pool"] == dict(Counter(domain))
+    finite = scores[np.isfinite(scores)]
+    assert s["score"]["hist_pool"] == np.histogram(finite, bins=50)[0].tolist()
+    assert s["score"]["mean"] == pytest.approx(finite.mean())
+
+
 @pytest.fixture(scope="module")
 def one_and_two_processes(tmp_path_factory):
     """The same job with its report, run by one process and by two (torchrun, gloo): both folders and the second's stderr."""
@@ -534,6 +577,12 @@ def test_a_two_process_report_has_every_section_of_a_one_process_report(one_and_
     assert n2["score"]["threshold"] == pytest.approx(n1["score"]["threshold"], rel=1e-5)
     np.testing.assert_allclose(n2["budget_curve"]["method"], n1["budget_curve"]["method"], rtol=1e-4)
     assert [e["pool_index"] for e in n2["examples"]] == [e["pool_index"] for e in n1["examples"]]
+    # a finished two-process folder read again by `hf-otselect report` (another sample size, so from the
+    # folder): the per-process pool-RANK-of-WORLD.npy files are read at the sampled rows
+    assert sorted(p.name for p in (two / "embeddings").glob("pool*.npy")) == ["pool-00000-of-00002.npy", "pool-00001-of-00002.npy"]
+    again = json.loads(write_report(two, sample_rows=30).with_name("report.json").read_text())
+    assert {"projection", "budget_curve", "near_duplicates"} <= set(again) and not again["notes"]
+    assert again["budget_curve"]["computed_on"] == "sample" and again["composition"] == n2["composition"]
     # the card's histogram, counted where the rows live and summed, is that of the selected rows' scores
     from datasets import load_from_disk
 
