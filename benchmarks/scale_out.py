@@ -2,8 +2,9 @@
 
 Each process maps the same ``.npy`` file and reads only its contiguous rows, in blocks (a
 :class:`~hf_otselect.dist.PoolView` over a memmap); the fits talk through gloo collectives. Per run
-it records wall time of fit, scoring pass and choice, each process's peak RSS, and the bytes each
-process sent per Sinkhorn iteration (``Comm.bytes_sent``).
+it records wall time of fit, scoring pass and choice, each process's peak RSS, the bytes each
+process sent per Sinkhorn iteration (``Comm.bytes_sent``), and the report's time and how much it
+raised each process's peak RSS (:mod:`hf_otselect.report_data` on every process, then the page).
 
     .venv/bin/python benchmarks/scale_out.py --work-dir /tmp/scale --sizes 1000000 4000000 \
         --procs 1 2 --out benchmarks/results/scale_out.md
@@ -85,6 +86,7 @@ def worker(pool_path: str, target_path: str, method: str, out: str) -> None:
     chosen = selector.choose_rows(scores, 1000, seed=0, index=np.arange(lo, hi), comm=comm)
     comm.barrier()
     t3 = time.perf_counter()
+    report = _report(view, scores, chosen, target, method, out, comm)
     info = dict(selector.diagnostics_)
     n_iter = int(info.get("n_iter", 0) or 0)
     row = {
@@ -93,6 +95,7 @@ def worker(pool_path: str, target_path: str, method: str, out: str) -> None:
         "rss_before_fit_gb": rss0 / 2**20, "shard_gb": (hi - lo) * DIM * 4 / 2**30, "n_iter": n_iter,
         "fit_bytes": fit_bytes, "bytes_per_iter": fit_bytes / n_iter if n_iter else None,
         "chosen_sha": hashlib.sha256(np.ascontiguousarray(chosen, dtype=np.int64).tobytes()).hexdigest()[:16],
+        **report,
     }
     rows = comm.all_gather(np.frombuffer(json.dumps(row).encode().ljust(2048), dtype=np.uint8))
     if comm.is_main:
@@ -100,6 +103,47 @@ def worker(pool_path: str, target_path: str, method: str, out: str) -> None:
             for r in rows:
                 fh.write(bytes(r).decode().strip() + "\n")
     comm.close()
+
+
+def _report(view, scores: np.ndarray, chosen: np.ndarray, target: np.ndarray, method: str, out: str, comm) -> dict:
+    """The job's report after the choice: summaries where the rows live (every process), then the page (process 0).
+
+    Returns this process's report time and how much the report raised its peak RSS (0 when the
+    report's peak stays under the fit's), the figures the issue's goal is stated in.
+    """
+    from hf_otselect import report_data
+    from hf_otselect.report import write_report
+
+    lo = view.offset
+    draws = np.isin(np.arange(lo, lo + scores.size), chosen).astype(np.int64)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    comm.barrier()
+    t0 = time.perf_counter()
+
+    def blocks():
+        for idx, rows in view.blocks():
+            yield report_data.RowBlock(idx, scores[idx - lo], draws[idx - lo], {}, lambda pos, rows=rows: (None, np.asarray(rows[pos])))
+
+    data = report_data.summarize(blocks, seed=0, comm=comm, target=target)
+    t1 = time.perf_counter()
+    if comm.is_main:
+        folder = Path(out).with_name(f"report_{method}_{view.n_global}_{comm.world_size}")
+        if folder.exists():
+            import shutil
+
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        prov = {"method": method, "k": int(chosen.size), "seed": 0, "params": {"eps": 0.1} if method == "got_d" else {},
+                "rows": {"pool": view.n_global, "target": int(len(target)), "selected": int(chosen.size)},
+                "config": {"score_column": "score", "report_columns": []}}
+        (folder / "selection.json").write_text(json.dumps(prov), encoding="utf-8")
+        report_data.save(data, folder)
+        write_report(folder)
+    comm.barrier()
+    t2 = time.perf_counter()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"report_data_s": t1 - t0, "report_page_s": t2 - t1, "report_s": t2 - t0,
+            "report_added_gb": (peak - before) / 2**20, "report_sample_rows": int(data.summary["sample_rows"])}
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -139,8 +183,11 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
         "",
         f"Pool: clustered unit vectors, {DIM}-d, memory-mapped; target M = {M}; GOT-D eps 0.1; TSDS defaults; k = 1000.",
         "",
-        "| method | N | procs | fit s | score s | choose s | total s | peak RSS / proc GB | shard GB | iters | bytes/iter/proc | same rows as 1 proc |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "Report (after the choice; sample of at most 20,000 rows): summaries reduced where the rows live, then the page on",
+        "process 0. 'report adds GB' is how far the report raised a process's peak RSS above its peak before the report.",
+        "",
+        "| method | N | procs | fit s | score s | choose s | total s | peak RSS / proc GB | shard GB | iters | bytes/iter/proc | same rows as 1 proc | report s | report % of total | report adds GB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     by = {}
     for r in rows:
@@ -153,7 +200,8 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
         lines.append(
             f"| {method} | {n:,} | {procs} | {worst['fit_s']:.1f} | {worst['score_s']:.1f} | {worst['choose_s']:.2f} | "
             f"{worst['total_s']:.1f} | {max(r['peak_rss_gb'] for r in rs):.2f} | {worst['shard_gb']:.2f} | {worst['n_iter']} | "
-            f"{bpi:,.0f} | {same} |"
+            f"{bpi:,.0f} | {same} | {max(r['report_s'] for r in rs):.1f} | {100 * max(r['report_s'] for r in rs) / worst['total_s']:.1f}% | "
+            f"{max(r['report_added_gb'] for r in rs):.3f} |"
         )
     lines += ["", *_projection(by)]
     return "\n".join(lines) + "\n"

@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="write report.html for a finished selection")
     rep.add_argument("output_dir")
     rep.add_argument("--columns", nargs="*", default=None, help="categorical columns to break the selection down by")
+    rep.add_argument("--sample-rows", type=int, default=None,
+                     help="rows the report reads at most (default: the job's report_sample_rows, else 20000)")
+    rep.add_argument("--seed", type=int, default=None, help="seed of the report's keyed sample (default: the job's)")
     return parser
 
 
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     traceback, unless ``--verbose``, which prints the traceback first.
     """
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _configure_logging(args.verbose)
     install_log_redaction()
     if args.command in ("select", "push", "report"):  # each may talk to the Hub; each imports it anyway
         _remember_user_token()
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "report":
             from .report import write_report
 
-            _say(write_report(args.output_dir, columns=args.columns))
+            _say(write_report(args.output_dir, columns=args.columns, sample_rows=args.sample_rows, seed=args.seed))
     except KeyboardInterrupt:
         _explain(args.verbose, "interrupted (Ctrl-C); finished cache shards are kept and a rerun resumes from them")
         return EXIT_INTERRUPTED
@@ -124,6 +127,26 @@ def main(argv: list[str] | None = None) -> int:
         _explain(args.verbose, f"{type(err).__name__}: {_one_line(err)} (an unexpected error; --verbose shows the traceback)")
         return EXIT_ENVIRONMENT
     return 0
+
+
+def _configure_logging(verbose: bool) -> None:
+    """One log per job: process 0 logs it; under ``torchrun`` the others log warnings and errors only, prefixed with their rank.
+
+    Their progress bars (datasets, huggingface_hub) are turned off too: process 0's tell the
+    job's progress, and N copies interleaved on one terminal tell nothing.
+    """
+    from .dist import process_rank
+
+    rank, world = process_rank()
+    if rank == 0:
+        logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        return
+    logging.basicConfig(level=logging.WARNING, format=f"[rank {rank}/{world}] %(levelname)s %(name)s: %(message)s")
+    from datasets.utils.logging import disable_progress_bar
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bar()
+    disable_progress_bars()
 
 
 def methods_text() -> str:

@@ -378,6 +378,10 @@ class SelectionConfig:
         Write ``report.html`` at the end of the job.
     report_columns : list of str
         Categorical pool columns whose make-up the report shows (e.g. ``domain``).
+    report_sample_rows : int
+        Rows the report reads at most (>= 2, default 20,000): a sample keyed by (seed, row index)
+        for its projection, examples, near-duplicates and budget curve. Every other figure comes
+        from summaries reduced where the rows live, so the report's memory does not grow with the pool.
     save_embeddings : bool
         Keep the pool and target vectors in ``output_dir/embeddings/`` (the report uses them).
     push_to_hub : bool
@@ -413,6 +417,7 @@ class SelectionConfig:
     cache_dir: str | None = None
     report: bool = True
     report_columns: list[str] = field(default_factory=list)
+    report_sample_rows: int = 20_000
     save_embeddings: bool = True
     push_to_hub: bool = False
     hub: HubConfig = field(default_factory=HubConfig)
@@ -446,6 +451,7 @@ class SelectionConfig:
         if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
             raise param_error("k", owner, "an int >= 1", self.k)
         check_seed(self.seed, "seed", owner)
+        check_int(self.report_sample_rows, "report_sample_rows", owner, 2)
         for side in ("pool", "target", "negative_target", "decontaminate"):
             spec = getattr(self, side)
             if spec is not None and spec.max_rows is not None:

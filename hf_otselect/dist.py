@@ -35,7 +35,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_TIMEOUT_S", "LOCAL", "CollectiveError", "Comm", "FolderNotShared", "JobMismatch", "PoolView", "TextView", "TorchComm",
-           "agree", "check_shared_folder", "get_comm", "resolve_timeout", "shard_bounds"]
+           "agree", "check_shared_folder", "get_comm", "process_rank", "resolve_timeout", "shard_bounds"]
 
 ReduceOp = Literal["sum", "max", "min"]
 
@@ -273,6 +273,21 @@ def _collective_failure(op: str, rank: int, world: int, timeout_s: float | None,
     else:
         why = "the collective failed"
     return f"Process {rank} of {world}: {op} between the processes failed after {elapsed:.1f} s: {why}. [{cause}]"
+
+
+def process_rank() -> tuple[int, int]:
+    """``(rank, world size)`` of this process as its launcher set them, before any process group exists.
+
+    ``torchrun`` and ``accelerate launch`` set ``RANK`` and ``WORLD_SIZE`` in each process's
+    environment; a process started alone (or with values that are not integers) is ``(0, 1)``.
+    What logging needs at start-up, where :func:`get_comm` would be too early.
+    """
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0, 1
+    return (rank, world) if world > 1 and 0 <= rank < world else (0, 1)
 
 
 def shard_bounds(n: int, world: int, rank: int) -> tuple[int, int]:

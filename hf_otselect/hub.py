@@ -64,9 +64,13 @@ def check_repo_id(repo_id: Any) -> str:
     return repo_id
 
 
-def _histogram(scores: Sequence[float], bins: int = 10) -> str:
-    values = np.asarray(scores, dtype=np.float64)
-    counts, edges = np.histogram(values, bins=bins)
+def _histogram(scores: Sequence[float] | None, bins: int = 10, counted: tuple[Sequence[int], Sequence[float]] | None = None) -> str:
+    if counted is not None:  # (counts, edges), counted where the rows live
+        counts, edges = np.asarray(counted[0], dtype=np.int64), np.asarray(counted[1], dtype=np.float64)
+        if not counts.size:
+            return "(no selected rows)"
+    else:
+        counts, edges = np.histogram(np.asarray(scores, dtype=np.float64), bins=bins)
     width = max(int(counts.max()), 1)
     lines = ["| score range | rows | |", "|---|---|---|"]
     for c, lo, hi in zip(counts, edges[:-1], edges[1:]):
@@ -167,8 +171,9 @@ def card_metadata(provenance: dict[str, Any], *, license: str = "unknown") -> di
 
 def build_card(
     provenance: dict[str, Any],
-    selected_scores: Sequence[float],
+    selected_scores: Sequence[float] | None,
     *,
+    histogram: tuple[Sequence[int], Sequence[float]] | None = None,
     metadata: dict[str, Any] | None = None,
     license: str = "unknown",
     public: bool = False,
@@ -182,8 +187,11 @@ def build_card(
     ----------
     provenance : dict
         The content of ``selection.json``.
-    selected_scores : sequence of float
-        Scores of the selected rows (for the histogram in the card body).
+    selected_scores : sequence of float or None
+        Scores of the selected rows (for the histogram in the card body); None with ``histogram``.
+    histogram : (counts, edges), optional
+        That histogram already counted (10 bins; a job counts it where its rows live and sums the
+        counts over its processes, so no process gathers the selected rows' scores).
     metadata : dict, optional
         More header fields; they override the standard ones of the same name.
     license : str, default "unknown"
@@ -221,7 +229,7 @@ Lower means closer to the target. These are entropic OT costs between embeddings
 downstream quality: evaluate a model trained on the selection before trusting it.
 
 ## Scores of the selected rows
-{_histogram(selected_scores)}
+{_histogram(selected_scores, counted=histogram)}
 
 ## Limitations
 The selection inherits the pool's content, licences and biases; it is only as close to the target as

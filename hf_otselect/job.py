@@ -13,6 +13,7 @@ Outputs go to one folder (see DESIGN.md), which ``datasets.load_from_disk(output
       prefilter/         the source ranking (when the pre-filter ran)
       decontaminated/    the pool rows removed as too close to the held-out split (when it removed any)
       README.md          the dataset card pushed with the selection
+      report_data/       the report's summaries, reduced over the processes, and its keyed sample (when report)
       report.html        and its PNGs (when report)
 
 Everything is written to ``<output_dir>.partial/`` first and renamed into place only when complete,
@@ -29,7 +30,6 @@ number of processes.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import logging
 import os
@@ -40,22 +40,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from datasets import Dataset, DatasetDict, IterableDataset, load_dataset, load_from_disk
-from datasets.exceptions import DatasetGenerationError
+from datasets import Dataset, IterableDataset, load_from_disk
 
-from . import __version__
-from ._checks import check_json_lines, param_error, short_repr
-from .config import DataConfig, SelectionConfig
+from . import __version__, report_data
+from ._checks import param_error, short_repr
+from .config import SelectionConfig
 from .datasets_ext import SelectionRun, _shard_of, best_first, run_selection
 from .dist import Comm, agree, check_shared_folder, get_comm
 from .embed import cache_root
 from .outdir import OutputFolder
+from .inputs import load_split
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["load_split", "output_paths", "run_job"]
 
-_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 
 
@@ -74,45 +73,6 @@ def write_best_first(folder: Path) -> None:
     del saved, ordered
     shutil.rmtree(folder)
     os.replace(staging, folder)
-
-def load_split(spec: DataConfig, name: str = "pool") -> Dataset | IterableDataset:
-    """Load the split a :class:`DataConfig` points at (file, ``save_to_disk`` folder or Hub id)."""
-    path = Path(spec.path)
-    if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
-        data = load_from_disk(str(path))
-        if isinstance(data, DatasetDict):
-            if spec.split not in data:
-                raise ValueError(f"The '{name}.split' {short_repr(spec.split)} is not in {str(path)!r}. Splits: {list(data)}")
-            data = data[spec.split]
-        if spec.streaming:
-            data = data.to_iterable_dataset()
-    else:
-        suffix = "".join(Path(spec.path.replace("*", "x")).suffixes[-1:]).lower()
-        if suffix in _FORMATS:
-            if not glob.glob(spec.path):
-                raise FileNotFoundError(f"The '{name}.path' file {short_repr(spec.path)} does not exist.")
-            kwargs: dict[str, Any] = {"delimiter": "\t"} if suffix == ".tsv" else {}
-            if spec.streaming and _FORMATS[suffix] == "json":  # a stream meets a bad line mid-embedding: look first
-                check_json_lines(spec.path, f"{name}.path", spec.max_rows)
-            try:
-                data = load_dataset(_FORMATS[suffix], data_files=spec.path, split="train", streaming=spec.streaming, **kwargs)
-            except StopIteration as err:  # datasets' json builder on a file without a single row
-                raise param_error(f"{name}.path", "the job config", "a data file with at least one row", spec.path) from err
-            except DatasetGenerationError as err:  # a malformed row: say which file (and line, for JSON)
-                if _FORMATS[suffix] == "json":
-                    check_json_lines(spec.path, f"{name}.path")
-                cause = " ".join(str(err.__cause__ or err).split())
-                raise ValueError(f"The '{name}.path' file(s) {short_repr(spec.path)} could not be read as {_FORMATS[suffix]}: {cause}") from err
-        else:
-            try:
-                data = load_dataset(spec.path, spec.name, split=spec.split, streaming=spec.streaming)
-            except ConnectionError as err:  # offline, or the Hub unreachable: say which setting, one line
-                raise param_error(f"{name}.path", "the job config", "a data file, a save_to_disk folder or a Hub dataset id "
-                                  f"that can be reached ({err})", spec.path) from err
-    if spec.max_rows is not None:
-        data = data.take(spec.max_rows) if isinstance(data, IterableDataset) else data.select(range(min(spec.max_rows, len(data))))
-    return data
-
 
 def output_paths(output_dir: str | os.PathLike) -> tuple[Path, Path]:
     """(final folder, partial folder): ``~`` expanded, a symbolic link at the end never followed."""
@@ -195,6 +155,27 @@ def _ot_distances(run: SelectionRun, info: dict[str, Any]) -> dict[str, float | 
     if filtered:  # the selector's own figure is over the rows left selectable
         out["target_eligible_pool"] = None if eligible_pool is None else float(eligible_pool)
     return out
+
+
+def _report_data(config: SelectionConfig, run: SelectionRun) -> report_data.ReportData:
+    """The report's and the card's summaries of this process's rows, reduced over the processes (all call this).
+
+    Read from this process's ``scored`` rows and vectors where they are: counts, extremes and
+    histograms all-reduced, at most ``report_sample_rows`` keyed rows gathered (see
+    :mod:`hf_otselect.report_data`). Without a report only the card's figures are needed, so the
+    sample is the smallest allowed.
+    """
+    scored = run.scored
+    pool = run.pool_embeddings
+    vectors = None
+    if config.report and pool is not None:
+        local = np.asarray(pool)
+        vectors = lambda index: local[index - run.offset]  # noqa: E731 - this process's rows start at run.offset
+    text_column = config.pool.column if config.report and config.pool.column in scored.column_names else None
+    columns = list(config.report_columns) if config.report else []
+    blocks = report_data.dataset_blocks(scored, score_column=config.score_column, text_column=text_column, columns=columns, vectors=vectors)
+    return report_data.summarize(blocks, columns=columns, seed=config.seed, sample_rows=config.report_sample_rows if config.report else 2,
+                                 comm=run.comm, target=run.target_embeddings if vectors is not None else None)
 
 
 def _provenance(config: SelectionConfig, run: SelectionRun, distances: dict[str, Any], n_pool: int) -> dict[str, Any]:
@@ -371,7 +352,9 @@ def _run_job(config: SelectionConfig, folder: OutputFolder, comm: Comm, t0: floa
         np.save(partial / "embeddings" / name, np.asarray(run.pool_embeddings), allow_pickle=False)
     run.timings["write_s"] = time.perf_counter() - t
     distances = _ot_distances(run, run.result.info)
-    selected_scores = np.concatenate(comm.all_gather(np.asarray(run.selected[config.score_column], dtype=np.float64)))
+    t = time.perf_counter()
+    summary = _report_data(config, run)  # every process: its rows' summaries, reduced; the sample, gathered
+    run.timings["report_data_s"] = time.perf_counter() - t
     comm.barrier()
     if not comm.is_main:
         comm.close()
@@ -390,10 +373,12 @@ def _run_job(config: SelectionConfig, folder: OutputFolder, comm: Comm, t0: floa
 
     from .hub import build_card
 
-    build_card(provenance, selected_scores).save(str(partial / "README.md"))
+    card_histogram = (summary.summary["selected"]["card_counts"], summary.summary["selected"]["card_edges"])
+    build_card(provenance, None, histogram=card_histogram).save(str(partial / "README.md"))
     if config.report:
         from .report import write_report
 
+        report_data.save(summary, partial)
         write_report(partial, columns=config.report_columns)
     folder.commit()  # manifest, old output aside, os.replace into place, old output removed
     if config.report:

@@ -1,7 +1,8 @@
 """The selection report: what was selected and why, before anyone trains on it.
 
-:func:`write_report` reads a job's output folder (``scored/``, ``selected/``, ``selection.json`` and,
-when saved, ``embeddings/pool.npy`` / ``embeddings/target.npy``) and writes into it
+:func:`write_report` reads a job's output folder (``selection.json`` and ``report_data/``: the
+reduced summaries and the bounded, keyed sample of rows the job computed where its rows lived, see
+:mod:`hf_otselect.report_data`) and writes into it
 
 - ``report.html``: a self-contained page (inline CSS, no script, no network) that shows the pool's
   score distribution with the selection threshold, a 2-D projection of pool / target / selection,
@@ -12,9 +13,14 @@ when saved, ``embeddings/pool.npy`` / ``embeddings/target.npy``) and writes into
 - ``report_files/*.png``: the figures the page shows (matplotlib, Agg canvas);
 - ``report.json``: every number the page shows, so users and tests can check them.
 
-Every number comes from the run's outputs; the OT figures are recomputed from the saved
-embeddings with :mod:`hf_otselect.ot` under its conventions (cost ``||x - y||^2``). Without saved
-embeddings the page says so and leaves the embedding-based parts out.
+The report never reads a per-row array of the whole pool: histograms, extremes, means and per-value
+counts cover every row (summed where the rows live); projections, examples, near-duplicates and
+the budget curve use the sample (at most ``sample_rows`` rows, default 20,000), and say so when the
+sample is not the whole pool. A folder without ``report_data/`` (a job run with ``report: false``)
+gets it computed here from ``scored/`` and the saved embeddings (``embeddings/pool.npy`` or the
+per-process ``pool-RANK-of-WORLD.npy``), in blocks. The OT figures are computed with
+:mod:`hf_otselect.ot` under its conventions (cost ``||x - y||^2``). Without vectors the page says so
+and leaves the embedding-based parts out.
 """
 
 from __future__ import annotations
@@ -34,8 +40,9 @@ from typing import Any
 
 import numpy as np
 
+from . import report_data
 from ._checks import check_float, check_int, check_seed, param_error
-from .selectors.base import descending_order
+from .report_data import ReportData
 
 logger = logging.getLogger(__name__)
 
@@ -201,109 +208,111 @@ def budget_curve(
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading the run
+# Reading the run: selection.json plus the report data (reduced summaries and a keyed sample)
 # ----------------------------------------------------------------------------------------------
 
 
 @dataclass
 class _Run:
-    """What the report reads from an output folder (pool rows in ``pool_index`` order)."""
+    """What the report reads: ``selection.json`` and the :class:`~hf_otselect.report_data.ReportData`.
+
+    The per-row arrays are those of the bounded sample (at most ``sample_rows`` rows, in pool
+    order), never of the whole pool; whole-pool figures come from ``summary``.
+    """
 
     folder: Path
     prov: dict[str, Any]
-    scored: Any  # datasets.Dataset
-    selected: Any  # datasets.Dataset
     score_column: str
     text_column: str | None
-    scores: np.ndarray  # (n,) float64
-    ranks: np.ndarray  # (n,) int64
-    row_of: np.ndarray  # (n,) position in `scored` of each pool_index
-    chosen: np.ndarray  # (k,) pool indices in selection order (repeats kept)
-    pool_emb: np.ndarray | None
-    target_emb: np.ndarray | None
+    data: ReportData
     notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        sample = self.data.summary["sample"]
+        self.index = np.asarray(sample["pool_index"], dtype=np.int64)  # (s,) sorted
+        self.scores = np.asarray(sample["score"], dtype=np.float64)
+        self.ranks = np.asarray(sample["rank"], dtype=np.int64)
+        self.draws = np.asarray(sample["draws"], dtype=np.int64)
+        self.in_pool = np.asarray(sample["in_pool_sample"], dtype=bool)
+        self.in_chosen = np.asarray(sample["in_chosen_sample"], dtype=bool)
+        self.texts: list[str | None] = list(sample["text"])
+        self.columns: dict[str, list[str]] = dict(sample["columns"])
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return self.data.summary
 
     @property
     def n(self) -> int:
-        return len(self.scores)
+        """Rows of the whole pool."""
+        return int(self.summary["rows"])
 
-    def pool_texts(self, indices: Sequence[int]) -> list[str]:
-        if self.text_column is None:
-            return ["" for _ in indices]
-        rows = self.scored.select([int(self.row_of[i]) for i in indices])
-        return [str(t) for t in rows[self.text_column]]
+    @property
+    def draws_total(self) -> int:
+        """Rows of the selection (draws, repeats counted)."""
+        return int(self.summary["selected"]["draws"])
 
+    @property
+    def distinct(self) -> int:
+        return int(self.summary["selected"]["distinct"])
 
-def _load_embeddings(folder: Path, n_pool: int, notes: list[str]) -> tuple[np.ndarray | None, np.ndarray | None]:
-    emb_dir = folder / "embeddings"
-    pool_path, target_path = emb_dir / "pool.npy", emb_dir / "target.npy"
-    if not (pool_path.is_file() and target_path.is_file()):
-        notes.append(
-            "No saved embeddings (embeddings/pool.npy and embeddings/target.npy; the job ran with "
-            "save_embeddings: false), so the projection, budget curve, near-duplicate rate, nearest "
-            "target examples and transported mass are left out."
-        )
-        return None, None
-    pool = np.load(pool_path, allow_pickle=False)
-    target = np.load(target_path, allow_pickle=False)
-    if pool.ndim != 2 or target.ndim != 2 or pool.shape[0] != n_pool or pool.shape[1] != target.shape[1]:
-        notes.append(
-            f"The saved embeddings do not match the run (pool {pool.shape}, target {target.shape}, "
-            f"{n_pool} pool rows), so the embedding-based parts are left out."
-        )
-        return None, None
-    return pool.astype(np.float32, copy=False), target.astype(np.float32, copy=False)
+    @property
+    def pool_emb(self) -> np.ndarray | None:
+        """The sampled rows' vectors ``(s, dim)`` (None without vectors)."""
+        return self.data.vectors if self.data.target is not None else None
 
+    @property
+    def target_emb(self) -> np.ndarray | None:
+        return self.data.target if self.data.vectors is not None else None
 
-def _column(data: Any, name: str) -> np.ndarray:
-    """One column of a Dataset as numpy, read in bulk from Arrow (not row by row)."""
-    return np.asarray(data.with_format("numpy", columns=[name])[:][name])
+    def chosen_by_rank(self) -> np.ndarray:
+        """Sample positions of the chosen sample, best-ranked first."""
+        pos = np.flatnonzero(self.in_chosen)
+        return pos[np.argsort(self.ranks[pos], kind="stable")]
+
+    def text(self, pos: int) -> str:
+        t = self.texts[pos]
+        return "" if t is None else t
 
 
-def _load_run(folder: Path, columns: Sequence[str] | None) -> tuple[_Run, list[str]]:
-    from datasets import load_from_disk
-
-    missing = [p for p in ("selection.json", "scored", "selected") if not (folder / p).exists()]
-    if missing:
-        raise FileNotFoundError(f"{str(folder)!r} is not a selection output folder: missing {missing}.")
+def _load_run(folder: Path, columns: Sequence[str] | None, seed: int | None, sample_rows: int | None) -> tuple[_Run, list[str], int]:
+    """``selection.json`` and the report data: the job's ``report_data/`` when it answers the request, else computed from the folder."""
+    if not (folder / "selection.json").is_file():
+        raise FileNotFoundError(f"{str(folder)!r} is not a selection output folder: missing ['selection.json'].")
     prov = json.loads((folder / "selection.json").read_text(encoding="utf-8"))
     config = prov.get("config") or {}
     score_column = config.get("score_column", "score")
-    scored = load_from_disk(str(folder / "scored"))
-    selected = load_from_disk(str(folder / "selected"))
-    for name in ("pool_index", score_column):
-        if name not in scored.column_names:
-            raise ValueError(f"Column {name!r} not in the scored split. Current columns: {scored.column_names}")
     if columns is None:
         columns = prov.get("report_columns", config.get("report_columns")) or []
     columns = list(columns)
-    bad = [c for c in columns if c not in scored.column_names]
-    if bad:
-        raise ValueError(f"Column {bad[0]!r} not in the scored split. Current columns: {scored.column_names}")
-    text_column = (config.get("pool") or {}).get("column", "text")
-    if text_column not in scored.column_names:
-        text_column = None
-
-    pool_index = _column(scored, "pool_index").astype(np.int64)
-    n = len(pool_index)
-    if not np.array_equal(np.sort(pool_index), np.arange(n)):
-        raise ValueError("The scored split's 'pool_index' column is not a permutation of range(n_rows).")
-    row_of = np.empty(n, dtype=np.int64)
-    row_of[pool_index] = np.arange(n)
-    scores = np.empty(n)
-    scores[pool_index] = _column(scored, score_column).astype(np.float64)
-    ranks = np.empty(n, dtype=np.int64)  # by score, 1 = best, ties to the lower index, unscored last
-    ranks[descending_order(scores)] = np.arange(1, n + 1)
-    # Choice order (first drawn, or best, first); folders written before it was the saved order were in pool order.
-    order_by = "draw_order" if "draw_order" in selected.column_names else "rank"
-    chosen = _column(selected, "pool_index").astype(np.int64)
-    if order_by in selected.column_names:
-        chosen = chosen[np.argsort(_column(selected, order_by), kind="stable")]
+    data = report_data.load(folder)
+    saved = data.summary if data is not None else {}
+    job_seed = prov.get("seed") if isinstance(prov.get("seed"), int) and not isinstance(prov.get("seed"), bool) else 0
+    want_seed = seed if seed is not None else saved.get("seed", job_seed)
+    want_rows = sample_rows if sample_rows is not None else saved.get("sample_rows", report_data.DEFAULT_SAMPLE_ROWS)
     notes: list[str] = []
-    pool_emb, target_emb = _load_embeddings(folder, n, notes)
-    run = _Run(folder, prov, scored, selected, score_column, text_column, scores, ranks, row_of, chosen,
-               pool_emb, target_emb, notes)
-    return run, columns
+    if (data is not None and saved.get("seed") == want_seed and saved.get("sample_rows") == want_rows
+            and set(columns) <= set(saved.get("composition", {}))):
+        if data.vectors is None or data.target is None:
+            notes.append("The job had no vectors to sample (a text selector that embedded nothing), so the projection, "
+                         "budget curve, near-duplicate rate, nearest target examples and transported mass are left out.")
+        return _Run(folder, prov, score_column, (config.get("pool") or {}).get("column", "text"), data, notes), columns, int(want_seed)
+    # No report data saved (report: false), or another seed, sample size or columns asked for: from the folder.
+    from datasets import load_from_disk
+
+    missing = [p for p in ("scored", "selected") if not (folder / p).exists()]
+    if missing:
+        raise FileNotFoundError(f"{str(folder)!r} is not a selection output folder: missing {missing}.")
+    names = load_from_disk(str(folder / "scored")).column_names  # memory-mapped: the schema only
+    for name in ("pool_index", score_column, *columns):
+        if name not in names:
+            raise ValueError(f"Column {name!r} not in the scored split. Current columns: {names}")
+    text_column = (config.get("pool") or {}).get("column", "text")
+    if text_column not in names:
+        text_column = None
+    data = report_data.from_folder(folder, score_column=score_column, text_column=text_column, columns=columns,
+                                   seed=want_seed, sample_rows=want_rows, notes=notes)
+    return _Run(folder, prov, score_column, text_column, data, notes), columns, int(want_seed)
 
 
 def _target_texts(run: _Run) -> list[str] | None:
@@ -312,7 +321,7 @@ def _target_texts(run: _Run) -> list[str] | None:
     if not spec or not spec.get("path") or run.target_emb is None:  # e.g. a target passed as vectors
         return None
     from .config import DataConfig
-    from .job import load_split
+    from .inputs import load_split
 
     try:
         data = load_split(DataConfig(**spec), "target")
@@ -376,43 +385,43 @@ def _save(fig: Any, assets: Path, name: str) -> str:
     return f'<img src="report_files/{_esc(name)}" alt="{_esc(name)}">'
 
 
-def _is_top_k(run: _Run) -> bool:
-    """True when the selection is exactly the best-ranked rows (no repeats), as top-k choosing gives."""
-    uniq = np.unique(run.chosen)
-    return uniq.size == run.chosen.size and np.array_equal(np.sort(run.ranks[uniq]), np.arange(1, uniq.size + 1))
-
-
 def _score_section(run: _Run, top_k: bool, assets: Path) -> tuple[dict[str, Any], str]:
-    s, sel = run.scores, run.scores[run.chosen]
+    s, sel = run.summary["score"], run.summary["selected"]
     out: dict[str, Any] = {
         "column": run.score_column, "choice": "top_k" if top_k else "sampled",
-        "pool_min": float(s.min()), "pool_max": float(s.max()), "pool_mean": float(s.mean()), "pool_median": float(np.median(s)),
-        "selected_min": float(sel.min()), "selected_max": float(sel.max()), "selected_mean": float(sel.mean()),
-        "selected_median": float(np.median(sel)),
+        "pool_min": s["min"], "pool_max": s["max"], "pool_mean": s["mean"], "pool_median": s["median"],
+        "selected_min": sel["min"], "selected_max": sel["max"], "selected_mean": sel["mean"], "selected_median": sel["median"],
+        "pool_median_exact": s["median_exact"], "selected_median_exact": sel["median_exact"],
     }
     fig = _figure()
     ax = fig.add_subplot()
-    finite = s[np.isfinite(s)]
-    bins = np.histogram_bin_edges(finite, bins=50)
-    ax.hist(finite, bins=bins, color="#9aa5b1", label=f"pool ({run.n} rows)")
+    edges = np.asarray(s["hist_edges"])
+    if edges.size:  # the histograms were counted where the rows live, then summed: no row is read here
+        ax.stairs(s["hist_pool"], edges, fill=True, color="#9aa5b1", label=f"pool ({run.n} rows)")
+    draws = run.draws_total
     if top_k:
-        out["threshold"] = float(sel.min())
-        out["n_at_or_above_threshold"] = int((s >= out["threshold"]).sum())
-        ax.hist(sel, bins=bins, color="#1f6fb4", label=f"selected ({len(sel)} rows)")
+        out["threshold"] = sel["min"]
+        out["n_at_or_above_threshold"] = int(run.summary["at_or_above_threshold"])
+        if edges.size:
+            ax.stairs(s["hist_selected"], edges, fill=True, color="#1f6fb4", label=f"selected ({draws} rows)")
         ax.axvline(out["threshold"], color="#c0392b", ls="--", label=f"threshold {_fmt(out['threshold'])}")
-        text = (f"Top-k choice: the {_num('selected-rows', len(sel))} rows with the highest <code>{_esc(run.score_column)}</code> "
+        text = (f"Top-k choice: the {_num('selected-rows', draws)} rows with the highest <code>{_esc(run.score_column)}</code> "
                 f"were selected; the threshold (lowest selected score) is {_num('score-threshold', out['threshold'])}, "
                 f"and {_num('score-at-or-above', out['n_at_or_above_threshold'])} pool rows score at or above it (ties included).")
     else:
-        out["n_zero"] = int((s == 0).sum())
-        out["draws"] = int(len(sel))
-        out["distinct_selected"] = int(np.unique(run.chosen).size)
-        ax.hist(sel, bins=bins, color="#1f6fb4", alpha=0.8, label=f"selected draws ({len(sel)})")
+        out["n_zero"] = int(s["zero_rows"])
+        out["draws"] = draws
+        out["distinct_selected"] = run.distinct
+        if edges.size:
+            ax.stairs(s["hist_selected"], edges, fill=True, color="#1f6fb4", alpha=0.8, label=f"selected draws ({draws})")
         ax.set_yscale("log")
         text = (f"Sampled choice (the selection is not the k best-ranked rows): rows were drawn with probability "
-                f"proportional to <code>{_esc(run.score_column)}</code>. {_num('selected-rows', len(sel))} draws, "
+                f"proportional to <code>{_esc(run.score_column)}</code>. {_num('selected-rows', draws)} draws, "
                 f"{_num('selected-distinct', out['distinct_selected'])} distinct rows; "
                 f"{_num('score-zero', out['n_zero'])} of {run.n} pool rows have score 0 and can never be drawn.")
+    if not (s["median_exact"] and sel["median_exact"]):
+        text += (f" The histograms, extremes and means cover every row; the medians are those of the report's keyed sample "
+                 f"({run.summary['pool_sample_rows']} pool rows, {run.summary['chosen_sample_rows']} distinct selected rows).")
     ax.set_xlabel(run.score_column + " (higher = select)", parse_math=False)
     ax.set_ylabel("rows")
     ax.legend(loc="best", fontsize=8)
@@ -426,14 +435,18 @@ def _score_section(run: _Run, top_k: bool, assets: Path) -> tuple[dict[str, Any]
     return out, f"<p>{text}</p>{img}{stats}"
 
 
+def _keyed_first(run: _Run, pos: np.ndarray, limit: int, chosen: bool) -> np.ndarray:
+    """At most ``limit`` of these sample positions: those with the smallest sample keys (a uniform sub-sample), in pool order."""
+    if pos.size <= limit:
+        return pos
+    keys = report_data.sample_keys(run.summary["seed"], run.index[pos], chosen=chosen)
+    return np.sort(pos[np.argsort(keys, kind="stable")[:limit]])
+
+
 def _projection_section(run: _Run, seed: int, assets: Path) -> tuple[dict[str, Any], str]:
     assert run.pool_emb is not None and run.target_emb is not None
-    rng = np.random.default_rng(seed)
-    n = run.n
-    shown = np.arange(n) if n <= MAX_SCATTER_POOL else np.sort(rng.choice(n, size=MAX_SCATTER_POOL, replace=False))
-    chosen = np.unique(run.chosen)
-    if chosen.size > MAX_SCATTER_POOL:
-        chosen = np.sort(rng.choice(chosen, size=MAX_SCATTER_POOL, replace=False))
+    shown = _keyed_first(run, np.flatnonzero(run.in_pool), MAX_SCATTER_POOL, chosen=False)
+    chosen = _keyed_first(run, np.flatnonzero(run.in_chosen), MAX_SCATTER_POOL, chosen=True)
     fit = np.concatenate([run.pool_emb[shown], run.target_emb])
     method = "PCA"
     try:
@@ -464,6 +477,7 @@ def _projection_section(run: _Run, seed: int, assets: Path) -> tuple[dict[str, A
     ax.set_ylabel(f"{method} 2")
     ax.legend(loc="best", fontsize=8, markerscale=2)
     img = _save(fig, assets, "projection.png")
+    n = run.n
     out = {"method": method, "explained_variance_ratio": ratio, "pool_points": int(len(shown)),
            "selected_points": int(len(chosen)), "target_points": int(len(p_tgt)), "pool_subsampled": bool(len(shown) < n)}
     text = f"{_esc(method)} of the embeddings, fitted on the pool points shown and the target."
@@ -482,28 +496,26 @@ def _projection_section(run: _Run, seed: int, assets: Path) -> tuple[dict[str, A
         text += (" UMAP keeps each point's neighbours close but not distances or cluster sizes: read the picture as "
                  "'which points sit together', not 'how far'.")
     if out["pool_subsampled"]:
-        text += f" The pool has {n} rows: a seeded uniform sample of {len(shown)} (seed {seed}) is drawn."
-    if len(chosen) < np.unique(run.chosen).size:
-        text += f" Likewise {len(chosen)} of the {np.unique(run.chosen).size} selected rows."
+        text += (f" The pool has {n} rows: a keyed uniform sample of {len(shown)} is drawn (each row's key a uniform of "
+                 f"seed {run.summary['seed']} and its row index, the same for any number of processes).")
+    if len(chosen) < run.distinct:
+        text += f" Likewise {len(chosen)} of the {run.distinct} selected rows."
     return out, f"<p>{text}</p>{img}"
 
 
-def _category(value: Any) -> str:
-    return "(missing)" if value is None else str(value)
-
-
 def _composition_section(run: _Run, column: str, assets: Path, index: int) -> tuple[dict[str, Any], str]:
-    values = run.scored.with_format("arrow")[column].to_pylist()  # bulk read; rows in `scored` order
-    pool_counts = Counter(_category(v) for v in values)
-    sel_counts = Counter(_category(values[r]) for r in run.row_of[run.chosen])
-    n_pool, n_sel = sum(pool_counts.values()), sum(sel_counts.values())
+    counts = run.summary["composition"][column]  # per-value counts summed over the processes
+    pool_counts, sel_counts = Counter(counts["pool"]), Counter(counts["selected"])
+    pooled_pool, pooled_sel = counts.get("pooled_rows", [0, 0])
+    n_pool, n_sel = sum(pool_counts.values()) + pooled_pool, sum(sel_counts.values()) + pooled_sel
     order = sorted(pool_counts, key=lambda v: (-sel_counts.get(v, 0), -pool_counts[v], v))
     shown, rest = order[:MAX_CATEGORIES], order[MAX_CATEGORIES:]
     rows = [{"value": v, "pool": pool_counts[v], "pool_frac": pool_counts[v] / n_pool,
              "selected": sel_counts.get(v, 0), "selected_frac": sel_counts.get(v, 0) / n_sel if n_sel else 0.0} for v in shown]
-    if rest:
-        p, q = sum(pool_counts[v] for v in rest), sum(sel_counts.get(v, 0) for v in rest)
-        rows.append({"value": f"(other: {len(rest)} values)", "pool": p, "pool_frac": p / n_pool,
+    if rest or pooled_pool:
+        p, q = sum(pool_counts[v] for v in rest) + pooled_pool, sum(sel_counts.get(v, 0) for v in rest) + pooled_sel
+        many = f"{len(rest)}" if not pooled_pool else f"over {len(rest)}"
+        rows.append({"value": f"(other: {many} values)", "pool": p, "pool_frac": p / n_pool,
                      "selected": q, "selected_frac": q / n_sel if n_sel else 0.0})
     fig = _figure(7.0, 0.9 + 0.35 * len(rows))
     ax = fig.add_subplot()
@@ -528,56 +540,105 @@ def _curve_ks(k: int, n: int) -> list[int]:
     return sorted({min(n, v) for v in (0, k // 4, k // 2, k, 2 * k, 4 * k)})
 
 
-def _budget_section(run: _Run, seed: int, assets: Path) -> tuple[dict[str, Any], str]:
+def _budget_section(run: _Run, seed: int, top_k: bool, assets: Path) -> tuple[dict[str, Any], str]:
+    """The budget curve on the report's sample, as weights on its rows (exact when the sample holds the pool).
+
+    The warmed pool of a ranking at budget ``k'`` is the pool plus its top-``k'`` rows once more.
+    The pool is the pool sample (``P``, at most :data:`MAX_CURVE_POOL` rows by key), each row
+    weighing ``n / |P|``. The added rows are strata of known size: with a top-k selection, the top
+    ``min(k', k)`` rows are those of the chosen sample (a uniform sample of the selection) ranked
+    that high, weighing ``min(k', k)`` in all; the rows ranked ``k + 1 .. k'`` (and, for a sampled
+    selection, all of the top ``k'``) are the pool sample's rows ranked there, ``n / |P|`` each.
+    The random ranking adds the first ``min(k', |P|)`` rows of a seeded permutation of ``P``,
+    weighing ``k'`` in all.
+    """
+    from .ot import sinkhorn_potentials
+
     assert run.pool_emb is not None and run.target_emb is not None
-    k = len(run.chosen)
-    ks = _curve_ks(k, run.n)
-    method_rank = np.argsort(run.ranks, kind="stable")  # rank 1 first
-    random_rank = np.random.default_rng(seed).permutation(run.n)
-    limits = {"max_pool": MAX_CURVE_POOL, "max_target": MAX_CURVE_TARGET, "seed": seed, "eps": CURVE_EPS}
-    ours = budget_curve(run.pool_emb, run.target_emb, method_rank, ks, **limits)
-    # k = 0 is the unwarmed pool for every ranking: solved once
-    rand = budget_curve(run.pool_emb, run.target_emb, random_rank, ks[1:], **limits)
-    rand["distance"] = ours["distance"][:1] + rand["distance"]
+    k, n = run.draws_total, run.n
+    ks = _curve_ks(k, n)
+    pool = _keyed_first(run, np.flatnonzero(run.in_pool), MAX_CURVE_POOL, chosen=False)
+    chosen = _keyed_first(run, np.flatnonzero(run.in_chosen), MAX_CURVE_POOL, chosen=True)
+    unit = n / pool.size
+    base = np.zeros(run.index.size)
+    base[pool] = unit
+    perm = pool[np.random.default_rng(seed).permutation(pool.size)]
+    m = len(run.target_emb)
+    tgt = run.target_emb if m <= MAX_CURVE_TARGET else run.target_emb[np.sort(np.random.default_rng(seed).choice(m, size=MAX_CURVE_TARGET, replace=False))]
+
+    def method_added(kk: int) -> np.ndarray:
+        add = np.zeros(run.index.size)
+        low = 0
+        if top_k:  # the selection is the top k: its uniform sample stands for the top min(kk, k)
+            low = min(kk, run.distinct)
+            inside = chosen[run.ranks[chosen] <= low]
+            if inside.size:
+                add[inside] += low / inside.size
+        rest = pool[(run.ranks[pool] > low) & (run.ranks[pool] <= kk)]
+        add[rest] += unit
+        return add
+
+    def random_added(kk: int) -> np.ndarray:
+        add = np.zeros(run.index.size)
+        first = perm[: min(kk, perm.size)]
+        if first.size:
+            add[first] += kk / first.size
+        return add
+
+    converged = True
+
+    def solve(weights: np.ndarray) -> float:
+        nonlocal converged
+        support = np.flatnonzero(weights)
+        with warnings.catch_warnings():  # non-convergence is reported through `converged`
+            warnings.simplefilter("ignore", RuntimeWarning)
+            res = sinkhorn_potentials(run.pool_emb[support], tgt, a=weights[support], eps=CURVE_EPS)
+        converged &= res.converged
+        return float(res.cost)
+
+    ours = [solve(base + method_added(kk)) for kk in ks]
+    rand = ours[:1] + [solve(base + random_added(kk)) for kk in ks[1:]]  # k = 0 is the unwarmed pool for both
     method = str(run.prov.get("method", "method"))
     fig = _figure()
     ax = fig.add_subplot()
-    ax.plot(ks, ours["distance"], "o-", color="#1f6fb4", label=f"{method} ranking")
-    ax.plot(ks, rand["distance"], "s--", color="#9aa5b1", label=f"random ranking (seed {seed})")
+    ax.plot(ks, ours, "o-", color="#1f6fb4", label=f"{method} ranking")
+    ax.plot(ks, rand, "s--", color="#9aa5b1", label=f"random ranking (seed {seed})")
     ax.axvline(k, color="#c0392b", ls=":", label=f"selected k = {k}")
     ax.set_xlabel("k (top-k rows added to the pool once more)")
     ax.set_ylabel("OT distance to the target")
     ax.legend(loc="best", fontsize=8)
     img = _save(fig, assets, "budget_curve.png")
-    out = {"k": ks, "method": ours["distance"], "random": rand["distance"], "converged": ours["converged"] and rand["converged"],
-           "pool_rows_used": ours["pool_rows_used"], "target_rows_used": ours["target_rows_used"], "eps": CURVE_EPS, "eps_mode": "absolute"}
-    body = [[_fmt(kk), _num(f"curve-method-{i}", a), _num(f"curve-random-{i}", b)] for i, (kk, a, b) in enumerate(zip(ks, ours["distance"], rand["distance"]))]
+    exact = pool.size == n and (not top_k or chosen.size == run.distinct)
+    out = {"k": ks, "method": ours, "random": rand, "converged": converged, "computed_on": "pool" if exact else "sample",
+           "pool_rows_used": int(pool.size), "selected_rows_used": int(chosen.size) if top_k else 0,
+           "target_rows_used": int(len(tgt)), "eps": CURVE_EPS, "eps_mode": "absolute"}
+    body = [[_fmt(kk), _num(f"curve-method-{i}", a), _num(f"curve-random-{i}", b)] for i, (kk, a, b) in enumerate(zip(ks, ours, rand))]
     text = (f"Entropic OT distance (hf_otselect.ot, cost ||x&minus;y||&sup2;, &epsilon; = {CURVE_EPS} absolute) between the target and "
             "the pool warmed with the top-k rows of each ranking (the pool plus those rows once more), from the "
             "run's one scoring pass (the <code>rank</code> column). Lower means the warmed pool is closer to the target.")
-    if ours["pool_rows_used"] < run.n:
-        text += (f" The pool has {run.n} rows: each solve uses a seeded sample of {ours['pool_rows_used']} of them, "
-                 f"weighted {run.n / ours['pool_rows_used']:.3g} each, plus the added rows (a seeded sample of "
-                 f"{MAX_CURVE_POOL}, weighted k / {MAX_CURVE_POOL}, when k is larger).")
-    if ours["target_rows_used"] < len(run.target_emb):
-        text += f" The target is sampled to {ours['target_rows_used']} of {len(run.target_emb)} rows."
-    if not out["converged"]:
+    if exact:
+        text += " Computed on the whole pool: every row is in the report's sample."
+    else:
+        text += (f" Computed on the report's sample, not the whole pool of {n} rows: the pool is a keyed uniform sample of "
+                 f"{pool.size} rows, weighted {unit:.3g} each")
+        text += (f"; the top min(k, {run.distinct}) rows are a keyed sample of {chosen.size} selected rows weighted to "
+                 f"their number, and the rows ranked below the selection those of the pool sample." if top_k else
+                 "; the added rows are the pool sample's rows of those ranks, weighted alike.")
+    if out["target_rows_used"] < m:
+        text += f" The target is sampled to {out['target_rows_used']} of {m} rows."
+    if not converged:
         text += " <strong>Some Sinkhorn solves did not reach the tolerance; the values are approximate.</strong>"
     return out, f"<p>{text}</p>{img}" + _table(["k", f"{_esc(method)} ranking", "random ranking"], body, raw=True)
 
 
-def _duplicates_section(run: _Run, threshold: float, seed: int) -> tuple[dict[str, Any], str]:
+def _duplicates_section(run: _Run, threshold: float) -> tuple[dict[str, Any], str]:
     assert run.pool_emb is not None
-    uniq = np.unique(run.chosen)
-    compared = uniq
-    if uniq.size > MAX_DUPLICATE_ROWS:
-        compared = np.sort(np.random.default_rng(seed).choice(uniq, size=MAX_DUPLICATE_ROWS, replace=False))
+    compared = _keyed_first(run, np.flatnonzero(run.in_chosen), MAX_DUPLICATE_ROWS, chosen=True)
     res = near_duplicate_pairs(run.pool_emb[compared], threshold)
     pairs = [(int(compared[i]), int(compared[j]), c) for i, j, c in res.pop("top_pairs")]
-    texts = run.pool_texts([p for a, b, _ in pairs for p in (a, b)])
-    out = {**res, "threshold": threshold, "repeated_draws": int(run.chosen.size - uniq.size),
-           "distinct_selected": int(uniq.size), "sampled": bool(compared.size < uniq.size),
-           "top_pairs": [{"a": a, "b": b, "cosine": c} for a, b, c in pairs]}
+    out = {**res, "threshold": threshold, "repeated_draws": run.draws_total - run.distinct,
+           "distinct_selected": run.distinct, "sampled": bool(compared.size < run.distinct),
+           "top_pairs": [{"a": int(run.index[a]), "b": int(run.index[b]), "cosine": c} for a, b, c in pairs]}
     text = (f"Pairs of distinct selected rows with cosine similarity above {_num('dup-threshold', threshold)}: "
             f"{_num('dup-pairs', res['pairs_above'])} of {_num('dup-pairs-total', res['pairs_total'])} pairs "
             f"({_num('dup-pair-rate', res['pair_rate'])}); {_num('dup-rows', res['rows_with_partner'])} of "
@@ -585,24 +646,25 @@ def _duplicates_section(run: _Run, threshold: float, seed: int) -> tuple[dict[st
     if out["repeated_draws"]:
         text += f" The selection also repeats rows: {_num('dup-repeats', out['repeated_draws'])} extra draws of rows already drawn."
     if out["sampled"]:
-        text += f" Computed exactly on a seeded sample of {compared.size} of the {uniq.size} distinct selected rows."
-    rows = [[_fmt(a), _fmt(b), _fmt(c), _esc(_truncate(texts[2 * t], TARGET_TEXT_CHARS)), _esc(_truncate(texts[2 * t + 1], TARGET_TEXT_CHARS))]
-            for t, (a, b, c) in enumerate(pairs)]
+        text += f" Computed exactly on a keyed sample of {compared.size} of the {run.distinct} distinct selected rows."
+    rows = [[_fmt(int(run.index[a])), _fmt(int(run.index[b])), _fmt(c), _esc(_truncate(run.text(a), TARGET_TEXT_CHARS)),
+             _esc(_truncate(run.text(b), TARGET_TEXT_CHARS))] for a, b, c in pairs]
     table = _table(["pool_index", "pool_index", "cosine", "text", "text"], rows, raw=True) if rows else ""
     return out, f"<p>{text}</p>{table}"
 
 
 def _got_d_plan(run: _Run) -> tuple[dict[str, Any] | None, Any]:
-    """Re-solve the GOT-D problem (pool as ``x``, target as ``y``) for the plan's rows.
+    """Re-solve the GOT-D problem (the sampled pool rows as ``x``, target as ``y``) for the plan's rows.
 
-    Uses the run's ``eps``/``eps_mode``/``tol``/``max_iter`` params when recorded (else ot.py's
-    defaults). The agreement of ``-f`` with the run's scores (Spearman) is reported so a reader
-    sees whether the recomputed plan is the one that ranked the rows (GOT-D's chunked mode or a
-    negative target rank by other potentials).
+    The sample is the whole pool when the pool fits in it; beyond, the plan is that of the
+    sample's rows (stated on the page). Uses the run's ``eps``/``eps_mode``/``tol``/``max_iter``
+    params when recorded (else ot.py's defaults). The agreement of ``-f`` with the run's scores
+    (Spearman) is reported so a reader sees whether the recomputed plan is the one that ranked the
+    rows (GOT-D's chunked mode, a negative target or a sample rank by other potentials).
     """
     assert run.pool_emb is not None and run.target_emb is not None
-    if run.n * len(run.target_emb) > MAX_PLAN_PAIRS:
-        run.notes.append(f"The GOT-D plan is not re-solved for the examples: {run.n} x {len(run.target_emb)} pairs is over the report's limit of {MAX_PLAN_PAIRS}.")
+    if run.index.size * len(run.target_emb) > MAX_PLAN_PAIRS:
+        run.notes.append(f"The GOT-D plan is not re-solved for the examples: {run.index.size} x {len(run.target_emb)} pairs is over the report's limit of {MAX_PLAN_PAIRS}.")
         return None, None
     from scipy.stats import spearmanr
 
@@ -620,16 +682,17 @@ def _got_d_plan(run: _Run) -> tuple[dict[str, Any] | None, Any]:
         kw["max_iter"] = params["max_iter"]
     res = sinkhorn_potentials(run.pool_emb, run.target_emb, **kw)
     rho = spearmanr(-res.f, run.scores).statistic
-    info = {"eps": res.eps, "n_iter": res.n_iter, "converged": res.converged, "spearman_minus_f_vs_score": float(rho)}
+    info = {"eps": res.eps, "n_iter": res.n_iter, "converged": res.converged, "spearman_minus_f_vs_score": float(rho),
+            "pool_rows": int(run.index.size), "whole_pool": bool(run.index.size == run.n)}
     return info, res
 
 
 def _plan_row(run: _Run, res: Any, i: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row ``i`` of the plan ``P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps)`` (ot.py's convention), and its costs."""
+    """Row ``i`` (a sample position) of the plan ``P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps)`` (ot.py's convention), and its costs."""
     assert run.pool_emb is not None and run.target_emb is not None
     x = run.pool_emb[i].astype(np.float64)
     cost = ((run.target_emb.astype(np.float64) - x) ** 2).sum(axis=1)
-    n, m = run.n, len(run.target_emb)
+    n, m = run.index.size, len(run.target_emb)
     plan = np.exp((res.f[i] + res.g - cost) / res.eps) / (n * m)
     return plan, cost
 
@@ -637,57 +700,54 @@ def _plan_row(run: _Run, res: Any, i: int) -> tuple[np.ndarray, np.ndarray]:
 def _examples_section(
     run: _Run, n_examples: int, columns: Sequence[str], top_k: bool
 ) -> tuple[list[dict[str, Any]], dict[str, Any] | None, str]:
-    # the distinct selected rows from best- to lowest-ranked (the selection order for top-k), then
+    # the chosen sample's rows from best- to lowest-ranked (the selection order for top-k), then
     # evenly spaced ones along that order
-    uniq = np.unique(run.chosen)
-    order = uniq[np.argsort(run.ranks[uniq], kind="stable")]
+    order = run.chosen_by_rank()
     picks = order[np.unique(np.linspace(0, len(order) - 1, min(n_examples, len(order))).round().astype(int))] if n_examples else order[:0]
     if not len(picks):
         return [], None, ""
     method = run.prov.get("method")
-    texts = run.pool_texts(picks)
-    cat_rows = run.scored.select(run.row_of[picks]) if columns else None
     have_emb = run.pool_emb is not None and run.target_emb is not None
     target_texts = _target_texts(run) if have_emb else None
     plan_info, plan = _got_d_plan(run) if (have_emb and method == "got_d") else (None, None)
     if have_emb:
         sims = _unit_rows(run.pool_emb[picks]) @ _unit_rows(run.target_emb).T
-    draws = Counter(run.chosen.tolist())
+    total = run.summary["score"]["sum"]
+    n_plan = run.index.size
     examples: list[dict[str, Any]] = []
     blocks: list[str] = []
-    for t, i in enumerate(picks.tolist()):
-        ex: dict[str, Any] = {"pool_index": i, "rank": int(run.ranks[i]), "score": float(run.scores[i]),
-                              "text": _truncate(texts[t], TEXT_CHARS)}
+    for t, p in enumerate(picks.tolist()):
+        i = int(run.index[p])
+        ex: dict[str, Any] = {"pool_index": i, "rank": int(run.ranks[p]), "score": float(run.scores[p]),
+                              "text": _truncate(run.text(p), TEXT_CHARS)}
         facts = [f"pool_index {_fmt(i)}", f"rank {_num(f'ex-{t}-rank', ex['rank'])}",
                  f"{_esc(run.score_column)} {_num(f'ex-{t}-score', ex['score'])}"]
         if columns:
-            ex["columns"] = {c: _category(cat_rows[t][c]) for c in columns}
+            ex["columns"] = {c: run.columns[c][p] for c in columns}
             facts += [f"{_esc(c)}: {_esc(v)}" for c, v in ex["columns"].items()]
         why = ""
         if not top_k:
-            ex["draws"] = draws[i]
-            total = run.scores.sum()
-            ex["probability"] = float(run.scores[i] / total) if total > 0 else None
-            why = (f"Drawn {_num(f'ex-{t}-draws', ex['draws'])} time(s) of {len(run.chosen)}; selection probability "
+            ex["draws"] = int(run.draws[p])
+            ex["probability"] = float(run.scores[p] / total) if total > 0 else None
+            why = (f"Drawn {_num(f'ex-{t}-draws', ex['draws'])} time(s) of {run.draws_total}; selection probability "
                    f"{_num(f'ex-{t}-prob', ex['probability'])} (its score over the pool's total; expected draws "
-                   f"{_fmt(ex['probability'] * len(run.chosen)) if ex['probability'] is not None else 'n/a'}).")
+                   f"{_fmt(ex['probability'] * run.draws_total) if ex['probability'] is not None else 'n/a'}).")
         nearest_rows: list[list[str]] = []
         if have_emb:
             near = np.argsort(-sims[t], kind="stable")[:N_NEAREST]
             ex["nearest_target"] = [{"target_index": int(j), "cosine": float(sims[t, j]),
                                      "text": _truncate(target_texts[j], TARGET_TEXT_CHARS) if target_texts else None} for j in near]
-            plan_row = None
             if plan is not None:
-                plan_row, cost = _plan_row(run, plan, i)
+                plan_row, cost = _plan_row(run, plan, p)
                 mass = float(plan_row.sum())
-                ex["got_d"] = {"potential_f": float(plan.f[i]), "mass": mass,
+                ex["got_d"] = {"potential_f": float(plan.f[p]), "mass": mass,
                                "mean_cost": float((plan_row * cost).sum() / mass) if mass > 0 else None}
                 top = np.argsort(-plan_row, kind="stable")[:N_NEAREST]
                 ex["got_d"]["top_recipients"] = [{"target_index": int(j), "mass_share": float(plan_row[j] / mass),
                                                    "cost": float(cost[j])} for j in top]
                 why = (f"GOT-D ranks rows by how much adding a little more of them would shrink the OT distance from the "
-                       f"pool to the target; this row's value is {_num(f'ex-{t}-f', -plan.f[i])} (higher is better; it is &minus;f, "
-                       f"the negated dual potential). In the transport plan its mass {_num(f'ex-{t}-mass', mass)} (1/n = {_fmt(1 / run.n)}) "
+                       f"pool to the target; this row's value is {_num(f'ex-{t}-f', -plan.f[p])} (higher is better; it is &minus;f, "
+                       f"the negated dual potential). In the transport plan its mass {_num(f'ex-{t}-mass', mass)} (1/n = {_fmt(1 / n_plan)}) "
                        f"goes at a mean squared distance of {_num(f'ex-{t}-meancost', ex['got_d']['mean_cost'])} mostly to target rows "
                        + ", ".join(f"{r['target_index']} ({100 * r['mass_share']:.1f}%)" for r in ex["got_d"]["top_recipients"]) + ".")
             for r in ex["nearest_target"]:
@@ -700,14 +760,18 @@ def _examples_section(
             block += _table(["nearest target row", "cosine", "target text"], nearest_rows, raw=True)
         blocks.append(block + "</div>")
         examples.append(ex)
-    intro = (f"{len(picks)} of the {len(order)} distinct selected rows, evenly spaced from the best- to the "
-             f"lowest-ranked. Texts are cut at {TEXT_CHARS} characters.")
+    intro = (f"{len(picks)} of the {run.distinct} distinct selected rows, evenly spaced from the best- to the "
+             f"lowest-ranked" + ("" if len(order) == run.distinct else f" of a keyed sample of {len(order)} of them")
+             + f". Texts are cut at {TEXT_CHARS} characters.")
     if plan_info is not None:
-        intro += (f" The GOT-D plan is re-solved from the saved embeddings (&epsilon; = {_num('plan-eps', plan_info['eps'])}, "
+        intro += (f" The GOT-D plan is re-solved from the embeddings (&epsilon; = {_num('plan-eps', plan_info['eps'])}, "
                   f"{plan_info['n_iter']} iterations, converged: {plan_info['converged']}); its &minus;f agrees with the run's "
                   f"scores at Spearman {_num('plan-spearman', plan_info['spearman_minus_f_vs_score'])}. Each row's mass "
                   "is its row sum of the plan P<sub>ij</sub> = a<sub>i</sub> b<sub>j</sub> exp((f<sub>i</sub> + g<sub>j</sub> &minus; C<sub>ij</sub>)/&epsilon;) "
                   "(1/n at convergence, balanced OT).")
+        if not plan_info["whole_pool"]:
+            intro += (f" The pool has {run.n} rows, more than the report's sample: the plan is that of the {n_plan} sampled "
+                      "pool rows against the target, so n above is the sample's size.")
         intro += (" Why the target rows a row sends its mass to can differ from its nearest target rows (the table): "
                   "the plan must give every target row exactly its share, so pool rows compete for the target rows they "
                   "are close to. A target row that many pool rows sit near is shared among them, and a row's mass also "
@@ -759,7 +823,8 @@ def write_report(
     columns: Sequence[str] | None = None,
     n_examples: int = 10,
     duplicate_threshold: float = 0.95,
-    seed: int = 0,
+    seed: int | None = None,
+    sample_rows: int | None = None,
 ) -> Path:
     """Write ``report.html``, its figures and ``report.json`` into a selection output folder.
 
@@ -775,8 +840,14 @@ def write_report(
         Selected rows explained on the page (evenly spaced through the selection), ``>= 0``.
     duplicate_threshold : float, default 0.95
         Cosine above which two selected rows count as near-duplicates, in ``[-1, 1]``.
-    seed : int, default 0
-        Seed of the random ranking of the budget curve and of every subsample.
+    seed : int, optional
+        Seed of the keyed sample and of the budget curve's random ranking. None: the seed the job
+        drew its report sample with (``report_data/``), else ``selection.json``'s seed.
+    sample_rows : int, optional
+        Rows the report reads at most (vectors, texts, ranks), ``>= 2``; every other figure comes
+        from reduced summaries. None: the job's ``report_sample_rows``, else 20,000. A seed or size
+        other than the job's (or a folder without ``report_data/``) recomputes the summaries from
+        ``scored/`` and the saved embeddings, in blocks, with memory bounded by this size.
 
     Returns
     -------
@@ -792,23 +863,27 @@ def write_report(
     """
     n_examples = check_int(n_examples, "n_examples", _OWNER, 0)
     duplicate_threshold = check_float(duplicate_threshold, "duplicate_threshold", _OWNER, -1.0, 1.0)
-    seed = check_seed(seed, "seed", _OWNER)
+    if seed is not None:
+        seed = check_seed(seed, "seed", _OWNER)
+    if sample_rows is not None:
+        sample_rows = check_int(sample_rows, "sample_rows", _OWNER, 2)
     if columns is not None and (isinstance(columns, str) or not all(isinstance(c, str) for c in columns)):
         raise param_error("columns", _OWNER, "a sequence of column names (str) or None", columns, exc=TypeError)
     folder = Path(output_dir)
-    run, columns = _load_run(folder, columns)
-    if len(run.chosen) == 0:
+    run, columns, seed = _load_run(folder, columns, seed, sample_rows)
+    if run.draws_total == 0:
         raise ValueError(f"The selected split in {str(folder)!r} is empty: nothing to report.")
     assets = folder / "report_files"
     if assets.exists():
         shutil.rmtree(assets)
     assets.mkdir()
 
-    top_k = _is_top_k(run)
+    top_k = run.summary["choice"] == "top_k"
     have_emb = run.pool_emb is not None
     prov = run.prov
     numbers: dict[str, Any] = {"method": prov.get("method"), "k": prov.get("k"), "seed": seed,
-                               "rows": {"pool": run.n, "selected": int(len(run.chosen)),
+                               "sample_rows": run.summary["sample_rows"],
+                               "rows": {"pool": run.n, "selected": run.draws_total,
                                         "target": None if run.target_emb is None else int(len(run.target_emb))}}
     sections: list[tuple[str, str]] = []
     numbers["score"], frag = _score_section(run, top_k, assets)
@@ -824,9 +899,9 @@ def write_report(
             frags.append(frag)
         sections.append(("Composition", "".join(frags)))
     if have_emb:
-        numbers["budget_curve"], frag = _budget_section(run, seed, assets)
+        numbers["budget_curve"], frag = _budget_section(run, seed, top_k, assets)
         sections.append(("Budget curve", frag))
-        numbers["near_duplicates"], frag = _duplicates_section(run, duplicate_threshold, seed)
+        numbers["near_duplicates"], frag = _duplicates_section(run, duplicate_threshold)
         sections.append(("Near-duplicates in the selection", frag))
     numbers["examples"], plan_info, frag = _examples_section(run, n_examples, columns, top_k)
     if plan_info is not None:
@@ -842,7 +917,7 @@ def write_report(
     sections.append(("Provenance (selection.json)", _provenance_table({k: v for k, v in prov.items() if k not in ("prefilter", "decontamination")})))
     numbers["notes"] = list(run.notes)
 
-    summary = (f"<p><strong>{_esc(prov.get('method', '?'))}</strong> selected {_num('summary-selected', len(run.chosen))} of "
+    summary = (f"<p><strong>{_esc(prov.get('method', '?'))}</strong> selected {_num('summary-selected', run.draws_total)} of "
                f"{_num('summary-pool', run.n)} pool rows" + (f" for a target of {_num('summary-target', len(run.target_emb))} rows" if run.target_emb is not None else "")
                + ".")
     if ot.get("target_pool") is not None and ot.get("target_selection") is not None:
@@ -852,7 +927,7 @@ def write_report(
     notes = "".join(f'<p class="note">{_esc(n)}</p>' for n in run.notes)
     toc = "".join(f'<li><a href="#s{i}">{_esc(t)}</a></li>' for i, (t, _) in enumerate(sections))
     body = "".join(f'<h2 id="s{i}">{_esc(t)}</h2>{f}' for i, (t, f) in enumerate(sections))
-    title = f"Selection report: {prov.get('method', '?')}, {len(run.chosen)} of {run.n} rows"
+    title = f"Selection report: {prov.get('method', '?')}, {run.draws_total} of {run.n} rows"
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>'
             f"<style>{_CSS}</style></head><body><h1>Selection report</h1>{summary}{notes}<ul>{toc}</ul>{body}</body></html>\n")
     out = folder / "report.html"

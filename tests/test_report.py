@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -268,23 +269,32 @@ def test_projection_states_its_explained_variance_and_the_examples_speak_plainly
 def test_large_pools_are_subsampled_deterministically_and_the_page_says_so(tmp_path, monkeypatch):
     import hf_otselect.report as report
 
-    monkeypatch.setattr(report, "MAX_SCATTER_POOL", 100)
-    monkeypatch.setattr(report, "MAX_CURVE_POOL", 120)
     monkeypatch.setattr(report, "MAX_DUPLICATE_ROWS", 20)
     folder = tmp_path / "out"
-    _make_run(folder)
-    page = write_report(folder, n_examples=0).read_text(encoding="utf-8")
+    truth = _make_run(folder)
+    page = write_report(folder, n_examples=0, sample_rows=100).read_text(encoding="utf-8")
     first = json.loads((folder / "report.json").read_text())
-    assert first["projection"]["pool_points"] == 100 and first["projection"]["pool_subsampled"]
-    assert first["budget_curve"]["pool_rows_used"] == 120 and "seeded sample of 120" in page
-    assert "seeded uniform sample of 100" in page
+    assert first["sample_rows"] == 100
+    # the chosen sample takes the 30 selected rows (at most half), the pool sample the other 70
+    assert first["projection"]["pool_points"] == 70 and first["projection"]["pool_subsampled"]
+    assert first["projection"]["selected_points"] == 30
+    assert "keyed uniform sample of 70" in page
+    curve = first["budget_curve"]
+    assert curve["computed_on"] == "sample" and curve["pool_rows_used"] == 70 and curve["selected_rows_used"] == 30
+    assert "Computed on the report's sample, not the whole pool of 300 rows" in page
+    # whole-pool figures still cover every row: they come from the reduced summaries
+    assert first["score"]["pool_max"] == pytest.approx(truth["scores"].max())
+    assert first["score"]["pool_mean"] == pytest.approx(truth["scores"].mean())
+    assert first["score"]["selected_median_exact"] and not first["score"]["pool_median_exact"]
     dup = first["near_duplicates"]
     assert dup["sampled"] and dup["rows"] == 20 and dup["pairs_total"] == 190
-    assert "seeded sample of 20 of the 30" in page
-    write_report(folder, n_examples=0)
+    assert "keyed sample of 20 of the 30" in page
+    write_report(folder, n_examples=0, sample_rows=100)
     assert json.loads((folder / "report.json").read_text()) == first  # same seed, same numbers
-    write_report(folder, n_examples=0, seed=1)
-    assert json.loads((folder / "report.json").read_text())["budget_curve"]["random"] != first["budget_curve"]["random"]
+    write_report(folder, n_examples=0, sample_rows=100, seed=1)
+    again = json.loads((folder / "report.json").read_text())
+    assert again["budget_curve"]["random"] != first["budget_curve"]["random"]
+    assert again["score"]["pool_max"] == first["score"]["pool_max"]
 
 
 def test_duplicate_threshold_and_examples_follow_the_arguments(tmp_path):
@@ -332,6 +342,8 @@ def test_bad_arguments_are_refused_before_work(tmp_path):
         write_report(folder, duplicate_threshold=1.5)
     with pytest.raises(TypeError, match="The 'columns' parameter of write_report"):
         write_report(folder, columns="domain")
+    with pytest.raises(ValueError, match=r"The 'sample_rows' parameter of write_report must be an int in \[2, inf\]. Got 1 instead"):
+        write_report(folder, sample_rows=1)
     with pytest.raises(FileNotFoundError, match="not a selection output folder"):
         write_report(tmp_path)
     assert not (folder / "report.html").exists()
@@ -418,3 +430,175 @@ def test_report_of_a_real_job(tmp_path):
     assert numbers["budget_curve"]["method"][0] == pytest.approx(_pot_ot(pool, target, 0.1), rel=1e-4)
     assert numbers["examples"][0]["nearest_target"][0]["text"]  # the target texts were read back
     assert numbers["got_d_plan"]["spearman_minus_f_vs_score"] > 0.99
+
+
+# --------------------------------------------------------------------------- bounded reads, several processes
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+            "PYTHONPATH": str(REPO)}
+
+
+def _large_run(folder: Path, n: int, *, dim: int = 384, m: int = 50, k: int = 200) -> None:
+    """An output folder of ``n`` pool rows (memory-mapped vectors written in blocks; a similarity top-k)."""
+    rng = np.random.default_rng(0)
+    (folder / "embeddings").mkdir(parents=True)
+    target = rng.normal(size=(m, dim)).astype(np.float32)
+    target /= np.linalg.norm(target, axis=1, keepdims=True)
+    np.save(folder / "embeddings" / "target.npy", target)
+    pool = np.lib.format.open_memmap(folder / "embeddings" / "pool.npy", mode="w+", dtype=np.float32, shape=(n, dim))
+    scores = np.empty(n)
+    t = target.mean(0)
+    for s in range(0, n, 50_000):
+        x = rng.normal(size=(min(50_000, n - s), dim)).astype(np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        pool[s : s + len(x)] = x
+        scores[s : s + len(x)] = x @ t
+    pool.flush()
+    del pool
+    chosen = np.lexsort((np.arange(n), -scores))[:k]
+    draws = np.zeros(n, dtype=np.int64)
+    draws[chosen] = 1
+    scored = Dataset.from_dict({"text": [f"row {i}" for i in range(n)], "domain": [DOMAINS[i % 3] for i in range(n)],
+                                "pool_index": np.arange(n), "score": scores, "selected": draws})
+    scored.save_to_disk(str(folder / "scored"))
+    scored.select(chosen).save_to_disk(str(folder / "selected"))
+    prov = {"method": "similarity", "params": {}, "k": k, "seed": 0, "rows": {"pool": n, "target": m, "selected": k},
+            "config": {"score_column": "score", "pool": {"path": "pool.jsonl", "column": "text"}, "report_columns": ["domain"]}}
+    (folder / "selection.json").write_text(json.dumps(prov), encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_the_reports_peak_memory_does_not_grow_with_the_pool(tmp_path):
+    # Today the report loads every vector (pool.npy whole) and N-sized score, rank and category arrays:
+    # its peak grows with N. Now it reads reduced summaries and at most sample_rows rows.
+    peaks, seconds, numbers = {}, {}, {}
+    sizes = (60_000, 240_000)
+    for n in sizes:
+        folder = tmp_path / f"out{n}"
+        _large_run(folder, n)
+        proc = subprocess.run([sys.executable, str(REPO / "tests" / "workers" / "report_memory.py"), str(folder), "{}"],
+                              capture_output=True, text=True, env=_env(), timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        got = json.loads(proc.stdout.strip().splitlines()[-1])
+        peaks[n], seconds[n] = got["peak_rss_gb"], got["report_s"]
+        numbers[n] = json.loads((folder / "report.json").read_text())
+        shutil.rmtree(folder)
+    pool_growth = (sizes[1] - sizes[0]) * 384 * 4 / 2**30  # what reading the vectors whole adds
+    growth = peaks[sizes[1]] - peaks[sizes[0]]
+    assert growth < 0.25 * pool_growth, (peaks, pool_growth, seconds)
+    for n in sizes:
+        assert numbers[n]["budget_curve"]["computed_on"] == "sample" and numbers[n]["projection"]["pool_subsampled"]
+        assert numbers[n]["composition"]["domain"]["pool_rows"] == n  # whole-pool counts still cover every row
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_the_report_data_is_the_same_for_any_number_of_processes(world):
+    from hf_otselect.report_data import RowBlock, summarize
+    from tests._thread_comm import contiguous_bounds, run_ranks
+
+    rng = np.random.default_rng(0)
+    n = 1000
+    scores = rng.integers(0, 20, n).astype(np.float64)  # many ties: ranks break them by the lower index
+    scores[[5, 700]] = np.nan  # unscored rows rank last
+    draws = np.zeros(n, dtype=np.int64)
+    draws[np.lexsort((np.arange(n), -np.nan_to_num(scores, nan=-np.inf)))[:40]] = 1
+    vectors = rng.normal(size=(n, 4)).astype(np.float32)
+    domain = [DOMAINS[i % 3] for i in range(n)]
+
+    def blocks_of(lo, hi):
+        def blocks():
+            for s in range(lo, hi, 97):
+                e = min(hi, s + 97)
+                yield RowBlock(np.arange(s, e), scores[s:e], draws[s:e], {"domain": domain[s:e]},
+                               lambda pos, s=s: ([f"text {s + p}" for p in pos], vectors[s + pos]))
+        return blocks
+
+    one = summarize(blocks_of(0, n), columns=["domain"], sample_rows=100)
+    many = run_ranks(world, lambda comm: summarize(blocks_of(*contiguous_bounds(n, world, comm.rank)), columns=["domain"],
+                                                   sample_rows=100, comm=comm))
+    for got in many:
+        assert json.dumps(got.summary, sort_keys=True) == json.dumps(one.summary, sort_keys=True)
+        assert np.array_equal(got.vectors, one.vectors)
+    s = one.summary
+    index = np.asarray(s["sample"]["pool_index"])
+    assert len(index) <= 100 and s["chosen_sample_rows"] == 40 and s["pool_sample_rows"] == 60
+    ranks = np.empty(n, dtype=np.int64)
+    ranks[np.lexsort((np.arange(n), -scores))] = np.arange(1, n + 1)  # the package's tie rule, NaN last
+    assert s["sample"]["rank"] == ranks[index].tolist()
+    assert np.array_equal(one.vectors, vectors[index]) and s["sample"]["text"] == [f"text {i}" for i in index]
+    assert s["choice"] == "top_k" and s["selected"]["min"] == np.sort(scores[draws > 0])[0]
+    assert s["at_or_above_threshold"] == int((scores >= s["selected"]["min"]).sum())
+    assert s["composition"]["domain"]["pool"] == dict(Counter(domain))
+    finite = scores[np.isfinite(scores)]
+    assert s["score"]["hist_pool"] == np.histogram(finite, bins=50)[0].tolist()
+    assert s["score"]["mean"] == pytest.approx(finite.mean())
+
+
+@pytest.fixture(scope="module")
+def one_and_two_processes(tmp_path_factory):
+    """The same job with its report, run by one process and by two (torchrun, gloo): both folders and the second's stderr."""
+    from tests.conftest import SAMPLE, read_jsonl
+
+    tmp = tmp_path_factory.mktemp("world")
+    rows = read_jsonl(SAMPLE / "pool.jsonl")[::18][:80]  # every domain
+    (tmp / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    base = ["select", "--config", str(REPO / "configs" / "demo.yaml"), f"pool.path={tmp / 'pool.jsonl'}",
+            f"target.path={SAMPLE / 'target.jsonl'}", "target.max_rows=20", "k=10", "embedding.max_length=32",
+            f"cache_dir={tmp / 'cache'}", "report=true", "report_columns=[domain]"]
+    one = subprocess.run([sys.executable, "-m", "hf_otselect.cli", *base, f"output_dir={tmp / 'one'}"],
+                         capture_output=True, text=True, env=_env(), timeout=600, cwd=tmp)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "hf_otselect.cli", *base, f"output_dir={tmp / 'two'}"],
+                         capture_output=True, text=True, env=_env(), timeout=600, cwd=tmp)
+    assert two.returncode == 0, two.stderr[-3000:]
+    return tmp / "one", tmp / "two", two.stderr
+
+
+@pytest.mark.slow
+def test_a_two_process_report_has_every_section_of_a_one_process_report(one_and_two_processes):
+    # Today the report looks only for embeddings/pool.npy while two processes write pool-RANK-of-WORLD.npy:
+    # the projection, budget curve and near-duplicates vanish and the page blames save_embeddings.
+    one, two, _ = one_and_two_processes
+    n1, n2 = (json.loads((f / "report.json").read_text()) for f in (one, two))
+    page = (two / "report.html").read_text(encoding="utf-8")
+    assert set(n2) == set(n1) and {"projection", "budget_curve", "near_duplicates", "got_d_plan"} <= set(n2)
+    assert "save_embeddings: false" not in page and not n2["notes"]  # (the key itself is in the provenance table)
+    for name in ("projection.png", "budget_curve.png"):
+        assert f'src="report_files/{name}"' in page and (two / "report_files" / name).is_file()
+    # the same keyed sample, ranks and reduced counts for one process and two
+    s1, s2 = (json.loads((f / "report_data" / "summary.json").read_text()) for f in (one, two))
+    for key in ("pool_index", "rank", "draws", "in_pool_sample", "in_chosen_sample", "text", "columns"):
+        assert s2["sample"][key] == s1["sample"][key], key
+    assert s2["composition"] == s1["composition"] and n2["composition"] == n1["composition"]
+    assert s2["score"]["hist_pool"] == s1["score"]["hist_pool"]
+    assert n2["score"]["threshold"] == pytest.approx(n1["score"]["threshold"], rel=1e-5)
+    np.testing.assert_allclose(n2["budget_curve"]["method"], n1["budget_curve"]["method"], rtol=1e-4)
+    assert [e["pool_index"] for e in n2["examples"]] == [e["pool_index"] for e in n1["examples"]]
+    # a finished two-process folder read again by `hf-otselect report` (another sample size, so from the
+    # folder): the per-process pool-RANK-of-WORLD.npy files are read at the sampled rows
+    assert sorted(p.name for p in (two / "embeddings").glob("pool*.npy")) == ["pool-00000-of-00002.npy", "pool-00001-of-00002.npy"]
+    again = json.loads(write_report(two, sample_rows=30).with_name("report.json").read_text())
+    assert {"projection", "budget_curve", "near_duplicates"} <= set(again) and not again["notes"]
+    assert again["budget_curve"]["computed_on"] == "sample" and again["composition"] == n2["composition"]
+    # the card's histogram, counted where the rows live and summed, is that of the selected rows' scores
+    from datasets import load_from_disk
+
+    from hf_otselect.hub import _histogram
+
+    for folder in (one, two):
+        selected = load_from_disk(str(folder / "selected"))
+        assert _histogram(np.asarray(selected["score"], dtype=np.float64)) in (folder / "README.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_a_two_process_job_prints_each_info_line_once(one_and_two_processes):
+    # Today both processes log the whole job at INFO: every line comes twice.
+    _, _, stderr = one_and_two_processes
+    info = [line for line in stderr.splitlines() if line.startswith("INFO ")]
+    assert any("Selection written to" in line for line in info)
+    twice = {line: c for line, c in Counter(info).items() if c > 1}
+    assert not twice, twice
+    assert not [line for line in stderr.splitlines() if line.startswith("[rank 1/2] INFO")]
