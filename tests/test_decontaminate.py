@@ -10,10 +10,15 @@ from datasets import Dataset, load_from_disk
 
 from hf_otselect.config import load_config
 from hf_otselect.datasets_ext import run_selection, select_by_ot
-from hf_otselect.decontaminate import decontaminate, word_ngrams
+from hf_otselect.decontaminate import decontaminate, fit_heldout, word_ngrams
+from hf_otselect.dist import LOCAL
 from hf_otselect.embed import embed
 from hf_otselect.job import run_job
 from tests.conftest import REPO, SAMPLE, read_jsonl
+
+from ._thread_comm import contiguous_bounds, run_ranks
+from .workers.filters_sharded import problem as filters_problem
+from .workers.filters_sharded import run as filters_run
 
 EMB = {"max_length": 64}
 
@@ -155,3 +160,67 @@ def test_yaml_job_runs_all_three_and_records_them(tmp_path):
     assert not {r["text"].upper() for r in evals} & set(selected["text"])
     assert load_from_disk(str(out / "prefilter"))["source"] == [r["source"] for r in prov["prefilter"]["ranking"]]
     assert len(load_from_disk(str(out / "decontaminated"))) == prov["decontamination"]["dropped"]
+
+
+# -- several processes and streams: a per-row test against a fixed state, counts all-reduced --
+
+def _filters():
+    p = filters_problem()
+    return p, filters_run(p, LOCAL, 0, len(p["x"]))[0]
+
+
+def _brute(p: dict) -> np.ndarray:
+    """Nearest held-out distance per row, every pair in float64 (independent of FAISS)."""
+    unit = lambda x: x.astype(np.float64) / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)  # noqa: E731
+    x, h = unit(p["x"]), unit(p["heldout"])
+    return np.sqrt(((x[:, None, :] - h[None]) ** 2).sum(axis=2)).min(axis=1)
+
+
+def test_the_per_row_test_is_exact_and_independent_of_blocks_and_of_one_pass_inputs():
+    p, ref = _filters()
+    assert ref.to_dict()["dropped_by_embedding"] == 12 and ref.to_dict()["dropped_by_ngram"] == 6
+    np.testing.assert_allclose(ref.nearest_distance, _brute(p), rtol=0, atol=1e-12)
+    assert np.array_equal(ref.by_embedding, _brute(p) <= 0.3)
+    for block_rows in (1, 7, None):
+        again = decontaminate(p["x"], p["heldout"], radius=0.3, candidate_texts=p["texts"], heldout_texts=p["held_texts"],
+                              ngram=13, sources=p["labels"], block_rows=block_rows)
+        assert np.array_equal(again.dropped, ref.dropped) and np.array_equal(again.nearest_index, ref.nearest_index)
+        assert np.array_equal(again.nearest_distance, ref.nearest_distance)  # bit for bit: nothing depends on the batch
+        assert again.to_dict() == ref.to_dict()
+    state = fit_heldout(p["heldout"], radius=0.3, heldout_texts=p["held_texts"], ngram=13)
+    one = [state.flag(p["x"][i : i + 1], p["texts"][i : i + 1]) for i in range(len(p["x"]))]
+    assert np.concatenate([f[0] | f[1] for f in one]).tolist() == ref.dropped.tolist()
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+def test_several_processes_drop_the_rows_one_does_and_count_them_by_all_reduce(world):
+    p, ref = _filters()
+    n = len(p["x"])
+    outs = run_ranks(world, lambda comm: filters_run(p, comm, *contiguous_bounds(n, world, comm.rank))[0])
+    for r in outs:  # every process reports the whole pool's counts
+        assert r.to_dict() == ref.to_dict()
+    assert ref.by_source == {"far": 10, "mid": 4, "near": 3, "tiny": 1}
+    for name in ("dropped", "nearest_distance", "nearest_index", "by_ngram"):
+        assert np.array_equal(np.concatenate([getattr(r, name) for r in outs]), getattr(ref, name)), name
+    lo, hi = contiguous_bounds(n, world, 0)
+    alone = decontaminate(p["x"][lo:hi], p["heldout"], candidate_texts=p["texts"][lo:hi], heldout_texts=p["held_texts"],
+                          sources=p["labels"][lo:hi])
+    assert alone.by_source != ref.by_source  # one shard alone counts less: the totals are the all-reduce's
+
+
+def test_bad_lengths_are_named_up_front():
+    p, _ = _filters()
+    with pytest.raises(ValueError, match=r"'sources' parameter of decontaminate must be one label per candidate \(535\)"):
+        decontaminate(p["x"], p["heldout"], ngram=None, sources=p["labels"][:3])
+    with pytest.raises(ValueError, match=r"'candidate_texts' parameter of decontaminate must be one text per candidate \(535\)"):
+        decontaminate(p["x"], p["heldout"], candidate_texts=iter(p["texts"][:-1]), heldout_texts=p["held_texts"])
+
+
+@pytest.mark.slow
+def test_torchrun_two_and_three_processes_decontaminate_as_one_does(torchrun_filters):
+    p, ref = _filters()
+    for world, out in torchrun_filters.items():
+        assert out["world_size"] == world
+        assert out["decontamination"] == ref.to_dict(), world
+        assert out["dropped"] == ref.dropped.tolist(), world
+        assert out["nearest_distance"] == ref.nearest_distance.tolist(), world
