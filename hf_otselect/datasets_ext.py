@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
+import itertools
 import json
 import logging
 import os
@@ -77,8 +78,9 @@ class SelectionRun:
         What the source pre-filter, the decontamination and the near-duplicate guard did (None
         when off); ``selection.json`` records them under the same keys.
     extra_splits : dict of Dataset
-        ``"prefilter"`` (the source ranking, one row per source) and ``"decontaminated"`` (the
-        dropped pool rows with ``pool_index``, reason and nearest held-out distance), when on.
+        ``"prefilter"`` (the source ranking, one row per source, the same on every process) and
+        ``"decontaminated"`` (this process's dropped pool rows with ``pool_index``, reason and
+        nearest held-out distance), when on.
     comm : Comm
         The processes that shared the pool.
     offset, n_pool : int
@@ -372,12 +374,12 @@ def _check_extras(
     """Validate the pre-filter, guard and decontamination arguments before any work."""
     from ._checks import check_choice, check_float
 
-    streamed = isinstance(dataset, IterableDataset)
     if source_column is not None:
         if not isinstance(source_column, str) or not source_column:
             raise param_error("source_column", owner, "None or a non-empty str", source_column, exc=TypeError)
-        if not streamed and source_column not in dataset.column_names:
-            raise ValueError(f"Column {short_repr(source_column)} (source_column) not in the dataset. Current columns: {dataset.column_names}")
+        columns = _column_names(dataset)
+        if columns is not None and source_column not in columns:
+            raise ValueError(f"Column {short_repr(source_column)} (source_column) not in the dataset. Current columns: {columns}")
     opts = None
     if prefilter is not None:
         from .prefilter import check_prefilter
@@ -385,8 +387,6 @@ def _check_extras(
         opts = check_prefilter(prefilter, owner)
         if source_column is None:
             raise param_error("source_column", owner, "the column naming each row's source when prefilter is set (or pass a DatasetDict / list of datasets)", None)
-        if streamed:
-            raise param_error("prefilter", owner, "None for a streamed pool (IterableDataset)", dict(opts))
     if dedup_radius is not None:
         dedup_radius = check_float(dedup_radius, "dedup_radius", owner, 0.0, 2.0, low_open=True)
     from .dedup import DEDUP_MODES
@@ -397,8 +397,6 @@ def _check_extras(
         decontaminate_ngram = check_int(decontaminate_ngram, "decontaminate_ngram", owner, 1)
     if decontaminate is not None:
         _check_target(decontaminate, "decontaminate")
-        if streamed:
-            raise param_error("decontaminate", owner, "None for a streamed pool (IterableDataset)", type(decontaminate).__name__)
         if isinstance(decontaminate, Dataset) and decontaminate_column not in decontaminate.column_names:
             raise ValueError(f"Column {short_repr(decontaminate_column)} not in the decontaminate dataset. Current columns: {decontaminate.column_names}")
         if isinstance(decontaminate, np.ndarray) and decontaminate_ngram is not None:
@@ -413,7 +411,7 @@ def _check_extras(
 
 
 def _apply_filters(
-    dataset: Dataset,
+    dataset: Dataset | IterableDataset,
     column: str,
     pool_emb: np.ndarray,
     target_emb: np.ndarray,
@@ -424,12 +422,20 @@ def _apply_filters(
     reports: dict[str, Any],
     extra_splits: dict[str, Dataset],
     fingerprints: dict[str, str],
+    comm: Comm = LOCAL,
+    offset: int = 0,
 ) -> np.ndarray:
-    """Decontaminate, then pre-filter the sources; return the (n_pool,) mask of selectable rows."""
+    """Decontaminate, then pre-filter the sources; return this process's (n_local,) mask of selectable rows.
+
+    ``dataset`` is this process's part (a ``Dataset`` or a stream, read again for its source
+    column and texts). Both filters are a fit shared through ``comm`` plus a per-row keep, so
+    every process keeps the rows one process would; the reports hold whole-pool counts and the
+    ``decontaminated`` split this process's dropped rows.
+    """
     n = pool_emb.shape[0]
     eligible = np.ones(n, dtype=bool)
     src_col = extras["source_column"]
-    sources = list(dataset[src_col]) if src_col is not None else None
+    sources = _column_of(dataset, src_col) if src_col is not None else None
     held = extras["decontaminate"]
     if held is not None:
         from .decontaminate import decontaminate
@@ -439,26 +445,60 @@ def _apply_filters(
         fingerprints["decontaminate"] = _fingerprint(held, dcol)
         res = decontaminate(
             pool_emb, held_emb, radius=extras["decontaminate_radius"], ngram=ngram, sources=sources,
-            candidate_texts=_texts_of(dataset, column, "dataset") if ngram else None,
-            heldout_texts=_texts_of(held, dcol, "decontaminate") if ngram else None,
+            candidate_texts=(_column_of(dataset, column, lazy=True) if isinstance(dataset, IterableDataset)
+                             else _texts_of(dataset, column, "dataset")) if ngram else None,
+            heldout_texts=_texts_of(held, dcol, "decontaminate") if ngram else None, comm=comm,
         )
         eligible &= ~res.dropped
         reports["decontamination"] = {**res.to_dict(), "source_column": src_col}
         rows = np.flatnonzero(res.dropped)
         reason = np.where(res.by_embedding & res.by_ngram, "embedding+ngram", np.where(res.by_embedding, "embedding", "ngram"))
-        extra_splits["decontaminated"] = (
-            dataset.select(rows).add_column("pool_index", rows.astype(np.int64))
-            .add_column("reason", reason[rows].tolist()).add_column("nearest_distance", res.nearest_distance[rows])
-        )
+        extra_splits["decontaminated"] = _dropped_rows(dataset, rows, offset, reason, res.nearest_distance)
     opts = extras["prefilter"]
     if opts is not None:
         from .prefilter import prefilter_sources
 
-        ranking = prefilter_sources(pool_emb, sources, target_emb, seed=seed, eligible=eligible, **opts)
+        ranking = prefilter_sources(pool_emb, sources, target_emb, seed=seed, eligible=eligible,
+                                    index=offset + np.arange(n, dtype=np.int64), comm=comm, **opts)
         eligible &= ranking.mask
         reports["prefilter"] = {**ranking.to_dict(), "source_column": src_col}
         extra_splits["prefilter"] = ranking.to_dataset()
     return eligible
+
+
+def _column_of(data: Dataset | IterableDataset, name: str, lazy: bool = False) -> Any:
+    """One column of this process's part: a list, or for a stream with ``lazy`` a one-pass iterator."""
+    if not isinstance(data, IterableDataset):
+        return list(data[name])
+    values = (row[name] for row in data.select_columns([name]))
+    return values if lazy else list(values)
+
+
+def _dropped_rows(data: Dataset | IterableDataset, rows: np.ndarray, offset: int, reason: np.ndarray, nearest: np.ndarray) -> Dataset:
+    """The ``decontaminated`` split of this process: rows ``rows`` of its part plus ``pool_index``, ``reason``, ``nearest_distance``.
+
+    Every process writes its own rows into one split (:func:`hf_otselect.job._save_split`), so a
+    process that dropped nothing still gives the pool's columns (a stream's first row names them
+    when its features are unknown).
+    """
+    from datasets import Features, Value
+
+    columns = {"pool_index": offset + rows.astype(np.int64), "reason": reason[rows], "nearest_distance": nearest[rows]}
+    if not isinstance(data, IterableDataset):
+        return take_rows(data, rows, columns)
+    added = {"pool_index": Value("int64"), "reason": Value("string"), "nearest_distance": Value("float64")}
+    wanted = dict(zip(rows.tolist(), range(rows.size)))
+    head = itertools.islice(data, int(rows[-1]) + 1 if rows.size else 0)  # read the stream up to the last dropped row
+    picked = [{**row, **{key: values[wanted[i]].item() for key, values in columns.items()}} for i, row in enumerate(head) if i in wanted]
+    if data.features is not None:
+        features = Features({**data.features, **added})
+        return Dataset.from_dict({key: [row[key] for row in picked] for key in features}, features=features)
+    if picked:
+        return Dataset.from_list(picked)
+    # No row dropped here: a 0-row table with the schema of a row like the others' (select([]) would
+    # keep a 1-row table behind an empty indices mapping, which save_to_disk writes without columns).
+    template = Dataset.from_list([{**next(iter(data), {}), "pool_index": 0, "reason": "", "nearest_distance": 0.0}])
+    return take_rows(template, np.zeros(0, dtype=np.int64))
 
 
 def global_ranks(scores: np.ndarray, index: np.ndarray, q_scores: np.ndarray, q_index: np.ndarray, comm: Comm) -> np.ndarray:
@@ -674,9 +714,9 @@ def run_selection(
         decontaminate=decontaminate, decontaminate_column=decontaminate_column or target_column,
         decontaminate_radius=decontaminate_radius, decontaminate_ngram=decontaminate_ngram,
     )
-    if extras["active"] and comm.world_size > 1:
-        raise param_error("prefilter/dedup_radius/decontaminate", owner,
-                          "off when several processes share the pool (they need every row's vector in one process)", "set")
+    if extras["dedup_radius"] is not None and comm.world_size > 1:
+        raise param_error("dedup_radius", owner,
+                          "None when several processes share the pool (the guard needs every row's vector in one process)", extras["dedup_radius"])
     if not isinstance(method, Selector):
         from ._checks import check_choice
         from .selectors import available_selectors
@@ -809,21 +849,24 @@ def run_selection(
     extra_splits: dict[str, Dataset] = {}
     if extras["filters"]:
         t = time.perf_counter()
-        eligible = _apply_filters(part, column, pool_emb, target_emb, extras, embed_kwargs, cache, seed, reports, extra_splits, fingerprints)
+        eligible = _apply_filters(part, column, pool_emb, target_emb, extras, embed_kwargs, cache, seed, reports, extra_splits,
+                                  fingerprints, comm, offset)
         timings["filters_s"] = time.perf_counter() - t
-        n_eligible = int(eligible.sum())
+        n_eligible = int(comm.all_reduce(np.array([eligible.sum()], dtype=np.int64))[0])
         if n_eligible < (1 if probe.replaces else k):
             raise param_error("k", owner, f"at most the {n_eligible} rows left after pre-filter and decontamination", k)
         if n_eligible == n_pool:
             eligible = None
     keep_rows = np.arange(n_local, dtype=np.int64) if eligible is None else np.flatnonzero(eligible)
-    if eligible is not None:  # one process (filters are refused for several): the eligible rows are the pool
+    kept_offset = 0
+    if eligible is not None:  # the eligible rows are the pool, numbered 0 .. n_eligible - 1 across the processes
         candidates = [candidates[i] for i in keep_rows] if probe.needs_text else np.asarray(candidates)[keep_rows]
         key_parts = (*key_parts, _digest(keep_rows))
+        kept_offset = comm.exclusive_offset(keep_rows.size)[0]
 
     t = time.perf_counter()
     sub_scores, info = _scores_cached(selector, candidates, target_side, cache, key_parts, comm, use_cache=caching)
-    sub_index = (offset + keep_rows) if eligible is None else np.arange(keep_rows.size, dtype=np.int64)
+    sub_index = (offset + keep_rows) if eligible is None else kept_offset + np.arange(keep_rows.size, dtype=np.int64)
     if dedup_radius is not None:
         from .dedup import guarded_choose
 
@@ -833,8 +876,11 @@ def run_selection(
         indices = selector.choose_rows(sub_scores, k, seed=seed, index=sub_index, comm=comm)
     scores = np.full(n_local, np.nan)
     scores[keep_rows] = sub_scores
-    if eligible is not None:  # back to pool rows: excluded rows are not scored (NaN)
-        indices = keep_rows[indices]
+    if eligible is not None:  # back to pool rows (excluded rows are not scored: NaN); each process maps its own
+        mine = (indices >= kept_offset) & (indices < kept_offset + keep_rows.size)
+        mapped = np.zeros(indices.size, dtype=np.int64)
+        mapped[mine] = offset + keep_rows[indices[mine] - kept_offset]
+        indices = comm.all_reduce(mapped) if comm.world_size > 1 else mapped
     timings["score_s"] = time.perf_counter() - t
     result = SelectionResult(indices=indices, scores=scores, info=info)
 

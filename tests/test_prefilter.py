@@ -307,3 +307,43 @@ def test_torchrun_two_and_three_processes_prefilter_as_one_does(torchrun_filters
         assert out["world_size"] == world
         assert out["prefilter"] == json.loads(json.dumps(ref.to_dict())), world
         assert out["mask"] == ref.mask.tolist(), world
+
+
+# -- the pipeline: pre-filter and decontamination in run_selection, several processes, streams --
+
+@pytest.mark.parametrize("method", ["got_d", "similarity", "random"])
+def test_run_selection_filters_select_the_same_rows_for_any_world_size_and_for_a_stream(method, tmp_path):
+    """Decontamination then pre-filter inside run_selection at 1, 2, 3 processes, in memory and streamed."""
+    p = filters_problem()
+    pool = Dataset.from_dict({"text": p["texts"], "domain": p["labels"], "row": list(range(N_FILTERS))})
+
+    def run(world: int, streamed: bool) -> list:
+        def rank(comm):
+            if streamed:
+                data = pool.to_iterable_dataset(num_shards=6)
+                part = data.shard(num_shards=world, index=comm.rank, contiguous=True) if world > 1 else data
+                rows = [r["row"] for r in part]
+            else:
+                data, rows = pool, list(range(*contiguous_bounds(N_FILTERS, world, comm.rank)))
+            r = run_selection(data, p["target"], method, 20, seed=2, comm=comm, cache_dir=tmp_path / f"c{world}{streamed}",
+                              embeddings=(p["x"][rows], p["target"]), source_column="domain",
+                              prefilter={"keep": 2, "sample_size": 80}, decontaminate=p["heldout"], decontaminate_ngram=None)
+            return (r.result.indices.tolist(), r.prefilter, r.decontamination, list(r.extra_splits["decontaminated"]["pool_index"]),
+                    np.asarray(r.scored["score"], dtype=float), list(r.selected["pool_index"]))
+        return run_ranks(world, rank)
+
+    ref = run(1, False)[0]
+    indices, prefilter, decon, dropped, scores, selected = ref
+    assert len(indices) == 20 and set(np.asarray(p["labels"])[indices]) <= set(prefilter["kept_sources"])
+    assert not set(indices) & set(dropped) and decon["dropped"] == len(dropped) > 0
+    assert np.isnan(scores[dropped]).all()
+    for world, streamed in ((1, True), (2, False), (2, True), (3, False), (3, True)):
+        ranks = run(world, streamed)
+        for r in ranks:
+            assert r[0] == indices and r[1] == prefilter and r[2] == decon, (world, streamed)
+        assert sum((r[3] for r in ranks), []) == dropped, (world, streamed)  # each process its own dropped rows
+        assert sum((r[5] for r in ranks), []) == selected, (world, streamed)
+        merged = np.concatenate([r[4] for r in ranks])
+        assert np.array_equal(np.isnan(merged), np.isnan(scores))
+        # GOT-D's reductions sum in another order across processes: within 1e-6 of the score scale
+        np.testing.assert_allclose(merged, scores, rtol=0, atol=1e-6 * np.nanmax(np.abs(scores)), equal_nan=True)
