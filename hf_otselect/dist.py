@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -35,7 +35,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_TIMEOUT_S", "LOCAL", "CollectiveError", "Comm", "FolderNotShared", "JobMismatch", "PoolView", "TextView", "TorchComm",
-           "agree", "check_shared_folder", "get_comm", "process_rank", "resolve_timeout", "shard_bounds"]
+           "agree", "check_shared_folder", "get_comm", "process_rank", "resolve_timeout", "shard_bounds", "sum_counts"]
 
 ReduceOp = Literal["sum", "max", "min"]
 
@@ -288,6 +288,32 @@ def process_rank() -> tuple[int, int]:
     except ValueError:
         return 0, 1
     return (rank, world) if world > 1 and 0 <= rank < world else (0, 1)
+
+
+def sum_counts(counts: Mapping[str, int], comm: Comm) -> dict[str, int]:
+    """Per-name counts summed over the processes, for the names any process counted, sorted by name.
+
+    Two collectives of O(names) bytes (the names as JSON, all-gathered; the counts, all-reduced),
+    never per row: how per-source tallies of a filter reach the card on every process.
+
+    Parameters
+    ----------
+    counts : mapping of str to int
+        This process's counts (names it did not see may be absent).
+    comm : Comm
+
+    Returns
+    -------
+    dict of str to int
+        The same dict on every process.
+    """
+    local = {str(name): int(value) for name, value in counts.items()}
+    if comm.world_size == 1:
+        return dict(sorted(local.items()))
+    mine = json.dumps(sorted(local)).encode("utf-8")
+    names = sorted({name for part in comm.all_gather(np.frombuffer(mine, dtype=np.uint8)) for name in json.loads(bytes(part).decode("utf-8"))})
+    totals = comm.all_reduce(np.array([local.get(name, 0) for name in names], dtype=np.int64))
+    return {name: int(v) for name, v in zip(names, totals)}
 
 
 def shard_bounds(n: int, world: int, rank: int) -> tuple[int, int]:

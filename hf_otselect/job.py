@@ -147,7 +147,8 @@ def _ot_distances(run: SelectionRun, info: dict[str, Any]) -> dict[str, float | 
     mine = mine[(mine >= run.offset) & (mine < run.offset + pool.shape[0])] - run.offset
     chosen = np.concatenate(comm.all_gather(pool[mine]))
     to_pool = info.get("ot_distance")
-    filtered = bool(np.isnan(run.result.scores).any())  # pre-filter/decontamination left rows unscored
+    # pre-filter/decontamination left rows unscored (on some process: every process decides alike)
+    filtered = bool(comm.all_reduce(np.array([np.isnan(run.result.scores).any()], dtype=np.int64), op="max")[0])
     eligible_pool = to_pool if filtered else None
     if (to_pool is None or filtered) and comm.world_size == 1:
         to_pool = ot_distance(pool, target)
@@ -344,6 +345,9 @@ def _run_job(config: SelectionConfig, folder: OutputFolder, comm: Comm, t0: floa
     t = time.perf_counter()
     n_scored = _save_split(run.scored, partial / "scored", comm)
     n_selected = _save_split(run.selected, partial / "selected", comm)
+    dropped = run.extra_splits.get("decontaminated")
+    if dropped is not None and (run.decontamination or {}).get("dropped", 0):  # each process its own rows (a 0-row split is unreadable)
+        _save_split(dropped, partial / "decontaminated", comm)
     if comm.is_main:  # best (or first drawn) first, as select_by_ot returns them
         write_best_first(partial / "selected")
     if config.save_embeddings and run.pool_embeddings is not None:
@@ -360,9 +364,8 @@ def _run_job(config: SelectionConfig, folder: OutputFolder, comm: Comm, t0: floa
         comm.close()
         return None
     (partial / "dataset_dict.json").write_text(json.dumps({"splits": ["scored", "selected"]}), encoding="utf-8")
-    for name, split in run.extra_splits.items():  # prefilter/ (source ranking), decontaminated/ (dropped rows)
-        if len(split):  # datasets 5.2 saves a 0-row split that load_from_disk cannot read (IndexError)
-            split.save_to_disk(str(partial / name))
+    if "prefilter" in run.extra_splits:  # the source ranking: the same on every process
+        run.extra_splits["prefilter"].save_to_disk(str(partial / "prefilter"))
     if config.save_embeddings and run.target_embeddings is not None:
         np.save(partial / "embeddings" / "target.npy", np.asarray(run.target_embeddings), allow_pickle=False)
     run.timings["job_s"] = time.perf_counter() - t0

@@ -55,8 +55,9 @@ class SelectionRun:
         What the source pre-filter, the decontamination and the near-duplicate guard did (None
         when off); ``selection.json`` records them under the same keys.
     extra_splits : dict of Dataset
-        ``"prefilter"`` (the source ranking, one row per source) and ``"decontaminated"`` (the
-        dropped pool rows with ``pool_index``, reason and nearest held-out distance), when on.
+        ``"prefilter"`` (the source ranking, one row per source, the same on every process) and
+        ``"decontaminated"`` (this process's dropped pool rows with ``pool_index``, reason and
+        nearest held-out distance), when on.
     comm : Comm
         The processes that shared the pool.
     offset, n_pool : int

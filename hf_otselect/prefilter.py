@@ -26,6 +26,12 @@ Two things keep the ranking from favouring large sources:
   the chunks: the bias is the same for every source (each estimate uses ``m`` rows) and the larger
   sources' extra rows lower the variance instead of the bias.
 
+The random sample is keyed: each row's key comes from ``(seed, source, global row index)``
+(:func:`hf_otselect.selectors.base.row_uniforms`), a source's sample is its rows with the smallest
+keys, and its chunks follow key order. So the fit is the same for any number of processes and for a
+streamed pool: the processes exchange per-source counts, keys and the sampled vectors only
+(bounded by ``sample_size`` rows per source, not by the pool), and a row is kept when its source is.
+
 No OT convention is handled here; the solver and its cost live in :mod:`hf_otselect.ot`.
 """
 
@@ -41,6 +47,8 @@ import numpy as np
 from datasets import Dataset, DatasetDict, concatenate_datasets
 
 from ._checks import check_embeddings, check_float, check_int, check_seed, param_error
+from .dist import LOCAL, Comm, sum_counts
+from .selectors.base import row_uniforms
 
 logger = logging.getLogger(__name__)
 
@@ -74,11 +82,13 @@ class PrefilterResult:
         Disjoint chunks of ``chunk_rows`` rows the divergence is averaged over, same order.
     kept : list of bool
         Whether each source goes on to the selection, same order.
-    mask : ndarray of shape (n_candidates,), bool
-        True for the rows of kept sources.
+    mask : ndarray of shape (n_local,), bool
+        True for this process's rows of kept sources (eligible ones).
     params : dict
         ``keep``, ``max_distance``, ``sample_size``, ``eps``, ``seed`` as used, ``chunk_rows``
         (``m``, the rows of every sample) and ``distance`` (``"sinkhorn_divergence"``).
+    rows_kept : int
+        Eligible rows of the kept sources in the whole pool (every process's).
     """
 
     sources: list[str]
@@ -89,6 +99,26 @@ class PrefilterResult:
     kept: list[bool]
     mask: np.ndarray
     params: dict[str, Any]
+    rows_kept: int
+
+    @property
+    def kept_sources(self) -> list[str]:
+        """The kept sources, nearest first."""
+        return [s for s, k in zip(self.sources, self.kept) if k]
+
+    def keep(self, sources: Sequence[Any] | np.ndarray) -> np.ndarray:
+        """Per-row keep for any rows (a stream's batch, another shard): True where the source is kept.
+
+        Parameters
+        ----------
+        sources : sequence of shape (n,)
+            Each row's source (converted to ``str``).
+
+        Returns
+        -------
+        ndarray of shape (n,), bool
+        """
+        return np.isin(np.asarray([str(s) for s in sources], dtype=object), self.kept_sources)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (what ``selection.json`` records under ``prefilter``)."""
@@ -99,8 +129,8 @@ class PrefilterResult:
         return {
             **self.params,
             "ranking": ranking,
-            "kept_sources": [s for s, k in zip(self.sources, self.kept) if k],
-            "rows_kept": int(self.mask.sum()),
+            "kept_sources": self.kept_sources,
+            "rows_kept": int(self.rows_kept),
         }
 
     def to_dataset(self) -> Dataset:
@@ -167,10 +197,23 @@ def combine_sources(sources: DatasetDict | Sequence[Dataset], column: str = "sou
     return concatenate_datasets(parts)
 
 
-def _source_seed(seed: int, name: str) -> np.random.Generator:
-    # One generator per source, keyed by its name: adding or dropping another source leaves this
-    # source's sample unchanged, and the result does not depend on the order sources appear in.
-    return np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
+def _source_key(seed: int, name: str) -> int:
+    # One key stream per source, from the seed and the source's name: a row's key depends on
+    # (seed, source, global index) alone, so every process (and a stream) draws the same sample.
+    return int(np.random.SeedSequence([seed, zlib.crc32(name.encode("utf-8"))]).generate_state(1, np.uint64)[0])
+
+
+def _target_sample(target: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """The target rows every source is compared with: all of them, or ``size`` seeded ones (in order)."""
+    if len(target) <= size:
+        return target
+    rng = np.random.default_rng([seed, zlib.crc32(b"\x00target")])
+    return target[np.sort(rng.choice(len(target), size, replace=False))]
+
+
+def _smallest_keys(keys: np.ndarray, index: np.ndarray, want: int) -> np.ndarray:
+    """Positions of the ``want`` smallest ``(key, global index)`` pairs, in that order."""
+    return np.lexsort((index, keys))[:want]
 
 
 def prefilter_sources(
@@ -184,6 +227,8 @@ def prefilter_sources(
     eps: float = 0.1,
     seed: int = 0,
     eligible: np.ndarray | None = None,
+    index: np.ndarray | None = None,
+    comm: Comm | None = None,
     **ot_kwargs: Any,
 ) -> PrefilterResult:
     """Rank sources by their Sinkhorn divergence to the target on equal-size samples; keep the nearest.
@@ -192,15 +237,23 @@ def prefilter_sources(
     source on disjoint chunks of ``m = min(sample_size, smallest eligible source)`` rows, averaged
     (see the module docstring for why both).
 
+    A fit over this process's rows and a per-row keep. Each eligible row of source ``s`` gets the
+    key ``row_uniforms(key(seed, s), global index)``; a source's sample is its rows with the
+    smallest keys (ties to the lower index), cut into chunks in key order. The processes exchange
+    only per-source counts, the sampled keys and the sampled vectors (at most ``sample_size`` rows
+    per source): the same sample, distances and kept sources for any number of processes and for
+    a streamed pool, whose rows are read once. The OT solves are spread over the processes and
+    their values all-reduced, so every process takes the same decision.
+
     Parameters
     ----------
-    candidates : ndarray of shape (n_candidates, dim)
-        Pool embeddings.
-    sources : sequence of shape (n_candidates,)
+    candidates : ndarray of shape (n_local, dim)
+        This process's pool embeddings (an array or ``np.memmap``; a process may have none).
+    sources : sequence of shape (n_local,)
         Source of each row (converted to ``str``).
     target : ndarray of shape (n_target, dim)
-        Target embeddings; a target larger than ``sample_size`` is sampled (without replacement).
-        The same target sample serves every source.
+        Target embeddings, the same on every process; a target larger than ``sample_size`` is
+        sampled (without replacement, seeded). The same target sample serves every source.
     keep : int or None, default 2
         Keep the ``keep`` nearest sources (paper: 2 of 7).
     max_distance : float or None
@@ -212,62 +265,101 @@ def prefilter_sources(
         Entropic regularisation of :func:`hf_otselect.ot.ot_distance` (absolute).
     seed : int
         Seeds the per-source samples.
-    eligible : ndarray of shape (n_candidates,), bool, optional
+    eligible : ndarray of shape (n_local,), bool, optional
         Rows allowed at all (e.g. after decontamination); others are neither sampled nor kept, and
         do not count towards the smallest source.
+    index : ndarray of shape (n_local,), int, optional
+        Global row index of each local row (default: this process's rows follow the lower ranks').
+    comm : Comm, optional
+        The processes sharing the pool (default: this one alone).
     **ot_kwargs
         Further keywords of :func:`hf_otselect.ot.ot_distance` (``tol``, ``max_iter``, ``backend``...).
 
     Returns
     -------
     PrefilterResult
+        The same ranking on every process; ``mask`` covers this process's rows.
     """
     from .ot import ot_distance
 
     owner = "prefilter_sources"
-    candidates = check_embeddings(candidates, "candidates", owner)
-    target = check_embeddings(target, "target", owner, dim=candidates.shape[1])
+    comm = comm or LOCAL
+    target = check_embeddings(target, "target", owner)
+    dim = target.shape[1]
+    n = len(candidates)
+    candidates = check_embeddings(candidates, "candidates", owner, dim=dim) if n else np.zeros((0, dim), dtype=np.float32)
     opts = check_prefilter({"keep": keep, "max_distance": max_distance, "sample_size": sample_size, "eps": eps}, owner)
     seed = check_seed(seed, "seed", owner)
     labels = np.asarray([str(s) for s in sources], dtype=object)
-    n = candidates.shape[0]
     if labels.shape != (n,):
         raise param_error("sources", owner, f"one label per candidate ({n})", f"{labels.size} labels")
     eligible = np.ones(n, dtype=bool) if eligible is None else np.asarray(eligible, dtype=bool)
-    names = sorted(set(labels[eligible].tolist()))
+    if index is None:
+        index = comm.exclusive_offset(n)[0] + np.arange(n, dtype=np.int64)
+    index = np.asarray(index, dtype=np.int64)
+    members = {name: np.flatnonzero((labels == name) & eligible) for name in sorted(set(labels[eligible].tolist()))}
+    rows = sum_counts({name: idx.size for name, idx in members.items()}, comm)
+    names = list(rows)
     if not names:
         raise param_error("candidates", owner, "at least one eligible row", "none")
     size = opts["sample_size"]
-    members = {name: np.flatnonzero((labels == name) & eligible) for name in names}
-    m = min(size, min(idx.size for idx in members.values()))
+    m = min(size, min(rows.values()))
     if m < size:
         logger.info("prefilter: every source is compared on chunks of %d rows (the smallest eligible source's size)", m)
+    chunks = {name: min(min(rows[name], size) // m, MAX_CHUNKS) for name in names}
+
+    # Each process's candidates for every source's sample: its own smallest keys (a superset of its
+    # share of the global cut), then the global cut from the gathered (source, key, index) triples.
+    mine = []
+    for j, name in enumerate(names):
+        if name in members:
+            key = row_uniforms(_source_key(seed, name), index[members[name]])
+            sel = _smallest_keys(key, index[members[name]], chunks[name] * m)
+            mine.append(np.column_stack([np.full(sel.size, j, np.float64), key[sel], index[members[name][sel]].astype(np.float64)]))
+    triples = np.concatenate(comm.all_gather(np.concatenate(mine) if mine else np.zeros((0, 3))))
+    sample = {}  # source -> its sampled global rows, in key order
+    for j, name in enumerate(names):
+        t = triples[triples[:, 0] == j]
+        sample[name] = t[_smallest_keys(t[:, 1], t[:, 2], chunks[name] * m), 2].astype(np.int64)
+    local = np.flatnonzero(np.isin(index, np.concatenate(list(sample.values()))))
+    gathered_index = np.concatenate(comm.all_gather(index[local]))
+    gathered = np.concatenate(comm.all_gather(np.ascontiguousarray(candidates[local], dtype=np.float32)))
+    where = dict(zip(gathered_index.tolist(), range(gathered_index.size)))
+
+    tgt = _target_sample(target, size, seed)
+    samples: list[tuple[str, np.ndarray]] = []  # (source, one chunk's vectors, rows in index order)
+    for name in names:
+        for c in range(chunks[name]):
+            chunk = np.sort(sample[name][c * m : (c + 1) * m])
+            samples.append((name, gathered[[where[i] for i in chunk.tolist()]]))
 
     def ot(x: np.ndarray, y: np.ndarray) -> float:
         return float(ot_distance(x, y, eps=opts["eps"], **ot_kwargs))
 
-    tgt = target if len(target) <= size else target[np.sort(_source_seed(seed, "\x00target").choice(len(target), size, replace=False))]
-    tgt_self = ot(tgt, tgt)
-    dist, rows, sampled, chunks = {}, {}, {}, {}
+    # Solve j runs on process j % world; the others add 0.0, so every process gets the same values.
+    tasks = [(tgt, tgt)] + [pair for _, x in samples for pair in ((x, tgt), (x, x))]
+    values = np.zeros(len(tasks))
+    for j, (x, y) in enumerate(tasks):
+        if j % comm.world_size == comm.rank:
+            values[j] = ot(x, y)
+    values = comm.all_reduce(values) if comm.world_size > 1 else values
+    tgt_self = values[0]
+    divergence: dict[str, list[float]] = {name: [] for name in names}
+    for c, (name, _) in enumerate(samples):
+        divergence[name].append(values[1 + 2 * c] - 0.5 * (values[2 + 2 * c] + tgt_self))
+    dist = {name: float(np.mean(v)) for name, v in divergence.items()}
     for name in names:
-        idx = members[name]
-        n_chunks = min(min(idx.size, size) // m, MAX_CHUNKS)
-        perm = _source_seed(seed, name).permutation(idx)[: n_chunks * m].reshape(n_chunks, m)
-        values = []
-        for chunk in perm:
-            x = candidates[np.sort(chunk)]
-            values.append(ot(x, tgt) - 0.5 * (ot(x, x) + tgt_self))
-        dist[name] = float(np.mean(values))
-        rows[name], sampled[name], chunks[name] = int(idx.size), int(n_chunks * m), int(n_chunks)
-        logger.info("prefilter: source %r, %d rows, Sinkhorn divergence %.4g (mean of %d chunks of %d rows)", name, idx.size, dist[name], n_chunks, m)
+        logger.info("prefilter: source %r, %d rows, Sinkhorn divergence %.4g (mean of %d chunks of %d rows)", name, rows[name], dist[name], chunks[name], m)
     order = sorted(names, key=lambda s: (dist[s], s))
     kept = [
         (opts["keep"] is None or i < opts["keep"]) and (opts["max_distance"] is None or dist[s] <= opts["max_distance"])
         for i, s in enumerate(order)
     ]
-    mask = np.isin(labels, [s for s, k in zip(order, kept) if k]) & eligible
+    kept_sources = [s for s, k in zip(order, kept) if k]
+    mask = np.isin(labels, kept_sources) & eligible
     return PrefilterResult(
         sources=order, distances=[dist[s] for s in order], rows=[rows[s] for s in order],
-        sampled=[sampled[s] for s in order], chunks=[chunks[s] for s in order], kept=kept, mask=mask,
+        sampled=[chunks[s] * m for s in order], chunks=[chunks[s] for s in order], kept=kept, mask=mask,
         params={**opts, "seed": seed, "chunk_rows": int(m), "distance": "sinkhorn_divergence"},
+        rows_kept=sum(rows[s] for s in kept_sources),
     )

@@ -198,9 +198,9 @@ def build_request(
         decontaminate=decontaminate, decontaminate_column=decontaminate_column or target_column,
         decontaminate_radius=decontaminate_radius, decontaminate_ngram=decontaminate_ngram,
     )
-    if filters.active and comm.world_size > 1:
-        raise param_error("prefilter/dedup_radius/decontaminate", owner,
-                          "off when several processes share the pool (they need every row's vector in one process)", "set")
+    if filters.dedup_radius is not None and comm.world_size > 1:
+        raise param_error("dedup_radius", owner,
+                          "None when several processes share the pool (the guard needs every row's vector in one process)", filters.dedup_radius)
     probe = _selector(method, params, owner)
     if dedup_radius is not None:
         from .dedup import resolve_dedup_mode
@@ -307,12 +307,12 @@ def _check_filters(
     decontaminate_ngram: Any,
 ) -> Filters:
     """Validate the pre-filter, guard and decontamination arguments before any work."""
-    streamed = isinstance(dataset, IterableDataset)
     if source_column is not None:
         if not isinstance(source_column, str) or not source_column:
             raise param_error("source_column", owner, "None or a non-empty str", source_column, exc=TypeError)
-        if not streamed and source_column not in dataset.column_names:
-            raise ValueError(f"Column {short_repr(source_column)} (source_column) not in the dataset. Current columns: {dataset.column_names}")
+        columns = _column_names(dataset)
+        if columns is not None and source_column not in columns:
+            raise ValueError(f"Column {short_repr(source_column)} (source_column) not in the dataset. Current columns: {columns}")
     opts = None
     if prefilter is not None:
         from .prefilter import check_prefilter
@@ -320,8 +320,6 @@ def _check_filters(
         opts = check_prefilter(prefilter, owner)
         if source_column is None:
             raise param_error("source_column", owner, "the column naming each row's source when prefilter is set (or pass a DatasetDict / list of datasets)", None)
-        if streamed:
-            raise param_error("prefilter", owner, "None for a streamed pool (IterableDataset)", dict(opts))
     if dedup_radius is not None:
         dedup_radius = check_float(dedup_radius, "dedup_radius", owner, 0.0, 2.0, low_open=True)
     from .dedup import DEDUP_MODES
@@ -332,8 +330,6 @@ def _check_filters(
         decontaminate_ngram = check_int(decontaminate_ngram, "decontaminate_ngram", owner, 1)
     if decontaminate is not None:
         check_target(decontaminate, "decontaminate")
-        if streamed:
-            raise param_error("decontaminate", owner, "None for a streamed pool (IterableDataset)", type(decontaminate).__name__)
         if isinstance(decontaminate, Dataset) and decontaminate_column not in decontaminate.column_names:
             raise ValueError(f"Column {short_repr(decontaminate_column)} not in the decontaminate dataset. Current columns: {decontaminate.column_names}")
         if isinstance(decontaminate, np.ndarray) and decontaminate_ngram is not None:

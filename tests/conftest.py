@@ -55,3 +55,21 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data folder {SHARED_DATA} not present")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def torchrun_filters(tmp_path_factory) -> dict[int, dict]:
+    """tests/workers/filters_sharded.py under real torchrun (gloo, CPU) at 2 and 3 processes: rank 0's JSON per world."""
+    import subprocess
+
+    folder = tmp_path_factory.mktemp("filters_torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    outs = {}
+    for world in (2, 3):
+        out = folder / f"w{world}.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
+               str(REPO / "tests" / "workers" / "filters_sharded.py"), str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=folder)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs[world] = json.loads(out.read_text())
+    return outs

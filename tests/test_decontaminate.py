@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -10,10 +11,15 @@ from datasets import Dataset, load_from_disk
 
 from hf_otselect.config import load_config
 from hf_otselect.datasets_ext import run_selection, select_by_ot
-from hf_otselect.decontaminate import decontaminate, word_ngrams
+from hf_otselect.decontaminate import decontaminate, fit_heldout, word_ngrams
+from hf_otselect.dist import LOCAL
 from hf_otselect.embed import embed
 from hf_otselect.job import run_job
 from tests.conftest import REPO, SAMPLE, read_jsonl
+
+from ._thread_comm import contiguous_bounds, run_ranks
+from .workers.filters_sharded import problem as filters_problem
+from .workers.filters_sharded import run as filters_run
 
 EMB = {"max_length": 64}
 
@@ -155,3 +161,158 @@ def test_yaml_job_runs_all_three_and_records_them(tmp_path):
     assert not {r["text"].upper() for r in evals} & set(selected["text"])
     assert load_from_disk(str(out / "prefilter"))["source"] == [r["source"] for r in prov["prefilter"]["ranking"]]
     assert len(load_from_disk(str(out / "decontaminated"))) == prov["decontamination"]["dropped"]
+
+
+# -- several processes and streams: a per-row test against a fixed state, counts all-reduced --
+
+def _filters():
+    p = filters_problem()
+    return p, filters_run(p, LOCAL, 0, len(p["x"]))[0]
+
+
+def _brute(p: dict) -> np.ndarray:
+    """Nearest held-out distance per row, every pair in float64 (independent of FAISS)."""
+    unit = lambda x: x.astype(np.float64) / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)  # noqa: E731
+    x, h = unit(p["x"]), unit(p["heldout"])
+    return np.sqrt(((x[:, None, :] - h[None]) ** 2).sum(axis=2)).min(axis=1)
+
+
+def test_the_per_row_test_is_exact_and_independent_of_blocks_and_of_one_pass_inputs():
+    p, ref = _filters()
+    assert ref.to_dict()["dropped_by_embedding"] == 12 and ref.to_dict()["dropped_by_ngram"] == 6
+    np.testing.assert_allclose(ref.nearest_distance, _brute(p), rtol=0, atol=1e-12)
+    assert np.array_equal(ref.by_embedding, _brute(p) <= 0.3)
+    for block_rows in (1, 7, None):
+        again = decontaminate(p["x"], p["heldout"], radius=0.3, candidate_texts=p["texts"], heldout_texts=p["held_texts"],
+                              ngram=13, sources=p["labels"], block_rows=block_rows)
+        assert np.array_equal(again.dropped, ref.dropped) and np.array_equal(again.nearest_index, ref.nearest_index)
+        assert np.array_equal(again.nearest_distance, ref.nearest_distance)  # bit for bit: nothing depends on the batch
+        assert again.to_dict() == ref.to_dict()
+    state = fit_heldout(p["heldout"], radius=0.3, heldout_texts=p["held_texts"], ngram=13)
+    one = [state.flag(p["x"][i : i + 1], p["texts"][i : i + 1]) for i in range(len(p["x"]))]
+    assert np.concatenate([f[0] | f[1] for f in one]).tolist() == ref.dropped.tolist()
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+def test_several_processes_drop_the_rows_one_does_and_count_them_by_all_reduce(world):
+    p, ref = _filters()
+    n = len(p["x"])
+    outs = run_ranks(world, lambda comm: filters_run(p, comm, *contiguous_bounds(n, world, comm.rank))[0])
+    for r in outs:  # every process reports the whole pool's counts
+        assert r.to_dict() == ref.to_dict()
+    assert ref.by_source == {"far": 10, "mid": 4, "near": 3, "tiny": 1}
+    for name in ("dropped", "nearest_distance", "nearest_index", "by_ngram"):
+        assert np.array_equal(np.concatenate([getattr(r, name) for r in outs]), getattr(ref, name)), name
+    lo, hi = contiguous_bounds(n, world, 0)
+    alone = decontaminate(p["x"][lo:hi], p["heldout"], candidate_texts=p["texts"][lo:hi], heldout_texts=p["held_texts"],
+                          sources=p["labels"][lo:hi])
+    assert alone.by_source != ref.by_source  # one shard alone counts less: the totals are the all-reduce's
+
+
+def test_bad_lengths_are_named_up_front():
+    p, _ = _filters()
+    with pytest.raises(ValueError, match=r"'sources' parameter of decontaminate must be one label per candidate \(535\)"):
+        decontaminate(p["x"], p["heldout"], ngram=None, sources=p["labels"][:3])
+    with pytest.raises(ValueError, match=r"'candidate_texts' parameter of decontaminate must be one text per candidate \(535\)"):
+        decontaminate(p["x"], p["heldout"], candidate_texts=iter(p["texts"][:-1]), heldout_texts=p["held_texts"])
+
+
+@pytest.mark.slow
+def test_torchrun_two_and_three_processes_decontaminate_as_one_does(torchrun_filters):
+    p, ref = _filters()
+    for world, out in torchrun_filters.items():
+        assert out["world_size"] == world
+        assert out["decontamination"] == ref.to_dict(), world
+        assert out["dropped"] == ref.dropped.tolist(), world
+        assert out["nearest_distance"] == ref.nearest_distance.tolist(), world
+
+
+@pytest.mark.slow
+def test_torchrun_job_with_prefilter_and_decontamination_selects_what_one_process_does(tmp_path):
+    """A real job (encoder, 13-gram test, pre-filter) at 1, 2 and 3 processes, in memory and streamed."""
+    import subprocess
+    import sys
+
+    rows = read_jsonl(SAMPLE / "pool.jsonl", 150)
+    evals = read_jsonl(SAMPLE / "target_eval.jsonl", 20)
+    rows[40:40] = [{"text": r["text"].upper(), "domain": "biomedical"} for r in evals[:4]]  # planted copies, mid-pool
+    rows[100:100] = [{"text": rows[0]["text"] + " " + " ".join(evals[5]["text"].split()[:14]), "domain": "news"}]  # a 13-gram
+    folder = tmp_path / "pool"
+    folder.mkdir()
+    for i, lo in enumerate(range(0, len(rows), 26)):  # 6 files: a stream splits over 2 and 3 processes
+        (folder / f"part-{i}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[lo : lo + 26]), encoding="utf-8")
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals), encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "PYTHONPATH": str(REPO)}
+    outs = {}
+    for world in (1, 2, 3):
+        for streamed in (False, True):
+            out = tmp_path / f"out-{world}-{streamed}"
+            config = {
+                "pool": {"path": str(folder / "part-*.jsonl"), "column": "text", "streaming": streamed},
+                "target": {"path": str(SAMPLE / "target.jsonl"), "column": "text", "max_rows": 20},
+                "method": "got_d", "k": 15, "seed": 0, "output_dir": str(out), "cache_dir": str(tmp_path / f"cache-{world}"),
+                "report": False, "embedding": {"max_length": 32}, "source_column": "domain",
+                "prefilter": {"keep": 3, "sample_size": 40},
+                "decontaminate": {"path": str(tmp_path / "eval.jsonl"), "column": "text", "radius": 0.3, "ngram": 13},
+            }
+            (tmp_path / "job.json").write_text(json.dumps(config), encoding="utf-8")  # YAML is a superset of JSON
+            launch = [sys.executable] if world == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]
+            proc = subprocess.run([*launch, "-m", "hf_otselect.cli", "select", "--config", str(tmp_path / "job.json")],
+                                  capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            prov = json.loads((out / "selection.json").read_text())
+            outs[world, streamed] = {
+                "selected": list(load_from_disk(str(out / "selected"))["pool_index"]),
+                "scores": np.asarray(load_from_disk(str(out / "scored"))["score"], dtype=float),
+                "decontaminated": list(load_from_disk(str(out / "decontaminated"))["pool_index"]),
+                "ranking": list(load_from_disk(str(out / "prefilter"))["source"]),
+                "prefilter": prov["prefilter"], "decontamination": prov["decontamination"], "processes": prov["processes"],
+            }
+    ref = outs[1, False]
+    assert ref["decontamination"]["dropped"] == len(ref["decontaminated"]) >= 5
+    assert {40, 41, 42, 43, 100} <= set(ref["decontaminated"])  # the planted copies and the 13-gram row
+    assert ref["decontamination"]["by_source"].get("biomedical", 0) >= 4 and ref["decontamination"]["dropped_by_ngram"] >= 1
+    assert ref["ranking"] == [r["source"] for r in ref["prefilter"]["ranking"]] and len(ref["selected"]) == 15
+    for (world, streamed), got in outs.items():
+        assert got["processes"] == world
+        for key in ("selected", "decontaminated", "ranking", "decontamination"):
+            assert got[key] == ref[key], (key, world, streamed)
+        # The same sample and decisions; the encoder pads each process's batches differently, so the
+        # vectors (and the divergences on them) agree to float32 rounding, not bit for bit.
+        strip = lambda pre: {**pre, "ranking": [{**r, "sinkhorn_divergence": None} for r in pre["ranking"]]}  # noqa: E731
+        assert strip(got["prefilter"]) == strip(ref["prefilter"]), (world, streamed)
+        np.testing.assert_allclose([r["sinkhorn_divergence"] for r in got["prefilter"]["ranking"]],
+                                   [r["sinkhorn_divergence"] for r in ref["prefilter"]["ranking"]], rtol=1e-6)
+        scale = np.nanmax(np.abs(ref["scores"]))
+        np.testing.assert_allclose(got["scores"], ref["scores"], rtol=0, atol=1e-6 * scale, equal_nan=True)
+
+
+@pytest.mark.parametrize("known_features", [True, False])
+def test_a_streamed_process_that_drops_nothing_still_writes_the_pool_columns(known_features, tmp_path):
+    """Every process's ``decontaminated`` rows go into one split: a 0-row part must have the others' columns."""
+    from datasets import Features, IterableDataset, Value
+
+    p = filters_problem()
+    n = 120
+    clean = np.flatnonzero(~decontaminate(p["x"], p["heldout"], ngram=None).dropped)[:n]
+    x = p["x"][clean]
+    x[100:103] = p["heldout"][:3]  # copies, all in the second process's rows
+    rows = [{"text": p["texts"][i], "domain": p["labels"][i]} for i in clean]
+
+    def gen(shards):
+        for shard in shards:
+            yield from shard
+
+    features = Features({"text": Value("string"), "domain": Value("string")}) if known_features else None
+    stream = IterableDataset.from_generator(gen, gen_kwargs={"shards": [rows[i : i + 30] for i in range(0, n, 30)]}, features=features)
+    assert (stream.features is not None) is known_features
+
+    def rank(comm):
+        lo, hi = contiguous_bounds(n, 2, comm.rank)
+        r = run_selection(stream, p["target"], "similarity", 5, comm=comm, cache_dir=tmp_path / str(known_features), embeddings=(x[lo:hi], p["target"]),
+                          source_column="domain", decontaminate=p["heldout"], decontaminate_ngram=None)
+        return r.extra_splits["decontaminated"], r.decontamination
+
+    (mine, decon), (theirs, _) = run_ranks(2, rank)
+    assert decon["dropped"] == 3 and len(mine) == 0 and list(theirs["pool_index"]) == [100, 101, 102]
+    assert mine.features == theirs.features and list(theirs.features) == ["text", "domain", "pool_index", "reason", "nearest_distance"]

@@ -11,8 +11,13 @@ import pytest
 from datasets import Dataset, DatasetDict
 
 from hf_otselect.datasets_ext import run_selection, select_by_ot
+from hf_otselect.dist import LOCAL
 from hf_otselect.embed import embed
 from hf_otselect.prefilter import MAX_CHUNKS, check_prefilter, combine_sources, prefilter_sources
+
+from ._thread_comm import contiguous_bounds, run_ranks
+from .workers.filters_sharded import problem as filters_problem
+from .workers.filters_sharded import run as filters_run
 
 EMB = {"max_length": 64}
 N_PER_DOMAIN = 50
@@ -216,3 +221,129 @@ def test_a_list_pool_names_its_members_by_position(real):
     assert list(combined["text"]) == list(sources["news"]["text"]) + list(sources["cs"]["text"])
     with pytest.raises(TypeError, match="'dataset' parameter of combine_sources must be a DatasetDict or a list of Dataset"):
         combine_sources(["a", "b"])
+
+
+# -- several processes and streams: the keyed sample, the same ranking and rows for any world size --
+
+def _sharded(world: int, fn):
+    """``fn(comm, lo, hi)`` on ``world`` thread-ranks, each over its contiguous uneven rows."""
+    return run_ranks(world, lambda comm: fn(comm, *contiguous_bounds(N_FILTERS, world, comm.rank)))
+
+
+N_FILTERS = len(filters_problem()["x"])
+
+
+@pytest.fixture(scope="module")
+def one_process():
+    p = filters_problem()
+    return p, filters_run(p, LOCAL, 0, N_FILTERS)
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+def test_several_processes_rank_and_keep_what_one_does(one_process, world):
+    """The same sample, divergences (bit for bit), kept sources and rows at 1, 2, 3 and 5 processes."""
+    p, (_, ref) = one_process
+    assert dict(zip(ref.sources, ref.chunks)) == {"near": 2, "mid": 3, "far": 3, "tiny": 1} and ref.params["chunk_rows"] == 24
+    outs = _sharded(world, lambda comm, lo, hi: filters_run(p, comm, lo, hi)[1])
+    for r in outs:
+        assert r.to_dict() == ref.to_dict()  # distances exactly: every solve has the same inputs in the same order
+    assert np.concatenate([r.mask for r in outs]).tolist() == ref.mask.tolist()
+
+
+def test_the_sample_is_keyed_by_global_index_and_the_keep_is_per_row(one_process):
+    """A pool read in another row order, with its global indices, gives the same ranking; keep() is the mask."""
+    p, (dec, ref) = one_process
+    perm = np.random.default_rng(5).permutation(N_FILTERS)
+    x, labels = p["x"][perm], np.asarray(p["labels"])[perm]
+    moved = prefilter_sources(x, labels, p["target"], keep=2, sample_size=80, seed=3, eligible=~dec.dropped[perm], index=perm)
+    assert moved.to_dict() == ref.to_dict()
+    assert np.array_equal(moved.mask, ref.mask[perm])
+    assert np.array_equal(ref.keep(p["labels"]) & ~dec.dropped, ref.mask)
+    other = prefilter_sources(p["x"], p["labels"], p["target"], keep=2, sample_size=80, seed=4, eligible=~dec.dropped)
+    assert other.distances != ref.distances  # the seed picks the sample: the test can fail
+
+
+def test_what_the_processes_exchange_does_not_grow_with_the_pool():
+    """Bytes sent by the fit at N and 4N stay under one bound set by the sample: counts, keys and sampled rows only."""
+    rng = np.random.default_rng(0)
+    target = rng.normal(size=(30, 8)).astype(np.float32)
+
+    def sent(n: int) -> int:
+        x = rng.normal(size=(n, 8)).astype(np.float32)
+        labels = np.array(["a", "b", "c"])[np.arange(n) % 3]
+
+        def fit(comm):
+            lo, hi = contiguous_bounds(n, 2, comm.rank)
+            prefilter_sources(x[lo:hi], labels[lo:hi], target, keep=1, sample_size=20, max_iter=20, tol=0, comm=comm)
+            return comm.bytes_sent
+
+        return max(run_ranks(2, fit))
+
+    # a rank sends at most: per sampled row its (source, key, index) triple, index and 8 float32s;
+    # plus the names, the counts and the OT values (a few hundred bytes)
+    bound = 3 * 20 * (3 * 8 + 8 + 8 * 4) + 1_000
+    assert sent(600) < bound and sent(2400) < bound and sent(9600) < bound
+
+
+def test_a_process_with_no_rows_or_no_eligible_rows_still_joins(one_process):
+    p, (dec, ref) = one_process
+
+    def fn(comm):
+        lo, hi = (0, N_FILTERS) if comm.rank == 1 else (0, 0)
+        eligible = ~dec.dropped[lo:hi]
+        return prefilter_sources(p["x"][lo:hi], p["labels"][lo:hi], p["target"], keep=2, sample_size=80, seed=3,
+                                 eligible=eligible, index=np.arange(lo, hi), comm=comm)
+
+    outs = run_ranks(3, fn)
+    assert all(o.to_dict() == ref.to_dict() for o in outs)
+    with pytest.raises(ValueError, match="at least one eligible row"):
+        run_ranks(2, lambda comm: prefilter_sources(p["x"][:5], p["labels"][:5], p["target"], eligible=np.zeros(5, bool), comm=comm))
+
+
+@pytest.mark.slow
+def test_torchrun_two_and_three_processes_prefilter_as_one_does(torchrun_filters, one_process):
+    _, (_, ref) = one_process
+    for world, out in torchrun_filters.items():
+        assert out["world_size"] == world
+        assert out["prefilter"] == json.loads(json.dumps(ref.to_dict())), world
+        assert out["mask"] == ref.mask.tolist(), world
+
+
+# -- the pipeline: pre-filter and decontamination in run_selection, several processes, streams --
+
+@pytest.mark.parametrize("method", ["got_d", "similarity", "random"])
+def test_run_selection_filters_select_the_same_rows_for_any_world_size_and_for_a_stream(method, tmp_path):
+    """Decontamination then pre-filter inside run_selection at 1, 2, 3 processes, in memory and streamed."""
+    p = filters_problem()
+    pool = Dataset.from_dict({"text": p["texts"], "domain": p["labels"], "row": list(range(N_FILTERS))})
+
+    def run(world: int, streamed: bool) -> list:
+        def rank(comm):
+            if streamed:
+                data = pool.to_iterable_dataset(num_shards=6)
+                part = data.shard(num_shards=world, index=comm.rank, contiguous=True) if world > 1 else data
+                rows = [r["row"] for r in part]
+            else:
+                data, rows = pool, list(range(*contiguous_bounds(N_FILTERS, world, comm.rank)))
+            r = run_selection(data, p["target"], method, 20, seed=2, comm=comm, cache_dir=tmp_path / f"c{world}{streamed}",
+                              embeddings=(p["x"][rows], p["target"]), source_column="domain",
+                              prefilter={"keep": 2, "sample_size": 80}, decontaminate=p["heldout"], decontaminate_ngram=None)
+            return (r.result.indices.tolist(), r.prefilter, r.decontamination, list(r.extra_splits["decontaminated"]["pool_index"]),
+                    np.asarray(r.scored["score"], dtype=float), list(r.selected["pool_index"]))
+        return run_ranks(world, rank)
+
+    ref = run(1, False)[0]
+    indices, prefilter, decon, dropped, scores, selected = ref
+    assert len(indices) == 20 and set(np.asarray(p["labels"])[indices]) <= set(prefilter["kept_sources"])
+    assert not set(indices) & set(dropped) and decon["dropped"] == len(dropped) > 0
+    assert np.isnan(scores[dropped]).all()
+    for world, streamed in ((1, True), (2, False), (2, True), (3, False), (3, True)):
+        ranks = run(world, streamed)
+        for r in ranks:
+            assert r[0] == indices and r[1] == prefilter and r[2] == decon, (world, streamed)
+        assert sum((r[3] for r in ranks), []) == dropped, (world, streamed)  # each process its own dropped rows
+        assert sum((r[5] for r in ranks), []) == selected, (world, streamed)
+        merged = np.concatenate([r[4] for r in ranks])
+        assert np.array_equal(np.isnan(merged), np.isnan(scores))
+        # GOT-D's reductions sum in another order across processes: within 1e-6 of the score scale
+        np.testing.assert_allclose(merged, scores, rtol=0, atol=1e-6 * np.nanmax(np.abs(scores)), equal_nan=True)

@@ -75,8 +75,8 @@ def choose_stage(req: Request, emb: Embedded, flt: Filtered, scored: Scored) -> 
         else:
             mine = keep_top_k(keys, k, scored.kept_index, comm)
             indices = order_chosen(keys[mine], scored.kept_index[mine], comm)
-    if flt.narrowed:  # back to pool rows: the choice numbered the rows left 0 .. n_kept - 1
-        indices = flt.keep_rows[indices]
+    if flt.narrowed:  # back to pool rows: the choice numbered the rows left 0 .. n_kept - 1 over every process
+        indices = flt.pool_rows(np.asarray(indices, dtype=np.int64), emb.offset, comm)
     return Chosen(np.asarray(indices, dtype=np.int64), reports)
 
 

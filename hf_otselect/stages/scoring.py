@@ -42,7 +42,8 @@ class Scored:
     kept_scores : ndarray of shape (n_kept,), float64
         The scores of the rows the filters left (what the choice reads).
     kept_index : ndarray of shape (n_kept,), int64
-        Their indices in the choice's numbering (global rows; ``0 .. n_kept - 1`` when narrowed).
+        Their indices in the choice's numbering (global rows; when narrowed, the kept rows of every
+        process numbered ``0 ..`` in pool order).
     info : dict
         The selector's diagnostics.
     """
@@ -67,7 +68,7 @@ def score_stage(req: Request, emb: Embedded, flt: Filtered) -> Scored:
     Scored
     """
     kept, info = scores_cached(emb.selector, flt.candidates, emb.target_side, req.cache, flt.key_parts, req.comm, use_cache=req.caching)
-    index = np.arange(flt.keep_rows.size, dtype=np.int64) if flt.narrowed else emb.offset + flt.keep_rows
+    index = flt.kept_offset + np.arange(flt.keep_rows.size, dtype=np.int64) if flt.narrowed else emb.offset + flt.keep_rows
     scores = np.full(emb.n_local, np.nan)
     scores[flt.keep_rows] = kept
     return Scored(scores, kept, index, info)
