@@ -244,3 +244,121 @@ def test_modes_and_bad_arguments(clean, cache):
     idx, info = guarded_choose(sel, sel.score(pool_emb, target_emb), K, seed=0, candidates=pool_emb, radius=1e-4)
     # a radius below every pairwise distance changes nothing
     assert idx.tolist() == sel.choose_rows(sel.score(pool_emb, target_emb), K).tolist() and info["skipped"] == 0
+
+
+# -- several processes: the same rows as one process, only the prefix's vectors exchanged --
+
+def _planted(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` unit rows in 8-d where every 5th row has 6 near-copies (within 0.05) placed across the pool."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 8))
+    for j in range(0, n, 5):  # near-copies land at scattered positions, so they cross shard borders
+        for c in rng.choice(n, 6, replace=False):
+            if c % 5:
+                x[c] = x[j] + 0.01 * rng.normal(size=8)
+    scores = np.round(rng.random(n), 2)  # ties: the lower global index must win on every split
+    return x.astype(np.float32), scores
+
+
+def _guard_split(world: int, selector, scores, x, k, **kw):
+    from tests._thread_comm import contiguous_bounds, run_ranks
+
+    def part(comm):
+        lo, hi = contiguous_bounds(len(scores), world, comm.rank)
+        idx, info = guarded_choose(selector, scores[lo:hi], k, seed=5, candidates=x[lo:hi], index=np.arange(lo, hi),
+                                   comm=comm, **kw)
+        return idx.tolist(), info, comm.bytes_sent
+
+    return run_ranks(world, part)
+
+
+def _reference_greedy(order: np.ndarray, x: np.ndarray, k: int, h: float) -> list[int]:
+    unit = x.astype(np.float64) / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
+    taken: list[int] = []
+    for i in order:
+        if all(np.sum((unit[i] - unit[j]) ** 2) >= h * h for j in taken):
+            taken.append(int(i))
+        if len(taken) == k:
+            break
+    return taken
+
+
+@pytest.mark.parametrize("method,params", [("similarity", {}), ("tsds", {"replace": False}), ("dsir", {})])
+def test_greedy_guard_gives_the_one_process_rows_on_two_and_three(method, params):
+    """Top-k, sampling without replacement and log-weight sampling: the reference skip over the
+    selector's full order (one process, plain loop), and the same rows, skip counts and info for
+    1, 2 and 3 ranks."""
+    from hf_otselect.selectors.base import choose
+
+    x, scores = _planted(400)
+    sel = get_selector(method, **params)
+    if sel.choice == "sample":
+        scores = scores * (scores > 0.3)  # rows the sampler never draws
+    elif sel.choice == "log_sample":
+        scores = np.where(scores > 0.9, -np.inf, np.log(scores + 0.01))
+    k, h = 40, 0.2
+    n_order = int((scores > 0).sum()) if sel.choice == "sample" else int((scores > -np.inf).sum())
+    order = choose(scores, n_order, mode=sel.choice, seed=5)
+    ref = _reference_greedy(order, x, k, h)
+    one = _guard_split(1, sel, scores, x, k, radius=h)[0]
+    assert one[0] == ref and one[1]["skipped"] > 0 and one[1]["refilled"] == 0
+    assert one[1]["skipped"] == int(np.flatnonzero(order == ref[-1])[0]) + 1 - k
+    for world in (2, 3):
+        ranks = _guard_split(world, sel, scores, x, k, radius=h)
+        assert all(r[:2] == one[:2] for r in ranks), world
+
+
+def test_greedy_guard_exchanges_the_prefix_not_the_pool():
+    """Bytes each rank sends for the same k at N and 4N: the threshold rounds and the prefix's
+    vectors, not O(N) (a gather of every row's vector would send 4x as much at 4N)."""
+    sel = get_selector("similarity")
+    sent = {}
+    for n in (2_000, 8_000):
+        x, scores = _planted(n, seed=1)
+        ranks = _guard_split(2, sel, scores, x, 20, radius=0.2)
+        sent[n] = max(r[2] for r in ranks)
+        assert ranks[0][:2] == _guard_split(1, sel, scores, x, 20, radius=0.2)[0][:2]
+    assert sent[8_000] < 1.2 * sent[2_000] and sent[2_000] < 2_000 * 8 * 4 / 4  # a quarter of one shard's vectors
+
+
+def test_greedy_guard_refills_alike_on_every_split():
+    x = np.repeat(np.eye(8, dtype=np.float32)[:3], 10, axis=0)  # 3 distinct rows, 10 copies each
+    scores = np.linspace(1.0, 0.0, 30)
+    sel = get_selector("similarity")
+    one = _guard_split(1, sel, scores, x, 5, radius=0.1)[0]
+    assert one[0] == [0, 1, 2, 3, 4][:0] + [0, 10, 20, 1, 2] and one[1]["refilled"] == 2
+    for world in (2, 3):
+        assert all(r[:2] == one[:2] for r in _guard_split(world, sel, scores, x, 5, radius=0.1))
+
+
+def test_sharded_density_is_the_one_process_density_bit_for_bit():
+    from tests._thread_comm import contiguous_bounds, run_ranks
+
+    x, _ = _planted(300, seed=2)
+    h = 0.6
+    rows = np.arange(0, 300, 3)
+    one = epanechnikov_density(x, rows, h)
+    # the package's float32 unit rows, every pair's kernel summed directly in float64
+    u = (x.astype(np.float64) / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)).astype(np.float32).astype(np.float64)
+    direct = [np.clip(1.0 - ((u - u[j]) ** 2).sum(axis=1) / h**2, 0.0, None).sum() for j in rows]
+    assert np.allclose(one, direct, rtol=1e-12)
+    assert (one > 3).sum() >= 20  # the planted near-copies count
+    for world in (2, 3):
+        def part(comm, world=world):
+            lo, hi = contiguous_bounds(300, world, comm.rank)
+            mine = rows[(rows >= lo) & (rows < hi)] - lo
+            return epanechnikov_density(x[lo:hi], mine, h, comm=comm)
+
+        assert np.array_equal(np.concatenate(run_ranks(world, part)), one), world
+
+
+def test_kde_guard_gives_the_one_process_draws_on_two_and_three():
+    x, scores = _planted(300, seed=3)
+    p = scores * (scores > 0.2)
+    sel = get_selector("tsds", sigma=0.0, replace=True)  # KNN-Uniform: the guard's density weights
+    one = _guard_split(1, sel, p, x, 30, radius=0.3)[0]
+    rho = _density_by_loop(x, 0.3)
+    assert one[1]["weighting"] == "guard" and one[1]["max_density"] == pytest.approx(rho[p > 0].max(), rel=1e-6)
+    assert one[0] == sel.choose_rows(p / epanechnikov_density(x, np.arange(300), 0.3) * (p > 0) + 0.0, 30, seed=5).tolist()
+    for world in (2, 3):
+        assert all(r[:2] == one[:2] for r in _guard_split(world, sel, p, x, 30, radius=0.3)), world
