@@ -674,8 +674,8 @@ def run_selection(
         decontaminate=decontaminate, decontaminate_column=decontaminate_column or target_column,
         decontaminate_radius=decontaminate_radius, decontaminate_ngram=decontaminate_ngram,
     )
-    if extras["active"] and comm.world_size > 1:
-        raise param_error("prefilter/dedup_radius/decontaminate", owner,
+    if extras["filters"] and comm.world_size > 1:
+        raise param_error("prefilter/decontaminate", owner,
                           "off when several processes share the pool (they need every row's vector in one process)", "set")
     if not isinstance(method, Selector):
         from ._checks import check_choice
@@ -739,23 +739,28 @@ def run_selection(
         selector = probe = get_selector(probe.name, **{**probe.get_params(), "budget": k})
     t = time.perf_counter()
     if probe.needs_text:
-        if streamed:
-            raise param_error("dataset", owner, f"an in-memory Dataset for the text selector {probe.name!r}", "an IterableDataset")
         if isinstance(target, np.ndarray):
             raise param_error("target", owner, f"texts (a Dataset or list of str) for the text selector {probe.name!r}", "an embedding array", exc=TypeError)
         from .embed import check_texts
 
-        # The rules the encoder path applies (str, not blank), before the text selector reads a row.
-        candidates: Any = check_texts(_texts_of(part, column, "dataset"), column=column, owner=owner)
         target_side: Any = check_texts(_texts_of(target, target_column, "target"), column=target_column if isinstance(target, Dataset) else None,
                                        owner=f"{owner} (target)")
-        key_parts: tuple[Any, ...] = (fingerprints["pool"], fingerprints["target"])
         if extras["active"]:  # the filters and the guard work on vectors; embed once (cached)
             if embeddings is not None:
                 pool_emb, target_emb = embeddings
             else:
-                pool_emb = _embed_side(part, column, embed_kwargs, cache)
+                pool_emb = (_embed_stream(stream_digest.wrap(part), column, embed_kwargs, cache) if stream_digest is not None
+                            else _embed_side(part, column, embed_kwargs, cache))
                 target_emb = _embed_side(target, target_column, embed_kwargs, cache)
+        # The rules the encoder path applies (str, not blank), before the text selector reads a row.
+        if stream_digest is not None:  # a stream: counted and checked in one pass, read again by the fit and the scoring
+            from .stream_texts import StreamTexts
+
+            candidates: Any = StreamTexts(part, column, owner=owner, rows=None if stream_digest.complete else stream_digest.wrap(part))
+            fingerprints["pool"] = stream_digest.fingerprint(column)
+        else:
+            candidates = check_texts(_texts_of(part, column, "dataset"), column=column, owner=owner)
+        key_parts: tuple[Any, ...] = (fingerprints["pool"], fingerprints["target"])
     elif not probe.needs_vectors and not extras["active"]:
         n_local = len(part) if stream_digest is None else sum(1 for _ in stream_digest.wrap(part))
         if stream_digest is not None:
@@ -827,8 +832,9 @@ def run_selection(
     if dedup_radius is not None:
         from .dedup import guarded_choose
 
-        guard_emb = np.asarray(pool_emb)[keep_rows]
-        indices, reports["dedup"] = guarded_choose(selector, sub_scores, k, seed=seed, candidates=guard_emb, radius=dedup_radius, mode=dedup_mode)
+        guard_emb = pool_emb if eligible is None else np.asarray(pool_emb)[keep_rows]  # each process's own rows
+        indices, reports["dedup"] = guarded_choose(selector, sub_scores, k, seed=seed, candidates=guard_emb, radius=dedup_radius,
+                                                   mode=dedup_mode, index=sub_index, comm=comm)
     else:
         indices = selector.choose_rows(sub_scores, k, seed=seed, index=sub_index, comm=comm)
     scores = np.full(n_local, np.nan)
