@@ -446,3 +446,20 @@ def test_torchrun_two_and_three_processes_guard_dsir_and_measure_as_one_does(tmp
             base = ref["memory:" + name.split(":")[1]]
             assert res["indices"] == base["indices"] and res["dedup"] == base["dedup"], (world, name)
             assert res["selection_ot"] == pytest.approx(base["selection_ot"], rel=1e-6), (world, name)
+
+
+def test_a_rank_holding_no_rows_still_joins_the_guard():
+    """More processes than rows: a rank with an empty shard joins every collective of both modes."""
+    from tests._thread_comm import run_ranks
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5, 4)).astype(np.float32)
+    x[3] = x[1]  # row 3 copies row 1
+    s = np.array([0.5, 0.9, 0.1, 0.8, 0.3])
+    bounds = [(0, 3), (3, 3), (3, 5)]
+    for sel, k in ((get_selector("similarity"), 3), (get_selector("tsds", sigma=0.0, replace=True), 4)):
+        one = guarded_choose(sel, s, k, seed=1, candidates=x, radius=0.1)
+        assert (one[1].get("skipped"), one[1].get("max_density")) in ((1, None), (None, 2.0))
+        got = run_ranks(3, lambda c: guarded_choose(sel, s[slice(*bounds[c.rank])], k, seed=1, candidates=x[slice(*bounds[c.rank])],
+                                                    radius=0.1, index=np.arange(*bounds[c.rank]), comm=c))
+        assert all(g[0].tolist() == one[0].tolist() and g[1] == one[1] for g in got)
