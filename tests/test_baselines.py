@@ -464,3 +464,24 @@ def test_dsir_selects_from_a_streamed_pool_what_it_selects_in_memory(tmp_path):
     for world in (1, 2, 3):
         got = runs(stream, world, f"s{world}")
         assert got[0] == one[0] and np.array_equal(got[1], one[1]) and got[2] == one[2], world
+
+
+def test_dsir_with_the_guard_embeds_a_stream_once_and_selects_the_in_memory_rows(tmp_path):
+    """DSIR + guard on a stream without vectors handed in: the encoder pass fingerprints the stream,
+    the text pass counts it, and the rows, scores and fingerprint equal the in-memory pool's."""
+    from datasets import Dataset
+
+    from hf_otselect.datasets_ext import run_selection
+    from tests.conftest import SAMPLE, read_jsonl
+
+    rows = read_jsonl(SAMPLE / "pool.jsonl", 30)
+    pool = Dataset.from_list(rows + rows[:6])  # six texts twice: the guard skips the second copies
+    target = [r["text"] for r in read_jsonl(SAMPLE / "target.jsonl", 10)]
+    kw = {"seed": 1, "dedup_radius": 0.2, "embedding": {"max_length": 32}, "resample": False}
+    mem = run_selection(pool, target, "dsir", 20, cache_dir=tmp_path / "m", **kw)
+    streamed = run_selection(pool.to_iterable_dataset(num_shards=2), target, "dsir", 20, cache_dir=tmp_path / "s", **kw)
+    texts = [pool[int(i)]["text"] for i in mem.result.indices]
+    assert len(set(texts)) == 20 and mem.dedup["mode"] == "greedy" and mem.dedup["skipped"] > 0
+    assert streamed.result.indices.tolist() == mem.result.indices.tolist() and streamed.dedup == mem.dedup
+    assert np.array_equal(streamed.result.scores, mem.result.scores)
+    assert streamed.fingerprints["pool"].startswith("stream:") and streamed.fingerprints["pool"].endswith(":36:text")
