@@ -463,3 +463,37 @@ def test_a_rank_holding_no_rows_still_joins_the_guard():
         got = run_ranks(3, lambda c: guarded_choose(sel, s[slice(*bounds[c.rank])], k, seed=1, candidates=x[slice(*bounds[c.rank])],
                                                     radius=0.1, index=np.arange(*bounds[c.rank]), comm=c))
         assert all(g[0].tolist() == one[0].tolist() and g[1] == one[1] for g in got)
+
+
+@pytest.mark.slow
+def test_a_two_process_job_with_the_guard_writes_the_one_process_output(tmp_path):
+    """The YAML job (formerly refused with several processes) under torchrun: the same scored and
+    selected splits, the same guard record, and the selection's OT distance to the solver's tolerance."""
+    import json
+    import subprocess
+    import sys
+
+    from datasets import load_from_disk
+
+    from tests.conftest import REPO
+    from tests.test_distributed import _env, _job_overrides
+
+    outs = {}
+    for world in (1, 2):
+        out = tmp_path / f"out{world}"
+        overrides = _job_overrides(tmp_path, out, tmp_path / "cache")  # writes pool.jsonl: 80 rows of every domain
+        pool_file = tmp_path / "pool.jsonl"
+        lines = pool_file.read_text(encoding="utf-8").splitlines(keepends=True)
+        pool_file.write_text("".join(lines + lines[::2]), encoding="utf-8")  # every other row twice: the guard has copies to skip
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world), "-m", "hf_otselect.cli",
+               "select", "--config", str(REPO / "configs" / "demo.yaml"), *overrides, "dedup.radius=0.2", "method=got_d"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=900, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs[world] = (load_from_disk(str(out)), json.loads((out / "selection.json").read_text()))
+    (one, meta1), (two, meta2) = outs[1], outs[2]
+    assert meta1["dedup"]["skipped"] > 0 and meta2["dedup"] == meta1["dedup"] and meta2["processes"] == 2
+    for split in ("scored", "selected"):
+        a, b = one[split].to_dict(), two[split].to_dict()
+        score = a.pop("score"), b.pop("score")  # GOT-D's reductions sum in another order across processes
+        assert a == b and np.allclose(score[0], score[1], rtol=0, atol=1e-6 * np.abs(score[0]).max()), split
+    assert meta2["ot_distance"]["target_selection"] == pytest.approx(meta1["ot_distance"]["target_selection"], rel=1e-6)
