@@ -403,12 +403,12 @@ def test_dsir_on_a_streamed_pool_gives_the_in_memory_weights_and_rows(world):
 
     rows = read_jsonl(SAMPLE / "pool.jsonl", 150)
     texts, target = [r["text"] for r in rows], [r["text"] for r in read_jsonl(SAMPLE / "target.jsonl", 20)]
-    stream = Dataset.from_list(rows).to_iterable_dataset(num_shards=6)
     sel = DSIRSelector(batch_size=16)  # several blocks per rank: the view's slices continue one pass
     expected = sel.score(texts, target)
     chosen = sel.choose_rows(expected, 12, seed=4)
 
     def part(comm):
+        stream = Dataset.from_list(rows).to_iterable_dataset(num_shards=6)  # one per rank, as each process has its own
         mine = stream.shard(num_shards=comm.world_size, index=comm.rank, contiguous=True) if comm.world_size > 1 else stream
         view = TextView.of(StreamTexts(mine, "text", owner="test"), comm)
         state = DSIRSelector(batch_size=16).fit(view, target, comm=comm)
@@ -448,11 +448,11 @@ def test_dsir_selects_from_a_streamed_pool_what_it_selects_in_memory(tmp_path):
 
     pool = Dataset.from_list(read_jsonl(SAMPLE / "pool.jsonl", 120))
     target = [r["text"] for r in read_jsonl(SAMPLE / "target.jsonl", 20)]
-    stream = pool.to_iterable_dataset(num_shards=6)
 
     def runs(data, world, name):
         def part(comm):
-            r = run_selection(data, target, "dsir", 12, seed=3, cache_dir=tmp_path / name, comm=comm)
+            # each rank its own stream object, as each process has (threads sharing one race inside datasets)
+            r = run_selection(data() if callable(data) else data, target, "dsir", 12, seed=3, cache_dir=tmp_path / name, comm=comm)
             return r.result.indices.tolist(), r.result.scores, r.selected.to_dict()
 
         ranks = run_ranks(world, part)
@@ -462,7 +462,7 @@ def test_dsir_selects_from_a_streamed_pool_what_it_selects_in_memory(tmp_path):
     one = runs(pool, 1, "m1")
     assert len(one[0]) == 12 and np.isfinite(one[1]).all()
     for world in (1, 2, 3):
-        got = runs(stream, world, f"s{world}")
+        got = runs(lambda: pool.to_iterable_dataset(num_shards=6), world, f"s{world}")
         assert got[0] == one[0] and np.array_equal(got[1], one[1]) and got[2] == one[2], world
 
 
