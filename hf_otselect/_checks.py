@@ -190,48 +190,12 @@ def check_writable_folder(folder: str | os.PathLike, name: str, owner: str) -> P
 
 
 # The folders the package writes below its cache root (embed shards, scores, a stream's vectors).
-CACHE_SUBFOLDERS = ("embeddings", "scores", "streams")
 
 
 def check_path_type(value: Any, name: str, owner: str) -> None:
     """Refuse a path parameter that is neither a ``str`` nor an ``os.PathLike`` (``cache_dir=5``)."""
     if isinstance(value, bool) or not isinstance(value, (str, os.PathLike)) or (isinstance(value, str) and not value.strip()):
         raise param_error(name, owner, "a folder path (str or os.PathLike) or None", value, exc=TypeError)
-
-
-def check_cache_dir(cache_dir: Any, owner: str, subfolders: Iterable[str] = CACHE_SUBFOLDERS) -> Path:
-    """The cache root (``cache_dir``, else ``$HF_DATASETS_CACHE/hf_otselect``), checked before any work.
-
-    The root and each of its ``subfolders`` that already exists must be a folder this process can
-    write: a read-only ``scores/`` under a writable cache would otherwise fail only once the
-    scores are computed, and throw them away. Nothing is created.
-
-    Raises
-    ------
-    TypeError
-        ``cache_dir`` is not a path.
-    ValueError, PermissionError
-        From :func:`check_writable_folder`, naming the folder at fault.
-    """
-    if cache_dir is not None:
-        check_path_type(cache_dir, "cache_dir", owner)  # before cache_root's Path() meets it
-    from .embed import cache_root
-
-    root = check_writable_folder(cache_root(cache_dir), "cache_dir", owner)
-    for sub in subfolders:
-        if os.path.lexists(root / sub):
-            check_writable_folder(root / sub, "cache_dir", owner)
-    return root
-
-
-def check_solver_device(selector: Any) -> None:
-    """Refuse a selector ``device`` parameter naming a device this machine lacks (``cuda`` on CPU)."""
-    device = getattr(selector, "device", None)
-    if device is None or not isinstance(device, str) or "device" not in selector.get_params():
-        return  # None picks a device itself; a torch.device object is the caller's own
-    from .embed import resolve_device
-
-    resolve_device(device, owner=type(selector).__name__)
 
 
 def check_json_lines(pattern: str, name: str, max_rows: int | None = None) -> None:

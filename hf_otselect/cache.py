@@ -30,16 +30,20 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ._checks import check_path_type, check_writable_folder
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["discard", "load_array", "load_json", "read_checked", "save_array", "save_json", "sidecar", "write_checked"]
+__all__ = ["CACHE_SUBFOLDERS", "cache_root", "check_cache_dir", "discard", "load_array", "load_json", "read_checked", "save_array", "save_json", "sidecar", "write_checked"]
 
 _ALGO = "sha256"
+CACHE_SUBFOLDERS = ("embeddings", "scores", "streams")
 
 
 def sidecar(path: str | os.PathLike) -> Path:
@@ -205,3 +209,38 @@ def load_json(path: str | os.PathLike, *, key: str) -> Any | None:
     except (UnicodeDecodeError, ValueError) as err:
         discard(path, f"not JSON: {type(err).__name__}")
         return None
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The package's cache folder: ``cache_dir`` if given, else ``$HF_DATASETS_CACHE/hf_otselect``.
+
+    Never the current folder. Embeddings go to ``embeddings/`` below it, scores to ``scores/``.
+    """
+    if cache_dir is not None:
+        return Path(cache_dir)
+    import datasets.config
+
+    return Path(datasets.config.HF_DATASETS_CACHE) / "hf_otselect"
+
+
+def check_cache_dir(cache_dir: Any, owner: str, subfolders: Iterable[str] = CACHE_SUBFOLDERS) -> Path:
+    """The cache root (``cache_dir``, else ``$HF_DATASETS_CACHE/hf_otselect``), checked before any work.
+
+    The root and each of its ``subfolders`` that already exists must be a folder this process can
+    write: a read-only ``scores/`` under a writable cache would otherwise fail only once the
+    scores are computed, and throw them away. Nothing is created.
+
+    Raises
+    ------
+    TypeError
+        ``cache_dir`` is not a path.
+    ValueError, PermissionError
+        From :func:`check_writable_folder`, naming the folder at fault.
+    """
+    if cache_dir is not None:
+        check_path_type(cache_dir, "cache_dir", owner)  # before cache_root's Path() meets it
+    root = check_writable_folder(cache_root(cache_dir), "cache_dir", owner)
+    for sub in subfolders:
+        if os.path.lexists(root / sub):
+            check_writable_folder(root / sub, "cache_dir", owner)
+    return root

@@ -462,7 +462,7 @@ class SelectionConfig:
 
     def _check_work_settings(self) -> None:
         """Selector parameters and encoder settings, checked before any data is read or written."""
-        from ._checks import check_solver_device
+        from .devices import check_solver_device
         from .embed import check_embedding_settings
         from .selectors import get_selector
 
@@ -482,10 +482,10 @@ class SelectionConfig:
         """Check the cache folder the job will write, before any data is read: raise with one line.
 
         It and its ``embeddings/``, ``scores/`` and ``streams/`` must be writable folders (see
-        :func:`hf_otselect._checks.check_cache_dir`). (``output_dir`` is checked by
+        :func:`hf_otselect.cache.check_cache_dir`). (``output_dir`` is checked by
         :class:`hf_otselect.outdir.OutputFolder`, which owns the output folder's life cycle.)
         """
-        from ._checks import check_cache_dir
+        from .cache import check_cache_dir
 
         check_cache_dir(self.cache_dir, "SelectionConfig")
         return self

@@ -61,7 +61,7 @@ import numpy as np
 from . import knn
 from ._checks import check_choice, check_float, check_int, nonfinite_rows, nonfinite_summary, param_error, unit_rows64
 from .dist import LOCAL, Comm
-from .selectors.base import Selector, row_gumbels
+from .selectors.base import Selector, choose_keys
 from .threshold import top_k_cut
 
 logger = logging.getLogger(__name__)
@@ -302,33 +302,6 @@ class _GatheredPrefix:
         return self.vectors
 
 
-def _order_keys(choice: str, scores: np.ndarray, seed: int, index: np.ndarray, comm: Comm, owner: str) -> tuple[np.ndarray, int]:
-    """Each row's key in the selector's own order and how many rows that order holds (over every process).
-
-    The keys :func:`~hf_otselect.selectors.choose` ranks by: the score (top-k), ``log p`` plus the
-    row's Gumbel noise (sampling without replacement), the log-weight plus it (``log_sample``); a
-    row the selector can never take has key ``-inf``. The scores are checked as ``choose`` does.
-    """
-    n_nan = int(comm.all_reduce(np.array([np.isnan(scores).sum()], dtype=np.int64))[0])
-    if n_nan:
-        raise param_error("scores", owner, "free of NaN", f"{n_nan} NaN value(s)")
-    if choice == "top_k":
-        keys, takeable = scores, scores > -np.inf
-    elif choice == "sample":
-        bad = float((scores < 0).any() or not np.isfinite(scores).all())
-        total, bad = comm.all_reduce(np.array([0.0 if bad else scores.sum(), bad]))
-        if bad or total <= 0:
-            raise param_error("scores", owner, "finite, non-negative with a positive sum (probabilities)", "other values")
-        with np.errstate(divide="ignore"):  # p = 0 gives -inf: never taken
-            keys = np.log(scores) + row_gumbels(seed, index)
-        takeable = scores > 0
-    else:
-        if int(comm.all_reduce(np.array([np.isposinf(scores).sum()], dtype=np.int64))[0]):
-            raise param_error("scores", owner, "log-weights below +inf", "+inf")
-        keys, takeable = scores + row_gumbels(seed, index), np.isfinite(scores)
-    return keys, int(comm.all_reduce(np.array([takeable.sum()], dtype=np.int64))[0])
-
-
 def _own_density_bandwidth(selector: Selector) -> float | None:
     """The bandwidth of the density ``selector`` already divides its scores by, or None."""
     from .selectors.tsds import TSDSSelector
@@ -427,7 +400,8 @@ def guarded_choose(
         return selector.choose_rows(weighted, k, seed=seed, index=index, comm=comm), info
     # The selector's own order over every row it could take (the full top-k order, or the seeded
     # draw order without replacement), of which only the prefix the skip reaches is gathered.
-    keys, n_order = _order_keys(selector.choice, scores, seed, index, comm, owner)
+    keys = choose_keys(scores, k, mode=selector.choice, seed=seed, replace=False, index=index, comm=comm)
+    n_order = int(comm.all_reduce(np.array([(keys > -np.inf).sum()], dtype=np.int64))[0])  # -inf: never taken
     if not 1 <= k <= n_order:
         raise param_error("k", owner, f"an int in [1, {n_order}] (the rows the selector can take)", k)
     prefix = _GatheredPrefix(keys, index, candidates, comm)

@@ -47,6 +47,8 @@ import numpy as np
 
 from ._checks import check_choice, check_int, check_path_type, check_writable_folder, param_error
 from .bundled import BUNDLED_MODEL_DIR, resolve_model_name
+from .cache import cache_root
+from .devices import resolve_device
 from .embed_cache import VectorStore, text_keys
 
 if TYPE_CHECKING:  # keep `import hf_otselect` light: torch/transformers load on first use
@@ -82,29 +84,6 @@ def _check_settings(owner: str, batch_size: Any, max_length: Any, pooling: Any, 
         check_int(max_batch_tokens, "max_batch_tokens", owner, 1)
     if num_proc is not None:
         check_int(num_proc, "num_proc", owner, 1)
-
-
-def resolve_device(device: str | None, owner: str = "embed") -> str:
-    """Return the torch device string to use: ``device`` checked, or CUDA when present, else CPU."""
-    import torch
-
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if not isinstance(device, str):
-        raise param_error("device", owner, "a str such as 'cpu', 'cuda' or 'cuda:1', or None", device, exc=TypeError)
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError) as err:
-        raise param_error("device", owner, "a torch device such as 'cpu', 'cuda' or 'cuda:1', or None", device) from err
-    if dev.type == "cuda":
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if n == 0:
-            raise param_error("device", owner, "'cpu' or None on this machine (CUDA is not available)", device)
-        if dev.index is not None and dev.index >= n:
-            raise param_error("device", owner, f"a CUDA device index below {n} (the visible GPUs)", device)
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise param_error("device", owner, "'cpu' or None on this machine (MPS is not available)", device)
-    return device
 
 
 def is_sentence_transformer(model: Any) -> bool:
@@ -219,18 +198,6 @@ def _precision(dev: str) -> str:
     if dev.startswith("cuda"):
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "fp32"
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The package's cache folder: ``cache_dir`` if given, else ``$HF_DATASETS_CACHE/hf_otselect``.
-
-    Never the current folder. Embeddings go to ``embeddings/`` below it, scores to ``scores/``.
-    """
-    if cache_dir is not None:
-        return Path(cache_dir)
-    import datasets.config
-
-    return Path(datasets.config.HF_DATASETS_CACHE) / "hf_otselect"
 
 
 def default_cache_dir() -> Path:

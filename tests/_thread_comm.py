@@ -55,15 +55,15 @@ class ThreadComm(Comm):
         self.hub.barrier.wait()
 
 
-def run_ranks(world: int, fn: Callable[[ThreadComm], Any]) -> list[Any]:
-    """Run ``fn(comm)`` on ``world`` threads; their results in rank order (errors re-raised)."""
+def run_ranks(world: int, fn: Callable[[ThreadComm], Any], comm_class: type[ThreadComm] = ThreadComm) -> list[Any]:
+    """Run ``fn(comm)`` on ``world`` threads (``comm_class`` instances); their results in rank order (errors re-raised)."""
     hub = _Hub(world)
     results: list[Any] = [None] * world
     errors: list[BaseException] = []
 
     def target(rank: int) -> None:
         try:
-            results[rank] = fn(ThreadComm(hub, rank))
+            results[rank] = fn(comm_class(hub, rank))
         except BaseException as err:  # noqa: BLE001  re-raised in the caller
             errors.append(err)
             hub.barrier.abort()

@@ -16,9 +16,11 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from .._checks import check_choice, check_embeddings, check_int, check_magnitude, check_seed, check_solver_device, param_error
+from .._checks import check_choice, check_embeddings, check_int, check_magnitude, check_seed, param_error
 from .._suggest import did_you_mean
+from ..devices import check_solver_device
 from ..dist import LOCAL, Comm, PoolView, TextView
+from ..threshold import top_k_cut
 
 ChoiceMode = Literal["top_k", "sample", "log_sample"]
 
@@ -177,6 +179,19 @@ class Selector(ABC):
         """Turn this selector's scores into ``k`` global row indices with :func:`choose`, its way."""
         return choose(scores, k, mode=self.choice, seed=seed, replace=self.replaces, index=index, comm=comm)
 
+    def choice_keys(self, scores: np.ndarray, k: int, *, seed: int = 0, index: np.ndarray | None = None, comm: Comm | None = None) -> np.ndarray | None:
+        """The keys whose exact top-``k`` is :meth:`choose_rows`'s choice, or None when it draws with replacement.
+
+        Checks what :meth:`choose_rows` checks (a subclass that refuses more overrides both), so a
+        pipeline can keep each process's rows above a threshold of these keys
+        (:func:`hf_otselect.threshold.top_k_cut`) instead of gathering them.
+
+        Returns
+        -------
+        ndarray of shape (n,), float64, or None
+        """
+        return choose_keys(scores, k, mode=self.choice, seed=seed, replace=self.replaces, index=index, comm=comm)
+
     def check_params(self) -> None:
         """Validate the stored constructor parameters; raise with the shared message template.
 
@@ -330,10 +345,10 @@ def choose(
     """Choose ``k`` rows from per-row scores, the same rows for any number of processes.
 
     Each process passes the scores of its own rows and their global indices; every process gets
-    back the same ``k`` global indices. Nothing of size ``n`` crosses processes: top-k gathers each
-    process's best ``k`` (score, index) pairs, sampling derives each row's random key from
-    ``(seed, global index)`` (:func:`row_uniforms`), and sampling with replacement exchanges one
-    integer mass per process.
+    back the same ``k`` global indices. Nothing of size ``n`` crosses processes: top-k finds the
+    exact cut by rounds of all-reduced counts and gathers only the ``k`` chosen (key, index) pairs
+    (:func:`top_k`), sampling derives each row's random key from ``(seed, global index)``
+    (:func:`row_uniforms`), and sampling with replacement exchanges one integer mass per process.
 
     Parameters
     ----------
@@ -366,6 +381,38 @@ def choose(
         Global row indices, best (or first drawn) first; identical on every process.
     """
     comm = comm or LOCAL
+    keys = choose_keys(scores, k, mode=mode, seed=seed, replace=replace, index=index, comm=comm)
+    index = np.arange(np.size(scores), dtype=np.int64) if index is None else np.asarray(index, dtype=np.int64)
+    if keys is None:
+        return _draw_with_replacement(np.asarray(scores, dtype=np.float64), index, int(k), seed, int(comm.all_reduce(np.array([index.size], dtype=np.int64))[0]), comm)
+    return top_k(keys, index, int(k), comm)
+
+
+def choose_keys(
+    scores: np.ndarray,
+    k: int,
+    *,
+    mode: ChoiceMode = "top_k",
+    seed: int = 0,
+    replace: bool = False,
+    index: np.ndarray | None = None,
+    comm: Comm | None = None,
+) -> np.ndarray | None:
+    """The keys :func:`choose` takes the exact top-``k`` of (None: it draws with replacement), checked as it checks.
+
+    Parameters
+    ----------
+    scores, k, mode, seed, replace, index, comm
+        As :func:`choose`.
+
+    Returns
+    -------
+    ndarray of shape (n,), float64, or None
+        The scores (``"top_k"``), ``log(scores) + Gumbel`` (``"sample"`` without replacement,
+        ``-inf`` for a zero probability) or ``scores + Gumbel`` (``"log_sample"``); the Gumbel
+        noise of a row comes from ``(seed, global index)`` alone (:func:`row_gumbels`).
+    """
+    comm = comm or LOCAL
     scores = np.asarray(scores, dtype=np.float64)
     if scores.ndim != 1:
         raise param_error("scores", "choose", "a 1-D array", f"an array of shape {scores.shape}")
@@ -380,7 +427,7 @@ def choose(
         raise param_error("scores", "choose", "free of NaN", f"{n_nan} NaN value(s)")
     k = check_int(k, "k", "choose", 1, None if (mode == "sample" and replace) else n)
     if mode == "top_k":
-        return _top_k(scores, index, k, comm)
+        return scores
     if mode == "log_sample":
         if replace:
             raise param_error("replace", "choose(mode='log_sample')", "False", replace)
@@ -389,29 +436,53 @@ def choose(
         support = int(comm.all_reduce(np.array([np.isfinite(scores).sum()], dtype=np.int64))[0])
         if k > support:
             raise param_error("k", "choose(mode='log_sample')", f"at most the {support} rows with a finite log-weight", k)
-        return _top_k(scores + row_gumbels(seed, index), index, k, comm)
+        return scores + row_gumbels(seed, index)
     bad = int((scores < 0).any() or not np.isfinite(scores).all())
     total, bad = comm.all_reduce(np.array([scores.sum() if not bad else 0.0, bad], dtype=np.float64))
     if bad or total <= 0:
         raise param_error("scores", "choose(mode='sample')", "finite, non-negative with a positive sum", "other values")
     if replace:
-        return _draw_with_replacement(scores, index, k, seed, n, comm)
+        return None
     support = int(comm.all_reduce(np.array([(scores > 0).sum()], dtype=np.int64))[0])
     if k > support:
         raise param_error("k", "choose(mode='sample', replace=False)", f"at most the {support} rows with positive probability", k)
     with np.errstate(divide="ignore"):  # p = 0 gives -inf and never comes
-        keys = np.log(scores) + row_gumbels(seed, index)
-    return _top_k(keys, index, k, comm)
+        return np.log(scores) + row_gumbels(seed, index)
 
 
-def _top_k(keys: np.ndarray, index: np.ndarray, k: int, comm: Comm) -> np.ndarray:
-    """Global indices of the ``k`` largest keys (ties: lower global index), merged across processes."""
-    local = _order(keys, index)[:k]
+def top_k(keys: np.ndarray, index: np.ndarray, k: int, comm: Comm) -> np.ndarray:
+    """Global indices of the ``k`` largest keys (ties: lower global index), best first, on every process.
+
+    Several processes find the exact cut by rounds of all-reduced counts
+    (:func:`~hf_otselect.threshold.top_k_cut`), each keeps its own rows above it, and the ``k``
+    chosen (key, index) pairs are gathered to order them: ``k`` pairs in all, where each process
+    used to send its best ``k``.
+    """
     if comm.world_size == 1:
-        return index[local]
-    k_all = np.concatenate(comm.all_gather(keys[local]))
-    i_all = np.concatenate(comm.all_gather(index[local]))
-    return i_all[_order(k_all, i_all)[:k]]
+        return index[_order(keys, index)[:k]]
+    mine = top_k_cut(keys, k, index=index, comm=comm, owner="choose").keeps(keys, index)
+    return order_chosen(keys[mine], index[mine], comm)
+
+
+def order_chosen(keys: np.ndarray, index: np.ndarray, comm: Comm) -> np.ndarray:
+    """Every process's chosen rows, best first (descending key, ties to the lower index), on every process.
+
+    Parameters
+    ----------
+    keys, index : ndarray of shape (q_local,)
+        This process's chosen rows: their keys and global indices.
+    comm : Comm
+
+    Returns
+    -------
+    ndarray of shape (q,), int64
+        ``q`` is the chosen rows of every process (the gather moves ``q`` pairs in all).
+    """
+    if comm.world_size == 1:
+        return np.asarray(index, dtype=np.int64)[_order(keys, index)]
+    k_all = np.concatenate(comm.all_gather(np.asarray(keys, dtype=np.float64)))
+    i_all = np.concatenate(comm.all_gather(np.asarray(index, dtype=np.int64)))
+    return i_all[_order(k_all, i_all)]
 
 
 def _order(keys: np.ndarray, index: np.ndarray) -> np.ndarray:

@@ -458,14 +458,22 @@ class DSIRSelector(Selector):
 
     def choose_rows(self, scores: np.ndarray, k: int, *, seed: int = 0, index: np.ndarray | None = None, comm: Comm | None = None) -> np.ndarray:
         """As :meth:`Selector.choose_rows`; a ``k`` above the rows with at least one token is refused."""
-        comm = comm or LOCAL
+        self._check_k(scores, k, comm or LOCAL)
+        return super().choose_rows(scores, k, seed=seed, index=index, comm=comm)
+
+    def choice_keys(self, scores: np.ndarray, k: int, *, seed: int = 0, index: np.ndarray | None = None, comm: Comm | None = None) -> np.ndarray | None:
+        """As :meth:`Selector.choice_keys`, refusing what :meth:`choose_rows` refuses."""
+        self._check_k(scores, k, comm or LOCAL)
+        return super().choice_keys(scores, k, seed=seed, index=index, comm=comm)
+
+    def _check_k(self, scores: np.ndarray, k: int, comm: Comm) -> None:
+        """Refuse a ``k`` above the rows with at least one token (the others score ``-inf``)."""
         scores = np.asarray(scores, dtype=np.float64)
         n_ok, n = (int(v) for v in comm.all_reduce(np.array([np.isfinite(scores).sum(), scores.size], dtype=np.int64)))
         owner = f"{type(self).__name__}.select"
         k = check_int(k, "k", owner, 1, n)
         if k > n_ok:
             raise param_error("k", owner, f"at most the {n_ok} rows with at least one word or punctuation token", k)
-        return super().choose_rows(scores, k, seed=seed, index=index, comm=comm)
 
     @property
     def choice(self) -> str:  # type: ignore[override]

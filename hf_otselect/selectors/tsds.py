@@ -68,7 +68,7 @@ import numpy as np
 from .. import knn
 from .._checks import MAGNITUDE_RANGE, check_choice, check_embeddings, check_float, check_int, check_magnitude, check_seed, param_error
 from ..dist import LOCAL, Comm, PoolView
-from .base import Selector, choose, register
+from .base import Selector, choose, choose_keys, register
 
 logger = logging.getLogger(__name__)
 
@@ -626,7 +626,7 @@ class TSDSSelector(Selector):
         if self.replace is not None:
             return choose(scores, k, mode="sample", seed=seed, replace=self.replace, index=index, comm=comm)
         comm = comm or LOCAL
-        support = int(comm.all_reduce(np.array([(np.asarray(scores) > 0).sum()], dtype=np.int64))[0])
+        support = _support(scores, comm)
         if support >= k:
             return choose(scores, k, mode="sample", seed=seed, replace=False, index=index, comm=comm)
         rows = choose(scores, k, mode="sample", seed=seed, replace=True, index=index, comm=comm)
@@ -637,6 +637,11 @@ class TSDSSelector(Selector):
             support, k, k, np.unique(rows).size,
         )
         return rows
+
+    def choice_keys(self, scores: np.ndarray, k: int, *, seed: int = 0, index: np.ndarray | None = None, comm: Comm | None = None) -> np.ndarray | None:
+        """The Gumbel keys of drawing ``k`` distinct rows, or None when :meth:`choose_rows` draws with replacement."""
+        replace = self.replace if self.replace is not None else _support(scores, comm or LOCAL) < k
+        return choose_keys(scores, k, mode="sample", seed=seed, replace=replace, index=index, comm=comm)
 
     def score_batch(self, state: TSDSState, rows: Any, index: np.ndarray) -> np.ndarray:
         """``p`` of these rows, looked up by global index (0 for rows no query reached)."""
@@ -745,3 +750,8 @@ def sample_epochs(
     return np.stack(
         [choose(p, k, mode="sample", seed=int(c.generate_state(1)[0]), replace=replace) for c in children]
     )
+
+
+def _support(scores: np.ndarray, comm: Comm) -> int:
+    """Rows with a positive ``p`` over every process (``replace=None`` draws distinct rows when they reach ``k``)."""
+    return int(comm.all_reduce(np.array([(np.asarray(scores) > 0).sum()], dtype=np.int64))[0])
