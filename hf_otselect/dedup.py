@@ -40,28 +40,35 @@ Two rules, both on L2-normalised embeddings with a radius ``h`` (Euclidean; on u
 
 ``"auto"`` picks greedy for ``top_k`` and for sampling without replacement, kde for sampling with
 replacement. Neighbours come from :func:`hf_otselect.knn.radius_search` (exact, flat index).
+
+**Several processes, streamed pools.** Each process holds its own rows (a streamed pool's are a
+memory map) and :func:`guarded_choose` returns the same rows for any number of processes. Greedy:
+the skip only ever looks at a prefix of the order, so the prefix's ``p``-th key is found by rounds
+of all-reduced counts (:func:`hf_otselect.threshold.top_k_cut`) and only those ``p`` rows' vectors
+are gathered; ``p`` doubles while the prefix holds fewer than ``k`` distinct rows, exactly as on one
+process. KDE: the density is a sum over neighbours, found by every process among its own rows and
+summed in ascending distance after one exchange of the lists (:func:`epanechnikov_density`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from . import knn
-from ._checks import check_choice, check_embeddings, check_float, check_int, param_error, unit_rows64
-from .selectors.base import Selector, choose
+from ._checks import check_choice, check_float, check_int, nonfinite_rows, nonfinite_summary, param_error, unit_rows64
+from .dist import LOCAL, Comm
+from .selectors.base import Selector, choose_keys
+from .threshold import top_k_cut
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DEDUP_MODES", "epanechnikov_density", "greedy_distinct", "guarded_choose", "resolve_dedup_mode"]
 
 DEDUP_MODES = ("auto", "greedy", "kde")
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(unit_rows64(x), dtype=np.float32)  # normalised in float64: any finite scale
 
 
 def resolve_dedup_mode(mode: str, choice: str, replaces: bool, owner: str) -> str:
@@ -77,40 +84,156 @@ def resolve_dedup_mode(mode: str, choice: str, replaces: bool, owner: str) -> st
 
 
 _PAIR_CHUNK = 1 << 15  # neighbour pairs per float64 difference block (~100 MB at 384-d)
+_UNIT_BLOCK = 1 << 16  # rows normalised at once (a memory-mapped pool is read block by block)
+_QUERY_ROWS = 4096  # density rows each process adds to one round of the sharded search
+_LIST_ELEMENTS = 1 << 22  # padded neighbour-list entries per all-gather (32 MiB of float64)
 
 
-def epanechnikov_density(candidates: np.ndarray, rows: np.ndarray, radius: float) -> np.ndarray:
-    """Epanechnikov kernel density of ``candidates[rows]`` over all candidates (unit-normalised).
+def _unit(x: Any) -> np.ndarray:
+    """float32 unit rows, normalised in float64 block by block (any finite scale; no float64 copy of ``x``)."""
+    out = np.empty(np.shape(x), dtype=np.float32)
+    for s in range(0, out.shape[0], _UNIT_BLOCK):
+        out[s : s + _UNIT_BLOCK] = unit_rows64(x[s : s + _UNIT_BLOCK])
+    return out
+
+
+def _within(queries: np.ndarray, unit: np.ndarray, index: Any, h2: float) -> np.ndarray:
+    """Each query's squared distances to this process's rows strictly within ``h2``, ascending.
+
+    FAISS finds the pairs with a margin over ``h2`` (its float32 expansion errs by ~1e-6 on unit
+    vectors); the float64 difference of the two float32 rows then decides, so the distances, and
+    which pairs count, do not depend on how FAISS blocked its products.
+
+    Returns
+    -------
+    ndarray of shape (n_queries, width), float64
+        ``inf`` pads the shorter lists.
+    """
+    q = len(queries)
+    if index is None or q == 0:
+        return np.full((q, 0), np.inf)
+    lims, _, nbrs = knn.radius_search(queries, unit, h2 * (1.0 + 1e-3) + 1e-5, index="flat", prebuilt=index)
+    owner = np.repeat(np.arange(q), np.diff(lims))
+    sq = np.empty(nbrs.size)
+    # float64 kernel, as TSDS does, over fixed-size chunks of neighbour pairs: a heavily duplicated
+    # pool has millions of pairs, and one (pairs, dim) difference array would not fit in memory.
+    for s in range(0, nbrs.size, _PAIR_CHUNK):
+        diff = queries[owner[s : s + _PAIR_CHUNK]].astype(np.float64) - unit[nbrs[s : s + _PAIR_CHUNK]]
+        sq[s : s + _PAIR_CHUNK] = np.einsum("ij,ij->i", diff, diff)
+    inside = sq < h2
+    owner, sq = owner[inside], sq[inside]
+    order = np.lexsort((sq, owner))
+    owner, sq = owner[order], sq[order]
+    counts = np.bincount(owner, minlength=q)
+    out = np.full((q, int(counts.max(initial=0))), np.inf)
+    out[owner, np.arange(sq.size) - (np.cumsum(counts) - counts)[owner]] = sq
+    return out
+
+
+def _kernel_sums(sq: np.ndarray, h2: float, comm: Comm) -> np.ndarray:
+    """``sum max(0, 1 - d^2 / h^2)`` over every process's lists of each query, float64 ``(n_queries,)``.
+
+    The lists are merged and summed in ascending distance, one term after the other (cumsum), so
+    the sum is a function of the set of distances alone: the same for any split of the rows.
+    """
+    width = int(comm.all_reduce(np.array([sq.shape[1]], dtype=np.int64), op="max")[0])
+    width = max(width, 1)
+    sq = np.concatenate([sq, np.full((sq.shape[0], width - sq.shape[1]), np.inf)], axis=1)
+    out = np.empty(sq.shape[0])
+    step = max(1, _LIST_ELEMENTS // (width * comm.world_size))
+    for s in range(0, sq.shape[0], step):
+        part = np.concatenate(comm.all_gather(np.ascontiguousarray(sq[s : s + step])), axis=1)
+        part = np.sort(part, axis=1)
+        out[s : s + step] = np.cumsum(np.maximum(0.0, 1.0 - part / h2), axis=1)[:, -1]
+    return out
+
+
+def epanechnikov_density(candidates: Any, rows: np.ndarray, radius: float, *, comm: Comm | None = None) -> np.ndarray:
+    """Epanechnikov kernel density of ``candidates[rows]`` over every process's candidates (unit-normalised).
 
     Parameters
     ----------
-    candidates : ndarray of shape (n_candidates, dim)
+    candidates : array_like of shape (n_local, dim)
+        This process's rows (every row with one process; a memory map is read block by block).
         Normalised to unit length inside.
     rows : ndarray of shape (n_rows,), int
-        The rows whose density is wanted.
+        Positions in ``candidates`` of the rows whose density is wanted.
     radius : float
         Bandwidth ``h > 0`` (plain Euclidean distance on unit vectors).
+    comm : Comm, optional
+        The processes sharing the pool (default: this process alone); every process calls this.
 
     Returns
     -------
     ndarray of shape (n_rows,), float64
-        ``rho_j = sum_{||x_j - x'|| < h} (1 - ||x_j - x'||^2 / h^2)``, at least 1 (the row itself).
+        ``rho_j = sum_{||x_j - x'|| < h} (1 - ||x_j - x'||^2 / h^2)`` over the rows ``x'`` of every
+        process, at least 1 (the row itself).
+
+    Notes
+    -----
+    In rounds of at most ``_QUERY_ROWS`` wanted rows per process, their unit vectors are
+    all-gathered (``n_rows x dim`` in all, never the pool's), every process finds their neighbours
+    among its own rows (exact float64 distances, see :func:`_within`), and the per-process lists of
+    squared distances within ``h`` are all-gathered and summed in ascending order. The density is
+    then the same, bit for bit, for any number of processes and any split of the rows.
     """
-    unit = _unit(check_embeddings(candidates, "candidates", "epanechnikov_density"))
-    radius = check_float(radius, "radius", "epanechnikov_density", 0.0, low_open=True)
+    owner = "epanechnikov_density"
+    comm = comm or LOCAL
+    radius = check_float(radius, "radius", owner, 0.0, low_open=True)
+    if np.ndim(candidates) != 2:
+        raise param_error("candidates", owner, "a 2-D float array of shape (n, dim)", f"an array of shape {np.shape(candidates)}")
+    unit = _unit(candidates)
+    if not np.isfinite(unit).all():
+        raise param_error("candidates", owner, "finite (no NaN or Inf)", nonfinite_summary(*nonfinite_rows(unit)))
     rows = np.asarray(rows, dtype=np.int64)
+    if rows.size and (rows.min() < 0 or rows.max() >= unit.shape[0]):
+        raise param_error("rows", owner, f"positions in [0, {unit.shape[0]})", f"values from {rows.min()} to {rows.max()}")
     h2 = radius * radius
-    lims, _, nbrs = knn.radius_search(unit[rows], unit, h2, index="flat")
-    owner = np.repeat(np.arange(rows.size), np.diff(lims))
-    rho = np.zeros(rows.size)
-    # float64 kernel, as TSDS does, over fixed-size chunks of neighbour pairs: a heavily duplicated
-    # pool has millions of pairs, and one (pairs, dim) difference array would not fit in memory.
-    for s in range(0, nbrs.size, _PAIR_CHUNK):
-        o = owner[s : s + _PAIR_CHUNK]
-        diff = unit[rows[o]].astype(np.float64) - unit[nbrs[s : s + _PAIR_CHUNK]]
-        sq = np.einsum("ij,ij->i", diff, diff)
-        rho += np.bincount(o, weights=np.maximum(0.0, 1.0 - sq / h2), minlength=rows.size)
+    index = knn.build_index(unit, index="flat") if unit.shape[0] else None
+    rounds = int(comm.all_reduce(np.array([-(-rows.size // _QUERY_ROWS)], dtype=np.int64), op="max")[0])
+    rho = np.empty(rows.size)
+    for r in range(rounds):
+        mine = rows[r * _QUERY_ROWS : (r + 1) * _QUERY_ROWS]
+        parts = comm.all_gather(unit[mine])
+        start = sum(len(p) for p in parts[: comm.rank])
+        sums = _kernel_sums(_within(np.concatenate(parts), unit, index, h2), h2, comm)
+        rho[r * _QUERY_ROWS : r * _QUERY_ROWS + mine.size] = sums[start : start + mine.size]
     return np.maximum(rho, 1.0)
+
+
+def _greedy(prefix_rows: Callable[[int], np.ndarray], n_order: int, k: int, radius: float) -> tuple[np.ndarray, int, int]:
+    """The greedy skip over the first rows of an order of ``n_order`` rows (see :func:`greedy_distinct`).
+
+    ``prefix_rows(p)`` returns the unit vectors of the order's first ``p`` rows, ``(p, dim)``
+    float32. Returns the taken positions in the order, the skipped and the refilled counts.
+    """
+    h2 = radius * radius
+    prefix = min(n_order, max(2 * k, 64))
+    while True:
+        unit = prefix_rows(prefix)
+        lims, _, nbrs = knn.radius_search(unit, unit, h2, index="flat")
+        # A plain loop: each decision depends on the ones before it (no vectorised form).
+        blocked = np.zeros(prefix, dtype=bool)
+        taken: list[int] = []
+        for pos in range(prefix):
+            if blocked[pos]:
+                continue
+            taken.append(pos)
+            if len(taken) == k:
+                break
+            blocked[nbrs[lims[pos] : lims[pos + 1]]] = True
+        if len(taken) == k or prefix == n_order:
+            break
+        prefix = min(n_order, 2 * prefix)
+    last = taken[-1] if taken else -1
+    n_skipped = int(last + 1 - len(taken)) if len(taken) == k else int(prefix - len(taken))
+    n_refilled = 0
+    if len(taken) < k:
+        n_refilled = k - len(taken)
+        logger.warning("dedup: only %d candidates are more than %.3g apart; %d near-duplicates fill the budget of %d.", len(taken), radius, n_refilled, k)
+        chosen_set = set(taken)
+        taken += [p for p in range(prefix) if p not in chosen_set][:n_refilled]
+    return np.asarray(taken, dtype=np.int64), n_skipped, n_refilled
 
 
 def greedy_distinct(order: np.ndarray, candidates: np.ndarray, k: int, radius: float) -> tuple[np.ndarray, int, int]:
@@ -145,33 +268,38 @@ def greedy_distinct(order: np.ndarray, candidates: np.ndarray, k: int, radius: f
     order = np.asarray(order, dtype=np.int64)
     k = check_int(k, "k", "greedy_distinct", 1, order.size)
     radius = check_float(radius, "radius", "greedy_distinct", 0.0, low_open=True)
-    unit = _unit(np.asarray(candidates))
-    h2 = radius * radius
-    prefix = min(order.size, max(2 * k, 64))
-    while True:
-        lims, _, nbrs = knn.radius_search(unit[order[:prefix]], unit[order[:prefix]], h2, index="flat")
-        # A plain loop: each decision depends on the ones before it (no vectorised form).
-        blocked = np.zeros(prefix, dtype=bool)
-        taken: list[int] = []
-        for pos in range(prefix):
-            if blocked[pos]:
-                continue
-            taken.append(pos)
-            if len(taken) == k:
-                break
-            blocked[nbrs[lims[pos] : lims[pos + 1]]] = True
-        if len(taken) == k or prefix == order.size:
-            break
-        prefix = min(order.size, 2 * prefix)
-    last = taken[-1] if taken else -1
-    n_skipped = int(last + 1 - len(taken)) if len(taken) == k else int(prefix - len(taken))
-    n_refilled = 0
-    if len(taken) < k:
-        n_refilled = k - len(taken)
-        logger.warning("dedup: only %d candidates are more than %.3g apart; %d near-duplicates fill the budget of %d.", len(taken), radius, n_refilled, k)
-        chosen_set = set(taken)
-        taken += [p for p in range(prefix) if p not in chosen_set][:n_refilled]
-    return order[np.asarray(taken, dtype=np.int64)], n_skipped, n_refilled
+    rows = np.asarray(candidates)
+    taken, n_skipped, n_refilled = _greedy(lambda p: _unit(rows[order[:p]]), order.size, k, radius)
+    return order[taken], n_skipped, n_refilled
+
+
+class _GatheredPrefix:
+    """The first rows of the selector's order over every process: keys, global indices, unit vectors.
+
+    Each call with a longer prefix ``p`` finds the ``p``-th key by all-reduced counts
+    (:func:`~hf_otselect.threshold.top_k_cut`) and all-gathers only the rows it adds: the vectors
+    of ``p`` rows in all, whatever the pool's size.
+    """
+
+    def __init__(self, keys: np.ndarray, index: np.ndarray, candidates: Any, comm: Comm) -> None:
+        self._keys, self._index, self._candidates, self._comm = keys, index, candidates, comm
+        self._held = np.zeros(keys.size, dtype=bool)
+        self.keys = np.zeros(0)
+        self.index = np.zeros(0, dtype=np.int64)
+        self.vectors = np.zeros((0, np.shape(candidates)[1]), dtype=np.float32)
+
+    def __call__(self, p: int) -> np.ndarray:
+        comm = self._comm
+        cut = top_k_cut(self._keys, p, index=self._index, comm=comm, owner="guarded_choose")
+        new = np.flatnonzero(cut.keeps(self._keys, self._index) & ~self._held)
+        self._held[new] = True
+        vectors = _unit(self._candidates[new]) if new.size else np.zeros((0, self.vectors.shape[1]), dtype=np.float32)
+        keys = np.concatenate([self.keys, *comm.all_gather(self._keys[new])])
+        index = np.concatenate([self.index, *comm.all_gather(self._index[new])])
+        vectors = np.concatenate([self.vectors, *comm.all_gather(vectors)])
+        order = np.lexsort((index, -keys))  # choose's order: descending key, ties to the lower index
+        self.keys, self.index, self.vectors = keys[order], index[order], vectors[order]
+        return self.vectors
 
 
 def _own_density_bandwidth(selector: Selector) -> float | None:
@@ -189,36 +317,58 @@ def guarded_choose(
     k: int,
     *,
     seed: int,
-    candidates: np.ndarray,
+    candidates: Any,
     radius: float,
     mode: str = "auto",
+    index: np.ndarray | None = None,
+    comm: Comm | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """``selector.choose_rows(scores, k, seed=seed)`` with the near-duplicate guard.
+    """``selector.choose_rows(scores, k, seed=seed, index=index, comm=comm)`` with the near-duplicate guard.
+
+    Every process passes its own rows (scores, vectors, global indices) and gets the same ``k``
+    global rows back, the rows one process holding the whole pool would choose. Greedy gathers the
+    vectors of the order's prefix the skip reaches (about ``2k`` rows; :class:`_GatheredPrefix`),
+    KDE exchanges the support rows' vectors and their neighbour distances
+    (:func:`epanechnikov_density`); neither gathers the pool.
 
     Parameters
     ----------
     selector : Selector
         Its ``choice`` and ``replaces`` decide the rule under ``mode="auto"``.
-    scores : ndarray of shape (n_candidates,)
+    scores : ndarray of shape (n_local,)
+        This process's scores.
     k : int
+        Rows to choose over every process.
     seed : int
-    candidates : ndarray of shape (n_candidates, dim)
-        The embeddings the radius applies to.
+    candidates : array_like of shape (n_local, dim)
+        This process's embeddings (the radius applies to them; a memory map is read in blocks).
     radius : float
         ``h > 0``.
     mode : {"auto", "greedy", "kde"}
+    index : ndarray of shape (n_local,), int, optional
+        The rows' global indices (default ``arange(n_local)``: one process).
+    comm : Comm, optional
+        The processes sharing the pool (default: this process alone).
 
     Returns
     -------
     indices : ndarray of shape (k,), int64
-        As ``choose_rows`` would return them (best or first drawn first).
+        Global rows as ``choose_rows`` would return them (best or first drawn first), the same on
+        every process.
     info : dict
-        ``mode``, ``radius`` and what the guard did: rows ``skipped`` / ``refilled`` (greedy), or
-        ``weighting`` (kde: ``"guard"`` with the density range, or ``"selector"`` when the
-        selector's own density is the one weighting, with its ``selector_bandwidth``).
+        ``mode``, ``radius`` and what the guard did over the whole pool: rows ``skipped`` /
+        ``refilled`` (greedy), or ``weighting`` (kde: ``"guard"`` with the density range, or
+        ``"selector"`` when the selector's own density is the one weighting, with its
+        ``selector_bandwidth``).
     """
     owner = "guarded_choose"
+    comm = comm or LOCAL
     scores = np.asarray(scores, dtype=np.float64)
+    index = np.arange(scores.size, dtype=np.int64) if index is None else np.asarray(index, dtype=np.int64)
+    if index.shape != scores.shape:
+        raise param_error("index", owner, f"an int array of shape {scores.shape} like the scores", f"shape {index.shape}")
+    if np.shape(candidates)[:1] != scores.shape:
+        raise param_error("candidates", owner, f"an array with {scores.size} rows, one per score", f"shape {np.shape(candidates)}")
     radius = check_float(radius, "dedup_radius", owner, 0.0, low_open=True)
     rule = resolve_dedup_mode(mode, selector.choice, selector.replaces, owner)
     info: dict[str, Any] = {"mode": rule, "radius": radius}
@@ -233,7 +383,7 @@ def guarded_choose(
                 type(selector).__name__, own_bandwidth, radius, own_bandwidth, radius,
             )
         info.update(weighting="selector", selector_bandwidth=own_bandwidth)
-        return selector.choose_rows(scores, k, seed=seed), info
+        return selector.choose_rows(scores, k, seed=seed, index=index, comm=comm), info
     if rule == "kde":
         info["weighting"] = "guard"
         # Densities only where the selector puts mass: rows it can never draw need none.
@@ -242,17 +392,19 @@ def guarded_choose(
         else:
             support = np.flatnonzero(np.isfinite(scores))
         rho = np.ones(scores.size)
-        rho[support] = epanechnikov_density(candidates, support, radius)
+        rho[support] = epanechnikov_density(candidates, support, radius, comm=comm)
         weighted = scores / rho if selector.choice == "sample" else scores - np.log(rho)
-        info.update(rows_with_neighbours=int((rho > 1.0 + 1e-9).sum()), max_density=float(rho.max()))
-        return selector.choose_rows(weighted, k, seed=seed), info
-    # The selector's own order over every row it could take: the full top-k order, or the seeded
-    # draw order (sampling without replacement) over every drawable row.
-    if selector.choice == "top_k":  # -inf: a row the selector never chooses (DSIR's rows without a token)
-        n_order = int((scores > -np.inf).sum())
-    else:
-        n_order = int((scores > 0).sum()) if selector.choice == "sample" else int(np.isfinite(scores).sum())
-    order = choose(scores, n_order, mode=selector.choice, seed=seed, replace=False)
-    chosen, skipped, refilled = greedy_distinct(order, candidates, k, radius)
+        crowded = int(comm.all_reduce(np.array([(rho > 1.0 + 1e-9).sum()], dtype=np.int64))[0])
+        top = float(comm.all_reduce(np.array([rho.max(initial=1.0)]), op="max")[0])
+        info.update(rows_with_neighbours=crowded, max_density=top)
+        return selector.choose_rows(weighted, k, seed=seed, index=index, comm=comm), info
+    # The selector's own order over every row it could take (the full top-k order, or the seeded
+    # draw order without replacement), of which only the prefix the skip reaches is gathered.
+    keys = choose_keys(scores, k, mode=selector.choice, seed=seed, replace=False, index=index, comm=comm)
+    n_order = int(comm.all_reduce(np.array([(keys > -np.inf).sum()], dtype=np.int64))[0])  # -inf: never taken
+    if not 1 <= k <= n_order:
+        raise param_error("k", owner, f"an int in [1, {n_order}] (the rows the selector can take)", k)
+    prefix = _GatheredPrefix(keys, index, candidates, comm)
+    taken, skipped, refilled = _greedy(prefix, n_order, k, radius)
     info.update(skipped=skipped, refilled=refilled)
-    return chosen, info
+    return prefix.index[taken], info

@@ -130,29 +130,72 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def selection_ot_distance(pool: Any, offset: int, indices: np.ndarray, target: np.ndarray, comm: Comm) -> float:
+    """Entropic OT value between the target and the selection, solved sharded where the rows live.
+
+    Each process keeps its own chosen rows, weighted by how many times each was chosen (a row
+    drawn twice weighs twice: the selection as the multiset a model trains on), and the one
+    Sinkhorn solve runs across the processes (:func:`hf_otselect.ot.sharded_sinkhorn`: O(m) bytes
+    per iteration, no vector leaves its process). With one process, or rows chosen once each, it is
+    :func:`hf_otselect.ot.ot_distance` between the target and the chosen rows, to the solver's
+    tolerance (exactly so on one process).
+
+    Parameters
+    ----------
+    pool : array_like of shape (n_local, dim)
+        This process's pool vectors (a memory map is read only at the chosen rows).
+    offset : int
+        Global index of this process's first row.
+    indices : ndarray of shape (k,), int
+        The chosen global rows, the same on every process (repeats allowed).
+    target : ndarray of shape (m, dim)
+        The target's vectors, the same on every process.
+    comm : Comm
+        The processes sharing the pool; every process calls this.
+
+    Returns
+    -------
+    float
+        ``<f, a> + <g, b>`` at the converged potentials (cost ``||x - y||^2``, ``eps=0.1``), the
+        same on every process.
+    """
+    import warnings
+
+    from .dist import PoolView
+    from .ot import nonconvergence_message, sharded_sinkhorn
+
+    rows, draws = np.unique(np.asarray(indices, dtype=np.int64), return_counts=True)
+    n_local = int(np.shape(pool)[0])
+    mine = (rows >= offset) & (rows < offset + n_local)
+    chosen = np.asarray(pool[rows[mine] - offset]).reshape(-1, np.shape(pool)[1])
+    result = sharded_sinkhorn(PoolView.of(chosen, comm), target, a_local=draws[mine].astype(np.float64), comm=comm,
+                              owner="selection_ot_distance", names=("eps", "selection", "target"))
+    if not result.converged:
+        warnings.warn(nonconvergence_message(result, 1e-3, f"selection of {rows.size} rows, m={len(target)}"), RuntimeWarning, stacklevel=2)
+    return float(result.cost)
+
+
 def _ot_distances(run: SelectionRun, info: dict[str, Any]) -> dict[str, float | None]:
     """OT distance of the target to the pool and to the selection (every process calls this).
 
     The pool side comes from the selector (GOT-D solves it) or, with one process, is computed; the
-    selection side gathers the chosen rows' vectors (``k`` rows, not the pool).
+    selection side is one solve sharded over the processes' own chosen rows
+    (:func:`selection_ot_distance`: nothing gathered).
     """
     if run.pool_embeddings is None or run.target_embeddings is None:
         return {"target_pool": None, "target_selection": None}
     from .ot import ot_distance
 
     comm = run.comm
-    pool = np.asarray(run.pool_embeddings)
     target = np.asarray(run.target_embeddings)
-    mine = np.unique(run.result.indices)
-    mine = mine[(mine >= run.offset) & (mine < run.offset + pool.shape[0])] - run.offset
-    chosen = np.concatenate(comm.all_gather(pool[mine]))
     to_pool = info.get("ot_distance")
     # pre-filter/decontamination left rows unscored (on some process: every process decides alike)
     filtered = bool(comm.all_reduce(np.array([np.isnan(run.result.scores).any()], dtype=np.int64), op="max")[0])
     eligible_pool = to_pool if filtered else None
     if (to_pool is None or filtered) and comm.world_size == 1:
-        to_pool = ot_distance(pool, target)
-    out = {"target_pool": None if to_pool is None else float(to_pool), "target_selection": float(ot_distance(chosen, target))}
+        to_pool = ot_distance(np.asarray(run.pool_embeddings), target)
+    selection = selection_ot_distance(run.pool_embeddings, run.offset, run.result.indices, target, comm)
+    out = {"target_pool": None if to_pool is None else float(to_pool), "target_selection": selection}
     if filtered:  # the selector's own figure is over the rows left selectable
         out["target_eligible_pool"] = None if eligible_pool is None else float(eligible_pool)
     return out

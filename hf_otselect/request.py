@@ -198,9 +198,6 @@ def build_request(
         decontaminate=decontaminate, decontaminate_column=decontaminate_column or target_column,
         decontaminate_radius=decontaminate_radius, decontaminate_ngram=decontaminate_ngram,
     )
-    if filters.dedup_radius is not None and comm.world_size > 1:
-        raise param_error("dedup_radius", owner,
-                          "None when several processes share the pool (the guard needs every row's vector in one process)", filters.dedup_radius)
     probe = _selector(method, params, owner)
     if dedup_radius is not None:
         from .dedup import resolve_dedup_mode

@@ -386,3 +386,102 @@ def test_dsir_works_on_the_shortest_pools(pool, target):
         res = DSIRSelector(resample=resample).select(pool, target, len(pool), seed=0)
         assert sorted(res.indices.tolist()) == list(range(len(pool))) and np.isfinite(res.scores).all()
         assert DSIRSelector(resample=resample).select(pool, target, 1, seed=0).indices[0] == int(np.argmax(res.scores))
+
+
+# ------------------------------------------------------------------------- DSIR on a streamed pool
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_dsir_on_a_streamed_pool_gives_the_in_memory_weights_and_rows(world):
+    """Each rank reads its file shards of a stream through StreamTexts (one pass counts and checks,
+    then the fit's and the scoring's passes): the n-gram counts all-reduce to the in-memory pool's,
+    every row's weight is the in-memory weight bit for bit, and the same rows come out."""
+    from datasets import Dataset
+
+    from hf_otselect.dist import TextView
+    from hf_otselect.stream_texts import StreamTexts
+    from tests._thread_comm import run_ranks
+    from tests.conftest import SAMPLE, read_jsonl
+
+    rows = read_jsonl(SAMPLE / "pool.jsonl", 150)
+    texts, target = [r["text"] for r in rows], [r["text"] for r in read_jsonl(SAMPLE / "target.jsonl", 20)]
+    sel = DSIRSelector(batch_size=16)  # several blocks per rank: the view's slices continue one pass
+    expected = sel.score(texts, target)
+    chosen = sel.choose_rows(expected, 12, seed=4)
+
+    def part(comm):
+        stream = Dataset.from_list(rows).to_iterable_dataset(num_shards=6)  # one per rank, as each process has its own
+        mine = stream.shard(num_shards=comm.world_size, index=comm.rank, contiguous=True) if comm.world_size > 1 else stream
+        view = TextView.of(StreamTexts(mine, "text", owner="test"), comm)
+        state = DSIRSelector(batch_size=16).fit(view, target, comm=comm)
+        blocks = list(view.blocks(16))
+        scores = np.concatenate([DSIRSelector().score_batch(state, t, i) for i, t in blocks]) if blocks else np.zeros(0)
+        index = np.concatenate([i for i, _ in blocks]) if blocks else np.zeros(0, dtype=np.int64)
+        return scores, index, sel.choose_rows(scores, 12, seed=4, index=index, comm=comm)
+
+    ranks = run_ranks(world, part)
+    assert np.array_equal(np.concatenate([r[1] for r in ranks]), np.arange(150))
+    assert np.array_equal(np.concatenate([r[0] for r in ranks]), expected)
+    assert all(r[2].tolist() == chosen.tolist() for r in ranks)
+
+
+def test_stream_texts_checks_every_row_before_a_fit_and_reads_slices_in_passes():
+    from datasets import Dataset
+
+    from hf_otselect.stream_texts import StreamTexts
+
+    stream = Dataset.from_list([{"text": f"row {i}"} for i in range(10)]).to_iterable_dataset(num_shards=2)
+    texts = StreamTexts(stream, "text", owner="select_by_ot")
+    assert len(texts) == 10 and texts[2:5] == ["row 2", "row 3", "row 4"] and texts[5:7] == ["row 5", "row 6"]
+    assert texts[0:2] == ["row 0", "row 1"] and texts[-1] == "row 9"  # a new pass from the start
+    bad = Dataset.from_list([{"text": "ok"}] * 5 + [{"text": "  "}]).to_iterable_dataset()
+    with pytest.raises(ValueError, match=r"select_by_ot must hold non-empty texts in column 'text'.*row\(s\) \[5\]"):
+        StreamTexts(bad, "text", owner="select_by_ot")
+
+
+def test_dsir_selects_from_a_streamed_pool_what_it_selects_in_memory(tmp_path):
+    """run_selection with a streamed pool (formerly refused: 'an in-memory Dataset for the text
+    selector') at 1, 2 and 3 ranks: the in-memory pool's chosen rows, scores and selected split."""
+    from datasets import Dataset
+
+    from hf_otselect.datasets_ext import run_selection
+    from tests._thread_comm import run_ranks
+    from tests.conftest import SAMPLE, read_jsonl
+
+    pool = Dataset.from_list(read_jsonl(SAMPLE / "pool.jsonl", 120))
+    target = [r["text"] for r in read_jsonl(SAMPLE / "target.jsonl", 20)]
+
+    def runs(data, world, name):
+        def part(comm):
+            # each rank its own stream object, as each process has (threads sharing one race inside datasets)
+            r = run_selection(data() if callable(data) else data, target, "dsir", 12, seed=3, cache_dir=tmp_path / name, comm=comm)
+            return r.result.indices.tolist(), r.result.scores, r.selected.to_dict()
+
+        ranks = run_ranks(world, part)
+        merged = {key: sum((r[2][key] for r in ranks), []) for key in ranks[0][2]}
+        return ranks[0][0], np.concatenate([r[1] for r in ranks]), merged
+
+    one = runs(pool, 1, "m1")
+    assert len(one[0]) == 12 and np.isfinite(one[1]).all()
+    for world in (1, 2, 3):
+        got = runs(lambda: pool.to_iterable_dataset(num_shards=6), world, f"s{world}")
+        assert got[0] == one[0] and np.array_equal(got[1], one[1]) and got[2] == one[2], world
+
+
+def test_dsir_with_the_guard_embeds_a_stream_once_and_selects_the_in_memory_rows(tmp_path):
+    """DSIR + guard on a stream without vectors handed in: the encoder pass fingerprints the stream,
+    the text pass counts it, and the rows, scores and fingerprint equal the in-memory pool's."""
+    from datasets import Dataset
+
+    from hf_otselect.datasets_ext import run_selection
+    from tests.conftest import SAMPLE, read_jsonl
+
+    rows = read_jsonl(SAMPLE / "pool.jsonl", 30)
+    pool = Dataset.from_list(rows + rows[:6])  # six texts twice: the guard skips the second copies
+    target = [r["text"] for r in read_jsonl(SAMPLE / "target.jsonl", 10)]
+    kw = {"seed": 1, "dedup_radius": 0.2, "embedding": {"max_length": 32}, "resample": False}
+    mem = run_selection(pool, target, "dsir", 20, cache_dir=tmp_path / "m", **kw)
+    streamed = run_selection(pool.to_iterable_dataset(num_shards=2), target, "dsir", 20, cache_dir=tmp_path / "s", **kw)
+    texts = [pool[int(i)]["text"] for i in mem.result.indices]
+    assert len(set(texts)) == 20 and mem.dedup["mode"] == "greedy" and mem.dedup["skipped"] > 0
+    assert streamed.result.indices.tolist() == mem.result.indices.tolist() and streamed.dedup == mem.dedup
+    assert np.array_equal(streamed.result.scores, mem.result.scores)
+    assert streamed.fingerprints["pool"].startswith("stream:") and streamed.fingerprints["pool"].endswith(":36:text")

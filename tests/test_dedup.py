@@ -244,3 +244,256 @@ def test_modes_and_bad_arguments(clean, cache):
     idx, info = guarded_choose(sel, sel.score(pool_emb, target_emb), K, seed=0, candidates=pool_emb, radius=1e-4)
     # a radius below every pairwise distance changes nothing
     assert idx.tolist() == sel.choose_rows(sel.score(pool_emb, target_emb), K).tolist() and info["skipped"] == 0
+
+
+# -- several processes: the same rows as one process, only the prefix's vectors exchanged --
+
+def _planted(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` unit rows in 8-d where every 5th row has 6 near-copies (within 0.05) placed across the pool."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 8))
+    for j in range(0, n, 5):  # near-copies land at scattered positions, so they cross shard borders
+        for c in rng.choice(n, 6, replace=False):
+            if c % 5:
+                x[c] = x[j] + 0.01 * rng.normal(size=8)
+    scores = np.round(rng.random(n), 2)  # ties: the lower global index must win on every split
+    return x.astype(np.float32), scores
+
+
+def _guard_split(world: int, selector, scores, x, k, **kw):
+    from tests._thread_comm import contiguous_bounds, run_ranks
+
+    def part(comm):
+        lo, hi = contiguous_bounds(len(scores), world, comm.rank)
+        idx, info = guarded_choose(selector, scores[lo:hi], k, seed=5, candidates=x[lo:hi], index=np.arange(lo, hi),
+                                   comm=comm, **kw)
+        return idx.tolist(), info, comm.bytes_sent
+
+    return run_ranks(world, part)
+
+
+def _reference_greedy(order: np.ndarray, x: np.ndarray, k: int, h: float) -> list[int]:
+    unit = x.astype(np.float64) / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
+    taken: list[int] = []
+    for i in order:
+        if all(np.sum((unit[i] - unit[j]) ** 2) >= h * h for j in taken):
+            taken.append(int(i))
+        if len(taken) == k:
+            break
+    return taken
+
+
+@pytest.mark.parametrize("method,params", [("similarity", {}), ("tsds", {"replace": False}), ("dsir", {})])
+def test_greedy_guard_gives_the_one_process_rows_on_two_and_three(method, params):
+    """Top-k, sampling without replacement and log-weight sampling: the reference skip over the
+    selector's full order (one process, plain loop), and the same rows, skip counts and info for
+    1, 2 and 3 ranks."""
+    from hf_otselect.selectors.base import choose
+
+    x, scores = _planted(400)
+    sel = get_selector(method, **params)
+    if sel.choice == "sample":
+        scores = scores * (scores > 0.3)  # rows the sampler never draws
+    elif sel.choice == "log_sample":
+        scores = np.where(scores > 0.9, -np.inf, np.log(scores + 0.01))
+    k, h = 40, 0.2
+    n_order = int((scores > 0).sum()) if sel.choice == "sample" else int((scores > -np.inf).sum())
+    order = choose(scores, n_order, mode=sel.choice, seed=5)
+    ref = _reference_greedy(order, x, k, h)
+    one = _guard_split(1, sel, scores, x, k, radius=h)[0]
+    assert one[0] == ref and one[1]["skipped"] > 0 and one[1]["refilled"] == 0
+    assert one[1]["skipped"] == int(np.flatnonzero(order == ref[-1])[0]) + 1 - k
+    for world in (2, 3):
+        ranks = _guard_split(world, sel, scores, x, k, radius=h)
+        assert all(r[:2] == one[:2] for r in ranks), world
+
+
+def test_greedy_guard_exchanges_the_prefix_not_the_pool():
+    """Bytes each rank sends for the same k at N and 4N: the threshold rounds and the prefix's
+    vectors, not O(N) (a gather of every row's vector would send 4x as much at 4N)."""
+    sel = get_selector("similarity")
+    sent = {}
+    for n in (2_000, 8_000):
+        x, scores = _planted(n, seed=1)
+        ranks = _guard_split(2, sel, scores, x, 20, radius=0.2)
+        sent[n] = max(r[2] for r in ranks)
+        assert ranks[0][:2] == _guard_split(1, sel, scores, x, 20, radius=0.2)[0][:2]
+    assert sent[8_000] < 1.2 * sent[2_000] and sent[2_000] < 2_000 * 8 * 4 / 4  # a quarter of one shard's vectors
+
+
+def test_greedy_guard_refills_alike_on_every_split():
+    x = np.repeat(np.eye(8, dtype=np.float32)[:3], 10, axis=0)  # 3 distinct rows, 10 copies each
+    scores = np.linspace(1.0, 0.0, 30)
+    sel = get_selector("similarity")
+    one = _guard_split(1, sel, scores, x, 5, radius=0.1)[0]
+    assert one[0] == [0, 1, 2, 3, 4][:0] + [0, 10, 20, 1, 2] and one[1]["refilled"] == 2
+    for world in (2, 3):
+        assert all(r[:2] == one[:2] for r in _guard_split(world, sel, scores, x, 5, radius=0.1))
+
+
+def test_sharded_density_is_the_one_process_density_bit_for_bit():
+    from tests._thread_comm import contiguous_bounds, run_ranks
+
+    x, _ = _planted(300, seed=2)
+    h = 0.6
+    rows = np.arange(0, 300, 3)
+    one = epanechnikov_density(x, rows, h)
+    # the package's float32 unit rows, every pair's kernel summed directly in float64
+    u = (x.astype(np.float64) / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)).astype(np.float32).astype(np.float64)
+    direct = [np.clip(1.0 - ((u - u[j]) ** 2).sum(axis=1) / h**2, 0.0, None).sum() for j in rows]
+    assert np.allclose(one, direct, rtol=1e-12)
+    assert (one > 3).sum() >= 20  # the planted near-copies count
+    for world in (2, 3):
+        def part(comm, world=world):
+            lo, hi = contiguous_bounds(300, world, comm.rank)
+            mine = rows[(rows >= lo) & (rows < hi)] - lo
+            return epanechnikov_density(x[lo:hi], mine, h, comm=comm)
+
+        assert np.array_equal(np.concatenate(run_ranks(world, part)), one), world
+
+
+def test_kde_guard_gives_the_one_process_draws_on_two_and_three():
+    x, scores = _planted(300, seed=3)
+    p = scores * (scores > 0.2)
+    sel = get_selector("tsds", sigma=0.0, replace=True)  # KNN-Uniform: the guard's density weights
+    one = _guard_split(1, sel, p, x, 30, radius=0.3)[0]
+    rho = _density_by_loop(x, 0.3)
+    assert one[1]["weighting"] == "guard" and one[1]["max_density"] == pytest.approx(rho[p > 0].max(), rel=1e-6)
+    assert one[0] == sel.choose_rows(p / epanechnikov_density(x, np.arange(300), 0.3) * (p > 0) + 0.0, 30, seed=5).tolist()
+    for world in (2, 3):
+        assert all(r[:2] == one[:2] for r in _guard_split(world, sel, p, x, 30, radius=0.3)), world
+
+
+@pytest.fixture(scope="module")
+def crowded(clean):
+    """100 clean rows plus 20 copies of 4 of them, scattered: 120 rows, 6 file shards of 20 when streamed."""
+    pool, target, pool_emb, target_emb = clean
+    rng = np.random.default_rng(7)
+    rows = list(range(100)) + [int(i) for i in np.repeat([3, 41, 68, 90], 5)]
+    order = np.asarray(rows)[rng.permutation(len(rows))]
+    return pool.select(order.tolist()), target, np.ascontiguousarray(pool_emb[order]), target_emb
+
+
+@pytest.mark.parametrize("method,params", [("got_d", {}), ("tsds", {"replace": False, "C": 5.0}), ("dsir", {}),
+                                           ("tsds", {"sigma": 0.0, "replace": True, "C": 5.0})])
+def test_the_guard_in_the_pipeline_gives_the_same_rows_on_any_split_streamed_or_not(crowded, tmp_path, method, params):
+    """run_selection with the guard (greedy for top-k and draws without replacement, KDE for draws
+    with replacement) at 1, 2 and 3 ranks, on the in-memory pool and on the same rows streamed:
+    the same chosen rows and the same guard figures everywhere; greedy keeps one copy per text."""
+    from tests._thread_comm import contiguous_bounds, run_ranks
+
+    pool, target, emb, temb = crowded
+
+    def runs(data, world, name):
+        def part(comm):
+            lo, hi = contiguous_bounds(len(pool), world, comm.rank)
+            # each rank its own stream object, as each process has (threads sharing one race inside datasets)
+            r = run_selection(data() if callable(data) else data, target, method, 15, seed=2, cache_dir=tmp_path / name, comm=comm,
+                              embeddings=(emb[lo:hi], temb), dedup_radius=RADIUS, **params)
+            return r.result.indices.tolist(), r.dedup
+
+        return run_ranks(world, part)
+
+    one = runs(pool, 1, "m1")[0]
+    if one[1]["mode"] == "greedy":
+        texts = [pool[i]["text"] for i in one[0]]
+        assert len(set(texts)) == len(texts) and one[1]["refilled"] == 0
+    else:
+        assert one[1]["weighting"] == "guard" and one[1]["max_density"] >= 5
+    for data, label in ((pool, "m"), (lambda: pool.to_iterable_dataset(num_shards=6), "s")):
+        for world in (1, 2, 3):
+            if (label, world) != ("m", 1):
+                assert all(r == one for r in runs(data, world, f"{label}{world}")), (label, world)
+
+
+@pytest.mark.slow
+def test_torchrun_two_and_three_processes_guard_dsir_and_measure_as_one_does(tmp_path):
+    """Real processes (torchrun, gloo): the guard in both modes, DSIR with and without it, each on
+    the in-memory and the streamed pool, choose at 2 and 3 processes what one process chooses,
+    with the same guard figures; the selection's OT distance, solved sharded, agrees to 1e-6."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    rows = read_jsonl(SAMPLE / "pool.jsonl", 100)
+    rng = np.random.default_rng(11)
+    order = rng.permutation(list(range(100)) + [int(i) for i in np.repeat([3, 41, 68, 90], 5)])
+    vecs = rng.normal(size=(100, 16))
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    near = vecs[rng.choice([3, 41, 68, 90, 7, 12, 55, 80], 20)] + 0.3 * rng.normal(size=(20, 16))
+    for f in range(6):  # 6 file shards of 20 rows: 1, 2 and 3 processes split the stream as the rows
+        chunk = order[20 * f : 20 * (f + 1)]
+        (tmp_path / f"pool-{f}.jsonl").write_text("".join(json.dumps(rows[i]) + "\n" for i in chunk), encoding="utf-8")
+    targets = read_jsonl(SAMPLE / "target.jsonl", 20)
+    (tmp_path / "target.jsonl").write_text("".join(json.dumps(r) + "\n" for r in targets), encoding="utf-8")
+    np.save(tmp_path / "emb.npy", np.concatenate([vecs[order], near / np.linalg.norm(near, axis=1, keepdims=True)]).astype(np.float32))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "PYTHONPATH": str(REPO)}
+    outs = {}
+    for world in (1, 2, 3):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
+               str(REPO / "tests" / "workers" / "guard_dsir.py"), str(tmp_path), str(tmp_path / f"w{world}.json"),
+               str(tmp_path / f"cache{world}")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs[world] = json.loads((tmp_path / f"w{world}.json").read_text())["results"]
+    ref = outs[1]
+    assert ref["memory:got_d+greedy"]["dedup"]["skipped"] > 0 and ref["memory:tsds+kde"]["dedup"]["max_density"] >= 5
+    for world in (1, 2, 3):
+        for name, res in outs[world].items():
+            base = ref["memory:" + name.split(":")[1]]
+            assert res["indices"] == base["indices"] and res["dedup"] == base["dedup"], (world, name)
+            assert res["selection_ot"] == pytest.approx(base["selection_ot"], rel=1e-6), (world, name)
+
+
+def test_a_rank_holding_no_rows_still_joins_the_guard():
+    """More processes than rows: a rank with an empty shard joins every collective of both modes."""
+    from tests._thread_comm import run_ranks
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5, 4)).astype(np.float32)
+    x[3] = x[1]  # row 3 copies row 1
+    s = np.array([0.5, 0.9, 0.1, 0.8, 0.3])
+    bounds = [(0, 3), (3, 3), (3, 5)]
+    for sel, k in ((get_selector("similarity"), 3), (get_selector("tsds", sigma=0.0, replace=True), 4)):
+        one = guarded_choose(sel, s, k, seed=1, candidates=x, radius=0.1)
+        assert (one[1].get("skipped"), one[1].get("max_density")) in ((1, None), (None, 2.0))
+        got = run_ranks(3, lambda c: guarded_choose(sel, s[slice(*bounds[c.rank])], k, seed=1, candidates=x[slice(*bounds[c.rank])],
+                                                    radius=0.1, index=np.arange(*bounds[c.rank]), comm=c))
+        assert all(g[0].tolist() == one[0].tolist() and g[1] == one[1] for g in got)
+
+
+@pytest.mark.slow
+def test_a_two_process_job_with_the_guard_writes_the_one_process_output(tmp_path):
+    """The YAML job (formerly refused with several processes) under torchrun: the same scored and
+    selected splits, the same guard record, and the selection's OT distance to the solver's tolerance."""
+    import json
+    import subprocess
+    import sys
+
+    from datasets import load_from_disk
+
+    from tests.conftest import REPO
+    from tests.test_distributed import _env, _job_overrides
+
+    outs = {}
+    for world in (1, 2):
+        out = tmp_path / f"out{world}"
+        overrides = _job_overrides(tmp_path, out, tmp_path / "cache")  # writes pool.jsonl: 80 rows of every domain
+        pool_file = tmp_path / "pool.jsonl"
+        lines = pool_file.read_text(encoding="utf-8").splitlines(keepends=True)
+        pool_file.write_text("".join(lines + lines[::2]), encoding="utf-8")  # every other row twice: the guard has copies to skip
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world), "-m", "hf_otselect.cli",
+               "select", "--config", str(REPO / "configs" / "demo.yaml"), *overrides, "dedup.radius=0.2", "method=got_d"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=900, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs[world] = (load_from_disk(str(out)), json.loads((out / "selection.json").read_text()))
+    (one, meta1), (two, meta2) = outs[1], outs[2]
+    assert meta1["dedup"]["skipped"] > 0 and meta2["dedup"] == meta1["dedup"] and meta2["processes"] == 2
+    for split in ("scored", "selected"):
+        a, b = one[split].to_dict(), two[split].to_dict()
+        score = a.pop("score"), b.pop("score")  # GOT-D's reductions sum in another order across processes
+        assert a == b and np.allclose(score[0], score[1], rtol=0, atol=1e-6 * np.abs(score[0]).max()), split
+    assert meta2["ot_distance"]["target_selection"] == pytest.approx(meta1["ot_distance"]["target_selection"], rel=1e-6)

@@ -6,8 +6,9 @@ whose Gumbel keys make the draw a top-k; Kool et al. 2019) every process compute
 (:func:`hf_otselect.threshold.top_k_cut`, ties to the lower global index), and each process keeps
 its own rows above it: :func:`keep_top_k` receives 16 x P numbers per round whatever N and k are.
 Draws with replacement (TSDS ``replace=True``, random with replacement) keep the selector's own
-:meth:`Selector.choose_rows`. The near-duplicate guard (one process) chooses through
-:func:`hf_otselect.dedup.guarded_choose`.
+:meth:`Selector.choose_rows`. The near-duplicate guard chooses through
+:func:`hf_otselect.dedup.guarded_choose` (each process passes its own rows; the same rows for any
+number of processes).
 """
 
 from __future__ import annotations
@@ -65,9 +66,10 @@ def choose_stage(req: Request, emb: Embedded, flt: Filtered, scored: Scored) -> 
     if req.filters.dedup_radius is not None:
         from ..dedup import guarded_choose
 
-        guard_emb = np.asarray(emb.pool_embeddings)[flt.keep_rows]
+        guard_emb = np.asarray(emb.pool_embeddings)[flt.keep_rows] if flt.narrowed else emb.pool_embeddings  # this process's rows
         indices, reports["dedup"] = guarded_choose(selector, scored.kept_scores, k, seed=seed, candidates=guard_emb,
-                                                   radius=req.filters.dedup_radius, mode=req.filters.dedup_mode)
+                                                   radius=req.filters.dedup_radius, mode=req.filters.dedup_mode,
+                                                   index=scored.kept_index, comm=comm)
     else:
         keys = selector.choice_keys(scored.kept_scores, k, seed=seed, index=scored.kept_index, comm=comm) if _keys_agree(selector) else None
         if keys is None:  # draws with replacement (or a selector that chooses its own way): its own path

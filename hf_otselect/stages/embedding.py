@@ -86,7 +86,9 @@ def embed_stage(req: Request) -> Embedded:
     fingerprints = {"pool": "" if req.streamed else fingerprint_of(req.dataset, req.column), "target": fingerprint_of(req.target, req.target_column)}
     probe = req.selector
     if probe.needs_text:
-        pool_emb, target_emb, candidates, target_side = _texts(req, part)
+        pool_emb, target_emb, candidates, target_side = _texts(req, part, stream)
+        if stream is not None:
+            fingerprints["pool"] = stream.fingerprint(req.column)
         key_parts: tuple[Any, ...] = (fingerprints["pool"], fingerprints["target"])
     elif not probe.needs_vectors and not req.filters.active:
         n_local = len(part) if stream is None else sum(1 for _ in stream.wrap(part))
@@ -119,17 +121,18 @@ def embed_stage(req: Request) -> Embedded:
     return Embedded(part, candidates, target_side, pool_emb, target_emb, probe, fingerprints, key_parts, n_local, offset, n_pool)
 
 
-def _texts(req: Request, part: Dataset | IterableDataset) -> tuple[Any, Any, list[str], list[str]]:
-    """A text selector's pool and target texts (and vectors when a filter or the guard needs them)."""
+def _texts(req: Request, part: Dataset | IterableDataset, stream: StreamDigest | None) -> tuple[Any, Any, Any, list[str]]:
+    """A text selector's pool and target texts (and vectors when a filter or the guard needs them).
+
+    A stream's texts are a :class:`~hf_otselect.stream_texts.StreamTexts`: one pass counts and
+    checks them (and fingerprints the stream, unless the encoder pass already did), then the fit
+    and the scoring read it again; DSIR's fit is additive counts, so nothing else changes.
+    """
     from ..embed import check_texts
 
     owner, column, target_column = req.owner, req.column, req.target_column
-    if req.streamed:
-        raise param_error("dataset", owner, f"an in-memory Dataset for the text selector {req.selector.name!r}", "an IterableDataset")
     if isinstance(req.target, np.ndarray):
         raise param_error("target", owner, f"texts (a Dataset or list of str) for the text selector {req.selector.name!r}", "an embedding array", exc=TypeError)
-    # The rules the encoder path applies (str, not blank), before the text selector reads a row.
-    candidates = check_texts(texts_of(part, column, "dataset"), column=column, owner=owner)
     target_side = check_texts(texts_of(req.target, target_column, "target"), column=target_column if isinstance(req.target, Dataset) else None,
                               owner=f"{owner} (target)")
     pool_emb = target_emb = None
@@ -137,8 +140,16 @@ def _texts(req: Request, part: Dataset | IterableDataset) -> tuple[Any, Any, lis
         if req.embeddings is not None:
             pool_emb, target_emb = req.embeddings
         else:
-            pool_emb = embed_side(part, column, req.embed_kwargs, req.cache)
+            pool_emb = (_embed_stream(stream.wrap(part), column, req.embed_kwargs, req.cache) if stream is not None
+                        else embed_side(part, column, req.embed_kwargs, req.cache))
             target_emb = embed_side(req.target, target_column, req.embed_kwargs, req.cache)
+    # The rules the encoder path applies (str, not blank), before the text selector reads a row.
+    if stream is not None:
+        from ..stream_texts import StreamTexts
+
+        candidates: Any = StreamTexts(part, column, owner=owner, rows=None if stream.complete else stream.wrap(part))
+    else:
+        candidates = check_texts(texts_of(part, column, "dataset"), column=column, owner=owner)
     return pool_emb, target_emb, candidates, target_side
 
 
