@@ -245,6 +245,11 @@ class EmbeddingConfig:
     shard_rows : int
         Rows per cached embedding shard: the unit a killed job resumes from (finished shards are
         never recomputed).
+    backend : str
+        ``"torch"``, or a CPU back end run from a cached export: ``"onnx"`` (ONNX Runtime, extra
+        ``hf_otselect[onnx]``) or ``"openvino"`` (extra ``hf_otselect[openvino]``).
+    quantize : str or None
+        ``"int8"`` weights on the ``onnx`` or ``openvino`` back end; None keeps fp32.
     """
 
     model: str | None = None
@@ -256,6 +261,8 @@ class EmbeddingConfig:
     device: str | None = None
     trust_remote_code: bool = False
     shard_rows: int = 4096
+    backend: str = "torch"
+    quantize: str | None = None
 
 
 @dataclass
@@ -480,7 +487,7 @@ class SelectionConfig:
         check_embedding_settings(
             e.model, owner="SelectionConfig.embedding", batch_size=e.batch_size, device=e.device,
             max_length=e.max_length, normalize=e.normalize, pooling=e.pooling, revision=e.revision,
-            trust_remote_code=e.trust_remote_code, shard_rows=e.shard_rows,
+            trust_remote_code=e.trust_remote_code, shard_rows=e.shard_rows, backend=e.backend, quantize=e.quantize,
         )
 
 

@@ -10,8 +10,8 @@ stream (``IterableDataset`` / iterable of str or dict):
 2. **Look up** each text in the cache by its content: a key per text (SHA-256 of its UTF-8 bytes)
    inside a folder named by the encoder identity (model id or path, revision, and for a local
    folder the name, size and mtime of each file in it) and every setting that changes the vectors
-   (pooling, max_length, normalize, precision). So the Dataset, list and stream paths share one
-   cache, a second call does no forward pass, a changed setting misses, and a pool reordered, cut,
+   (pooling, max_length, normalize, precision, a back end other than torch). So the Dataset, list
+   and stream paths share one cache, a second call does no forward pass, a changed setting misses, and a pool reordered, cut,
    grown or split over processes reuses every vector already computed (layout and why:
    :mod:`hf_otselect.embed_cache`). The texts not found are encoded in chunks of ``shard_rows``
    distinct texts (a text repeated in the pool is encoded once), each chunk written atomically as
@@ -20,8 +20,9 @@ stream (``IterableDataset`` / iterable of str or dict):
 3. **Encode** a chunk: tokenize once, sort rows by token count (longest first), cut batches of at
    most ``batch_size`` rows and ``max_batch_tokens`` padded tokens, so each batch pads only to its
    own longest row; run the model under ``torch.inference_mode`` (bf16 autocast on CUDA, fp16 where
-   bf16 is not supported; fp32 on CPU); pool (masked mean or CLS), optionally L2-normalise, and
-   scatter back to input order.
+   bf16 is not supported; fp32 on CPU), or its ONNX Runtime / OpenVINO export, fp32 or int8
+   (``backend=``, ``quantize=``, :mod:`hf_otselect.encoder_backends`); pool (masked mean or CLS),
+   optionally L2-normalise, and scatter back to input order.
 
 Pooling follows Sentence-BERT (Reimers & Gurevych, EMNLP 2019, Sec. 3): the mean of the last
 hidden states over the non-padding tokens, ``e = sum_t m_t h_t / sum_t m_t``, which is how
@@ -50,6 +51,7 @@ from .bundled import BUNDLED_MODEL_DIR, resolve_model_name
 from .cache import cache_root
 from .devices import resolve_device
 from .embed_cache import VectorStore, text_keys
+from .encoder_backends import check_backend, load_backend_encoder
 
 if TYPE_CHECKING:  # keep `import hf_otselect` light: torch/transformers load on first use
     from datasets import Dataset, IterableDataset
@@ -62,6 +64,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL: str = BUNDLED_MODEL_DIR
 
 Pooling = Literal["mean", "cls"]
+Backend = Literal["torch", "onnx", "openvino"]
+Quantize = Literal["int8"] | None
 
 _CACHE_VERSION = 3  # bump when the numbers cached for the same key would change (3: one key per text)
 _SHARD_ROWS = 4096
@@ -123,7 +127,8 @@ def _check_model_path(name: str, owner: str) -> None:
 
 
 def load_encoder(model: str | os.PathLike | None, *, revision: str | None = None, device: str | None = None,
-                 trust_remote_code: bool = False) -> tuple[Any, Any, str]:
+                 trust_remote_code: bool = False, backend: Backend = "torch", quantize: Quantize = None,
+                 cache_dir: str | os.PathLike | None = None) -> tuple[Any, Any, str]:
     """Load a tokenizer and encoder with ``AutoTokenizer``/``AutoModel.from_pretrained``.
 
     Parameters
@@ -138,6 +143,14 @@ def load_encoder(model: str | os.PathLike | None, *, revision: str | None = None
         and logged.
     trust_remote_code : bool, default False
         Passed to ``from_pretrained``; leave off unless you trust the model repository.
+    backend : {"torch", "onnx", "openvino"}, default "torch"
+        Which runtime runs the forward pass; ``"onnx"`` and ``"openvino"`` run on the CPU from a
+        model exported once and cached (:mod:`hf_otselect.encoder_backends`).
+    quantize : {None, "int8"}
+        int8 weights on the ``onnx`` or ``openvino`` back end.
+    cache_dir : path, optional
+        Embedding cache folder; exported models go to its ``exports/`` folder (default
+        ``$HF_DATASETS_CACHE/hf_otselect/embeddings/exports``).
 
     Returns
     -------
@@ -151,12 +164,17 @@ def load_encoder(model: str | os.PathLike | None, *, revision: str | None = None
     ValueError
         Naming 'model' when it can be found neither on disk nor (when online) on the Hub, and
         naming 'device' when the device does not exist here.
+    ImportError
+        A back end whose optional packages are missing (naming the extra to install).
     """
     name = _model_name(model, "load_encoder", revision)
-    dev = resolve_device(device, "load_encoder")
+    check_backend(backend, quantize, device, "load_encoder")
+    dev = resolve_device(device if backend == "torch" else "cpu", "load_encoder")
+    root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "exports"
     # A local folder's file stamps are in the key: a model retrained in place is loaded again, not
     # served from this process's memory under the new cache key.
-    key = (name, revision, dev, bool(trust_remote_code), json.dumps(_encoder_identity(name, revision), sort_keys=True))
+    key = (name, revision, dev, bool(trust_remote_code), json.dumps(_encoder_identity(name, revision), sort_keys=True),
+           backend, quantize, str(root) if backend != "torch" else None)
     if key in _ENCODERS:
         return _ENCODERS[key]
     from transformers import AutoModel, AutoTokenizer
@@ -164,7 +182,11 @@ def load_encoder(model: str | os.PathLike | None, *, revision: str | None = None
     _check_model_path(name, "load_encoder")
     try:
         tok = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
-        enc = AutoModel.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+        if backend == "torch":
+            enc = AutoModel.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+        else:  # exported once from the model's files and cached; read back from the cache after that
+            enc = load_backend_encoder(name, revision=revision, trust_remote_code=trust_remote_code, backend=backend,
+                                       quantize=quantize, root=root)
     except (OSError, ValueError) as err:  # hub/file errors: say which argument, keep the cause chained
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         hint = " (HF_HUB_OFFLINE is set, so only models already on disk or in the Hub cache load)" if offline else ""
@@ -174,8 +196,10 @@ def load_encoder(model: str | os.PathLike | None, *, revision: str | None = None
         ) from err
     if not getattr(tok, "is_fast", False):
         logger.warning("Tokenizer of %s is not a fast (Rust) tokenizer; embedding will be slower.", name)
-    enc = enc.eval().to(dev)
-    logger.info("Embedding with %s (revision %s) on device %s", name, revision or "default", dev)
+    if backend == "torch":
+        enc = enc.eval().to(dev)
+    logger.info("Embedding with %s (revision %s) on device %s, %s back end%s", name, revision or "default", dev,
+                backend, ", int8" if quantize else "")
     _ENCODERS[key] = (tok, enc, dev)
     return _ENCODERS[key]
 
@@ -299,7 +323,7 @@ def check_embedding_settings(model: str | os.PathLike | None = None, *, owner: s
     """
     settings = {"batch_size": 64, "device": None, "max_length": 256, "normalize": True, "pooling": "mean",
                 "revision": None, "trust_remote_code": False, "shard_rows": _SHARD_ROWS,
-                "max_batch_tokens": None, "num_proc": None}
+                "max_batch_tokens": None, "num_proc": None, "backend": "torch", "quantize": None}
     unknown = sorted(set(knobs) - set(settings))
     if unknown:
         raise param_error("knobs", "check_embedding_settings", f"keywords among {sorted(settings)}", unknown, exc=TypeError)
@@ -482,13 +506,16 @@ class _Engine:
     def __init__(self, owner: str, model: Any, *, batch_size: int, device: str | None, max_length: int,
                  normalize: bool, pooling: str, revision: str | None, trust_remote_code: bool,
                  cache_dir: Any, use_cache: bool, shard_rows: int, max_batch_tokens: int | None,
-                 num_proc: int | None, show_progress: bool | None) -> None:
+                 num_proc: int | None, show_progress: bool | None, backend: str = "torch",
+                 quantize: str | None = None) -> None:
         _check_settings(owner, batch_size, max_length, pooling, shard_rows, max_batch_tokens, num_proc)
         if not isinstance(normalize, bool):
             raise param_error("normalize", owner, "a bool", normalize, exc=TypeError)
+        check_backend(backend, quantize, device, owner)  # before the model: a missing package is one line
         self.owner = owner
         self.name = _model_name(model, owner, revision)
-        self.device = resolve_device(device, owner)
+        self.backend, self.quantize = backend, quantize
+        self.device = resolve_device(device if backend == "torch" else "cpu", owner)
         self.revision, self.trust = revision, bool(trust_remote_code)
         self.batch_size, self.max_length, self.shard_rows = batch_size, max_length, shard_rows
         self.max_batch_tokens = max_batch_tokens if max_batch_tokens is not None else batch_size * 64
@@ -504,13 +531,18 @@ class _Engine:
             _check_model_path(self.name, owner)
         elif self.num_proc > 1:  # a loaded model cannot be sent to spawned workers
             raise param_error("num_proc", owner, "1 when model is a SentenceTransformer instance (pass its path to use workers)", num_proc)
+        elif backend != "torch":
+            raise param_error("backend", owner, "'torch' when model is a SentenceTransformer instance (pass its path to export it)", backend)
         self.folder: Path | None = None
         if cache_dir is not None:
             check_path_type(cache_dir, "cache_dir", owner)
+        self.cache_dir = cache_dir
         if use_cache:
             identity = _encoder_identity(self.name, revision) if self.st is None else _sentence_transformer_identity(self.st)
-            key = {"v": _CACHE_VERSION, "encoder": identity, "pooling": pooling,
-                   "max_length": max_length, "normalize": normalize, "precision": _precision(self.device)}
+            key = {"v": _CACHE_VERSION, "encoder": identity, "pooling": pooling, "max_length": max_length,
+                   "normalize": normalize, "precision": quantize or _precision(self.device)}
+            if backend != "torch":  # absent for torch, so the keys (and caches) written before back ends existed hold
+                key["backend"] = backend
             self.settings_key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
             # Writable now, not after the first shard is encoded (the shard would be thrown away).
             root = check_writable_folder(cache_dir if cache_dir is not None else default_cache_dir(), "cache_dir", owner)
@@ -523,7 +555,8 @@ class _Engine:
 
     def encoder(self) -> tuple[Any, Any, str]:
         if self._encoder is None:
-            self._encoder = load_encoder(self.name, revision=self.revision, device=self.device, trust_remote_code=self.trust)
+            self._encoder = load_encoder(self.name, revision=self.revision, device=self.device, trust_remote_code=self.trust,
+                                         backend=self.backend, quantize=self.quantize, cache_dir=self.cache_dir)
         return self._encoder
 
     def store(self) -> VectorStore | None:
@@ -660,7 +693,8 @@ class _Engine:
         threads = max(1, (os.cpu_count() or 1) // self.num_proc)
         cfg = {"name": self.name, "revision": self.revision, "trust": self.trust, "batch_size": self.batch_size,
                "max_length": self.max_length, "max_batch_tokens": self.max_batch_tokens, "pooling": self.pooling,
-               "normalize": self.normalize, "n_gpu": n_gpu, "device": self.device, "threads": threads}
+               "normalize": self.normalize, "n_gpu": n_gpu, "device": self.device, "threads": threads,
+               "backend": self.backend, "quantize": self.quantize, "cache_dir": self.cache_dir}
         logger.info("Embedding with %d worker processes (%s)", self.num_proc, f"{n_gpu} GPUs" if n_gpu else "CPU")
         ctx = mp.get_context("spawn")
         ranks = ctx.Queue()
@@ -688,7 +722,8 @@ def _worker_init(cfg: dict[str, Any], ranks: Any) -> None:
     rank = ranks.get()
     dev = f"cuda:{rank % cfg['n_gpu']}" if cfg["n_gpu"] else cfg["device"]
     _WORKER["cfg"] = cfg
-    _WORKER["encoder"] = load_encoder(cfg["name"], revision=cfg["revision"], device=dev, trust_remote_code=cfg["trust"])
+    _WORKER["encoder"] = load_encoder(cfg["name"], revision=cfg["revision"], device=dev, trust_remote_code=cfg["trust"],
+                                      backend=cfg["backend"], quantize=cfg["quantize"], cache_dir=cfg["cache_dir"])
 
 
 def _worker_embed(texts: list[str]) -> np.ndarray:
@@ -739,6 +774,12 @@ _KNOBS_DOC = """column : str, default "text"
     max_batch_tokens : int, optional
         Padded-token budget of a batch (default ``batch_size * 64``): long texts go in smaller
         batches, so memory stays bounded whatever the lengths.
+    backend : {"torch", "onnx", "openvino"}, default "torch"
+        Runtime of the forward pass. ``"onnx"`` (ONNX Runtime) and ``"openvino"`` run on the CPU
+        from the model exported once and cached in ``exports/`` beside the vectors (extras
+        ``hf_otselect[onnx]`` / ``hf_otselect[openvino]``); part of the cache key.
+    quantize : {None, "int8"}
+        int8 weights on the ``onnx`` or ``openvino`` back end; part of the cache key.
 """
 
 
@@ -760,6 +801,8 @@ def iter_embeddings(
     show_progress: bool | None = None,
     shard_rows: int = _SHARD_ROWS,
     max_batch_tokens: int | None = None,
+    backend: Backend = "torch",
+    quantize: Quantize = None,
 ) -> Iterator[np.ndarray]:
     """Embed a stream shard by shard: a generator of float32 ``(rows, dim)`` blocks in input order.
 
@@ -781,7 +824,8 @@ def iter_embeddings(
     eng = _Engine("iter_embeddings", model, batch_size=batch_size, device=device, max_length=max_length,
                   normalize=normalize, pooling=pooling, revision=revision, trust_remote_code=trust_remote_code,
                   cache_dir=cache_dir, use_cache=use_cache, shard_rows=shard_rows,
-                  max_batch_tokens=max_batch_tokens, num_proc=num_proc, show_progress=show_progress)
+                  max_batch_tokens=max_batch_tokens, num_proc=num_proc, show_progress=show_progress,
+                  backend=backend, quantize=quantize)
     total = len(data) if isinstance(data, Sequence) or _is_dataset(data) else None
     return eng.run(_stream_shards(data, column, shard_rows, "iter_embeddings"), total)
 
@@ -804,6 +848,8 @@ def embed(
     show_progress: bool | None = None,
     shard_rows: int = _SHARD_ROWS,
     max_batch_tokens: int | None = None,
+    backend: Backend = "torch",
+    quantize: Quantize = None,
 ) -> np.ndarray:
     """Embed a text column (or a list of str) into float32 ``(n, dim)`` vectors, in input order.
 
@@ -833,7 +879,8 @@ def embed(
     eng = _Engine("embed", model, batch_size=batch_size, device=device, max_length=max_length,
                   normalize=normalize, pooling=pooling, revision=revision, trust_remote_code=trust_remote_code,
                   cache_dir=cache_dir, use_cache=use_cache, shard_rows=shard_rows,
-                  max_batch_tokens=max_batch_tokens, num_proc=num_proc, show_progress=show_progress)
+                  max_batch_tokens=max_batch_tokens, num_proc=num_proc, show_progress=show_progress,
+                  backend=backend, quantize=quantize)
     if _is_dataset(data) or isinstance(data, Sequence):
         return eng.embed_rows(*_sized_texts(data, column, "embed"))
     blocks = list(eng.run(_stream_shards(data, column, shard_rows, "embed"), None))
@@ -863,7 +910,7 @@ def embed_to_file(
     column, model, **knobs
         As for :func:`embed` (``batch_size``, ``device``, ``max_length``, ``normalize``,
         ``pooling``, ``revision``, ``trust_remote_code``, ``cache_dir``, ``use_cache``,
-        ``num_proc``, ``show_progress``, ``shard_rows``, ``max_batch_tokens``).
+        ``num_proc``, ``show_progress``, ``shard_rows``, ``max_batch_tokens``, ``backend``, ``quantize``).
 
     Returns
     -------

@@ -265,3 +265,17 @@ def test_relative_paths_in_a_config_file_are_read_from_its_folder(tmp_path, monk
     assert Path(config.output_dir) == tmp_path / "proj" / "out"
     # an override is a shell argument: relative to the working directory
     assert load_config(folder / "job.yaml", ["output_dir=runs/a"]).output_dir == "runs/a"
+
+
+def test_embedding_backend_keys_are_read_and_checked_up_front(tmp_path):
+    """`embedding.backend` / `embedding.quantize` from YAML or the command line, refused in the
+    template before any data is read."""
+    assert load_config(REPO / "configs" / "got_d.yaml").embedding.backend == "torch"
+    with pytest.raises(ValueError, match=r"The 'backend' parameter of SelectionConfig.embedding must be one of \['torch', 'onnx', 'openvino'\]. Got 'onnxruntime' instead"):
+        load_config(REPO / "configs" / "got_d.yaml", ["embedding.backend=onnxruntime"])
+    with pytest.raises(ValueError, match=r"The 'quantize' parameter of SelectionConfig.embedding must be None with backend='torch'"):
+        load_config(REPO / "configs" / "got_d.yaml", ["embedding.quantize=int8"])
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    config = load_config(REPO / "configs" / "got_d.yaml", ["embedding.backend=onnx", "embedding.quantize=int8"])
+    assert (config.embedding.backend, config.embedding.quantize) == ("onnx", "int8")

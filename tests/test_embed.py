@@ -422,3 +422,142 @@ def test_every_field_of_the_shard_key_forces_a_recompute(texts, tmp_path, encode
     got = embed(changed, **base)
     assert encoded == [1], "texts: only the changed text is encoded (one key per text)"
     np.testing.assert_allclose(got, _plain_mean(model_a, changed), atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# encoder back ends: ONNX Runtime and OpenVINO, fp32 and int8 (hf_otselect/encoder_backends.py)
+
+backends_mod = importlib.import_module("hf_otselect.encoder_backends")
+_BACKEND_MODULES = {"onnx": ("onnxruntime", "onnx", "onnxscript"), "openvino": ("openvino", "nncf", "onnx", "onnxscript")}
+
+
+def _need(backend: str) -> None:
+    for module in _BACKEND_MODULES[backend]:
+        pytest.importorskip(module)
+
+
+@pytest.fixture(scope="module")
+def export_cache(tmp_path_factory) -> Path:
+    """One cache for the bundled model's exports, so the module exports it to ONNX once."""
+    return tmp_path_factory.mktemp("exports")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("backend", "quantize"), [("onnx", None), ("onnx", "int8"), ("openvino", None), ("openvino", "int8")])
+def test_each_backend_matches_torch_fp32_on_real_texts(texts, export_cache, backend, quantize):
+    """The bundled MiniLM through each back end, on 36 real texts: fp32 exports give the torch
+    vectors to float32 rounding; int8 ones stay within cosine 0.99 on average (0.98 for each)."""
+    _need(backend)
+    ref = embed(texts, device="cpu", use_cache=False, show_progress=False)
+    got = embed(texts, backend=backend, quantize=quantize, cache_dir=export_cache, use_cache=False, show_progress=False)
+    assert got.dtype == np.float32 and got.shape == ref.shape
+    cos = np.sum(got * ref, axis=1)  # both L2-normalised
+    if quantize is None:
+        assert cos.min() >= 0.9999, cos.min()
+        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+    else:
+        assert cos.mean() >= 0.99 and cos.min() >= 0.98, (cos.mean(), cos.min())
+        assert not np.allclose(got, ref, atol=1e-4)  # int8 really ran: not the fp32 numbers
+
+
+@pytest.fixture
+def exports(monkeypatch):
+    """Calls of each export step (ONNX export, int8 quantisation, OpenVINO conversion), and no
+    encoder kept in memory between calls, so every call goes to the export cache on disk."""
+    calls: list[str] = []
+    for step in ("_export_onnx", "_quantize_onnx", "_to_openvino"):
+        real = getattr(backends_mod, step)
+
+        def counting(*args, _real=real, _step=step, **kwargs):
+            calls.append(_step)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(backends_mod, step, counting)
+    monkeypatch.setattr(embed_mod, "_ENCODERS", {})
+    return calls
+
+
+def test_the_export_is_cached_and_a_changed_setting_or_model_exports_again(texts, tmp_path, exports, monkeypatch):
+    _need("onnx")
+    folder = _tiny_model(tmp_path / "enc", seed=0)
+    rows = texts[:6]
+    kw = {"model": str(folder), "max_length": 128, "use_cache": False, **_kw(tmp_path)}
+    first = embed(rows, backend="onnx", **kw)
+    np.testing.assert_allclose(first, _plain_mean(folder, rows), atol=1e-5, rtol=0)
+    assert exports == ["_export_onnx"]
+    monkeypatch.setattr(embed_mod, "_ENCODERS", {})  # a new process: only the files on disk remain
+    np.testing.assert_array_equal(embed(rows, backend="onnx", **kw), first)
+    assert exports == ["_export_onnx"], "the second call exported again"
+    embed(rows, backend="onnx", quantize="int8", **kw)
+    assert exports == ["_export_onnx", "_quantize_onnx"], "int8 quantises the cached fp32 export"
+    monkeypatch.setattr(embed_mod, "_ENCODERS", {})
+    embed(rows, backend="onnx", quantize="int8", **kw)
+    assert exports == ["_export_onnx", "_quantize_onnx"]
+    _tiny_model(folder, seed=1)  # retrained in place: the files' contents key the export
+    exports.clear()
+    new = embed(rows, backend="onnx", **kw)
+    assert exports == ["_export_onnx"]
+    np.testing.assert_allclose(new, _plain_mean(folder, rows), atol=1e-5, rtol=0)
+    assert not np.allclose(new, first, atol=1e-3)
+
+
+def test_a_damaged_export_is_exported_again(texts, tmp_path, exports, monkeypatch):
+    _need("onnx")
+    folder = _tiny_model(tmp_path / "enc", seed=0)
+    kw = {"model": str(folder), "max_length": 128, "use_cache": False, "backend": "onnx", **_kw(tmp_path)}
+    good = embed(texts[:4], **kw)
+    (onnx_file,) = (tmp_path / "cache" / "exports").glob("*/model.onnx")
+    data = bytearray(onnx_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    onnx_file.write_bytes(bytes(data))
+    monkeypatch.setattr(embed_mod, "_ENCODERS", {})
+    np.testing.assert_array_equal(embed(texts[:4], **kw), good)
+    assert exports == ["_export_onnx", "_export_onnx"]
+
+
+def test_the_vector_cache_key_covers_backend_and_precision(texts, tmp_path, encoded):
+    """torch fp32, ONNX fp32 and ONNX int8 vectors of one model never stand in for each other."""
+    _need("onnx")
+    folder = _tiny_model(tmp_path / "enc", seed=0)
+    rows = texts[:6]
+    kw = {"model": str(folder), "max_length": 128, **_kw(tmp_path)}
+    settings = [{}, {"backend": "onnx"}, {"backend": "onnx", "quantize": "int8"}]
+    for s in settings:
+        embed(rows, **kw, **s)
+    assert encoded == [6, 6, 6]
+    encoded.clear()
+    for s in settings:
+        embed(rows, **kw, **s)
+    assert encoded == []  # each setting finds its own vectors
+    assert len([p for p in (tmp_path / "cache").iterdir() if p.name != "exports"]) == 3
+    if importlib.util.find_spec("openvino") and importlib.util.find_spec("nncf"):
+        embed(rows, backend="openvino", **kw)
+        assert encoded == [6]
+
+
+def test_a_missing_backend_package_is_one_line_naming_the_extra(no_model, tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(backends_mod.importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("onnxruntime", "openvino") else real(name, *a))
+    for backend in ("onnx", "openvino"):
+        with pytest.raises(ImportError) as err:
+            embed(["a"], backend=backend, cache_dir=tmp_path, show_progress=False)
+        msg = str(err.value)
+        assert "\n" not in msg and f"pip install 'hf_otselect[{backend}]'" in msg and "embed" in msg, msg
+    assert embed_mod.check_embedding_settings(None, backend="torch") is None  # torch needs neither
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "words"),
+    [
+        ({"backend": "onnxruntime"}, ValueError, ["'backend' parameter of embed", "['torch', 'onnx', 'openvino']", "'onnxruntime'"]),
+        ({"quantize": "int4"}, ValueError, ["'quantize' parameter of embed", "[None, 'int8']"]),
+        ({"quantize": "int8"}, ValueError, ["'quantize' parameter of embed", "backend='torch'"]),
+        ({"backend": "onnx", "device": "cuda"}, ValueError, ["'device' parameter of embed", "'cpu' or None"]),
+    ],
+)
+def test_bad_backend_settings_fail_up_front_in_the_template(no_model, tmp_path, kwargs, exc, words):
+    with pytest.raises(exc) as err:
+        embed(["a"], cache_dir=tmp_path, show_progress=False, **kwargs)
+    for w in words:
+        assert w in str(err.value)
