@@ -72,6 +72,8 @@ def select_by_ot(
     shard_rows: int | None = None,
     trust_remote_code: bool = False,
     device: str | None = None,
+    backend: str | None = None,
+    quantize: str | None = None,
     solver_device: str | None = None,
     **params: Any,
 ) -> Dataset | DatasetDict:
@@ -110,7 +112,7 @@ def select_by_ot(
     embedding : dict or None
         Encoder settings passed to :func:`hf_otselect.embed` (``model``, ``revision``,
         ``batch_size``, ``max_length``, ``pooling``, ``normalize``, ``device``, ``num_proc``,
-        ``trust_remote_code``, and ``shard_rows``: rows per cached shard, the unit a killed run
+        ``trust_remote_code``, ``backend``, ``quantize``, and ``shard_rows``: rows per cached shard, the unit a killed run
         resumes from). Each can also be given as a keyword argument of its own (below).
     model, revision, batch_size, max_length, pooling, normalize, num_proc, shard_rows, trust_remote_code
         The same encoder settings as keyword arguments (a Hub id or local folder for ``model``;
@@ -118,6 +120,12 @@ def select_by_ot(
         is an error.
     device : str or None
         Device of the encoder (``"cpu"``, ``"cuda"``, ``"cuda:1"``); None picks CUDA when present.
+    backend : {"torch", "onnx", "openvino"} or None
+        CPU inference back end of the encoder (None: torch). ONNX Runtime and OpenVINO run an
+        export of the same model, made once and cached (extras ``hf_otselect[onnx]`` /
+        ``hf_otselect[openvino]``).
+    quantize : {"int8"} or None
+        Weight quantisation of an ONNX or OpenVINO back end (None: float32).
     solver_device : str or None
         Device of the OT solver (GOT-D's ``device``); None follows the data.
     source_column : str or None
@@ -165,6 +173,7 @@ def select_by_ot(
     """
     given = {"model": model, "revision": revision, "batch_size": batch_size, "max_length": max_length, "pooling": pooling,
              "normalize": normalize, "num_proc": num_proc, "shard_rows": shard_rows, "device": device,
+             "backend": backend, "quantize": quantize,
              "trust_remote_code": trust_remote_code or None}  # False is the default, not a setting
     embedding = _merge_embedding(embedding, {key: v for key, v in given.items() if v is not None})
     if solver_device is not None:

@@ -86,8 +86,7 @@ def _embedding_kwargs(config: SelectionConfig) -> dict[str, Any]:
         "model": e.model, "revision": e.revision, "batch_size": e.batch_size, "max_length": e.max_length,
         "pooling": e.pooling, "normalize": e.normalize, "device": e.device, "trust_remote_code": e.trust_remote_code,
         "shard_rows": e.shard_rows,
-        # Only when set: select_by_ot's embedding keys (datasets_ext._EMBED_KEYS) take them once the
-        # pipeline is told of them; a torch job's kwargs and selection.json stay as they were.
+        # Only when set, so a torch job's kwargs and selection.json stay as they were.
         **({"backend": e.backend, "quantize": e.quantize} if (e.backend, e.quantize) != ("torch", None) else {}),
     }
 

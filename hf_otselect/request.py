@@ -30,7 +30,7 @@ __all__ = ["EMBED_KEYS", "Filters", "Request", "Target", "build_request"]
 Target = Dataset | Sequence[str] | np.ndarray
 #: The encoder settings ``embedding={...}`` accepts (see :func:`hf_otselect.embed`).
 EMBED_KEYS = ("model", "revision", "batch_size", "max_length", "pooling", "normalize", "device", "trust_remote_code",
-              "shard_rows", "num_proc")
+              "shard_rows", "num_proc", "backend", "quantize")
 _ADDED = ("pool_index", "rank", "draw_order", "selected")  # columns the selection adds to the pool's
 
 

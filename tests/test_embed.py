@@ -561,3 +561,23 @@ def test_bad_backend_settings_fail_up_front_in_the_template(no_model, tmp_path, 
         embed(["a"], cache_dir=tmp_path, show_progress=False, **kwargs)
     for w in words:
         assert w in str(err.value)
+
+
+def test_select_by_ot_runs_the_backend_it_is_given(texts, tmp_path, exports):
+    """``select_by_ot(backend=...)`` reaches the encoder: the pool and target go through the ONNX
+    export (one export, then its cache), and the scores are the torch run's to float32 rounding."""
+    _need("onnx")
+    from datasets import Dataset
+
+    from hf_otselect import select_by_ot
+
+    folder = _tiny_model(tmp_path / "enc", seed=0)
+    pool = Dataset.from_dict({"text": texts[:24]})
+    kw = {"model": str(folder), "max_length": 128, "device": "cpu", "return_scored": True}
+    torch_run = select_by_ot(pool, texts[24:30], "similarity", 5, cache_dir=tmp_path / "a", **kw)
+    assert exports == []
+    onnx_run = select_by_ot(pool, texts[24:30], "similarity", 5, cache_dir=tmp_path / "b", backend="onnx", **kw)
+    assert exports == ["_export_onnx"]
+    np.testing.assert_allclose(onnx_run["scored"]["score"], torch_run["scored"]["score"], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="backend"):
+        select_by_ot(pool, texts[24:30], "similarity", 5, cache_dir=tmp_path / "c", backend="tensorrt", **kw)
