@@ -44,6 +44,14 @@ from the origin (so ``|x|^2 + |y|^2 - 2 x.y`` does not cancel), and on ``x / s``
 vectors of any magnitude neither overflow nor underflow. ``eps`` must lie within
 ``EPS_RELATIVE_RANGE`` times the mean cost; outside it the solver refuses, naming ``eps``.
 
+**Warm starts** (:func:`sharded_sinkhorn`'s ``eps_scaling`` and ``init_g``): a few passes at
+coarser eps, or a given target potential such as a sample fit's ``g``, before the iterations at
+the requested eps. The stopping rule is unchanged, so the potentials are the cold solve's within
+``tol``; what changes is the number of passes, each one GEMM per block when no kernel is kept.
+Measured (``benchmarks/results/ot_scaling.md``): they save passes where the cold start's first
+iterations dominate (small eps, float32 600 x 50: 157 -> 131 with 8 coarse steps, 108 from a half
+sample's ``g``), not where Sinkhorn's linear rate does (100k x 1k, eps 0.01).
+
 The modes:
 
 ``"tensorized"``
@@ -457,6 +465,20 @@ def sharded_sinkhorn(
     start : {"zeros", "geomloss"}, default "zeros"
         Starting potentials: zeros, or GeomLoss's annealed ones (one process only: GeomLoss needs
         every row in memory).
+    eps_scaling : int, default 0
+        Warm start by eps-scaling (Kosowsky & Yuille 1994; Schmitzer 2019; Chizat et al. 2018;
+        GeomLoss's ``scaling``): when the kernel is not kept, this many log-domain passes at the
+        geometric eps of :func:`eps_schedule` from ``eps_start`` down toward ``eps``, each from the
+        potentials the last one left, before the iterations at ``eps``. They count in ``n_iter``
+        (and ``warm_passes``); at least one pass is left for ``eps``; the stopping rule is the
+        error at ``eps`` alone. Ignored with the kernel kept (a new eps would cost a pass to
+        rebuild it). At most ``MAX_EPS_SCALING``.
+    eps_start : float, optional
+        The first (coarsest) absolute eps of eps-scaling; default the mean cost.
+    init_g : array_like of shape (m,), optional
+        Starting target potential (absolute units, cost ``||x - y||^2``), e.g. the ``g`` of a fit
+        on a sample of the pool. The first pass takes ``f`` from it; only the start changes.
+        Identical on every process. Refused with ``start="geomloss"``.
     owner, names : str, (str, str, str)
         Who is calling and what the caller calls ``eps``, the candidates and the target, for the
         error messages.

@@ -107,8 +107,9 @@ class GOTDSelector(Selector):
         Warm start by eps-scaling when the kernel is not kept (``backend="blocked"``, or ``"auto"``
         beyond 1 GiB per process): this many log-domain passes at geometrically decreasing eps,
         from the mean cost down toward ``eps``, each starting from the last one's potentials,
-        before the iterations at ``eps`` (Kosowsky & Yuille 1994; Schmitzer 2019, Sec. 3.2;
-        GeomLoss's ``scaling``). The passes count in ``n_iter``; the stopping rule is the marginal
+        before the iterations at ``eps`` (eps-scaling: Kosowsky & Yuille 1994, "The invisible hand
+        algorithm"; Schmitzer 2019, "Stabilized sparse scaling algorithms..."; Chizat et al. 2018,
+        "Scaling algorithms for unbalanced optimal transport problems"; GeomLoss's ``scaling``). The passes count in ``n_iter``; the stopping rule is the marginal
         error at ``eps`` alone, so the potentials are today's within ``tol``. Ignored when the
         kernel is kept (a step of eps would cost a pass over the rows to rebuild it). Off by
         default: on the clustered 384-d problem of ``benchmarks/results/ot_scaling.md`` the
