@@ -235,7 +235,7 @@ def main() -> None:
         "bytes/iter = what one of the two processes sent per Sinkhorn iteration (setup included), at N and at N/4.",
         "",
         "iterations = passes over the rows (the no-kernel paths do one GEMM per block per pass), warm-up",
-        "passes at coarser eps included and shown in brackets; sharded_sampleg's seconds include its 1% sample fit.",
+        "passes at coarser eps included and counted in parentheses; sharded_sampleg's seconds include its 1% sample fit.",
         "",
         "| N | eps | method | seconds | peak GiB | iterations | agree | bytes/iter (N, N/4) |",
         "|---|---|---|---|---|---|---|---|",
