@@ -4,7 +4,10 @@ Methods: ``tensorized`` / ``blocked`` = ``sinkhorn_potentials`` on in-memory arr
 recomputed); ``sharded`` = ``sharded_sinkhorn`` on one process reading a memory-mapped ``.npy``
 through a ``PoolView`` (kernel kept when it fits the 1 GiB budget), ``sharded_recompute`` the same
 with the kernel recomputed every pass (no budget at all), ``sharded_halfcache`` with a budget for
-half the cost blocks (kept from the first pass; the other half recomputed); ``sharded_2proc`` = two gloo
+half the cost blocks (kept from the first pass; the other half recomputed); ``sharded_scaled`` the
+no-kernel one warm-started by eps-scaling (``eps_scaling=3``: passes at geometric eps from the mean
+cost down), ``sharded_sampleg`` the no-kernel one started from the ``g`` of a fit on a 1% sample
+(``fitted.sample_mask``, seed 0; the sample fit's seconds are included); ``sharded_2proc`` = two gloo
 processes under ``torchrun``, each with half the rows, reporting the bytes one process sent per
 Sinkhorn iteration (``Comm.bytes_sent``) at N and at N / 4.
 
@@ -33,7 +36,12 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _provenance import header, provenance  # noqa: E402
+
 M_TARGET = 1000
+EPS_SCALING = 3  # sharded_scaled's coarse steps
+SAMPLE = 0.01  # sharded_sampleg's sample fraction
 
 
 def problem(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -75,11 +83,23 @@ def child(method: str, n: int, eps: float, out: str) -> None:
 
         # sharded_recompute: no budget, every block redone per pass; sharded_halfcache: a budget
         # for half the cost blocks, the other half redone per pass (the path just beyond the budget)
-        budget = {"sharded_recompute": 0, "sharded_halfcache": n * M_TARGET * 4 // 2}.get(method)
+        budget = {"sharded_recompute": 0, "sharded_scaled": 0, "sharded_sampleg": 0,
+                  "sharded_halfcache": n * M_TARGET * 4 // 2}.get(method)
+        warm: dict = {}
+        if method == "sharded_scaled":
+            warm = {"eps_scaling": EPS_SCALING}
+        elif method == "sharded_sampleg":
+            from hf_otselect.fitted import sample_mask
+
+            keep = sample_mask(np.arange(n, dtype=np.int64), SAMPLE, n, 0)
+            fit = hf_otselect.ot.sharded_sinkhorn(PoolView(np.ascontiguousarray(x[keep])), y, eps)
+            warm = {"init_g": fit.g}
+            info["sample_seconds"] = time.perf_counter() - t0
+            info["sample_iter"] = fit.n_iter
         r = hf_otselect.ot.sharded_sinkhorn(PoolView(x), y, eps, keep_kernel=None if budget is None else False,
-                                            memory_budget=budget)
+                                            memory_budget=budget, **warm)
         f = r.f_local
-        info = {"n_iter": r.n_iter, "err": r.marginal_error}
+        info.update({"n_iter": r.n_iter, "warm_passes": r.warm_passes, "err": r.marginal_error})
     elif method in ("tensorized", "blocked", "reference"):
         sinkhorn_potentials = hf_otselect.ot.sinkhorn_potentials
         if method == "reference":
@@ -174,16 +194,19 @@ def main() -> None:
     p.add_argument("--eps", type=float, nargs="+", default=[0.1, 0.01])
     p.add_argument("--peers-max-n", type=int, default=100000, help="largest N for POT/GeomLoss")
     p.add_argument("--blocked-only-n", type=int, nargs="*", default=[], help="extra sizes, blocked back end only")
-    p.add_argument("--methods", nargs="+", default=["tensorized", "blocked", "sharded", "sharded_halfcache", "sharded_recompute", "sharded_2proc", "pot", "geomloss"])
+    p.add_argument("--methods", nargs="+", default=["tensorized", "blocked", "sharded", "sharded_halfcache", "sharded_recompute",
+                                                    "sharded_scaled", "sharded_sampleg", "sharded_2proc", "pot", "geomloss"])
     p.add_argument("--timeout", type=int, default=400)
     p.add_argument("--out", default="benchmarks/results/ot_scaling.md")
     args = p.parse_args()
+    prov = provenance(seeds={"data": 0, "sample": 0})
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in sorted(set(args.sizes) | set(args.blocked_only_n)):
             for eps in args.eps:
                 only_blocked = n in args.blocked_only_n and n not in args.sizes
-                methods = ["blocked"] if only_blocked else ["tensorized", "blocked", "sharded", "sharded_halfcache", "sharded_recompute", "sharded_2proc"]
+                methods = ["blocked"] if only_blocked else ["tensorized", "blocked", "sharded", "sharded_halfcache", "sharded_recompute",
+                                                            "sharded_scaled", "sharded_sampleg", "sharded_2proc"]
                 if n <= args.peers_max_n and not only_blocked:
                     methods += ["pot", "geomloss"]
                 ref = None
@@ -199,24 +222,20 @@ def main() -> None:
                     rows.append(r)
                     print(json.dumps({k: v for k, v in r.items() if k != "f"}), flush=True)
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    import geomloss
-    import ot
-    import torch
-
-    versions = f"torch {torch.__version__}, POT {ot.__version__}, GeomLoss {geomloss.__version__}, numpy {np.__version__}"
     lines = [
         "# Entropic OT potentials: seconds and peak memory against N",
         "",
-        f"Run {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on 2 shared CPU cores; `uptime` after: `{load}`.",
-        "Command: `.venv/bin/python benchmarks/ot_scaling.py " + " ".join(sys.argv[1:]) + "`",
-        f"Commit {commit}; {versions}.",
+        *header(prov),
+        f"`uptime` after the run: `{load}` (2 cores shared: only ratios within this run mean something).  ",
         "",
         "Problem of PEERS.md (N x 1,000, 384-d unit rows, cost ||x-y||^2, stop at L1 marginal error < 1e-3).",
         "Peak = ru_maxrss of the configuration's own subprocess (includes ~0.3 GiB of torch).",
         "agree = Spearman of candidate potentials vs the float64 reference (see the script docstring).",
         "",
         "bytes/iter = what one of the two processes sent per Sinkhorn iteration (setup included), at N and at N/4.",
+        "",
+        "iterations = passes over the rows (the no-kernel paths do one GEMM per block per pass), warm-up",
+        "passes at coarser eps included and counted in parentheses; sharded_sampleg's seconds include its 1% sample fit.",
         "",
         "| N | eps | method | seconds | peak GiB | iterations | agree | bytes/iter (N, N/4) |",
         "|---|---|---|---|---|---|---|---|",
@@ -227,7 +246,10 @@ def main() -> None:
             continue
         agree = f"{r['agree']:.6f}" if "agree" in r else "-"
         sent = f"{r['bytes_per_iter']:.0f}, {r['bytes_per_iter_quarter_n']:.0f}" if "bytes_per_iter" in r else "-"
-        lines.append(f"| {r['n']} | {r['eps']} | {r['method']} | {r['seconds']:.2f} | {r['peak_gib']:.2f} | {r.get('n_iter', '-')} | {agree} | {sent} |")
+        its = str(r.get("n_iter", "-")) + (f" ({r['warm_passes']} at coarser eps)" if r.get("warm_passes") else "")
+        if "sample_seconds" in r:
+            its += f"; sample fit {r['sample_seconds']:.2f} s, {r['sample_iter']} it."
+        lines.append(f"| {r['n']} | {r['eps']} | {r['method']} | {r['seconds']:.2f} | {r['peak_gib']:.2f} | {its} | {agree} | {sent} |")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
         fh.write("\n".join(lines) + "\n")

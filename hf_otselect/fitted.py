@@ -355,7 +355,7 @@ def fit_selector(
         "pool_fingerprint": getattr(pool, "_fingerprint", None), "diagnostics": diagnostics,
     }
     return FittedSelector(
-        method=method, params={k: v for k, v in selector.get_params().items() if k not in ("negative_target", "device")},
+        method=method, params={k: v for k, v in selector.get_params().items() if k not in ("negative_target", "device", "init_g")},
         state=state, encoder=encoder if (embedded or model is not None) else None,
         calibration={"fractions": CALIBRATION_FRACTIONS.copy(), "thresholds": thresholds}, fit_info=fit_info, seed=seed,
         column=column, vector_column=vector_column, score_column=score_column, device=params.get("device", device),

@@ -44,6 +44,14 @@ from the origin (so ``|x|^2 + |y|^2 - 2 x.y`` does not cancel), and on ``x / s``
 vectors of any magnitude neither overflow nor underflow. ``eps`` must lie within
 ``EPS_RELATIVE_RANGE`` times the mean cost; outside it the solver refuses, naming ``eps``.
 
+**Warm starts** (:func:`sharded_sinkhorn`'s ``eps_scaling`` and ``init_g``): a few passes at
+coarser eps, or a given target potential such as a sample fit's ``g``, before the iterations at
+the requested eps. The stopping rule is unchanged, so the potentials are the cold solve's within
+``tol``; what changes is the number of passes, each one GEMM per block when no kernel is kept.
+Measured (``benchmarks/results/ot_scaling.md``): they save passes where the cold start's first
+iterations dominate (small eps, float32 600 x 50: 157 -> 131 with 8 coarse steps, 108 from a half
+sample's ``g``), not where Sinkhorn's linear rate does (100k x 1k, eps 0.01).
+
 The modes:
 
 ``"tensorized"``
@@ -111,6 +119,8 @@ STALL_ITERATIONS = 50
 # rounding; above 1e3 the costs shift the log-sum-exp terms (about log m) by less than 1e-3 of
 # themselves, and float32 keeps less than four digits of the differences that rank the rows.
 EPS_RELATIVE_RANGE = (1e-8, 1e3)
+# Most coarse eps steps of eps-scaling (each costs one pass over the rows).
+MAX_EPS_SCALING = 64
 # The clouds are shifted to the target mean when |mean|^2 exceeds this multiple of the mean cost:
 # |x|^2 + |y|^2 - 2 x.y then cancels at most this much. Unit-norm embeddings (|mean| <= 1, mean
 # cost ~1-2) are never shifted, so their numbers are those of the plain formula.
@@ -256,6 +266,8 @@ class ShardedSinkhornResult:
         ``"float32"`` or ``"float64"``: what the last iterations ran in.
     stalled : bool
         Whether the solve stopped because the error stopped falling (its rounding floor) above ``tol``.
+    warm_passes : int
+        Of ``n_iter``, the passes run at the coarser eps of eps-scaling (0 without it).
     """
 
     y: np.ndarray
@@ -275,6 +287,7 @@ class ShardedSinkhornResult:
     f_local: np.ndarray | None = None
     precision: str = "float32"
     stalled: bool = False
+    warm_passes: int = 0
 
     def c_transform(self, rows: Any, *, device: Any = None, block_rows: int | None = None) -> np.ndarray:
         """Potentials of any rows against the fitted target: ``-eps log sum_j b_j exp((g_j - C_ij)/eps)``.
@@ -400,6 +413,9 @@ def sharded_sinkhorn(
     memory_budget: int | None = None,
     block_rows: int | None = None,
     start: Literal["zeros", "geomloss"] = "zeros",
+    eps_scaling: int = 0,
+    eps_start: float | None = None,
+    init_g: Any = None,
     owner: str = "sharded_sinkhorn",
     names: tuple[str, str, str] = ("eps", "candidates", "target"),
 ) -> ShardedSinkhornResult:
@@ -449,6 +465,20 @@ def sharded_sinkhorn(
     start : {"zeros", "geomloss"}, default "zeros"
         Starting potentials: zeros, or GeomLoss's annealed ones (one process only: GeomLoss needs
         every row in memory).
+    eps_scaling : int, default 0
+        Warm start by eps-scaling (Kosowsky & Yuille 1994; Schmitzer 2019; Chizat et al. 2018;
+        GeomLoss's ``scaling``): when the kernel is not kept, this many log-domain passes at the
+        geometric eps of :func:`eps_schedule` from ``eps_start`` down toward ``eps``, each from the
+        potentials the last one left, before the iterations at ``eps``. They count in ``n_iter``
+        (and ``warm_passes``); at least one pass is left for ``eps``; the stopping rule is the
+        error at ``eps`` alone. Ignored with the kernel kept (a new eps would cost a pass to
+        rebuild it). At most ``MAX_EPS_SCALING``.
+    eps_start : float, optional
+        The first (coarsest) absolute eps of eps-scaling; default the mean cost.
+    init_g : array_like of shape (m,), optional
+        Starting target potential (absolute units, cost ``||x - y||^2``), e.g. the ``g`` of a fit
+        on a sample of the pool. The first pass takes ``f`` from it; only the start changes.
+        Identical on every process. Refused with ``start="geomloss"``.
     owner, names : str, (str, str, str)
         Who is calling and what the caller calls ``eps``, the candidates and the target, for the
         error messages.
@@ -472,9 +502,13 @@ def sharded_sinkhorn(
     tol = check_float(tol, "tol", owner, 0.0)
     max_iter = check_int(max_iter, "max_iter", owner, 1)
     memory_budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else check_int(memory_budget, "memory_budget", owner, 0)
+    eps_scaling = check_int(eps_scaling, "eps_scaling", owner, 0, MAX_EPS_SCALING)
     y = _as_float_array(target, y_name, owner)
     if y.shape[1] != pool.dim:
         raise param_error(y_name, owner, f"an array with {pool.dim} columns (the dimension of {x_name})", f"an array of shape {y.shape}")
+    g0 = None if init_g is None else check_potential(init_g, len(y), "init_g", owner)
+    if g0 is not None and start == "geomloss":
+        raise param_error("init_g", owner, "None with backend='geomloss' (GeomLoss makes its own starting potentials)", "an array")
     pool_dtype = getattr(pool.data, "dtype", None)
     np_dtype = np.float64 if (pool_dtype == np.float64 and y.dtype == np.float64) else np.float32
     y = y.astype(np_dtype, copy=False)
@@ -487,6 +521,8 @@ def sharded_sinkhorn(
     block = block_rows or max(1, _BLOCK_ELEMENTS // m)
     mean_cost, center, scale = _frame(pool, y, a_local, wb, np_dtype, block, comm)
     eps_abs = eps * mean_cost if eps_mode == "relative" else eps
+    if eps_start is not None:
+        eps_start = check_float(eps_start, "eps_start", owner, 0.0, low_open=True)
     if eps_mode == "relative" and not eps_abs > 0:
         raise param_error("eps_mode", owner, "'absolute' when all pairwise costs are 0", eps_mode)
     lo, hi = EPS_RELATIVE_RANGE
@@ -527,8 +563,12 @@ def sharded_sinkhorn(
         A = _from_numpy(a).to(device=dev, dtype=dt)
         if init is not None:
             init = tuple(torch.as_tensor(v).to(device=dev, dtype=dt) / s2 for v in init)  # type: ignore[assignment]
+        elif g0 is not None:  # f only enters the first pass's error: the pass takes f from g
+            init = (torch.zeros(n_local, dtype=dt, device=dev), _from_numpy(g0 / s2).to(device=dev, dtype=dt))
+        schedule = eps_schedule(eps_abs, mean_cost if eps_start is None else eps_start, eps_scaling)
         solver = _ShardedSinkhorn(pool, prep, np_dtype, Y, B, A, eps_abs / s2, block, keep_kernel, comm, memory_budget)
-        f, g, g_f, it, err = solver.run(tol, max_iter, init)
+        f, g, g_f, it, err = solver.run(tol, max_iter, init, tuple(e / s2 for e in schedule))
+        warm = solver.warm_passes
         if solver.stalled and np_dtype == np.float32 and it < max_iter:
             # float32 rounding floors the error above tol: go on in float64 from these potentials.
             logger.info("Sinkhorn: the float32 marginal error stalled at %.3g above tol %.3g after %d iterations; "
@@ -550,8 +590,33 @@ def sharded_sinkhorn(
         y=y, b=wb, g=g64, g_f=gf64, f_sum=float(f_sum), cost=float(a_dot_f + wb @ g64), n_global=n_global,
         n_iter=it, converged=bool(err < tol), marginal_error=float(err), eps=eps_abs, kernel_kept=keep_kernel,
         center=center, scale=scale, f_local=f64, precision=np.dtype(np_dtype).name,
-        stalled=bool(solver.stalled and err >= tol),
+        stalled=bool(solver.stalled and err >= tol), warm_passes=warm,
     )
+
+
+def check_potential(g: Any, m: int, name: str, owner: str) -> np.ndarray:
+    """Return a starting target potential as a finite float64 array of shape ``(m,)``, or refuse it."""
+    expected = f"None or a finite float array of shape ({m},) (target potentials, e.g. a sample fit's g)"
+    try:
+        arr = np.asarray(g, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise param_error(name, owner, expected, type(g).__name__, exc=TypeError) from err
+    if arr.shape != (m,):
+        raise param_error(name, owner, expected, f"an array of shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise param_error(name, owner, expected, f"{int((~np.isfinite(arr)).sum())} NaN or Inf value(s)")
+    return arr
+
+
+def eps_schedule(eps: float, start: float, steps: int) -> tuple[float, ...]:
+    """The coarser eps values of eps-scaling: ``steps`` geometric steps from ``start`` down toward ``eps``.
+
+    ``start * (eps / start) ** (k / steps)`` for ``k = 0 .. steps - 1`` (the next value would be
+    ``eps`` itself); empty when ``steps == 0`` or ``start <= eps``.
+    """
+    if steps == 0 or not start > eps:
+        return ()
+    return tuple(start * (eps / start) ** (k / steps) for k in range(steps))
 
 
 def _check_common(
@@ -778,6 +843,13 @@ class _ShardedSinkhorn:
         self.cached = rows - rows % self.block if rows < self.n else self.n
         self.D = torch.empty((self.cached, self.m), dtype=Y.dtype, device=Y.device) if self.cached else None
         self.filled = 0
+        self.d_eps = eps  # the eps the kept score blocks ``D`` were divided by (their first pass's)
+        self.stalled = False
+
+    def set_eps(self, eps: float) -> None:
+        """Iterate at another eps from now on (eps-scaling): the scores' column term follows it."""
+        self.eps = eps
+        self.ny2 = (-self.y2 / eps).unsqueeze(0)
 
     def _blocks(self) -> Iterator[tuple[int, int, Any]]:
         """``(s, e, X)``: local row range and the prepared rows, one pool block at a time."""
@@ -833,8 +905,11 @@ class _ShardedSinkhorn:
             elif e <= self.cached:
                 if self.filled < e:
                     self._scores(X, self.D[s:e])
-                    self.filled = e
-                S = torch.add(self.D[s:e], hg.unsqueeze(0), out=self.work[: e - s])
+                    self.filled, self.d_eps = e, eps
+                # D holds (2 x y^T - |y|^2) / d_eps; at another eps it is rescaled in the same add
+                ratio = self.d_eps / eps
+                S = torch.add(hg.unsqueeze(0), self.D[s:e], alpha=ratio, out=self.work[: e - s]) if ratio != 1.0 \
+                    else torch.add(self.D[s:e], hg.unsqueeze(0), out=self.work[: e - s])
             else:
                 S = self._scores(X, self.work[: e - s]).add_(hg.unsqueeze(0))
             # S_ij = (g_j + eps log b_j - C_ij) / eps + |x_i|^2 / eps
@@ -867,11 +942,17 @@ class _ShardedSinkhorn:
             e = min(s + self.block, self.n)
             self.K[s:e].add_(gs).add_(fs[s:e].unsqueeze(1)).exp_()
 
-    def run(self, tol: float, max_iter: int, init: tuple[Any, Any] | None = None) -> tuple[Any, Any, Any, int, float]:
+    def run(
+        self, tol: float, max_iter: int, init: tuple[Any, Any] | None = None, schedule: tuple[float, ...] = ()
+    ) -> tuple[Any, Any, Any, int, float]:
         """Iterate to ``tol`` or until the error stalls (``self.stalled``); returns ``(f, g, g_f, n_iter, err)``.
 
         ``g_f`` is the target potential whose c-transform ``f`` is (``g`` itself is one half-step
-        later): a row's potential recomputed from ``g_f`` is the ``f`` returned here.
+        later): a row's potential recomputed from ``g_f`` is the ``f`` returned here. Without the
+        kernel, ``schedule`` (coarser eps values, decreasing) runs one log-domain pass at each
+        before the iterations at ``self.eps``, each starting from the potentials the last left
+        (eps-scaling); those passes count in ``n_iter`` and in ``self.warm_passes``. The stopping
+        rule only looks at the error at ``self.eps``.
         """
         torch, eps = self.torch, self.eps
         dt, dev = self.Y.dtype, self.Y.device
@@ -882,7 +963,17 @@ class _ShardedSinkhorn:
             f, g = (v.to(dtype=dt, device=dev) for v in init)
         err, it = math.inf, 0
         stall = _StallWatch(tol, torch.finfo(dt).eps)
+        self.warm_passes = 0
         if self.K is None:
+            target_eps = eps
+            for coarse in schedule:
+                if it >= max_iter - 1:  # leave at least one pass at the target eps
+                    break
+                self.set_eps(coarse)
+                f, g, _ = self.log_pass(f, g)
+                it += 1
+            self.set_eps(target_eps)
+            self.warm_passes = it
             g_f = g
             while it < max_iter:
                 g_f = g

@@ -302,3 +302,39 @@ def test_torchrun_ranks_give_the_one_process_scores_and_rows(nproc, tmp_path):
     assert got["chosen"] == one.indices.tolist()
     # communication of a fit does not grow with N: 4x the rows, the same bytes (5 iterations)
     assert got["bytes_1000"] == got["bytes_4000"] > 0
+
+
+def test_warm_starts_score_as_the_cold_fit_in_fewer_passes():
+    """eps-scaling and a sample fit's g (fit_selector(sample=...)) seed the no-kernel fit: same
+    scores within the solver's tolerance, fewer counted passes."""
+    from hf_otselect.fitted import fit_selector
+
+    pool, _, target = _planted()
+    kw = dict(eps=0.01, backend="blocked", tol=1e-3)
+    cold = GOTDSelector(**kw)
+    s_cold = cold.score(pool, target)
+    sample = fit_selector(pool, target, sample=0.5, **kw)
+    g = sample.state.target.results[0].g
+    assert "init_g" not in sample.params  # a fit-time start is not a parameter of the kept fit
+    for warm in ({"eps_scaling": 4}, {"init_g": g}):
+        sel = GOTDSelector(**kw, **warm)
+        s = sel.score(pool, target)
+        assert sel.diagnostics_["converged"]
+        np.testing.assert_allclose(s, s_cold, atol=5e-3)  # 1e-3 marginal error at eps 0.01: scores ~1e-2 apart
+        top = set(np.argsort(-s)[:40].tolist())
+        assert len(top & set(np.argsort(-s_cold)[:40].tolist())) >= 38
+    seeded = GOTDSelector(**kw, init_g=g)
+    seeded.score(pool, target)
+    assert seeded.diagnostics_["n_iter"] < cold.diagnostics_["n_iter"]
+
+
+@pytest.mark.parametrize("init_g, got", [(np.zeros(119), "an array of shape (119,)"), (np.full(120, np.nan), "120 NaN or Inf value(s)")])
+def test_a_bad_init_g_is_refused_naming_the_selector(init_g, got):
+    pool, _, target = _planted()
+    msg = ("The 'init_g' parameter of GOTDSelector must be None or a finite float array of shape (120,) (target potentials, "
+           f"e.g. a sample fit's g). Got '{got}' instead.")
+    with pytest.raises(ValueError) as err:
+        GOTDSelector(init_g=init_g).score(pool, target)
+    assert str(err.value) == msg
+    with pytest.raises(ValueError, match=r"^The 'eps_scaling' parameter of GOTDSelector must be an int in \[0, 64\]"):
+        GOTDSelector(eps_scaling=65).score(pool, target)

@@ -393,3 +393,106 @@ def test_identical_clouds_have_zero_mean_cost_whatever_the_rounding_of_their_mea
     y = np.full((m, 1), value, dtype=np.float32)
     # float32 potentials of size eps = 0.1 carry a few ulps of it
     assert sharded_sinkhorn(PoolView(x), y, 0.1).cost == pytest.approx(0.0, abs=8 * float(np.finfo(np.float32).eps) * 0.1)
+
+
+# ---------------------------------------------------------------- warm starts (issue 24, item 2)
+def _unit_clouds(n=600, m=50, d=16, seed=4):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d))
+    y = rng.normal(size=(m, d)) * 0.8 + 0.4
+    return x / np.linalg.norm(x, axis=1, keepdims=True), y / np.linalg.norm(y, axis=1, keepdims=True)
+
+
+def _gap(r, ref_f, ref_g):
+    """Largest potential difference up to the shared constant (f + c, g - c)."""
+    c = np.mean(r.f_local - ref_f)
+    return max(np.abs(r.f_local - c - ref_f).max(), np.abs(r.g + c - ref_g).max())
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def torch_threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("keep_kernel", [False, True])
+def test_warm_started_potentials_are_pots_in_float64(torch_threads, keep_kernel):
+    """eps-scaling and a sample fit's g change the start only: the fixed point is POT's (float64)."""
+    x, y = _clouds()
+    eps = 0.3
+    fr, gr, _, _ = _pot_duals(x, y, eps)
+    kw = dict(keep_kernel=keep_kernel, tol=1e-10, max_iter=100000, block_rows=32)
+    sample = sharded_sinkhorn(PoolView(x[::2]), y, eps, tol=1e-10, max_iter=100000)
+    for warm in ({"eps_scaling": 4}, {"init_g": sample.g}, {"eps_scaling": 2, "init_g": sample.g}):
+        r = sharded_sinkhorn(PoolView(x), y, eps, **kw, **warm)
+        assert r.converged and r.precision == "float64"
+        assert r.warm_passes == (0 if keep_kernel else warm.get("eps_scaling", 0))  # no coarse pass with the kernel kept
+        _same_up_to_constant(r.f_local, r.g, fr, gr, atol=1e-6)
+
+
+def test_warm_started_float32_potentials_are_as_close_to_the_fixed_point_as_cold_ones(torch_threads):
+    """float32, tol 1e-3: a warm start stops as near the float64 fixed point as the cold solve does."""
+    x, y = _unit_clouds()
+    x32, y32 = x.astype(np.float32), y.astype(np.float32)
+    ref = sharded_sinkhorn(PoolView(x), y, 0.01, tol=1e-12, max_iter=100000)
+    cold = sharded_sinkhorn(PoolView(x32), y32, 0.01, keep_kernel=False, tol=1e-3)
+    sample = sharded_sinkhorn(PoolView(x32[::2]), y32, 0.01, tol=1e-3)
+    base = _gap(cold, ref.f_local, ref.g)
+    assert base > 0
+    for warm in ({"eps_scaling": 8}, {"init_g": sample.g}):
+        r = sharded_sinkhorn(PoolView(x32), y32, 0.01, keep_kernel=False, tol=1e-3, **warm)
+        assert r.converged and r.precision == "float32"
+        assert _gap(r, ref.f_local, ref.g) <= 1.5 * base
+
+
+def test_warm_starts_take_fewer_passes(torch_threads):
+    """Counted passes (deterministic), float32 no-kernel solve at eps 0.01, tol 1e-3: cold 157."""
+    x, y = (v.astype(np.float32) for v in _unit_clouds())
+    kw = dict(keep_kernel=False, tol=1e-3)
+    cold = sharded_sinkhorn(PoolView(x), y, 0.01, **kw)
+    scaled = sharded_sinkhorn(PoolView(x), y, 0.01, eps_scaling=8, **kw)
+    sample = sharded_sinkhorn(PoolView(x[::2]), y, 0.01, tol=1e-3)
+    seeded = sharded_sinkhorn(PoolView(x), y, 0.01, init_g=sample.g, **kw)
+    again = sharded_sinkhorn(PoolView(x), y, 0.01, init_g=cold.g, **kw)
+    assert scaled.warm_passes == 8 and cold.warm_passes == 0
+    assert scaled.n_iter < cold.n_iter - 10  # 131 (8 of them coarse) against 157
+    assert seeded.n_iter < cold.n_iter - 30  # 108
+    assert again.n_iter <= 2  # from its own fixed point: one pass to measure, one to confirm
+    # with the kernel kept, the given g is the start too
+    assert sharded_sinkhorn(PoolView(x), y, 0.01, keep_kernel=True, tol=1e-3, init_g=sample.g).n_iter < cold.n_iter - 30
+
+
+def test_eps_scaling_leaves_a_pass_at_the_target_eps():
+    x, y = _clouds()
+    r = sharded_sinkhorn(PoolView(x), y, 0.3, keep_kernel=False, eps_scaling=5, max_iter=3, tol=0)
+    assert (r.n_iter, r.warm_passes) == (3, 2)
+
+
+@pytest.mark.parametrize("init_g, got", [
+    (np.zeros(39), "an array of shape (39,)"),
+    (np.zeros((40, 1)), "an array of shape (40, 1)"),
+    (np.r_[np.zeros(39), np.nan], "1 NaN or Inf value(s)"),
+    (np.r_[np.inf, np.zeros(39)], "1 NaN or Inf value(s)"),
+])
+def test_a_bad_init_g_is_refused_in_the_template_before_any_pass(init_g, got, monkeypatch):
+    import hf_otselect.ot as hot
+
+    x, y = _clouds()
+    monkeypatch.setattr(hot, "_frame", lambda *a, **k: pytest.fail("a pass over the rows ran before the check"))
+    expected = ("The 'init_g' parameter of sharded_sinkhorn must be None or a finite float array of shape (40,) "
+                f"(target potentials, e.g. a sample fit's g). Got '{got}' instead.")
+    with pytest.raises(ValueError) as err:
+        sharded_sinkhorn(PoolView(x), y, 0.3, init_g=init_g)
+    assert str(err.value) == expected
+
+
+def test_bad_eps_scaling_and_init_g_with_geomloss_are_refused():
+    x, y = _clouds()
+    with pytest.raises(ValueError, match=r"^The 'eps_scaling' parameter of sharded_sinkhorn must be an int in \[0, 64\]. Got -1 instead.$"):
+        sharded_sinkhorn(PoolView(x), y, 0.3, eps_scaling=-1)
+    with pytest.raises(TypeError, match=r"^The 'eps_scaling' parameter of sharded_sinkhorn must be an int"):
+        sharded_sinkhorn(PoolView(x), y, 0.3, eps_scaling=2.0)
+    with pytest.raises(ValueError, match=r"^The 'init_g' parameter of sharded_sinkhorn must be None with backend='geomloss'"):
+        sharded_sinkhorn(PoolView(x), y, 0.3, init_g=np.zeros(40), start="geomloss")

@@ -26,7 +26,7 @@ import numpy as np
 
 from .._checks import check_choice, check_embeddings, check_float, check_int, check_seed, param_error
 from ..dist import LOCAL, Comm, PoolView
-from ..ot import EPS_MODES, ShardedSinkhornResult, nonconvergence_message, sharded_sinkhorn
+from ..ot import EPS_MODES, MAX_EPS_SCALING, ShardedSinkhornResult, check_potential, nonconvergence_message, sharded_sinkhorn
 from .base import Selector, register
 
 logger = logging.getLogger(__name__)
@@ -103,6 +103,23 @@ class GOTDSelector(Selector):
         of the whole pool), and the sharded global solve is what scales.
     seed : int, default 0
         Seed of the chunk assignment (only used with ``chunk_size``).
+    eps_scaling : int, default 0
+        Warm start by eps-scaling when the kernel is not kept (``backend="blocked"``, or ``"auto"``
+        beyond 1 GiB per process): this many log-domain passes at geometrically decreasing eps,
+        from the mean cost down toward ``eps``, each starting from the last one's potentials,
+        before the iterations at ``eps`` (eps-scaling: Kosowsky & Yuille 1994, "The invisible hand
+        algorithm"; Schmitzer 2019, "Stabilized sparse scaling algorithms..."; Chizat et al. 2018,
+        "Scaling algorithms for unbalanced optimal transport problems"; GeomLoss's ``scaling``). The passes count in ``n_iter``; the stopping rule is the marginal
+        error at ``eps`` alone, so the potentials are today's within ``tol``. Ignored when the
+        kernel is kept (a step of eps would cost a pass over the rows to rebuild it). Off by
+        default: on the clustered 384-d problem of ``benchmarks/results/ot_scaling.md`` the
+        iterations at ``eps`` are set by Sinkhorn's linear rate, not by the cold start, so the
+        coarse passes saved none (see that page).
+    init_g : array_like of shape (n_target,), optional
+        Starting target potential ``g`` (cost ``||x - y||^2``, absolute units), e.g. a sample
+        fit's: ``fit_selector(pool, target, sample=0.01).state.target.results[0].g``. Used for
+        the target only (not the negative target), in every chunk. Only the start changes; the
+        stopping rule and the fixed point are the same.
     device : str, optional
         Torch device for the solver.
 
@@ -132,6 +149,8 @@ class GOTDSelector(Selector):
         max_iter: int = 2000,
         chunk_size: int | None = None,
         seed: int = 0,
+        eps_scaling: int = 0,
+        init_g: Any = None,
         device: Any = None,
     ) -> None:
         self.eps = eps
@@ -143,6 +162,8 @@ class GOTDSelector(Selector):
         self.max_iter = max_iter
         self.chunk_size = chunk_size
         self.seed = seed
+        self.eps_scaling = eps_scaling
+        self.init_g = init_g
         self.device = device
         self.diagnostics_ = {}
 
@@ -155,16 +176,21 @@ class GOTDSelector(Selector):
         check_float(self.tol, "tol", owner, 0.0)
         check_int(self.max_iter, "max_iter", owner, 1)
         check_seed(self.seed, "seed", owner)
+        check_int(self.eps_scaling, "eps_scaling", owner, 0, MAX_EPS_SCALING)
+        if self.init_g is not None and self.backend == "geomloss":
+            raise param_error("init_g", owner, "None with backend='geomloss' (GeomLoss makes its own starting potentials)", "an array")
         if self.chunk_size is not None:
             check_int(self.chunk_size, "chunk_size", owner, 2)
 
-    def _solve(self, pool: PoolView, target: np.ndarray, comm: Comm, target_name: str) -> ShardedSinkhornResult:
+    def _solve(
+        self, pool: PoolView, target: np.ndarray, comm: Comm, target_name: str, init_g: np.ndarray | None = None
+    ) -> ShardedSinkhornResult:
         """Target potentials of one OT problem pool <-> ``target`` (every process, same result)."""
         keep = {"auto": None, "tensorized": True, "blocked": False, "geomloss": True}[self.backend]
         res = sharded_sinkhorn(
             pool, target, self.eps, eps_mode=self.eps_mode, tol=self.tol, max_iter=self.max_iter, device=self.device,
             comm=comm, keep_kernel=keep, start="geomloss" if self.backend == "geomloss" else "zeros",
-            owner=type(self).__name__, names=("eps", "candidates", target_name),
+            eps_scaling=self.eps_scaling, init_g=init_g, owner=type(self).__name__, names=("eps", "candidates", target_name),
         )
         if not (np.isfinite(res.g_f).all() and math.isfinite(res.f_sum)):  # never let NaN reach choose
             raise param_error("eps", type(self).__name__, f"large enough for finite OT potentials against '{target_name}' "
@@ -174,11 +200,13 @@ class GOTDSelector(Selector):
             warnings.warn(nonconvergence_message(res, self.tol, what), RuntimeWarning, stacklevel=3)
         return replace(res, f_local=None)  # the state keeps nothing of size n
 
-    def _fit_direction(self, pool: PoolView, target: np.ndarray, comm: Comm, target_name: str) -> _Direction:
+    def _fit_direction(
+        self, pool: PoolView, target: np.ndarray, comm: Comm, target_name: str, init_g: np.ndarray | None = None
+    ) -> _Direction:
         """Solve the global problem, or one problem per seeded chunk (one process only)."""
         n = pool.n_global
         if self.chunk_size is None or self.chunk_size >= n:
-            return _Direction((self._solve(pool, target, comm, target_name),), None)
+            return _Direction((self._solve(pool, target, comm, target_name, init_g),), None)
         # Chunks are drawn from one permutation of the whole pool (as before the sharded fit); a
         # sharded pool has no such permutation, so multi-process runs refuse chunk_size in fit.
         perm = np.random.default_rng(self.seed).permutation(n)
@@ -187,7 +215,7 @@ class GOTDSelector(Selector):
         results = []
         for c, rows in enumerate(np.array_split(perm, n_chunks)):  # near-equal sizes, each <= chunk_size
             chunk_of[rows] = c
-            results.append(self._solve(PoolView(pool.read(rows)), target, LOCAL, target_name))
+            results.append(self._solve(PoolView(pool.read(rows)), target, LOCAL, target_name, init_g))
         return _Direction(tuple(results), chunk_of)
 
     def fit(self, pool: PoolView, target: Any, *, comm: Comm | None = None) -> GOTDState:
@@ -222,9 +250,10 @@ class GOTDSelector(Selector):
         negative = None
         if self.negative_target is not None:
             negative = check_embeddings(self.negative_target, "negative_target", owner, dim=pool.dim)
+        init_g = None if self.init_g is None else check_potential(self.init_g, len(target), "init_g", owner)
         if pool.n_global == 0:
             raise param_error("candidates", owner, "a non-empty pool (n_candidates >= 1)", "0 rows")
-        pos = self._fit_direction(pool, target, comm, "target")
+        pos = self._fit_direction(pool, target, comm, "target", init_g)
         neg = self._fit_direction(pool, negative, comm, "negative_target") if negative is not None else None
         self.target_potentials_ = pos.results[0].g if pos.chunk_of is None else None
         self.diagnostics_ = pos.diagnostics(comm.world_size)
