@@ -242,6 +242,9 @@ class StreamPass:
             raise RuntimeError("A StreamPass is iterated once; build another for a second pass.")
         self._started = True
         for table in self._batches():
+            if self.names is None:  # a stream that declares no columns: its first batch tells
+                self.names = table.column_names
+                _check_columns(self.fitted, self.names, (self.fitted.score_column, INDEX_COLUMN), self.owner)
             n = table.num_rows
             index = np.arange(self.rows_seen, self.rows_seen + n, dtype=np.int64)
             scores = self.fitted.score_rows(self._rows(table), index, device=self.device)
@@ -315,7 +318,8 @@ def write_selected(fitted: FittedSelector, pool: Any, output_dir: str | os.PathL
     The output folder is written aside and put in place only when complete (see
     :mod:`hf_otselect.outdir`: never a half-written output, one writer at a time, only a folder
     this package wrote is replaced, and only with ``overwrite``). A rerun after a crash starts the
-    pass again. Memory holds one batch and at most ``shard_rows`` kept rows, whatever the pool's length.
+    pass again. Memory holds one batch, whatever the pool's length: the kept rows of each batch go
+    straight into the open shard (one Parquet row group each).
 
     Parameters
     ----------
@@ -356,28 +360,40 @@ def write_selected(fitted: FittedSelector, pool: Any, output_dir: str | os.PathL
         data = partial / DATA_FOLDER
         data.mkdir()
         shards: list[str] = []
-        pending: list[pa.Table] = []
+        # Each kept batch goes straight into the open shard's writer: holding kept batches until a
+        # shard is full made the process's memory grow with the rows read (allocator pages pinned).
+        shard: dict[str, Any] = {"writer": None, "rows": 0}
 
-        def flush(table: pa.Table) -> None:
-            table = table.cast(features.arrow_schema) if features is not None else table.replace_schema_metadata(None)
+        def close() -> None:
+            shard["writer"].close()
             name = f"train-{len(shards):05d}.parquet"
-            tmp = data / f".{name}.tmp"
-            pq.write_table(table, tmp)
-            os.replace(tmp, data / name)
+            os.replace(data / f".{name}.tmp", data / name)
             shards.append(f"{DATA_FOLDER}/{name}")
+            shard.update(writer=None, rows=0)
+
+        def write(table: pa.Table) -> None:
+            table = table.cast(features.arrow_schema) if features is not None else table.replace_schema_metadata(None)
+            while True:
+                if shard["writer"] is None:
+                    shard["writer"] = pq.ParquetWriter(data / f".train-{len(shards):05d}.parquet.tmp", table.schema)
+                take = min(shard_rows - shard["rows"], table.num_rows)
+                shard["writer"].write_table(table.slice(0, take))
+                shard["rows"] += take
+                table = table.slice(take)
+                if shard["rows"] == shard_rows:
+                    close()
+                if not table.num_rows:
+                    return
 
         empty: pa.Table | None = _empty_table(features)
         for table in run:
             empty = table.slice(0, 0)
-            pending.append(table)
-            if sum(t.num_rows for t in pending) >= shard_rows:
-                whole = pa.concat_tables(pending)
-                cut = whole.num_rows - whole.num_rows % shard_rows
-                for start in range(0, cut, shard_rows):
-                    flush(whole.slice(start, shard_rows))
-                pending = [whole.slice(cut)] if cut < whole.num_rows else []
-        if pending or (not shards and empty is not None):  # the rest; or no row kept: one empty file with the columns
-            flush(pa.concat_tables(pending) if pending else empty)
+            write(table)
+        if shard["writer"] is not None:
+            close()
+        elif not shards and empty is not None:  # no row kept: one empty file with the columns
+            write(empty)
+            close()
         elapsed = time.perf_counter() - started
         summary = {
             "rows_seen": run.rows_seen, "rows_kept": run.rows_kept,

@@ -17,6 +17,7 @@ from datasets import Dataset, IterableDataset, load_dataset
 from hf_otselect import FittedSelector, StreamPass, embed, fit_selector, write_selected
 from hf_otselect.cli import main
 from hf_otselect.fitted import choice_keys
+from hf_otselect.stream_pass import INDEX_COLUMN
 from tests.conftest import SAMPLE, read_jsonl
 
 N_POOL, N_TARGET = 240, 30
@@ -117,7 +118,12 @@ def test_bad_inputs_are_refused_in_one_line_before_any_row_is_scored(data, tmp_p
         f.select(ds.remove_columns("vec"), fraction=0.1)
     with pytest.raises(ValueError, match=r"The 'score_column' parameter of FittedSelector.select must be a column name the pool does not have"):
         f.select(ds.add_column("score", [0.0] * N_POOL), fraction=0.1)
-    assert not (tmp_path / "a").exists()
+    # A stream that declares no columns is checked on its first batch, before it is scored or written.
+    taken = IterableDataset.from_generator(lambda: iter([{"vec": [0.0] * 4, INDEX_COLUMN: 7}]))
+    with pytest.raises(ValueError, match=r"The 'pool' parameter of write_selected must be a column name the pool does not have "
+                                         r"\('pool_index' would be overwritten"):
+        write_selected(f, taken, tmp_path / "a", fraction=0.1)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "a.partial").exists()
 
 
 def test_a_vector_of_another_width_is_named_by_column_and_row_and_leaves_no_output(data, tmp_path):
