@@ -30,7 +30,6 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -415,7 +414,3 @@ def _empty_table(features: Any) -> pa.Table | None:
     """A table of no rows with the output's columns (None when the pool declares no features)."""
     return None if features is None else features.arrow_schema.empty_table()
 
-
-def read_summary(output_dir: str | os.PathLike) -> dict[str, Any]:
-    """The ``summary.json`` of a :func:`write_selected` output."""
-    return json.loads((Path(output_dir) / SUMMARY_FILE).read_text(encoding="utf-8"))
