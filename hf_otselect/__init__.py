@@ -23,6 +23,7 @@ from .selectors import (
     choose,
     get_selector,
 )
+from .stream_pass import StreamPass, write_selected
 
 __version__ = "0.1.0"
 
@@ -36,6 +37,7 @@ __all__ = [
     "SelectionResult",
     "Selector",
     "SimilaritySelector",
+    "StreamPass",
     "TSDSSelector",
     "__version__",
     "available_selectors",
@@ -46,6 +48,7 @@ __all__ = [
     "iter_embeddings",
     "load_config",
     "select_by_ot",
+    "write_selected",
 ]
 
 register_dataset_methods()

@@ -3,6 +3,8 @@
     hf-otselect select --config configs/demo.yaml [key=value ...]
     hf-otselect push OUTPUT_DIR --repo-id user/name [--public]
     hf-otselect report OUTPUT_DIR [--columns domain]
+    hf-otselect fit --config configs/demo.yaml --out SELECTOR_DIR [--sample 0.1] [key=value ...]
+    hf-otselect apply SELECTOR_DIR_OR_HUB_ID POOL OUTPUT_DIR --fraction 0.01   (or --threshold T)
     hf-otselect methods            (the methods and their parameters with defaults)
     hf-otselect --version
 
@@ -49,6 +51,32 @@ def _parser() -> argparse.ArgumentParser:
                       help="seconds each Hub request may wait (default $HF_HUB_DOWNLOAD_TIMEOUT, else 60)")
     push.add_argument("--retries", type=int, default=3, help="tries after the first of a request the Hub answers with 429 or 5xx")
 
+    fit = sub.add_parser("fit", help="fit a selector from a YAML job (or key=value settings) and save it")
+    fit.add_argument("--config", help="YAML job file: pool, target, method, params, embedding, seed are read")
+    fit.add_argument("--out", required=True, help="folder to save the fitted selector in (save_pretrained)")
+    fit.add_argument("--sample", type=_number, default=None, help="fit on a sample: a row count (int) or a fraction in (0, 1]")
+    fit.add_argument("--vector-column", default=None, help="fit on this pool column of precomputed vectors instead of embedding texts")
+    fit.add_argument("--overwrite", action="store_true", help="replace a selector saved in --out before")
+    fit.add_argument("overrides", nargs="*", help="dotted key=value settings, e.g. pool.path=pool.jsonl method=got_d params.eps=0.05")
+
+    app = sub.add_parser("apply", help="apply a saved or Hub selector to a pool in one streaming pass; write the kept rows")
+    app.add_argument("selector", help="a folder written by fit/save_pretrained, or a Hub model id user/name")
+    app.add_argument("pool", help="data file or glob (.jsonl, .csv, .parquet...), save_to_disk folder or Hub dataset id")
+    app.add_argument("output_dir", help="receives data/*.parquet (the kept rows) and summary.json")
+    how = app.add_mutually_exclusive_group(required=True)
+    how.add_argument("--fraction", type=float, help="keep about this fraction: the fit's calibrated threshold for it")
+    how.add_argument("--threshold", type=float, help="keep the rows whose score (sampling methods: key) is at least this")
+    app.add_argument("--split", default="train")
+    app.add_argument("--name", default=None, help="Hub dataset configuration name")
+    app.add_argument("--column", default=None, help="text column (default: the selector's)")
+    app.add_argument("--vector-column", default=None, help="read precomputed vectors from this column instead of embedding")
+    app.add_argument("--max-rows", type=int, default=None, help="read only the first rows of the pool")
+    app.add_argument("--batch-size", type=int, default=1000, help="rows embedded and scored together")
+    app.add_argument("--shard-rows", type=int, default=100_000, help="kept rows per Parquet file")
+    app.add_argument("--revision", default=None, help="Hub revision of the selector")
+    app.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: CUDA when present)")
+    app.add_argument("--overwrite", action="store_true", help="replace an output this command wrote before")
+
     rep = sub.add_parser("report", help="write report.html for a finished selection")
     rep.add_argument("output_dir")
     rep.add_argument("--columns", nargs="*", default=None, help="categorical columns to break the selection down by")
@@ -56,6 +84,17 @@ def _parser() -> argparse.ArgumentParser:
                      help="rows the report reads at most (default: the job's report_sample_rows, else 20000)")
     rep.add_argument("--seed", type=int, default=None, help="seed of the report's keyed sample (default: the job's)")
     return parser
+
+
+def _number(text: str) -> int | float:
+    """``--sample``: ``1000`` is a row count, ``0.1`` a fraction."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a row count (int) or a fraction, got {text!r}") from None
 
 
 # Exit statuses: 2 bad input (argument, config, data), 1 the environment failed (disk, network,
@@ -93,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _configure_logging(args.verbose)
     install_log_redaction()
-    if args.command in ("select", "push", "report"):  # each may talk to the Hub; each imports it anyway
+    if args.command in ("select", "push", "report", "fit", "apply"):  # each may talk to the Hub; each imports it anyway
         _remember_user_token()
     try:
         if args.command == "select":
@@ -108,6 +147,22 @@ def main(argv: list[str] | None = None) -> int:
 
             _say(push(args.output_dir, args.repo_id, private=not args.public, split=args.split, license=args.license,
                       timeout=args.timeout, retries=args.retries))
+        elif args.command == "fit":
+            from .config import load_config
+            from .fit_job import fit_from_config
+
+            _say(fit_from_config(load_config(args.config, args.overrides), args.out, sample=args.sample,
+                                 vector_column=args.vector_column, overwrite=args.overwrite))
+        elif args.command == "apply":
+            import json
+
+            from .fit_job import apply_selector
+
+            summary = apply_selector(args.selector, args.pool, args.output_dir, fraction=args.fraction, threshold=args.threshold,
+                                     split=args.split, name=args.name, column=args.column, vector_column=args.vector_column,
+                                     max_rows=args.max_rows, batch_size=args.batch_size, shard_rows=args.shard_rows,
+                                     revision=args.revision, device=args.device, overwrite=args.overwrite)
+            _say(json.dumps({k: summary[k] for k in ("rows_seen", "rows_kept", "threshold")} | {"output_dir": str(args.output_dir)}))
         elif args.command == "methods":
             _say(methods_text())
         elif args.command == "report":

@@ -47,6 +47,9 @@ __all__ = ["FittedSelector", "Keep", "choice_keys", "fit_selector", "sample_mask
 CALIBRATION_FRACTIONS = np.unique(np.concatenate([[1e-4, 2e-4, 5e-4], np.arange(1, 1001) / 1000]))
 _SAMPLE_STREAM = 0x53414D50  # seeds the sample's keys apart from the choice keys of the same seed
 _INDEX_BOUND = "scores looked up by pool row index"
+#: What to use instead when rows outside an index-bound fit (TSDS, round-robin) need scores.
+OUT_OF_FIT = ("fit on the whole pool you select from, or use method='got_d' or 'similarity' (reduce 'mean' or 'max'), "
+               "whose scores extend to any row")
 _IMPORTED_IN = os.getpid()  # a forked worker has another pid (see _restore)
 
 
@@ -287,8 +290,7 @@ def fit_selector(
         raise param_error("negative_target", owner, f"None for method {method!r} (only GOT-D uses one)", "a negative target")
     if _index_bound(method, params) and sample is not None and not (isinstance(sample, float) and sample >= 1.0):
         raise param_error("sample", owner, f"None for method {method!r}{' (reduce=round_robin)' if method == 'similarity' else ''}: its "
-                          "scores are looked up by the rows its fit saw, and a row outside the fit has none (fit on the whole "
-                          "pool, or use method='got_d' or 'similarity', whose scores extend to any row)", sample)
+                          f"scores are looked up by the rows its fit saw, and a row outside the fit has none ({OUT_OF_FIT})", sample)
     selector = get_selector(method, **params)  # unknown keywords and bad values fail here, before any embedding
     encoder = {"model": model, "revision": revision, "pooling": pooling, "max_length": max_length, "normalize": normalize,
                "batch_size": batch_size, "trust_remote_code": bool(trust_remote_code)}
@@ -442,7 +444,8 @@ class FittedSelector:
         index = np.asarray(index, dtype=np.int64)
         if self.index_bound and index.size and (index.min() < 0 or index.max() >= self.fit_info["n_pool"]):
             raise param_error("index", f"FittedSelector({self.method!r}).score_rows", f"pool row indices in [0, {self.fit_info['n_pool']}) "
-                              f"({_INDEX_BOUND}; TSDS has no score for a row outside its fit)", int(index.max()))
+                              f"({_INDEX_BOUND}: a row outside the fit has none; {OUT_OF_FIT})",
+                              int(index.max()) if index.max() >= self.fit_info["n_pool"] else int(index.min()))
         state = self.state
         if self.method == "got_d":
             state = replace(state, device=device or self.device)
@@ -461,7 +464,13 @@ class FittedSelector:
         if not self.selector.needs_vectors:
             return np.zeros((len(next(iter(batch.values()))) if batch else 0, 0), dtype=np.float32)
         if self.vector_column is not None:
-            return np.asarray(self._column(batch, self.vector_column), dtype=np.float32)
+            values = self._column(batch, self.vector_column)
+            try:
+                return np.asarray(values, dtype=np.float32)
+            except (ValueError, TypeError):  # ragged rows or non-numbers: numpy's "inhomogeneous shape" names neither
+                widths = sorted({len(v) if hasattr(v, "__len__") else -1 for v in values})
+                raise param_error(self.vector_column, f"FittedSelector({self.method!r})", "a column of vectors of one width "
+                                  f"(the fit's: {self.fit_info.get('dim')})", f"rows of widths {widths[:5]}") from None
         if self.encoder is None:
             raise param_error("vector_column", f"FittedSelector({self.method!r})", "the name of a column of precomputed vectors "
                               "(this fit read vectors, so it records no encoder to embed texts with; set it with .using(vector_column=...))", None)
@@ -565,6 +574,36 @@ class FittedSelector:
                               "(the others have probability 0 or no score)", k if fraction is None else fraction)
         cut = top_k_cut(keys, k, index=index, comm=comm, owner=owner)
         return Keep(self.score_column, self.choice, seed, None, cut)
+
+    def select(self, pool: Any, *, fraction: float | None = None, threshold: float | None = None, k: int | None = None,
+               batch_size: int = 1000) -> Any:
+        """The rows of ``pool`` this selector keeps, lazily, in one pass (see :mod:`hf_otselect.stream_pass`).
+
+        Each batch is embedded (or its vector column read), scored and filtered; nothing per row is
+        kept but the rows passed on, so memory does not grow with the pool. ``k`` is refused (a
+        stream of unknown length has no known ``k`` best rows); TSDS and round-robin accept only
+        the Dataset they were fitted on. :func:`hf_otselect.write_selected` writes the kept rows to
+        Parquet shards with a summary instead.
+
+        Parameters
+        ----------
+        pool : Dataset or IterableDataset
+        fraction : float in (0, 1], optional
+            Keep the rows at or above the calibrated threshold of this fraction of the fit rows.
+        threshold : float, optional
+            Keep the rows whose key is at least this.
+        k : None
+        batch_size : int
+
+        Returns
+        -------
+        IterableDataset
+            ``pool.map(self, batched=True, with_indices=True).filter(self.keep(...), batched=True,
+            with_indices=True)``, in pool order.
+        """
+        from .stream_pass import select_stream
+
+        return select_stream(self, pool, fraction=fraction, threshold=threshold, k=k, batch_size=batch_size)
 
     def calibrated_threshold(self, fraction: float) -> float:
         """The key at or above which the best ``fraction`` of the fit rows lie.
