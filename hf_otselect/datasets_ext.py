@@ -72,7 +72,7 @@ def select_by_ot(
     shard_rows: int | None = None,
     trust_remote_code: bool = False,
     device: str | None = None,
-    backend: str | None = None,
+    encoder_backend: str | None = None,
     quantize: str | None = None,
     solver_device: str | None = None,
     **params: Any,
@@ -120,10 +120,10 @@ def select_by_ot(
         is an error.
     device : str or None
         Device of the encoder (``"cpu"``, ``"cuda"``, ``"cuda:1"``); None picks CUDA when present.
-    backend : {"torch", "onnx", "openvino"} or None
-        CPU inference back end of the encoder (None: torch). ONNX Runtime and OpenVINO run an
-        export of the same model, made once and cached (extras ``hf_otselect[onnx]`` /
-        ``hf_otselect[openvino]``).
+    encoder_backend : {"torch", "onnx", "openvino"} or None
+        CPU inference back end of the encoder (None: torch), ``embedding["backend"]``. ONNX Runtime
+        and OpenVINO run an export of the same model, made once and cached (extras
+        ``hf_otselect[onnx]`` / ``hf_otselect[openvino]``). Not GOT-D's ``backend=`` (its solver).
     quantize : {"int8"} or None
         Weight quantisation of an ONNX or OpenVINO back end (None: float32).
     solver_device : str or None
@@ -173,7 +173,7 @@ def select_by_ot(
     """
     given = {"model": model, "revision": revision, "batch_size": batch_size, "max_length": max_length, "pooling": pooling,
              "normalize": normalize, "num_proc": num_proc, "shard_rows": shard_rows, "device": device,
-             "backend": backend, "quantize": quantize,
+             "backend": encoder_backend, "quantize": quantize,
              "trust_remote_code": trust_remote_code or None}  # False is the default, not a setting
     embedding = _merge_embedding(embedding, {key: v for key, v in given.items() if v is not None})
     if solver_device is not None:

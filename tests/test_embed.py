@@ -564,7 +564,7 @@ def test_bad_backend_settings_fail_up_front_in_the_template(no_model, tmp_path, 
 
 
 def test_select_by_ot_runs_the_backend_it_is_given(texts, tmp_path, exports):
-    """``select_by_ot(backend=...)`` reaches the encoder: the pool and target go through the ONNX
+    """``select_by_ot(encoder_backend=...)`` reaches the encoder: the pool and target go through the ONNX
     export (one export, then its cache), and the scores are the torch run's to float32 rounding."""
     _need("onnx")
     from datasets import Dataset
@@ -576,8 +576,11 @@ def test_select_by_ot_runs_the_backend_it_is_given(texts, tmp_path, exports):
     kw = {"model": str(folder), "max_length": 128, "device": "cpu", "return_scored": True}
     torch_run = select_by_ot(pool, texts[24:30], "similarity", 5, cache_dir=tmp_path / "a", **kw)
     assert exports == []
-    onnx_run = select_by_ot(pool, texts[24:30], "similarity", 5, cache_dir=tmp_path / "b", backend="onnx", **kw)
+    onnx_run = select_by_ot(pool, texts[24:30], "similarity", 5, cache_dir=tmp_path / "b", encoder_backend="onnx", **kw)
     assert exports == ["_export_onnx"]
     np.testing.assert_allclose(onnx_run["scored"]["score"], torch_run["scored"]["score"], atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="backend"):
-        select_by_ot(pool, texts[24:30], "similarity", 5, cache_dir=tmp_path / "c", backend="tensorrt", **kw)
+    with pytest.raises(ValueError, match="'backend' parameter of embed"):
+        select_by_ot(pool, texts[24:30], "similarity", 5, cache_dir=tmp_path / "c", embedding={"backend": "tensorrt"}, **kw)
+    # GOT-D's own backend= (its solver) is not taken for the encoder's
+    got = select_by_ot(pool, texts[24:30], "got_d", 5, cache_dir=tmp_path / "b", backend="tensorized", encoder_backend="onnx", **kw)
+    assert len(got["selected"]) == 5 and exports == ["_export_onnx"]
