@@ -374,3 +374,34 @@ def test_rows_of_another_width_and_a_file_as_folder_are_refused_in_our_terms(tmp
     f.save_pretrained(tmp_path / "again")  # over its own files: whole files, no temporaries left
     assert sorted(p.name for p in (tmp_path / "again").iterdir()) == ["README.md", "fitted_selector.json", "state.safetensors"]
     assert np.array_equal(FittedSelector.from_pretrained(tmp_path / "again").score_rows(data["x"]), f.score_rows(data["x"]))
+
+
+def test_the_cards_measured_fidelity_is_the_benchmark_pages(data, tmp_path):
+    """The figures a sample fit's card quotes are those of benchmarks/results/sample_fit.json (a
+    rerun of the benchmark that changes them fails here until the card follows), and the card says
+    which fraction it quotes, for a GOT-D sample fit only."""
+    from hf_otselect.fitted_io import MEASURED_FIDELITY
+
+    page = json.loads((REPO / "benchmarks" / "results" / "sample_fit.json").read_text())
+    measured = {}
+    for block in page["fidelity"]:
+        for row in block[1:]:
+            measured[(row["data"], row["n"], row["fraction"])] = (row["overlap@0.01"], row["overlap@0.1"], row["spearman"])
+    sources = {"1M clustered 384-d vectors, 1,000 targets": ("clustered float16", 1_000_000),
+               "3,888-row mixed text pool, ChemProt target": ("text -> chemprot", 3888)}
+    assert set(MEASURED_FIDELITY) == set(sources)
+    for name, by_fraction in MEASURED_FIDELITY.items():
+        for fraction, figures in by_fraction.items():
+            want = measured[(*sources[name], fraction)]
+            np.testing.assert_allclose(figures, want, rtol=0, atol=5e-5, err_msg=f"{name} at {fraction}")  # quoted to 4 places
+    full = _fit(data, "got_d")
+    full.save_pretrained(tmp_path / "full")
+    assert "its scores are the full fit's" in (tmp_path / "full" / "README.md").read_text()
+    part = _fit(data, "got_d", sample=0.1)  # 24 of 240 rows: quotes the 10% rows
+    part.save_pretrained(tmp_path / "part")
+    card = (tmp_path / "part" / "README.md").read_text()
+    assert "| 1M clustered 384-d vectors, 1,000 targets | 10.0% | 0.996 | 1.000 | 1.0000 |" in card
+    assert "not on this pool" in card
+    other = _fit(data, "similarity", sample=0.1)
+    other.save_pretrained(tmp_path / "other")
+    assert "No sample-fit fidelity has been measured" in (tmp_path / "other" / "README.md").read_text()
