@@ -411,7 +411,7 @@ class FittedSelector:
         cls, selector: Any, state: Any, view: PoolView | TextView, target: Any, *, fit_index: np.ndarray | None = None,
         n_pool: int | None = None, sample: int | float | None = None, seed: int = 0, encoder: dict[str, Any] | None = None,
         pool_fingerprint: str | None = None, column: str = "text", vector_column: str | None = None, score_column: str = "score",
-        device: str | None = None, comm: Comm | None = None,
+        device: str | None = None, comm: Comm | None = None, scores: np.ndarray | None = None,
     ) -> tuple[FittedSelector, np.ndarray]:
         """Wrap a registered selector's fit, then score the fit rows through it and calibrate on them.
 
@@ -439,6 +439,8 @@ class FittedSelector:
         sample, seed, encoder, pool_fingerprint, column, vector_column, score_column, device
             Recorded as :func:`fit_selector` documents them.
         comm : Comm, optional
+        scores : ndarray of shape (n_local,), optional
+            The fit rows' scores when already known (a cached run): calibrate on them, score nothing.
 
         Returns
         -------
@@ -458,13 +460,11 @@ class FittedSelector:
         fitted = cls(method=selector.name, params={k: v for k, v in selector.get_params().items() if k not in ("negative_target", "device", "init_g")},
                      state=state, encoder=encoder, calibration={}, fit_info=fit_info, seed=seed, column=column,
                      vector_column=vector_column, score_column=score_column, device=device)
-        parts, indices = [], []
-        for idx, rows in view.blocks():
-            parts.append(fitted.score_rows(rows, idx))
-            indices.append(idx)
-        scores = np.concatenate(parts) if parts else np.zeros(0)
         if fit_index is None:
-            fit_index = np.concatenate(indices) if indices else np.zeros(0, dtype=np.int64)
+            fit_index = view.offset + np.arange(view.n_local, dtype=np.int64)
+        if scores is None:
+            parts = [fitted.score_rows(rows, idx) for idx, rows in view.blocks()]
+            scores = np.concatenate(parts) if parts else np.zeros(0)
         n_fit = max(1, int(view.n_global))
         ranks = np.clip(np.ceil(CALIBRATION_FRACTIONS * n_fit), 1, n_fit).astype(np.int64)
         keys = choice_keys(scores, fit_index, fitted.choice, seed)

@@ -405,6 +405,12 @@ def test_select_by_ot_hands_back_its_fit_and_a_rerun_reads_it_from_the_cache(dat
     monkeypatch.setattr(selector_class(_method(name)), "fit", lambda *a, **k: pytest.fail("fitted again"))
     again = select_by_ot(texts, data["target"], _method(name), K, return_fitted=True, **kw)[1]
     assert again.fingerprint == fitted.fingerprint
+    # The key covers the scores only: another score column is still a hit, and the fit it hands
+    # back is wrapped with this run's settings.
+    renamed = select_by_ot(texts, data["target"], _method(name), K, return_fitted=True, **{**kw, "score_column": "s2"})[1]
+    assert renamed.score_column == "s2" and renamed.fingerprint != fitted.fingerprint
+    np.testing.assert_array_equal(renamed.score_rows(data["x"][:5] if name != "dsir" else data["pool"][:5]),
+                                  fitted.score_rows(data["x"][:5] if name != "dsir" else data["pool"][:5]))
 
 
 def test_return_fitted_is_refused_for_a_selector_it_cannot_rebuild(data):

@@ -131,8 +131,9 @@ def scores_cached(
     is logged, removed and the scores recomputed. The fit is collective, so every process reads
     the cache only when every process finds a sound entry (one all-reduce decides); otherwise all
     of them fit again. With ``wrap`` (the settings :func:`_wrap_settings` gives) the entry also
-    holds the fitted selector (``selector/``, read back by ``from_pretrained``, which verifies its
-    checksums, and bound to the key by its fingerprint in ``fitted.json``).
+    holds the fit (``selector/``, read back by ``from_pretrained``, which verifies its checksums,
+    and bound to the key by its fingerprint in ``fitted.json``); a hit wraps its state with this
+    run's settings and calibrates it on the cached scores.
 
     Returns
     -------
@@ -153,10 +154,17 @@ def scores_cached(
     # copied or swapped into this folder is a miss, never another method's scores.
     scores = load_array(scores_path, key=key, dtype=np.float64, ndim=1, rows=len(candidates)) if use_cache else None
     info = load_json(info_path, key=key) if scores is not None else None
-    fitted = _cached_fit(folder, fitted_path, key, wrap) if isinstance(info, dict) and wrap is not None else None
-    hit = scores is not None and isinstance(info, dict) and (wrap is None or fitted is not None)
+    cached = _cached_fit(folder, fitted_path, key) if isinstance(info, dict) and wrap is not None else None
+    hit = scores is not None and isinstance(info, dict) and (wrap is None or cached is not None)
     if int(comm.all_reduce(np.array([hit], dtype=np.int64), op="min")[0]):
         logger.info("Scores read from the cache (%s)", folder)
+        if wrap is None:
+            return scores, info, None
+        # The entry keeps the fit's state; this run's encoder, seed and columns (which the key
+        # leaves out: they do not change the scores) wrap it, calibrated on the cached scores.
+        cached.selector.diagnostics_ = info
+        view = TextView.of(candidates, comm) if selector.needs_text else PoolView.of(candidates, comm)
+        fitted, _ = FittedSelector.from_fit(cached.selector, cached.state, view, target, comm=comm, scores=scores, **wrap)
         return scores, info, fitted
     scores, info, fitted = fit_and_score(selector, candidates, target, comm, wrap)
     if use_cache:
@@ -168,13 +176,13 @@ def scores_cached(
     return scores, info, fitted
 
 
-def _cached_fit(folder: Path, fitted_path: Path, key: str, wrap: dict[str, Any]) -> FittedSelector | None:
+def _cached_fit(folder: Path, fitted_path: Path, key: str) -> FittedSelector | None:
     """The entry's fitted selector when it is sound and this key's (None: a miss, fit again)."""
     bound = load_json(fitted_path, key=key)
     if not isinstance(bound, dict):
         return None
     try:
-        fitted = FittedSelector.from_pretrained(folder / "selector", device=wrap["device"])
+        fitted = FittedSelector.from_pretrained(folder / "selector")
     except (OSError, ValueError) as err:
         logger.warning("The cached fit in %s is unreadable (%s); fitting again", folder, err)
         return None
