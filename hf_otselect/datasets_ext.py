@@ -31,6 +31,7 @@ from .selectors import Selector
 from .splits import best_first, take_rows
 from .splits import shard_of as _shard_of
 from .stages.choosing import global_ranks
+from .stages.scoring import wrappable
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ def select_by_ot(
     negative_target: Target | None = None,
     score_column: str = "score",
     return_scored: bool = False,
+    return_fitted: bool = False,
     seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
     embedding: dict[str, Any] | None = None,
@@ -104,6 +106,12 @@ def select_by_ot(
         Name of the added score column (higher = select).
     return_scored : bool
         Return ``DatasetDict(scored=..., selected=...)`` instead of the selected rows alone.
+    return_fitted : bool
+        Also return the fit, as a :class:`~hf_otselect.FittedSelector`: ``(selection, fitted)``.
+        ``fitted`` scores any row as this selection scored the pool (``pool.map(fitted,
+        batched=True)`` gives the score column), keeps its calibration (quantiles of the pool's
+        scores) and saves with ``save_pretrained``. Refused for a selector it cannot rebuild (an
+        instance of your own :class:`Selector` class, chunked GOT-D).
     seed : int
         Seed of the random choices (sampling selectors, random baseline).
     cache_dir : str or PathLike or None
@@ -169,13 +177,19 @@ def select_by_ot(
         ``pool_index``, the score and ``selected`` (times chosen). Rows removed by the pre-filter
         or the decontamination stay in ``scored`` with a NaN score; with ``return_scored`` the dict also holds ``prefilter`` (the source
         ranking: source, ot_distance, rows, sampled, kept) and ``decontaminated`` (the dropped
-        rows with ``pool_index``, ``reason``, ``nearest_distance``) when those ran.
+        rows with ``pool_index``, ``reason``, ``nearest_distance``) when those ran. With
+        ``return_fitted``: the tuple ``(that, fitted)``.
     """
     given = {"model": model, "revision": revision, "batch_size": batch_size, "max_length": max_length, "pooling": pooling,
              "normalize": normalize, "num_proc": num_proc, "shard_rows": shard_rows, "device": device,
              "backend": encoder_backend, "quantize": quantize,
              "trust_remote_code": trust_remote_code or None}  # False is the default, not a setting
     embedding = _merge_embedding(embedding, {key: v for key, v in given.items() if v is not None})
+    if not isinstance(return_fitted, bool):
+        raise param_error("return_fitted", "select_by_ot", "a bool", return_fitted, exc=TypeError)
+    if return_fitted and not (wrappable(method) if isinstance(method, Selector) else params.get("chunk_size") is None):
+        raise param_error("return_fitted", "select_by_ot", "False for a selector a FittedSelector cannot rebuild (an instance of "
+                          "your own Selector class, or chunked GOT-D, whose scores are a row's chunk)", return_fitted)
     if solver_device is not None:
         from .selectors.base import selector_class
 
@@ -192,9 +206,8 @@ def select_by_ot(
         decontaminate_ngram=decontaminate_ngram, **params,
     )
     selected = best_first(run.selected)  # one process holds every row here
-    if return_scored:
-        return DatasetDict({"scored": run.scored, "selected": selected, **run.extra_splits})
-    return selected
+    out = DatasetDict({"scored": run.scored, "selected": selected, **run.extra_splits}) if return_scored else selected
+    return (out, run.fitted) if return_fitted else out
 
 
 def own_keywords() -> list[str]:

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from ._checks import check_choice, check_embeddings, check_float, check_int, nonfinite_rows, nonfinite_summary, param_error, short_repr
-from .datasets_ext import _digest
+from .fingerprints import digest as _digest
 from .dist import LOCAL, Comm, PoolView, TextView
 from .selectors.base import row_gumbels, row_uniforms
 from .threshold import Cut, descending_ranks_values, top_k_cut
@@ -122,6 +122,17 @@ def _check_sample(sample: Any, owner: str) -> int | float | None:
     if isinstance(sample, numbers.Real) and not isinstance(sample, bool):
         return check_float(sample, "sample", owner, 0.0, 1.0, low_open=True)
     raise param_error("sample", owner, "None, a row count (int >= 1) or a fraction in (0, 1]", sample, exc=TypeError)
+
+
+def _check_got_d_rows(n_fit: int, sample: int | float | None, owner: str) -> None:
+    """Refuse a GOT-D fit on fewer than 2 rows: its calibrated gradient ``-(N / (N - 1)) (f_j - mean f)``
+    (Kang et al. 2024, Eq. 3) is undefined at N = 1, and would score every row 0."""
+    if n_fit >= 2:
+        return
+    if sample is None:
+        raise param_error("pool", owner, "at least 2 rows for method 'got_d' (its gradient compares a row with the others)", f"{n_fit} row(s)")
+    raise param_error("sample", owner, f"a sample of at least 2 rows for method 'got_d' (its gradient compares a row with the "
+                      f"others; this one draws {n_fit} of the pool's rows)", sample)
 
 
 def _local_rows(pool: Any, comm: Comm, owner: str) -> tuple[Any, int]:
@@ -306,6 +317,8 @@ def fit_selector(
     index = np.arange(offset, offset + n_local, dtype=np.int64)
     keep = sample_mask(index, sample, n_pool, seed, comm)
     fit_index = index[keep]
+    if method == "got_d":  # before any embedding: Eq. 3's gradient needs a second fit row
+        _check_got_d_rows(int(comm.all_reduce(np.array([keep.sum()], dtype=np.int64))[0]), sample, owner)
     needs_text, needs_vectors = selector.needs_text, selector.needs_vectors
     embedded = False
 
@@ -343,25 +356,12 @@ def fit_selector(
     if method == "tsds" and params.get("budget") is None:
         selector = get_selector(method, **{**params, "budget": max(1, -(-view.n_global // 100))})
     state = selector.fit(view, target_side, comm=comm)
-    diagnostics = dict(getattr(selector, "diagnostics_", {}))
-
-    fit_scores = [np.asarray(selector.score_batch(state, r, idx), dtype=np.float64) for idx, r in view.blocks()]
-    scores = np.concatenate(fit_scores) if fit_scores else np.zeros(0)
-    keys = choice_keys(scores, fit_index, selector.choice, seed)
-    n_fit = view.n_global
-    ranks = np.clip(np.ceil(CALIBRATION_FRACTIONS * n_fit), 1, n_fit).astype(np.int64)
-    thresholds = descending_ranks_values(keys, ranks, comm)
-    fit_info = {
-        "n_pool": int(n_pool), "n_fit": int(n_fit), "sample": sample, "processes": int(comm.world_size),
-        "target_size": int(len(target_side)), "dim": None if needs_text else int(view.dim), "target_fingerprint": _digest(target_side if isinstance(target_side, np.ndarray) else list(target_side)),
-        "pool_fingerprint": getattr(pool, "_fingerprint", None), "diagnostics": diagnostics,
-    }
-    return FittedSelector(
-        method=method, params={k: v for k, v in selector.get_params().items() if k not in ("negative_target", "device", "init_g")},
-        state=state, encoder=encoder if (embedded or model is not None) else None,
-        calibration={"fractions": CALIBRATION_FRACTIONS.copy(), "thresholds": thresholds}, fit_info=fit_info, seed=seed,
-        column=column, vector_column=vector_column, score_column=score_column, device=params.get("device", device),
+    fitted, _ = FittedSelector.from_fit(
+        selector, state, view, target_side, fit_index=fit_index, n_pool=n_pool, sample=sample, seed=seed,
+        encoder=encoder if (embedded or model is not None) else None, pool_fingerprint=getattr(pool, "_fingerprint", None),
+        column=column, vector_column=vector_column, score_column=score_column, device=params.get("device", device), comm=comm,
     )
+    return fitted
 
 
 class FittedSelector:
@@ -407,6 +407,71 @@ class FittedSelector:
         if method == "got_d" and state.negative is not None:
             extra["negative_target"] = state.negative.results[0].y
         self.selector = get_selector(method, **self.params, **extra)
+
+    @classmethod
+    def from_fit(
+        cls, selector: Any, state: Any, view: PoolView | TextView, target: Any, *, fit_index: np.ndarray | None = None,
+        n_pool: int | None = None, sample: int | float | None = None, seed: int = 0, encoder: dict[str, Any] | None = None,
+        pool_fingerprint: str | None = None, column: str = "text", vector_column: str | None = None, score_column: str = "score",
+        device: str | None = None, comm: Comm | None = None, scores: np.ndarray | None = None,
+    ) -> tuple[FittedSelector, np.ndarray]:
+        """Wrap a registered selector's fit, then score the fit rows through it and calibrate on them.
+
+        The one place a fit becomes a :class:`FittedSelector`: :func:`fit_selector` and the job's
+        scoring stage (:mod:`hf_otselect.stages.scoring`) both call it right after ``selector.fit``.
+        Collective: every process of ``comm`` calls it with its part of ``view``; the calibration's
+        quantiles come from all-reduced counts (:func:`~hf_otselect.threshold.descending_ranks_values`),
+        no score is gathered.
+
+        Parameters
+        ----------
+        selector : Selector
+            A registered selector (its class rebuilt from its parameters scores as it does).
+        state
+            What ``selector.fit(view, target, comm=comm)`` returned.
+        view : PoolView or TextView
+            The fit rows, this process's part.
+        target : ndarray of shape (n_target, dim), list of str or None
+            The target as the fit read it (its size and fingerprint are recorded).
+        fit_index : ndarray of shape (n_local,), int, optional
+            The fit rows' global pool indices, which the sampling keys of the calibration read
+            (default: the view's indices).
+        n_pool : int, optional
+            Rows of the pool the fit was drawn from (default: the view's ``n_global``).
+        sample, seed, encoder, pool_fingerprint, column, vector_column, score_column, device
+            Recorded as :func:`fit_selector` documents them.
+        comm : Comm, optional
+        scores : ndarray of shape (n_local,), optional
+            The fit rows' scores when already known (a cached run): calibrate on them, score nothing.
+
+        Returns
+        -------
+        fitted : FittedSelector
+        scores : ndarray of shape (n_local,), float64
+            The fit rows' scores (this process's), by :meth:`score_rows`.
+        """
+        comm = comm or LOCAL
+        diagnostics = dict(getattr(selector, "diagnostics_", {}))
+        fit_info = {
+            "n_pool": int(view.n_global if n_pool is None else n_pool), "n_fit": int(view.n_global), "sample": sample,
+            "processes": int(comm.world_size), "target_size": int(len(target)) if target is not None else 0,
+            "dim": None if selector.needs_text else int(view.dim),
+            "target_fingerprint": _digest(target if isinstance(target, np.ndarray) else list(target or [])),
+            "pool_fingerprint": pool_fingerprint, "diagnostics": diagnostics,
+        }
+        fitted = cls(method=selector.name, params={k: v for k, v in selector.get_params().items() if k not in ("negative_target", "device", "init_g")},
+                     state=state, encoder=encoder, calibration={}, fit_info=fit_info, seed=seed, column=column,
+                     vector_column=vector_column, score_column=score_column, device=device)
+        if fit_index is None:
+            fit_index = view.offset + np.arange(view.n_local, dtype=np.int64)
+        if scores is None:
+            parts = [fitted.score_rows(rows, idx) for idx, rows in view.blocks()]
+            scores = np.concatenate(parts) if parts else np.zeros(0)
+        n_fit = max(1, int(view.n_global))
+        ranks = np.clip(np.ceil(CALIBRATION_FRACTIONS * n_fit), 1, n_fit).astype(np.int64)
+        keys = choice_keys(scores, fit_index, fitted.choice, seed)
+        fitted.calibration = {"fractions": CALIBRATION_FRACTIONS.copy(), "thresholds": descending_ranks_values(keys, ranks, comm)}
+        return fitted, scores
 
     # ------------------------------------------------------------------ scoring
     @property

@@ -231,7 +231,7 @@ downstream quality: evaluate a model trained on the selection before trusting it
 ## Scores of the selected rows
 {_histogram(selected_scores, counted=histogram)}
 
-## Limitations
+{_fit_section(provenance.get("fitted_selector"))}## Limitations
 The selection inherits the pool's content, licences and biases; it is only as close to the target as
 the pool allows, and the embedding model decides what "close" means.
 
@@ -241,6 +241,15 @@ The YAML header of this card holds the full job configuration under `hf_otselect
 `hf-otselect select --config <that config saved as YAML>` reruns the selection.
 """
     return DatasetCard(f"---\n{header}---\n{body}")
+
+
+def _fit_section(kept: dict[str, Any] | None) -> str:
+    """The card's paragraph on the fit the job kept (``selector/``), empty when it kept none."""
+    if not kept or not kept.get("saved"):
+        return ""
+    return (f"## The fitted selector\nThe fit is kept in `{kept['path']}/` of the job's output folder: "
+            f"`hf_otselect.FittedSelector.from_pretrained(\"{kept['path']}\")` scores {kept['scores']} as this "
+            "selection did (`ds.map(fitted, batched=True)`), and `fitted.push_to_hub(repo_id)` shares it.\n\n")
 
 
 _CARD_HEADER = re.compile(r"\A\s*---[ \t]*\r?\n(.*?)(?:\r?\n)?^---[ \t]*$", re.DOTALL | re.MULTILINE)

@@ -13,6 +13,9 @@ Outputs go to one folder (see DESIGN.md), which ``datasets.load_from_disk(output
       prefilter/         the source ranking (when the pre-filter ran)
       decontaminated/    the pool rows removed as too close to the held-out split (when it removed any)
       README.md          the dataset card pushed with the selection
+      selector/          the fit, kept: FittedSelector.from_pretrained(<output_dir>/selector) scores any
+                         dataset or stream as this job scored the pool (save_pretrained files; absent
+                         for a selector it cannot rebuild, see fitted_selector in selection.json)
       report_data/       the report's summaries, reduced over the processes, and its keyed sample (when report)
       report.html        and its PNGs (when report)
 
@@ -256,6 +259,25 @@ def _provenance(config: SelectionConfig, run: SelectionRun, distances: dict[str,
     }
 
 
+def _save_fit(run: SelectionRun, folder: Path) -> dict[str, Any]:
+    """Write the job's fit into the output (process 0, inside the partial folder); what selection.json records of it.
+
+    Not written for a selector a :class:`~hf_otselect.fitted.FittedSelector` cannot rebuild (a
+    user's own class, chunked GOT-D), nor for TSDS or round-robin similarity after a filter
+    renumbered the rows they score by (their state is keyed by the fit's rows, no longer
+    ``pool_index``). TSDS and round-robin score only the pool's own rows, by ``pool_index``.
+    """
+    fitted = run.fitted
+    if fitted is None:
+        return {"saved": False, "why": "the selector cannot be rebuilt from its name and parameters (own class, or chunked GOT-D)"}
+    if fitted.index_bound and fitted.fit_info["n_pool"] != run.n_pool:
+        return {"saved": False, "why": f"{fitted.method} scores by the fit's row numbers, which a filter renumbered"}
+    fitted.save_pretrained(folder)
+    rows = ("the pool's own rows only, by pool_index (with_indices=True): its scores are looked up by the fit's rows"
+            if fitted.index_bound else "any row")
+    return {"saved": True, "path": folder.name, "fingerprint": fitted.fingerprint, "scores": rows}
+
+
 def _pipeline_kwargs(config: SelectionConfig, heldout: Dataset | None) -> dict[str, Any]:
     """The pre-filter, guard and decontamination arguments of run_selection, from the config."""
     kwargs: dict[str, Any] = {"source_column": config.source_column}
@@ -413,9 +435,11 @@ def _run_job(config: SelectionConfig, folder: OutputFolder, comm: Comm, t0: floa
         run.extra_splits["prefilter"].save_to_disk(str(partial / "prefilter"))
     if config.save_embeddings and run.target_embeddings is not None:
         np.save(partial / "embeddings" / "target.npy", np.asarray(run.target_embeddings), allow_pickle=False)
+    kept_fit = _save_fit(run, partial / "selector")
     run.timings["job_s"] = time.perf_counter() - t0
     # One JSON round trip: the card's YAML and selection.json hold plain types only.
     provenance = json.loads(json.dumps(_provenance(config, run, distances, n_scored), default=str))
+    provenance["fitted_selector"] = kept_fit
     provenance["rows"]["selected"] = n_selected
     (partial / "selection.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 

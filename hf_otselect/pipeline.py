@@ -16,6 +16,7 @@ import numpy as np
 from datasets import Dataset, IterableDataset
 
 from .dist import LOCAL, Comm
+from .fitted import FittedSelector
 from .request import Target, build_request
 from .selectors import SelectionResult, Selector
 from .stages.choosing import choose_stage
@@ -62,6 +63,10 @@ class SelectionRun:
         The processes that shared the pool.
     offset, n_pool : int
         Global index of this process's first row; rows of the whole pool.
+    fitted : FittedSelector or None
+        The fit as a :class:`~hf_otselect.fitted.FittedSelector` (the same on every process), its
+        calibration from the scored rows; None for a selector it cannot wrap (a user's own
+        :class:`Selector` class, chunked GOT-D).
     """
 
     scored: Dataset
@@ -79,6 +84,7 @@ class SelectionRun:
     comm: Comm = LOCAL
     offset: int = 0
     n_pool: int = 0
+    fitted: FittedSelector | None = None
 
 
 @contextlib.contextmanager
@@ -120,5 +126,5 @@ def run_selection(
         scored_split, selected, SelectionResult(chosen.indices, scored.scores, scored.info), emb.selector,
         emb.pool_embeddings, emb.target_embeddings, emb.fingerprints, timings,
         prefilter=reports.get("prefilter"), decontamination=reports.get("decontamination"), dedup=reports.get("dedup"),
-        extra_splits=flt.extra_splits, comm=req.comm, offset=emb.offset, n_pool=emb.n_pool,
+        extra_splits=flt.extra_splits, comm=req.comm, offset=emb.offset, n_pool=emb.n_pool, fitted=scored.fitted,
     )

@@ -405,3 +405,51 @@ def test_the_cards_measured_fidelity_is_the_benchmark_pages(data, tmp_path):
     other = _fit(data, "similarity", sample=0.1)
     other.save_pretrained(tmp_path / "other")
     assert "No sample-fit fidelity has been measured" in (tmp_path / "other" / "README.md").read_text()
+
+
+def test_a_got_d_fit_on_fewer_than_2_rows_is_refused_before_any_embedding(data, monkeypatch):
+    """Eq. 3's gradient -(N/(N-1))(f_j - mean f) has no second row at N = 1: it scored every row 0."""
+    monkeypatch.setattr(sys.modules["hf_otselect.embed"], "embed", lambda *a, **k: pytest.fail("embedded before the check"))
+    with pytest.raises(ValueError, match=r"^The 'sample' parameter of fit_selector must be a sample of at least 2 rows for "
+                                         r"method 'got_d' .*this one draws 1 of the pool's rows\)\. Got 1 instead\.$"):
+        fit_selector(data["pool"], data["target"], "got_d", sample=1)
+    with pytest.raises(ValueError, match=r"'sample' parameter .* this one draws 0 of the pool's rows\)\. Got 0\.0001 instead"):
+        fit_selector(data["pool"], data["target"], "got_d", sample=1e-4)
+    with pytest.raises(ValueError, match=r"^The 'pool' parameter of fit_selector must be at least 2 rows for method 'got_d'"):
+        fit_selector(data["x"][:1], data["y"], "got_d")
+    two = fit_selector(data["x"], data["y"], "got_d", sample=2)  # two rows are enough
+    assert two.fit_info["n_fit"] == 2 and np.ptp(two.score_rows(data["x"][:20])) > 0
+
+
+@pytest.mark.parametrize("name", ["got_d", "similarity", "dsir"])
+def test_select_by_ot_hands_back_its_fit_and_a_rerun_reads_it_from_the_cache(data, name, monkeypatch):
+    texts = data["ds"].remove_columns("vec")
+    kw = {"return_scored": True, "cache_dir": data["cache"], **METHODS[name]}
+    dd, fitted = select_by_ot(texts, data["target"], _method(name), K, return_fitted=True, **kw)
+    assert isinstance(fitted, FittedSelector) and fitted.fit_info["n_fit"] == N_POOL
+    ref = np.asarray(dd["scored"]["score"])
+    got = np.asarray(data["ds"].map(fitted.using(vector_column="vec"), batched=True)["score"])
+    # The job's vectors are these (one embedding cache): the one scoring path, GOT-D within 1e-6.
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6 * np.abs(ref).max() if name == "got_d" else 0)
+    from hf_otselect.selectors.base import selector_class
+
+    monkeypatch.setattr(selector_class(_method(name)), "fit", lambda *a, **k: pytest.fail("fitted again"))
+    again = select_by_ot(texts, data["target"], _method(name), K, return_fitted=True, **kw)[1]
+    assert again.fingerprint == fitted.fingerprint
+    # The key covers the scores only: another score column is still a hit, and the fit it hands
+    # back is wrapped with this run's settings.
+    renamed = select_by_ot(texts, data["target"], _method(name), K, return_fitted=True, **{**kw, "score_column": "s2"})[1]
+    assert renamed.score_column == "s2" and renamed.fingerprint != fitted.fingerprint
+    np.testing.assert_array_equal(renamed.score_rows(data["x"][:5] if name != "dsir" else data["pool"][:5]),
+                                  fitted.score_rows(data["x"][:5] if name != "dsir" else data["pool"][:5]))
+
+
+def test_return_fitted_is_refused_for_a_selector_it_cannot_rebuild(data):
+    from hf_otselect.selectors.got_d import GOTDSelector
+
+    class Mine(GOTDSelector):
+        pass
+
+    for method, params in ((Mine(), {}), ("got_d", {"chunk_size": 100})):
+        with pytest.raises(ValueError, match=r"^The 'return_fitted' parameter of select_by_ot must be False for a selector"):
+            select_by_ot(data["ds"], data["target"], method, K, return_fitted=True, **params)

@@ -7,12 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from datasets import load_from_disk
 
+from hf_otselect import FittedSelector
 from hf_otselect.config import load_config
+from hf_otselect.fitted import choice_keys
 from hf_otselect.hub import config_from_card
-from hf_otselect.job import output_paths, run_job
+from hf_otselect.job import load_split, output_paths, run_job
 from tests.conftest import REPO
 
 
@@ -115,7 +118,51 @@ def test_two_process_launch_gives_the_one_process_selection(tmp_path):
     one_sel = load_from_disk(str(single / "selected"))
     two_sel = load_from_disk(str(two / "selected"))
     assert two_sel["pool_index"] == one_sel["pool_index"]
+    # The fit each job kept scores the pool alike: process 0 saved the 2-process fit, whose
+    # reductions sum in another order (GOT-D: within 1e-6 of the score scale).
+    pool = load_split(cfg.pool, "pool")
+    one_fit, two_fit = (FittedSelector.from_pretrained(folder / "selector") for folder in (single, two))
+    ref, got = (np.asarray(pool.map(f, batched=True)["score"]) for f in (one_fit, two_fit))
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6 * np.abs(ref).max())
+    assert two_fit.fit_info["processes"] == 2 and two_fit.fit_info["n_fit"] == one_fit.fit_info["n_fit"] == 90
     shutil.rmtree(tmp_path / "cache2")
+
+
+@pytest.mark.parametrize("method", ["got_d", "similarity", "dsir"])
+def test_the_job_keeps_its_fit_and_the_saved_selector_maps_to_the_scored_column(tmp_path, method):
+    """Issue 20 item 3: the fit outlives the job; applied to the pool it gives the job's scores."""
+    params = ["params={chunk_tokens: 8}"] if method == "dsir" else []
+    config = _config(tmp_path, f"method={method}", *params)
+    out = run_job(config)
+    fitted = FittedSelector.from_pretrained(out / "selector")
+    assert fitted.method == method and fitted.fit_info["n_fit"] == 90
+    prov = json.loads((out / "selection.json").read_text())
+    assert prov["fitted_selector"] == {"saved": True, "path": "selector", "fingerprint": fitted.fingerprint, "scores": "any row"}
+    assert "## The fitted selector" in (out / "README.md").read_text()
+    scored = load_from_disk(str(out / "scored")).sort("pool_index")
+    ref = np.asarray(scored["score"])
+    pool = load_split(config.pool, "pool")
+    # On texts the map embeds them itself, a batch at a time (the job: length-sorted shards), so
+    # the vectors differ in float32 rounding: the scores within 1e-6 of their scale; DSIR reads
+    # the texts, exact.
+    on_texts = np.asarray(pool.map(fitted, batched=True, batch_size=32)["score"])
+    if method == "dsir":
+        np.testing.assert_array_equal(on_texts, ref)
+    else:
+        np.testing.assert_allclose(on_texts, ref, rtol=0, atol=1e-6 * np.abs(ref).max())
+        # On the job's own vectors the scoring path is the job's: similarity exact, GOT-D within
+        # 1e-6 (its c-transform reduces over blocks of another size).
+        vectors = np.load(out / "embeddings" / "pool.npy")
+        on_vectors = np.asarray(pool.add_column("vec", vectors.tolist()).map(fitted.using(vector_column="vec"), batched=True,
+                                                                                  batch_size=32)["score"])
+        if method == "got_d":
+            np.testing.assert_allclose(on_vectors, ref, rtol=0, atol=1e-6 * np.abs(ref).max())
+        else:
+            np.testing.assert_array_equal(on_vectors, ref)
+    # The calibration is the quantiles of the job's own keys (scores, or DSIR's log-weight + Gumbel):
+    # exactly the best 10% of them lie at or above its threshold for 0.1.
+    keys = choice_keys(ref, np.arange(ref.size), fitted.choice, fitted.seed)
+    assert (keys >= fitted.calibrated_threshold(0.1)).sum() == 9
 
 
 @pytest.mark.parametrize("radius", [0.3, 1.1])
