@@ -546,7 +546,7 @@ def test_relaxation_takes_fewer_passes_to_the_same_accuracy(torch_threads):
     plain = sharded_sinkhorn(PoolView(x32), y32, 0.01, **kw)
     base = _gap(plain, ref.f_local, ref.g)
     assert plain.n_iter > 150 and plain.relaxed_passes == 0
-    for omega, most in ((DEFAULT_RELAXATION, 110), (1.5, 70), (1.7, 35)):  # 95 at 1.3, 63 at 1.5, 31 at 1.7
+    for omega, most in ((DEFAULT_RELAXATION, 85), (1.5, 70), (1.7, 35)):  # 78 at 1.4, 63 at 1.5, 31 at 1.7
         r = sharded_sinkhorn(PoolView(x32), y32, 0.01, relaxation=omega, **kw)
         assert r.converged and r.precision == "float32" and r.n_iter <= most
         assert r.relaxed_passes == r.n_iter - 2  # all but the first (plain) and the last (returned plain)
