@@ -8,7 +8,7 @@ half the cost blocks (kept from the first pass; the other half recomputed); ``sh
 no-kernel one warm-started by eps-scaling (``eps_scaling=3``: passes at geometric eps from the mean
 cost down), ``sharded_sampleg`` the no-kernel one started from the ``g`` of a fit on a 1% sample
 (``fitted.sample_mask``, seed 0; the sample fit's seconds are included); ``sharded_relaxed`` the
-no-kernel one over-relaxed (``relaxation=DEFAULT_RELAXATION``, GOT-D's default), ``sharded_relaxed_scaled``
+no-kernel one over-relaxed (``relaxation=RELAXATION``), ``sharded_relaxed_scaled``
 that and ``eps_scaling=3``; ``sharded_2proc`` = two gloo
 processes under ``torchrun``, each with half the rows, reporting the bytes one process sent per
 Sinkhorn iteration (``Comm.bytes_sent``) at N and at N / 4.
@@ -44,6 +44,7 @@ from _provenance import header, provenance  # noqa: E402
 M_TARGET = 1000
 EPS_SCALING = 3  # sharded_scaled's coarse steps
 SAMPLE = 0.01  # sharded_sampleg's sample fraction
+RELAXATION = 1.4  # sharded_relaxed's omega
 
 
 def problem(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -89,7 +90,7 @@ def child(method: str, n: int, eps: float, out: str) -> None:
                   "sharded_relaxed_scaled": 0, "sharded_halfcache": n * M_TARGET * 4 // 2}.get(method)
         warm: dict = {}
         if method.startswith("sharded_relaxed"):
-            warm = {"relaxation": hf_otselect.ot.DEFAULT_RELAXATION}
+            warm = {"relaxation": RELAXATION}
         if method.endswith("_scaled"):
             warm["eps_scaling"] = EPS_SCALING
         elif method == "sharded_sampleg":
