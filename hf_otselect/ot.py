@@ -505,12 +505,15 @@ def sharded_sinkhorn(
         a potential to ``(1 - omega) * old + omega * update`` in the log domain. The fixed point
         is Sinkhorn's, so the potentials are the plain solve's within ``tol``; the local rate
         improves (fewer passes) but global convergence is not guaranteed for ``omega > 1``.
-        Safeguard: the first pass at ``eps`` is plain, the error checked is the row plus the
-        column L1 marginal error of the relaxed plan, and once it fails to fall from one pass to
-        the next the solve goes on with ``omega = 1`` (plain Sinkhorn, which converges from any
-        start). The returned potentials are always the last plain iteration's (``f`` is the
-        c-transform of ``g_f``). ``1.0`` is plain Sinkhorn, iterate for iterate. Ignored with the
-        kernel kept.
+        Safeguard: the first pass at ``eps`` is plain; a relaxed step is kept only if the dual
+        objective ``<a, f> + <b, g> - eps (mass of the plan - 1)`` (concave, raised by every plain
+        half-step) did not fall, else that pass's plain step is taken and the solve goes on with
+        ``omega = 1`` (plain Sinkhorn, which converges from any start). Not the marginal error:
+        that of a relaxed plan rises on its first passes even where relaxation halves the passes.
+        The error checked against ``tol`` is the row plus the column L1 marginal error of the
+        relaxed plan (the column one is 0 for a plain one). The returned potentials are always
+        the last plain iteration's (``f`` is the c-transform of ``g_f``). ``1.0`` (the default)
+        is plain Sinkhorn, iterate for iterate. Ignored with the kernel kept.
     owner, names : str, (str, str, str)
         Who is calling and what the caller calls ``eps``, the candidates and the target, for the
         error messages.
@@ -883,7 +886,6 @@ class _ShardedSinkhorn:
         self.stalled = False
         self.relaxation = relaxation  # over-relaxation omega of the no-kernel passes (1: plain Sinkhorn)
         self.warm_passes = self.relaxed_passes = 0
-        self.relaxation_dropped = False
 
     def set_eps(self, eps: float) -> None:
         """Iterate at another eps from now on (eps-scaling): the scores' column term follows it."""
@@ -1052,7 +1054,6 @@ class _ShardedSinkhorn:
         err, it = math.inf, 0
         stall = _StallWatch(tol, torch.finfo(dt).eps)
         self.warm_passes = self.relaxed_passes = 0
-        self.relaxation_dropped = False
         if self.K is None:
             target_eps = eps
             for coarse in schedule:
@@ -1085,7 +1086,6 @@ class _ShardedSinkhorn:
                     logger.debug("Sinkhorn: over-relaxation %.3g would lower the dual objective (%.6g -> %.6g) "
                                  "after %d passes; plain iterations from here", omega, dual, relaxed[3], it)
                     omega = 1.0
-                    self.relaxation_dropped = True
                 f, g, col_err, dual = f_new, g_new, 0.0, dual_new
             if it > self.warm_passes:  # return the last plain iteration: f is the c-transform of g_f
                 f, g = f_new, g_new
