@@ -7,7 +7,9 @@ with the kernel recomputed every pass (no budget at all), ``sharded_halfcache`` 
 half the cost blocks (kept from the first pass; the other half recomputed); ``sharded_scaled`` the
 no-kernel one warm-started by eps-scaling (``eps_scaling=3``: passes at geometric eps from the mean
 cost down), ``sharded_sampleg`` the no-kernel one started from the ``g`` of a fit on a 1% sample
-(``fitted.sample_mask``, seed 0; the sample fit's seconds are included); ``sharded_2proc`` = two gloo
+(``fitted.sample_mask``, seed 0; the sample fit's seconds are included); ``sharded_relaxed`` the
+no-kernel one over-relaxed (``relaxation=RELAXATION``), ``sharded_relaxed_scaled``
+that and ``eps_scaling=3``; ``sharded_2proc`` = two gloo
 processes under ``torchrun``, each with half the rows, reporting the bytes one process sent per
 Sinkhorn iteration (``Comm.bytes_sent``) at N and at N / 4.
 
@@ -42,6 +44,7 @@ from _provenance import header, provenance  # noqa: E402
 M_TARGET = 1000
 EPS_SCALING = 3  # sharded_scaled's coarse steps
 SAMPLE = 0.01  # sharded_sampleg's sample fraction
+RELAXATION = 1.4  # sharded_relaxed's omega
 
 
 def problem(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -83,11 +86,13 @@ def child(method: str, n: int, eps: float, out: str) -> None:
 
         # sharded_recompute: no budget, every block redone per pass; sharded_halfcache: a budget
         # for half the cost blocks, the other half redone per pass (the path just beyond the budget)
-        budget = {"sharded_recompute": 0, "sharded_scaled": 0, "sharded_sampleg": 0,
-                  "sharded_halfcache": n * M_TARGET * 4 // 2}.get(method)
+        budget = {"sharded_recompute": 0, "sharded_scaled": 0, "sharded_sampleg": 0, "sharded_relaxed": 0,
+                  "sharded_relaxed_scaled": 0, "sharded_halfcache": n * M_TARGET * 4 // 2}.get(method)
         warm: dict = {}
-        if method == "sharded_scaled":
-            warm = {"eps_scaling": EPS_SCALING}
+        if method.startswith("sharded_relaxed"):
+            warm = {"relaxation": RELAXATION}
+        if method.endswith("_scaled"):
+            warm["eps_scaling"] = EPS_SCALING
         elif method == "sharded_sampleg":
             from hf_otselect.fitted import sample_mask
 
@@ -99,7 +104,8 @@ def child(method: str, n: int, eps: float, out: str) -> None:
         r = hf_otselect.ot.sharded_sinkhorn(PoolView(x), y, eps, keep_kernel=None if budget is None else False,
                                             memory_budget=budget, **warm)
         f = r.f_local
-        info.update({"n_iter": r.n_iter, "warm_passes": r.warm_passes, "err": r.marginal_error})
+        info.update({"n_iter": r.n_iter, "warm_passes": r.warm_passes, "relaxed_passes": r.relaxed_passes,
+                     "err": r.marginal_error})
     elif method in ("tensorized", "blocked", "reference"):
         sinkhorn_potentials = hf_otselect.ot.sinkhorn_potentials
         if method == "reference":
@@ -195,7 +201,8 @@ def main() -> None:
     p.add_argument("--peers-max-n", type=int, default=100000, help="largest N for POT/GeomLoss")
     p.add_argument("--blocked-only-n", type=int, nargs="*", default=[], help="extra sizes, blocked back end only")
     p.add_argument("--methods", nargs="+", default=["tensorized", "blocked", "sharded", "sharded_halfcache", "sharded_recompute",
-                                                    "sharded_scaled", "sharded_sampleg", "sharded_2proc", "pot", "geomloss"])
+                                                    "sharded_scaled", "sharded_sampleg", "sharded_relaxed", "sharded_relaxed_scaled",
+                                                    "sharded_2proc", "pot", "geomloss"])
     p.add_argument("--timeout", type=int, default=400)
     p.add_argument("--out", default="benchmarks/results/ot_scaling.md")
     args = p.parse_args()
@@ -206,7 +213,8 @@ def main() -> None:
             for eps in args.eps:
                 only_blocked = n in args.blocked_only_n and n not in args.sizes
                 methods = ["blocked"] if only_blocked else ["tensorized", "blocked", "sharded", "sharded_halfcache", "sharded_recompute",
-                                                            "sharded_scaled", "sharded_sampleg", "sharded_2proc"]
+                                                            "sharded_scaled", "sharded_sampleg", "sharded_relaxed",
+                                                            "sharded_relaxed_scaled", "sharded_2proc"]
                 if n <= args.peers_max_n and not only_blocked:
                     methods += ["pot", "geomloss"]
                 ref = None
@@ -235,7 +243,8 @@ def main() -> None:
         "bytes/iter = what one of the two processes sent per Sinkhorn iteration (setup included), at N and at N/4.",
         "",
         "iterations = passes over the rows (the no-kernel paths do one GEMM per block per pass), warm-up",
-        "passes at coarser eps included and counted in parentheses; sharded_sampleg's seconds include its 1% sample fit.",
+        "passes at coarser eps included and counted in parentheses, as are the over-relaxed passes kept;",
+        "sharded_sampleg's seconds include its 1% sample fit.",
         "",
         "| N | eps | method | seconds | peak GiB | iterations | agree | bytes/iter (N, N/4) |",
         "|---|---|---|---|---|---|---|---|",
@@ -246,7 +255,9 @@ def main() -> None:
             continue
         agree = f"{r['agree']:.6f}" if "agree" in r else "-"
         sent = f"{r['bytes_per_iter']:.0f}, {r['bytes_per_iter_quarter_n']:.0f}" if "bytes_per_iter" in r else "-"
-        its = str(r.get("n_iter", "-")) + (f" ({r['warm_passes']} at coarser eps)" if r.get("warm_passes") else "")
+        notes = ([f"{r['warm_passes']} at coarser eps"] if r.get("warm_passes") else []) + \
+            ([f"{r['relaxed_passes']} relaxed"] if r.get("relaxed_passes") else [])
+        its = str(r.get("n_iter", "-")) + (f" ({', '.join(notes)})" if notes else "")
         if "sample_seconds" in r:
             its += f"; sample fit {r['sample_seconds']:.2f} s, {r['sample_iter']} it."
         lines.append(f"| {r['n']} | {r['eps']} | {r['method']} | {r['seconds']:.2f} | {r['peak_gib']:.2f} | {its} | {agree} | {sent} |")

@@ -192,8 +192,8 @@ def test_a_streamed_pool_leaves_no_working_file_behind(pool, target, tmp_path):
 # entry here fails the test below, so the table (and the cache key) cannot silently fall behind.
 _OTHER_VALUE = {
     "got_d": {"eps": 0.3, "eps_mode": "relative", "negative_weight": 0.5, "backend": "blocked", "tol": 1e-4,
-              "max_iter": 50, "chunk_size": 30, "seed": 1, "device": "cpu",
-              "eps_scaling": 3, "init_g": np.linspace(-0.1, 0.1, 20)},  # one start per target row (20)
+              "max_iter": 50, "chunk_size": 30, "seed": 1, "device": "cpu", "eps_scaling": 3, "relaxation": 1.2,
+              "init_g": np.linspace(-0.1, 0.1, 20)},  # one start per target row (20)
     "tsds": {"alpha": 0.3, "C": 2.0, "sigma": 0.5, "max_K": 20, "kde_K": 10, "kernel": "uniform", "replace": False,
              "index": "flat", "nprobe": 2, "density_nprobe": 2, "seed": 1, "budget": 50},
     "similarity": {"reduce": "max", "n_neighbors": 3, "block_size": 7},

@@ -496,3 +496,114 @@ def test_bad_eps_scaling_and_init_g_with_geomloss_are_refused():
         sharded_sinkhorn(PoolView(x), y, 0.3, eps_scaling=2.0)
     with pytest.raises(ValueError, match=r"^The 'init_g' parameter of sharded_sinkhorn must be None with backend='geomloss'"):
         sharded_sinkhorn(PoolView(x), y, 0.3, init_g=np.zeros(40), start="geomloss")
+
+
+# ---------------------------------------------------------------- over-relaxation (issue 24, item 2)
+def _unguarded_relaxed_errors(x, y, eps, omega, passes):
+    """Over-relaxed log-domain Sinkhorn without any safeguard (float64, scipy), first pass plain:
+    the L1 row + column marginal error of the plan before each pass, as the solver measures it."""
+    C = ot.dist(x, y)
+    la, lb = np.full(len(x), -np.log(len(x))), np.full(len(y), -np.log(len(y)))
+    f, g, errs = np.zeros(len(x)), np.zeros(len(y)), []
+    for k in range(passes):
+        fb = -eps * logsumexp(lb[None, :] + (g[None, :] - C) / eps, axis=1)
+        tg = -eps * logsumexp(la[:, None] + (f[:, None] - C) / eps, axis=0)
+        errs.append(np.exp(la) @ np.abs(np.expm1((f - fb) / eps)) + (np.exp(lb) @ np.abs(np.expm1((g - tg) / eps)) if k else 0.0))
+        w = 1.0 if k == 0 else omega
+        f = (1 - w) * f + w * fb
+        g = (1 - w) * g + w * -eps * logsumexp(la[:, None] + (f[:, None] - C) / eps, axis=0)
+    return np.array(errs)
+
+
+@pytest.mark.parametrize("world", [1, 3])
+@pytest.mark.parametrize("omega", [1.3, 1.6, 1.95])
+def test_relaxed_potentials_are_pots_and_the_plain_solves_in_float64(world, omega):
+    """Same fixed point: POT's duals (1e-6), the plain solve's, and f is still the c-transform of g_f."""
+    x, y = _clouds()
+    eps = 0.3
+    fr, gr, _, _ = _pot_duals(x, y, eps)
+    kw = dict(keep_kernel=False, tol=1e-11, max_iter=100000, block_rows=16)
+    plain = _sharded(x, y, eps, world, **kw)[0][0]
+    res, f = _sharded(x, y, eps, world, relaxation=omega, **kw)
+    r0 = res[0]
+    assert r0.converged and r0.precision == "float64"
+    for r in res[1:]:  # identical state on every rank
+        np.testing.assert_array_equal(r.g_f, r0.g_f)
+        assert (r.n_iter, r.relaxed_passes) == (r0.n_iter, r0.relaxed_passes)
+    _same_up_to_constant(f, r0.g, fr, gr, atol=1e-6)
+    np.testing.assert_allclose(r0.g - r0.g[0], plain.g - plain.g[0], atol=1e-8)
+    np.testing.assert_allclose(_c_transform_reference(x, y, r0.g_f, eps), f, atol=1e-9)
+
+
+def test_relaxation_takes_fewer_passes_to_the_same_accuracy(torch_threads):
+    """Counted passes (deterministic), float32 no-kernel solve at eps 0.01, tol 1e-3: plain 157."""
+    x, y = _unit_clouds()
+    x32, y32 = x.astype(np.float32), y.astype(np.float32)
+    ref = sharded_sinkhorn(PoolView(x), y, 0.01, tol=1e-12, max_iter=100000)
+    kw = dict(keep_kernel=False, tol=1e-3)
+    plain = sharded_sinkhorn(PoolView(x32), y32, 0.01, **kw)
+    base = _gap(plain, ref.f_local, ref.g)
+    assert plain.n_iter > 150 and plain.relaxed_passes == 0
+    for omega, most in ((1.4, 85), (1.5, 70), (1.7, 35)):  # 78 at 1.4, 63 at 1.5, 31 at 1.7
+        r = sharded_sinkhorn(PoolView(x32), y32, 0.01, relaxation=omega, **kw)
+        assert r.converged and r.precision == "float32" and r.n_iter <= most
+        assert r.relaxed_passes == r.n_iter - 2  # all but the first (plain) and the last (returned plain)
+        assert _gap(r, ref.f_local, ref.g) <= 1.5 * base
+    # with the kernel kept the relaxation is ignored: the stabilised scaling iterations as before
+    kept = sharded_sinkhorn(PoolView(x32), y32, 0.01, keep_kernel=True, tol=1e-3)
+    assert sharded_sinkhorn(PoolView(x32), y32, 0.01, keep_kernel=True, tol=1e-3, relaxation=1.5).n_iter == kept.n_iter
+
+
+def test_the_safeguard_falls_back_to_plain_sinkhorn_where_omega_near_2_oscillates():
+    """omega 1.95 at eps 0.01: unguarded, the error swings up and down and after 60 passes sits far
+    above plain Sinkhorn's; guarded, the dual objective's fall stops the relaxation and the error
+    never ends above the plain one (tol 0: exactly 60 passes each)."""
+    x, y = _unit_clouds()
+    passes = 60
+    wild = _unguarded_relaxed_errors(x, y, 0.01, 1.95, passes + 1)[1:]  # errors of the states after passes 1..60
+    assert (np.diff(wild) > 0).sum() >= 5  # oscillates
+    plain = sharded_sinkhorn(PoolView(x), y, 0.01, keep_kernel=False, tol=0, max_iter=passes + 1)
+    for omega in (1.9, 1.95, 1.99):
+        r = sharded_sinkhorn(PoolView(x), y, 0.01, keep_kernel=False, tol=0, max_iter=passes + 1, relaxation=omega)
+        assert r.relaxed_passes < passes - 1  # the safeguard engaged
+        # the same plain iterations from pass 2 on, up to the rounding of the pass that computed both steps
+        assert r.marginal_error <= plain.marginal_error * (1 + 1e-9) and plain.marginal_error < wild[-1] / 2
+        conv = sharded_sinkhorn(PoolView(x), y, 0.01, keep_kernel=False, tol=1e-6, max_iter=100000, relaxation=omega)
+        assert conv.converged
+
+
+def test_relaxation_one_is_plain_sinkhorn_iterate_for_iterate():
+    """relaxation=1.0 (the solver's default) runs the plain log-domain iterations bit for bit: k + 1
+    passes are k passes then one more from their g, and both are scipy's float64 iterations."""
+    x, y = _unit_clouds()
+    eps, k = 0.01, 9
+    kw = dict(keep_kernel=False, tol=0, block_rows=64)
+    more = sharded_sinkhorn(PoolView(x), y, eps, max_iter=k + 1, relaxation=1.0, **kw)
+    some = sharded_sinkhorn(PoolView(x), y, eps, max_iter=k, relaxation=1.0, **kw)
+    step = sharded_sinkhorn(PoolView(x), y, eps, max_iter=1, init_g=some.g, relaxation=1.0, **kw)
+    np.testing.assert_array_equal(step.g, more.g)
+    np.testing.assert_array_equal(step.f_local, more.f_local)
+    assert more.relaxed_passes == 0
+    default = sharded_sinkhorn(PoolView(x), y, eps, max_iter=k + 1, **kw)
+    np.testing.assert_array_equal(default.g, more.g)
+    C = ot.dist(x, y)
+    f, g = np.zeros(len(x)), np.zeros(len(y))
+    for _ in range(k + 1):
+        f = -eps * logsumexp(-np.log(len(y)) + (g[None, :] - C) / eps, axis=1)
+        g = -eps * logsumexp(-np.log(len(x)) + (f[:, None] - C) / eps, axis=0)
+    np.testing.assert_allclose(more.g, g, atol=1e-11)
+    np.testing.assert_allclose(more.f_local, f, atol=1e-11)
+
+
+@pytest.mark.parametrize("relaxation, exc, got", [
+    (2.0, ValueError, "2.0"), (0.99, ValueError, "0.99"), (float("nan"), ValueError, "nan"), ("1.5", TypeError, "'1.5'"),
+    (True, TypeError, "True"),
+])
+def test_a_bad_relaxation_is_refused_in_the_template_before_any_pass(relaxation, exc, got, monkeypatch):
+    import hf_otselect.ot as hot
+
+    x, y = _clouds()
+    monkeypatch.setattr(hot, "_frame", lambda *a, **k: pytest.fail("a pass over the rows ran before the check"))
+    with pytest.raises(exc) as err:
+        sharded_sinkhorn(PoolView(x), y, 0.3, relaxation=relaxation)
+    assert str(err.value) == f"The 'relaxation' parameter of sharded_sinkhorn must be a float in [1.0, 2.0). Got {got} instead."
