@@ -204,25 +204,28 @@ def _damage(path: Path, how: str) -> None:
 @pytest.mark.parametrize(
     ("method", "name", "how"),
     [("got_d", "scores.npy", "truncate"), ("got_d", "scores.npy", "flip"), ("got_d", "info.json", "truncate"),
-     ("tsds", "info.json", "empty"), ("similarity", "scores.npy", "no-checksum"), ("got_d", "scores.npy.check.json", "truncate")],
+     ("tsds", "info.json", "empty"), ("similarity", "scores.npy", "no-checksum"), ("got_d", "scores.npy.check.json", "truncate"),
+     ("got_d", "selector/state.safetensors", "flip"), ("similarity", "selector/fitted_selector.json", "truncate")],
 )
 def test_a_damaged_score_entry_is_recomputed_and_never_a_permanent_failure(tmp_path, caplog, method, name, how):
     pool = _small_pool(30)
     cache = tmp_path / "cache"
     want_rows, want_scores = _select(cache, pool, method)
     (entry,) = list((cache / "scores").glob("*"))
-    intact = {p.name: p.read_bytes() for p in entry.iterdir()}
+    names = sorted(p.name for p in entry.iterdir())  # the files and the kept fit's folder (selector/)
+    intact = {p.name: p.read_bytes() for p in entry.iterdir() if p.is_file()}
     _damage(entry / name, how)
     with caplog.at_level("INFO"):
         rows, scores = _select(cache, pool, method)
     messages = [r.getMessage() for r in caplog.records]
-    assert any("Discarding the damaged cache entry" in m for m in messages), messages
+    damaged = "The cached fit in" if name.startswith("selector/") else "Discarding the damaged cache entry"
+    assert any(damaged in m for m in messages), messages
     assert not any("Scores read from the cache" in m for m in messages)
     assert rows == want_rows
     np.testing.assert_array_equal(scores, want_scores)
     # Rewritten whole and verified (info.json holds timings, so only its keys are compared).
     assert (entry / "scores.npy").read_bytes() == intact["scores.npy"]
-    assert sorted(p.name for p in entry.iterdir()) == sorted(intact)
+    assert sorted(p.name for p in entry.iterdir()) == names
     info = load_json(entry / "info.json", key=entry.name)
     assert info is not None and sorted(info) == sorted(json.loads(intact["info.json"]))
     caplog.clear()
