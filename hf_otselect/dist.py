@@ -34,7 +34,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_TIMEOUT_S", "LOCAL", "CollectiveError", "Comm", "FolderNotShared", "JobMismatch", "PoolView", "TextView", "TorchComm",
+__all__ = ["DEFAULT_TIMEOUT_S", "LOCAL", "CollectiveError", "Comm", "FolderNotShared", "JobMismatch", "PoolView", "RowSubset", "TextView", "TorchComm",
            "agree", "check_shared_folder", "get_comm", "process_rank", "resolve_timeout", "shard_bounds", "sum_counts"]
 
 ReduceOp = Literal["sum", "max", "min"]
@@ -479,6 +479,50 @@ class PoolView(_RowsView):
         out = np.empty((local.size, self.dim), dtype=np.float32)
         out[order] = self.data[local[order]]
         return out
+
+
+class RowSubset:
+    """Rows ``rows`` of ``base``, read only when sliced: what the filters leave of a shard, without a copy.
+
+    A decontaminated or pre-filtered shard keeps most of its rows; copying them (``base[rows]``)
+    would put a second shard in memory next to the memory map. This reads a slice's rows from
+    ``base`` when it is asked for, so a :class:`PoolView` over it reads block by block as over the
+    shard itself.
+
+    Parameters
+    ----------
+    base : array-like of shape (n, dim)
+        An array or ``np.memmap`` (anything indexable by an ascending int array).
+    rows : ndarray of shape (n_rows,), int
+        Positions in ``base``, ascending.
+    """
+
+    def __init__(self, base: Any, rows: np.ndarray) -> None:
+        self.base, self.rows = base, np.asarray(rows, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return int(self.rows.size)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (int(self.rows.size), *np.shape(self.base)[1:])
+
+    @property
+    def dtype(self) -> Any:
+        return self.base.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(key, tuple):  # (rows, columns): the rows here, the rest on what they read
+            return self[key[0]][(slice(None), *key[1:])]
+        return np.asarray(self.base[self.rows[key]])
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype, copy=False)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..dist import Comm
+from ..dist import Comm, RowSubset
 from ..request import Request
 from ..selectors import Selector
 from ..selectors.base import order_chosen
@@ -66,7 +66,7 @@ def choose_stage(req: Request, emb: Embedded, flt: Filtered, scored: Scored) -> 
     if req.filters.dedup_radius is not None:
         from ..dedup import guarded_choose
 
-        guard_emb = np.asarray(emb.pool_embeddings)[flt.keep_rows] if flt.narrowed else emb.pool_embeddings  # this process's rows
+        guard_emb = RowSubset(emb.pool_embeddings, flt.keep_rows) if flt.narrowed else emb.pool_embeddings  # this process's rows, lazily
         indices, reports["dedup"] = guarded_choose(selector, scored.kept_scores, k, seed=seed, candidates=guard_emb,
                                                    radius=req.filters.dedup_radius, mode=req.filters.dedup_mode,
                                                    index=scored.kept_index, comm=comm)

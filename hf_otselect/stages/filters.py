@@ -15,13 +15,13 @@ import numpy as np
 from datasets import Dataset, Features, IterableDataset, Value
 
 from .._checks import param_error
-from ..dist import Comm
+from ..dist import Comm, RowSubset
 from ..fingerprints import digest, fingerprint_of
 from ..request import Request
 from ..splits import take_rows
 from .embedding import Embedded, embed_side, texts_of
 
-__all__ = ["Filtered", "apply_filters"]
+__all__ = ["Filtered", "apply_filters", "kept_candidates"]
 
 
 @dataclass
@@ -102,9 +102,30 @@ def apply_filters(req: Request, emb: Embedded) -> Filtered:
     if n_eligible == emb.n_pool:
         return Filtered(everything.keep_rows, False, emb.candidates, emb.key_parts, reports, extra_splits)
     keep_rows = np.flatnonzero(eligible)
-    candidates = [emb.candidates[i] for i in keep_rows] if req.selector.needs_text else np.asarray(emb.candidates)[keep_rows]
+    candidates = kept_candidates(emb.candidates, keep_rows, req.selector.needs_text)
     kept_offset = req.comm.exclusive_offset(keep_rows.size)[0]
     return Filtered(keep_rows, True, candidates, (*emb.key_parts, digest(keep_rows)), reports, extra_splits, kept_offset)
+
+
+def kept_candidates(candidates: Any, keep_rows: np.ndarray, needs_text: bool) -> Any:
+    """What the selector scores once the filters narrowed this process's rows to ``keep_rows``.
+
+    Vectors stay where they are (a :class:`~hf_otselect.dist.RowSubset` of the shard, read block
+    by block): a copy of the kept rows would be a second shard in memory beside a memory-mapped
+    one. Texts are listed (a text selector's fit reads them once).
+
+    Parameters
+    ----------
+    candidates : array-like of shape (n_local, dim), or sequence of str
+    keep_rows : ndarray of shape (n_kept,), int64
+        Ascending positions in ``candidates``.
+    needs_text : bool
+
+    Returns
+    -------
+    RowSubset or list of str
+    """
+    return [candidates[i] for i in keep_rows] if needs_text else RowSubset(candidates, keep_rows)
 
 
 def _eligible(req: Request, emb: Embedded, reports: dict[str, Any], extra_splits: dict[str, Dataset]) -> np.ndarray:
