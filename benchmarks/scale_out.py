@@ -9,6 +9,10 @@ raised each process's peak RSS (:mod:`hf_otselect.report_data` on every process,
     .venv/bin/python benchmarks/scale_out.py --work-dir /tmp/scale --sizes 1000000 4000000 \
         --procs 1 2 --out benchmarks/results/scale_out.md
 
+A method may carry the filters and the guard: ``--methods got_d+decontam+guard tsds+guard`` runs
+the decontamination (a planted held-out set) before the fit and the near-duplicate guard at the
+choice, the way the job's stages do.
+
 The pool is clustered unit vectors (the PEERS.md recipe: 200 centres, 384-d), written block by
 block, so making it never holds it in memory either.
 """
@@ -60,11 +64,45 @@ def make_target(path: Path, seed: int = 0) -> np.ndarray:
     return y
 
 
-def worker(pool_path: str, target_path: str, method: str, out: str) -> None:
-    """One process's part (run directly, or under torchrun)."""
+#: Held-out rows planted for ``+decontam``: copies of pool rows at fixed positions, moved by this much noise.
+HELDOUT, HELDOUT_NOISE = 1000, 0.01
+#: The guard's radius for ``+guard`` (the job's ``dedup_radius``).
+GUARD_RADIUS = 0.2
+
+
+def planted_heldout(data: np.memmap) -> tuple[np.ndarray, np.ndarray]:
+    """A held-out set planted in the pool: rows ``linspace(0, n - 1, HELDOUT)`` plus small noise (and those rows).
+
+    The rows are read from the file (``pread``), not through the memory map: touching them through
+    the map would fault in the pages around them, the other processes' shards included, and count
+    them in this process's RSS (a job embeds its held-out set; it never reads another shard).
+    """
+    rows = np.unique(np.linspace(0, data.shape[0] - 1, HELDOUT).astype(np.int64))
+    width = DIM * data.dtype.itemsize
+    fd = os.open(data.filename, os.O_RDONLY)
+    try:
+        raw = b"".join(os.pread(fd, width, data.offset + int(r) * width) for r in rows)
+    finally:
+        os.close(fd)
+    x = np.frombuffer(raw, dtype=data.dtype).reshape(rows.size, DIM).astype(np.float64)
+    x += np.random.default_rng(5).normal(scale=HELDOUT_NOISE / np.sqrt(DIM), size=(rows.size, DIM))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), rows
+
+
+def worker(pool_path: str, target_path: str, spec: str, out: str) -> None:
+    """One process's part (run directly, or under torchrun).
+
+    ``spec`` is a method, optionally with ``+decontam`` (drop the rows within the job's default
+    radius of a planted held-out set, then fit and score the rows left, as the filters stage does)
+    and ``+guard`` (choose through the near-duplicate guard, as the choosing stage does).
+    """
+    from hf_otselect.decontaminate import decontaminate
+    from hf_otselect.dedup import guarded_choose
     from hf_otselect.dist import PoolView, get_comm
     from hf_otselect.selectors import get_selector
+    from hf_otselect.stages.filters import Filtered, kept_candidates
 
+    method, *extras = spec.split("+")
     comm = get_comm()
     data = np.load(pool_path, mmap_mode="r")
     n = data.shape[0]
@@ -78,22 +116,47 @@ def worker(pool_path: str, target_path: str, method: str, out: str) -> None:
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     comm.barrier()
     t0 = time.perf_counter()
-    state = selector.fit(view, target, comm=comm)
+    flt, dropped = None, 0
+    if "decontam" in extras:
+        heldout, planted = planted_heldout(data)
+        res = decontaminate(view.data, heldout, ngram=None, comm=comm)
+        dropped = res.totals["dropped"]
+        keep = np.flatnonzero(~res.dropped)
+        kept_offset, n_kept = comm.exclusive_offset(keep.size)
+        flt = Filtered(keep, True, kept_candidates(view.data, keep, False), (), kept_offset=kept_offset)
+        fit_view = PoolView(flt.candidates, kept_offset, n_kept)
+    else:
+        fit_view = view
+    t_filter = time.perf_counter()
+    state = selector.fit(fit_view, target, comm=comm)
     t1 = time.perf_counter()
     fit_bytes = comm.bytes_sent
-    scores = np.concatenate([selector.score_batch(state, rows, idx) for idx, rows in view.blocks()])
+    kept_scores = np.concatenate([selector.score_batch(state, rows, idx) for idx, rows in fit_view.blocks()])
     t2 = time.perf_counter()
-    chosen = selector.choose_rows(scores, 1000, seed=0, index=np.arange(lo, hi), comm=comm)
+    index = np.arange(fit_view.offset, fit_view.offset + fit_view.n_local)
+    guard = {}
+    if "guard" in extras:
+        chosen, guard = guarded_choose(selector, kept_scores, 1000, seed=0, candidates=fit_view.data, radius=GUARD_RADIUS, index=index, comm=comm)
+    else:
+        chosen = selector.choose_rows(kept_scores, 1000, seed=0, index=index, comm=comm)
+    if flt is not None:
+        chosen = flt.pool_rows(np.asarray(chosen, dtype=np.int64), lo, comm)
+        scores = np.full(view.n_local, np.nan)
+        scores[flt.keep_rows] = kept_scores
+    else:
+        scores = kept_scores
     comm.barrier()
     t3 = time.perf_counter()
-    report = _report(view, scores, chosen, target, method, out, comm)
+    report = _report(view, scores, chosen, target, spec, out, comm)
     info = dict(selector.diagnostics_)
     n_iter = int(info.get("n_iter", 0) or 0)
     row = {
-        "method": method, "n": n, "procs": comm.world_size, "rank": comm.rank, "fit_s": t1 - t0, "score_s": t2 - t1,
-        "choose_s": t3 - t2, "total_s": t3 - t0, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "method": spec, "n": n, "procs": comm.world_size, "rank": comm.rank, "filter_s": t_filter - t0, "fit_s": t1 - t_filter,
+        "score_s": t2 - t1, "choose_s": t3 - t2, "total_s": t3 - t0,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "rss_before_fit_gb": rss0 / 2**20, "shard_gb": (hi - lo) * DIM * 4 / 2**30, "n_iter": n_iter,
-        "fit_bytes": fit_bytes, "bytes_per_iter": fit_bytes / n_iter if n_iter else None,
+        "fit_bytes": fit_bytes, "bytes_per_iter": fit_bytes / n_iter if n_iter else None, "dropped": dropped,
+        "guard": {k: v for k, v in guard.items() if isinstance(v, (int, float, str))},
         "chosen_sha": hashlib.sha256(np.ascontiguousarray(chosen, dtype=np.int64).tobytes()).hexdigest()[:16],
         **report,
     }
@@ -133,7 +196,8 @@ def _report(view, scores: np.ndarray, chosen: np.ndarray, target: np.ndarray, me
 
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
-        prov = {"method": method, "k": int(chosen.size), "seed": 0, "params": {"eps": 0.1} if method == "got_d" else {},
+        base = method.split("+")[0]
+        prov = {"method": base, "k": int(chosen.size), "seed": 0, "params": {"eps": 0.1} if base == "got_d" else {},
                 "rows": {"pool": view.n_global, "target": int(len(target)), "selected": int(chosen.size)},
                 "config": {"score_column": "score", "report_columns": []}}
         (folder / "selection.json").write_text(json.dumps(prov), encoding="utf-8")
@@ -186,8 +250,13 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
         "Report (after the choice; sample of at most 20,000 rows): summaries reduced where the rows live, then the page on",
         "process 0. 'report adds GB' is how far the report raised a process's peak RSS above its peak before the report.",
         "",
-        "| method | N | procs | fit s | score s | choose s | total s | peak RSS / proc GB | shard GB | iters | bytes/iter/proc | same rows as 1 proc | report s | report % of total | report adds GB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "`+decontam`: a held-out set of 1,000 planted near-copies of pool rows (noise 0.01) is fitted and every row tested",
+        "(the job's default radius 0.3, n-gram test off), then the rows left are fitted and scored through a lazy subset of",
+        "the shard, as the filters stage does. `+guard`: the choice goes through the near-duplicate guard (radius 0.2,",
+        "mode auto: greedy for both methods here). 'filter s' is the decontamination; 'dropped' the rows it removed.",
+        "",
+        "| method | N | procs | filter s | fit s | score s | choose s | total s | peak RSS / proc GB | shard GB | iters | bytes/iter/proc | dropped | same rows as 1 proc | report s | report % of total | report adds GB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     by = {}
     for r in rows:
@@ -198,9 +267,9 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
         same = "yes" if rs[0]["chosen_sha"] == one["chosen_sha"] else "NO"  # all k chosen rows, in order
         bpi = max((r["bytes_per_iter"] or 0) for r in rs)
         lines.append(
-            f"| {method} | {n:,} | {procs} | {worst['fit_s']:.1f} | {worst['score_s']:.1f} | {worst['choose_s']:.2f} | "
-            f"{worst['total_s']:.1f} | {max(r['peak_rss_gb'] for r in rs):.2f} | {worst['shard_gb']:.2f} | {worst['n_iter']} | "
-            f"{bpi:,.0f} | {same} | {max(r['report_s'] for r in rs):.1f} | {100 * max(r['report_s'] for r in rs) / worst['total_s']:.1f}% | "
+            f"| {method} | {n:,} | {procs} | {worst.get('filter_s', 0.0):.1f} | {worst['fit_s']:.1f} | {worst['score_s']:.1f} | "
+            f"{worst['choose_s']:.2f} | {worst['total_s']:.1f} | {max(r['peak_rss_gb'] for r in rs):.2f} | {worst['shard_gb']:.2f} | "
+            f"{worst['n_iter']} | {bpi:,.0f} | {worst.get('dropped', 0):,} | {same} | {max(r['report_s'] for r in rs):.1f} | {100 * max(r['report_s'] for r in rs) / worst['total_s']:.1f}% | "
             f"{max(r['report_added_gb'] for r in rs):.3f} |"
         )
     lines += ["", *_projection(by)]
@@ -223,7 +292,7 @@ def _projection(by: dict) -> list[str]:
            "magnitude faster, but no GPU was measured here.", "",
            "| method | runs used | fixed a (s) | per row b (s) | all-reduce per iteration | projected, 64 processes |",
            "|---|---|---|---|---|---|"]
-    for method in ("got_d", "tsds"):
+    for method in sorted({m for m, _, _ in by}):
         runs = sorted((rs[0] for (m, _, procs), rs in by.items() if m == method and procs == 2), key=lambda r: r["n"])
         if not runs:
             continue
@@ -235,7 +304,7 @@ def _projection(by: dict) -> list[str]:
             a, b = 0.0, pts[-1][1] / pts[-1][0]
         r = runs[-1]
         comm = 0.0
-        if method == "got_d" and r["bytes_per_iter"]:
+        if method.startswith("got_d") and r["bytes_per_iter"]:
             comm = 2 * (p - 1) / p * r["bytes_per_iter"] / _LINK_BYTES_S + 2 * (p - 1) * _LINK_LATENCY_S
         total = a + b * rows + r["n_iter"] * comm
         used = " and ".join(f"{int(n * 2):,}" for n, _ in pts)
@@ -251,7 +320,8 @@ def main() -> None:
     parser.add_argument("--work-dir", required=True)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 4_000_000])
     parser.add_argument("--procs", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--methods", nargs="+", default=["got_d", "tsds"])
+    parser.add_argument("--methods", nargs="+", default=["got_d", "tsds"],
+                        help="methods, each optionally with +decontam and/or +guard (e.g. got_d+decontam+guard)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()

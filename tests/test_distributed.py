@@ -21,7 +21,7 @@ import pytest
 from datasets import Dataset, load_from_disk
 
 from hf_otselect.datasets_ext import global_ranks, run_selection
-from hf_otselect.dist import LOCAL, PoolView
+from hf_otselect.dist import LOCAL, PoolView, RowSubset
 from hf_otselect.selectors import get_selector
 from hf_otselect.selectors.base import choose, row_uniforms
 
@@ -341,7 +341,23 @@ def test_a_killed_process_stops_the_job_cleanly_and_the_rerun_resumes(tmp_path):
 
 
 @pytest.mark.slow
-def test_peak_memory_per_process_grows_with_its_shard_not_the_pool(tmp_path):
+def test_a_row_subset_reads_what_a_copy_of_those_rows_holds(tmp_path):
+    pool = np.lib.format.open_memmap(tmp_path / "pool.npy", mode="w+", dtype=np.float32, shape=(50, 3))
+    pool[:] = np.arange(150, dtype=np.float32).reshape(50, 3)
+    keep = np.array([0, 3, 4, 9, 17, 18, 40, 49])
+    sub, copy = RowSubset(pool, keep), pool[keep]
+    assert sub.shape == copy.shape and len(sub) == 8 and sub.ndim == 2 and sub.dtype == np.float32
+    for key in (slice(2, 6), slice(None), np.array([1, 5, 7]), 3, (slice(1, 4), 2)):
+        np.testing.assert_array_equal(sub[key], copy[key])
+    np.testing.assert_array_equal(np.asarray(sub, dtype=np.float64), copy.astype(np.float64))
+    view = PoolView(sub, 10, 80)  # the rows left after the filters, numbered from this process's offset
+    np.testing.assert_array_equal(np.concatenate([rows for _, rows in view.blocks(3)]), copy)
+    np.testing.assert_array_equal(view.read(np.array([17, 11])), copy[[7, 1]])
+
+
+@pytest.mark.parametrize("spec", ["similarity", "similarity+decontam+guard"])
+def test_peak_memory_per_process_grows_with_its_shard_not_the_pool(tmp_path, spec):
+    # With the filters and the guard the rows left are read through the shard's memory map, never copied.
     peaks = {}
     for n in (40_000, 160_000):
         rng = np.random.default_rng(0)
@@ -355,11 +371,12 @@ def test_peak_memory_per_process_grows_with_its_shard_not_the_pool(tmp_path):
         out = tmp_path / f"rows{n}.jsonl"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(REPO / "benchmarks" / "scale_out.py"), "--worker", str(tmp_path / f"pool{n}.npy"),
-               str(tmp_path / "target.npy"), "similarity", str(out)]
+               str(tmp_path / "target.npy"), spec, str(out)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         rows = [json.loads(line) for line in out.read_text().splitlines()]
         peaks[n] = max(r["peak_rss_gb"] for r in rows)
+        assert all(r["dropped"] == (1000 if "decontam" in spec else 0) for r in rows)  # the planted held-out rows
     shard_growth = (160_000 - 40_000) / 2 * 384 * 4 / 2**30
     pool_growth = 2 * shard_growth
     growth = peaks[160_000] - peaks[40_000]
