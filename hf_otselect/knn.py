@@ -11,6 +11,11 @@ Conventions (read these before using the results):
   them. Valid neighbours always come first in a row, sorted nearest first.
 * :func:`radius_search` returns FAISS's flat ``(lims, distances, indices)`` layout, each query's
   results sorted nearest first; exact with the flat index (the default for every base size).
+* :func:`knn_blocks` and :class:`RowIVF` search rows they never copy (e.g. a memory-mapped shard):
+  the exact search takes the base block by block (FAISS's brute-force ``faiss.knn`` per block, the
+  blocks' results merged in FAISS's C++ heaps), and the IVF index keeps row numbers in its lists,
+  not vectors, reading each probed list's rows when it scans it. Memory: the queries' lists plus
+  one block of rows (or of one list's distances), never a copy of the base.
 
 FAISS is imported inside the functions so that ``import hf_otselect`` stays cheap. A GPU is used
 for k-NN when the installed FAISS has one (``faiss.get_num_gpus() > 0``) unless ``device="cpu"``;
@@ -386,3 +391,132 @@ def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
     e = (exact + rows).ravel()
     hits = np.isin(e, a[a >= 0]).sum()
     return float(hits) / e.size
+
+
+#: Distances (queries x rows) computed at once by :class:`RowIVF` (16 MiB of float32), and the
+#: rows per block of :func:`knn_blocks` when the caller's blocks are larger.
+BLOCK_ELEMENTS = 2**22
+BLOCK_ROWS = 16_384
+
+
+def _heap_result(heap: Any, index: str) -> KnnResult:
+    heap.finalize()
+    dist, ind = heap.D, heap.I
+    dist[ind == _FAISS_EMPTY] = np.inf  # FAISS pads with FLT_MAX; mark it unmistakably
+    return KnnResult(distances=dist, indices=ind, metric="l2", index=index)
+
+
+def knn_blocks(queries: np.ndarray, blocks: Iterable[np.ndarray], k: int) -> KnnResult:
+    """Exact ``k`` nearest rows of a base handed over block by block, without a copy of the base.
+
+    Each block is searched by FAISS's brute force (``faiss.knn``: the GEMM and fused top-k of its
+    flat index, no index object) and its lists merge into one heap per query (``faiss.ResultHeap``).
+    A heap keeps the row it holds on an exact tie and rows come in ascending order, so ties go to
+    the lower row and the result is that of a flat L2 index over the whole base.
+
+    Parameters
+    ----------
+    queries : ndarray of shape (q, dim), float32
+    blocks : iterable of ndarray of shape (b_i, dim)
+        The base rows in order (e.g. a memory-mapped shard read block by block); rows are numbered
+        from 0 across the blocks. Blocks above :data:`BLOCK_ROWS` rows are searched in slices.
+    k : int
+        Neighbours per query, ``>= 1``; slots beyond the base are padding (``-1`` / ``inf``).
+
+    Returns
+    -------
+    KnnResult
+        Shape (q, k), squared L2 distances nearest first, as :func:`search_index` over a flat index.
+    """
+    faiss = _faiss()
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    heap = faiss.ResultHeap(len(queries), k)
+    start = 0
+    for block in blocks:
+        for s in range(0, len(block), BLOCK_ROWS):
+            part = np.ascontiguousarray(block[s : s + BLOCK_ROWS], dtype=np.float32)
+            dist, ind = faiss.knn(queries, part, min(k, len(part)))
+            heap.add_result(dist, np.where(ind >= 0, ind + (start + s), _FAISS_EMPTY))
+        start += len(block)
+    return _heap_result(heap, "flat")
+
+
+class RowIVF:
+    """An L2 inverted-file (IVF) index whose lists hold row numbers, not rows: the vectors stay where they are.
+
+    The centroids are trained as :func:`build_index` trains ``IndexIVFFlat`` (the same seeded sample
+    of at most ``40 * nlist`` rows, 10 seeded k-means iterations, so the same centroids), and each
+    row goes to its nearest centroid's list, block by block. A search scans list by list: the rows
+    of one list are read once (through ``read``) for every query that probes it, one GEMM gives
+    their distances, and FAISS's heaps keep each query's best ``k``. Memory: the centroids and one
+    int64 row number per row (8 bytes, against ``4 * dim`` for ``IndexIVFFlat``'s copy), plus one
+    list's rows and at most :data:`BLOCK_ELEMENTS` distances while searching.
+
+    Parameters
+    ----------
+    blocks : iterable of ndarray of shape (b, dim), float32
+        The rows in order (read once, to fill the lists).
+    n, dim : int
+        Row count and dimension.
+    read : callable
+        ``read(sorted_row_numbers) -> (len, dim)`` float32 rows (row numbers from 0).
+    nlist : int, optional
+        List count (default :func:`default_nlist`).
+    seed : int
+        Seeds the training sample and k-means.
+    """
+
+    def __init__(self, blocks: Iterable[np.ndarray], n: int, dim: int, *, read: Callable[[np.ndarray], np.ndarray],
+                 nlist: int | None = None, seed: int = 0) -> None:
+        faiss = _faiss()
+        self.read = read
+        self.ntotal = int(n)
+        self.nlist = default_nlist(n) if nlist is None else int(nlist)
+        self.quantizer = faiss.IndexFlatL2(dim)
+        clus = faiss.Clustering(dim, self.nlist)
+        clus.seed = seed % 2**31
+        clus.niter = 10
+        n_train = min(n, 40 * self.nlist)
+        rows = np.arange(n) if n_train == n else np.sort(np.random.default_rng(seed).choice(n, n_train, replace=False))
+        clus.train(np.ascontiguousarray(read(rows), dtype=np.float32), self.quantizer)
+        assign = np.empty(n, dtype=np.int64)
+        start = 0
+        for block in blocks:
+            _, lists = self.quantizer.search(np.ascontiguousarray(block, dtype=np.float32), 1)
+            assign[start : start + len(block)] = lists[:, 0]
+            start += len(block)
+        self.members = np.argsort(assign, kind="stable")  # rows grouped by list, ascending within each
+        self.starts = np.concatenate([[0], np.cumsum(np.bincount(assign, minlength=self.nlist))])
+
+    def search(self, queries: np.ndarray, k: int, nprobe: int) -> KnnResult:
+        """Each query's ``k`` nearest rows among those of its ``nprobe`` nearest lists.
+
+        Returns a :class:`KnnResult` of shape (q, k), nearest first, padded (``-1`` / ``inf``) where
+        the probed lists hold fewer than ``k`` rows. Distances are float32 ``|q|^2 + |x|^2 - 2 q.x``
+        (FAISS's flat expansion), so they can differ from ``IndexIVFFlat``'s in the last bits.
+        """
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        q = len(queries)
+        heap = _faiss().ResultHeap(q, k)
+        nprobe = min(int(nprobe), self.nlist)
+        _, probe = self.quantizer.search(queries, nprobe)
+        q_norms = np.einsum("ij,ij->i", queries, queries)
+        flat = probe.ravel()
+        by_list = np.argsort(flat, kind="stable")
+        bounds = np.searchsorted(flat[by_list], np.arange(self.nlist + 1))
+        for lst in np.flatnonzero(np.diff(bounds)):
+            rows = self.members[self.starts[lst] : self.starts[lst + 1]]
+            if rows.size == 0:
+                continue
+            vecs = np.ascontiguousarray(self.read(rows), dtype=np.float32)
+            norms = np.einsum("ij,ij->i", vecs, vecs)
+            who = by_list[bounds[lst] : bounds[lst + 1]] // nprobe
+            step = max(1, BLOCK_ELEMENTS // rows.size)
+            for s in range(0, who.size, step):
+                qs = who[s : s + step]
+                dist = queries[qs] @ vecs.T
+                dist *= -2.0
+                dist += q_norms[qs, None]
+                dist += norms[None, :]
+                heap.add_result_subset(qs, dist, rows)
+        return _heap_result(heap, "ivf")

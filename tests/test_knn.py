@@ -122,3 +122,59 @@ def test_bad_parameters_raise(call, match):
     base = _clustered(20, seed=10)
     with pytest.raises((ValueError, TypeError), match=match):
         call(base)
+
+
+def _ties_reference(q: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
+    """Exact float64 neighbours, ties to the lower row (a stable sort)."""
+    return np.argsort(_brute_sq(q, b), axis=1, kind="stable")[:, :k]
+
+
+def _planted_ties(seed: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    # Integer coordinates make every float32 distance exact, so copies and equidistant rows tie
+    # exactly; the copies sit far apart in the base so they straddle the search blocks.
+    rng = np.random.default_rng(seed)
+    base = rng.integers(-3, 4, size=(500, 6)).astype(np.float32)
+    base[[3, 97, 250, 251, 499]] = base[10]
+    queries = np.vstack([base[10:11], rng.integers(-3, 4, size=(29, 6))]).astype(np.float32)
+    return queries, base
+
+
+@pytest.mark.parametrize("block_rows", [1, 7, 64, 16_384])
+def test_knn_blocks_equals_the_flat_index_ties_to_the_lower_row(monkeypatch, block_rows):
+    """Blockwise search (no copy of the base) gives a flat index's lists, planted exact ties included."""
+    monkeypatch.setattr(knn, "BLOCK_ROWS", block_rows)
+    queries, base = _planted_ties()
+    chunks = [base[:123], base[123:124], base[124:400], base[400:]]
+    res = knn.knn_blocks(queries, iter(chunks), 40)
+    ref = _ties_reference(queries, base, 40)
+    np.testing.assert_array_equal(res.indices, ref)
+    np.testing.assert_array_equal(res.indices[0, :6], [3, 10, 97, 250, 251, 499])  # the planted copies, in order
+    np.testing.assert_array_equal(res.distances, np.take_along_axis(_brute_sq(queries, base), ref, 1).astype(np.float32))
+    flat = knn.knn_search(queries, base, 40, index="flat", device="cpu")
+    np.testing.assert_array_equal(res.indices, flat.indices)
+
+
+def test_knn_blocks_pads_beyond_the_base():
+    queries, base = _planted_ties()
+    res = knn.knn_blocks(queries[:2], iter([base[:3], base[3:5]]), 8)
+    assert (res.indices[:, 5:] == -1).all() and np.isposinf(res.distances[:, 5:]).all() and res.valid[:, :5].all()
+    np.testing.assert_array_equal(np.sort(res.indices[:, :5], axis=1), np.tile(np.arange(5), (2, 1)))
+
+
+def test_row_ivf_is_exact_with_every_list_probed_and_recalls_as_faiss_ivf():
+    """IVF lists of row numbers: the same centroids as IndexIVFFlat, so the same recall, without the copy."""
+    base = _clustered(3000, seed=9)
+    queries = _clustered(25, seed=10)
+    ivf = knn.RowIVF(iter([base[:1000], base[1000:]]), len(base), base.shape[1], read=lambda r: base[r], nlist=30, seed=0)
+    assert ivf.members.size == len(base) and ivf.starts[-1] == len(base)
+    assert ivf.members.dtype == np.int64 and not hasattr(ivf, "vectors")
+    exact = _ties_reference(queries, base, 20)
+    np.testing.assert_array_equal(ivf.search(queries, 20, nprobe=30).indices, exact)
+    ours = ivf.search(queries, 20, nprobe=3)
+    theirs = knn.knn_search(queries, base, 20, index="ivf", nlist=30, nprobe=3, device="cpu")
+    assert knn.recall_at_k(ours.indices, exact) == pytest.approx(knn.recall_at_k(theirs.indices, exact), abs=0.01)
+    # A probe that visits fewer than k rows pads, as FAISS does, masked.
+    few = ivf.search(queries[:3], 1000, nprobe=1)
+    assert not few.valid.all() and np.isposinf(few.distances[~few.valid]).all()
+    for row_valid, row_ind in zip(few.valid, few.indices):
+        assert row_valid[: row_valid.sum()].all() and np.unique(row_ind[row_valid]).size == row_valid.sum()

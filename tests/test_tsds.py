@@ -167,15 +167,15 @@ def test_widening_lists_equal_the_full_width_solution(monkeypatch, first):
 
 
 def _spy_searches(monkeypatch):
-    """Record (n_queries, k) of every FAISS search the selector makes."""
+    """Record (n_queries, neighbours searched) of every search the selector makes over its shard."""
     calls = []
-    real = tsds_mod.knn.search_index
+    real = tsds_mod._Shard._search
 
-    def spy(idx, queries, k, **kw):
-        calls.append((len(queries), k))
-        return real(idx, queries, k, **kw)
+    def spy(shard, queries, k, kind, nprobe, ahead):
+        calls.append((len(queries), max(k, ahead)))
+        return real(shard, queries, k, kind, nprobe, ahead)
 
-    monkeypatch.setattr(tsds_mod.knn, "search_index", spy)
+    monkeypatch.setattr(tsds_mod._Shard, "_search", spy)
     return calls
 
 
@@ -430,3 +430,85 @@ def test_pool_view_offset_is_the_rows_of_the_lower_ranks(counts):
     assert [g[0] for g in got] == expected and [g[2] for g in got] == expected
     assert {g[1] for g in got} == {g[3] for g in got} == {sum(counts)}
     assert [g[4] for g in got] == [[e] if c else [] for e, c in zip(expected, counts)]
+
+
+def _faiss_index_search(shard, queries, k, kind, nprobe, ahead):
+    """The search before the no-copy one: a FAISS index holding a copy of the shard (flat: exact)."""
+    rows = np.concatenate([r for _, r in shard.pool.blocks()])
+    return tsds_mod.knn.knn_search(queries, rows, k, index=kind, device="cpu", nprobe=nprobe)
+
+
+def _fixtures():
+    rng = np.random.default_rng(21)
+    copies = np.vstack([np.repeat(rng.normal(size=(1, 4)), 60, axis=0), 0.01 * rng.normal(size=(40, 4)) + 3.0,
+                        5 * rng.normal(size=(300, 4))]).astype(np.float32)
+    yield "toy", *_toy(), dict(alpha=0.5, C=5.0, sigma=0.15, kde_K=3)
+    yield "blobs", _blobs(900, seed=16), _blobs(15, seed=17), dict(alpha=0.4, C=2.0, sigma=1.2, max_K=400, kde_K=30)
+    yield "copies", copies, np.vstack([copies[:1] + 0.05, copies[60:61], 5 * rng.normal(size=(3, 4))]).astype(np.float32), \
+        dict(alpha=0.3, sigma=0.5, max_K=300, kde_K=50)
+    yield "widening", _blobs(700, seed=3), _blobs(40, seed=4), dict(alpha=0.05, C=1.0, sigma=0.9, kde_K=20)
+
+
+@pytest.mark.parametrize("name", ["toy", "blobs", "copies", "widening"])
+def test_blockwise_search_gives_the_faiss_flat_index_state(monkeypatch, name):
+    """Exact search block by block (no copy of the shard, the next round's list fetched ahead)
+    leaves every list, density and p as a FAISS flat index over a copy of the shard did."""
+    x, y, params = next((x, y, p) for n, x, y, p in _fixtures() if n == name)
+    view = tsds_mod.PoolView(x)
+    new = TSDSSelector(index="flat", **params).fit(view, y)
+    with monkeypatch.context() as mp:
+        mp.setattr(tsds_mod._Shard, "_search", _faiss_index_search)
+        old = TSDSSelector(index="flat", **params).fit(view, y)
+    for field in ("neighbours", "distances", "rows", "probs", "density"):
+        np.testing.assert_array_equal(getattr(new, field), getattr(old, field), err_msg=field)
+    assert new.level == old.level
+
+
+def test_flat_prefetch_reads_the_shard_once_per_two_rounds(monkeypatch):
+    """A widening round is answered from the previous round's look-ahead, not from a new pass."""
+    x, y = _blobs(3000, seed=3), _blobs(40, seed=4)
+    passes = []
+    real = tsds_mod.knn.knn_blocks
+    monkeypatch.setattr(tsds_mod.knn, "knn_blocks", lambda q, blocks, k: passes.append((len(q), k)) or real(q, blocks, k))
+    sel = TSDSSelector(alpha=0.002, C=1.0, sigma=0.9, kde_K=20, index="flat")
+    sel.fit(tsds_mod.PoolView(x), y)
+    assert sel.diagnostics_["width"] == 1024  # rounds of 128, 256, 512 and 1024 neighbours
+    ahead = [w + tsds_mod._margin(w) for w in (256, 1024)]  # round 1 fetches round 2's list, round 3 round 4's
+    assert [k for q, k in passes if q == len(y)] == ahead
+
+
+@pytest.mark.slow
+def test_fit_peak_memory_is_the_shard_without_a_second_copy(tmp_path):
+    """Peak RSS growth of a fit over a memmap at N and 4N rows (flat, then IVF under "auto"): the
+    shard's pages plus a fixed overhead, not the shard twice as when a FAISS index held a copy."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    dim, rng = 256, np.random.default_rng(5)
+    centers = rng.normal(size=(50, dim)).astype(np.float32)
+    target = (centers[:20] + 0.3 * rng.normal(size=(20, dim))).astype(np.float32)
+    np.save(tmp_path / "target.npy", target)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    growth, shard = {}, {}
+    for n in (60_000, 240_000):
+        path = tmp_path / f"pool{n}.npy"
+        mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, dim))
+        for s in range(0, n, 20_000):  # written in blocks: this process never holds the pool either
+            mm[s : s + 20_000] = centers[rng.integers(0, 50, min(20_000, n - s))] + 0.3 * rng.normal(size=(min(20_000, n - s), dim))
+        mm.flush()
+        del mm
+        params = json.dumps({"sigma": 0.5, "max_K": 500, "kde_K": 100})
+        proc = subprocess.run([sys.executable, str(repo / "tests" / "workers" / "tsds_memory.py"), str(path), str(tmp_path / "target.npy"), params],
+                              capture_output=True, text=True, env=env, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        got = json.loads(proc.stdout.strip().splitlines()[-1])
+        growth[n], shard[n] = got["peak_gb"] - got["before_gb"], got["shard_gb"]
+        assert got["index"] == ("flat" if n <= tsds_mod.knn.FLAT_MAX_BASE else "ivf")
+        path.unlink()
+        # The fixed part: one block of rows and of distances, the lists, 8 bytes per row for IVF.
+        assert growth[n] <= 1.2 * shard[n] + 0.1, (growth, shard)  # a copy would add another shard
+    assert growth[240_000] - growth[60_000] <= 1.2 * (shard[240_000] - shard[60_000]), (growth, shard)

@@ -77,6 +77,7 @@ _FIRST_WIDTH = 128  # neighbours per query in the first round; the lists double 
 _FLAT_DENSITY_PAIRS = 2e8  # "auto": exact density search while rows x shard stays under this
 _KDE_FIRST = 32  # neighbours per density query in the first (usually final) pass
 _MIN_SUPPORT = 2.0  # C=None: the smallest mean neighbourhood aimed at (see TSDSSelector's C)
+_EXACT_ELEMENTS = 2**20  # pool values per chunk of the exact float64 re-ranking
 
 
 def knn_kde_allocation(
@@ -209,16 +210,20 @@ def auto_scale(dist: np.ndarray, inv_density: np.ndarray, valid: np.ndarray, sup
     return float(max(lam, np.finfo(np.float64).tiny))
 
 
-def _exact_sq(queries: np.ndarray, qrow: np.ndarray, pool: PoolView, gidx: np.ndarray, chunk: int = 16_384) -> np.ndarray:
-    """float64 ``||queries[qrow] - pool[gidx]||^2`` per pair, reading pool rows in chunks.
+def _exact_sq(queries: np.ndarray, qrow: np.ndarray, pool: PoolView, gidx: np.ndarray) -> np.ndarray:
+    """float64 ``||queries[qrow] - pool[gidx]||^2`` per pair, reading pool rows in chunks of
+    ``_EXACT_ELEMENTS`` values (20 bytes each at the peak: the float32 rows, their float64 copy
+    and the queries' rows; 20 MiB).
 
     FAISS's float32 expansion ``|a|^2 + |b|^2 - 2ab`` loses the small distances that matter here
     (a copy is at distance 0, not 1e-4), hence the direct difference in float64.
     """
     out = np.empty(qrow.size, dtype=np.float64)
     q64 = queries.astype(np.float64)
+    chunk = max(1, min(16_384, _EXACT_ELEMENTS // queries.shape[1]))
     for s in range(0, qrow.size, chunk):
-        diff = pool.read(gidx[s : s + chunk]) - q64[qrow[s : s + chunk]]
+        diff = pool.read(gidx[s : s + chunk]).astype(np.float64)
+        diff -= q64[qrow[s : s + chunk]]
         out[s : s + chunk] = np.einsum("ij,ij->i", diff, diff)
     return out
 
@@ -273,54 +278,86 @@ class TSDSState:
 
 
 class _Shard:
-    """This process's rows behind a FAISS index (the only full copy of them this fit makes)."""
+    """This process's rows and how to search them, without a second copy of the rows.
+
+    ``"flat"`` searches the rows block by block (:func:`hf_otselect.knn.knn_blocks`: FAISS's brute
+    force per block, the blocks' lists merged in its heaps); ``"ivf"`` is a
+    :class:`hf_otselect.knn.RowIVF` (row numbers per list, the rows read when a list is scanned),
+    built on first use and shared by the prefetch and the densities; only ``"hnsw"`` holds a FAISS
+    copy of the rows.
+    """
 
     def __init__(self, pool: PoolView, kind: str, seed: int) -> None:
         self.pool = pool
         self.kind = kind
         self.seed = seed
-        self.max_sq_norm = 0.0
-        self.index = self._build(kind) if pool.n_local else None
-        self._ivf = self.index if kind == "ivf" else None
+        self.max_sq_norm = 0.0  # of the rows read so far; every search or build reads them all
+        self.empty = pool.n_local == 0
+        self._hnsw = self._faiss_hnsw() if kind == "hnsw" and not self.empty else None
+        self._ivf = None
+        if kind == "ivf" and not self.empty:
+            self.ivf()
+        self._ahead: tuple[np.ndarray, knn.KnnResult] | None = None  # a wider flat search kept for the next round
         # Exact distances of (query, row) pairs already computed, keyed query * n_global + row:
         # a wider list re-uses those of the narrower one instead of recomputing them.
         self._keys = np.zeros(0, dtype=np.int64)
         self._sq = np.zeros(0)
 
-    def _build(self, kind: str) -> Any:
-        pool = self.pool
+    def _blocks(self) -> Any:
+        for _, rows in self.pool.blocks():
+            self.max_sq_norm = max(self.max_sq_norm, float(np.einsum("ij,ij->i", rows, rows).max()))
+            yield rows
 
-        def blocks() -> Any:
-            for _, rows in pool.blocks():
-                self.max_sq_norm = max(self.max_sq_norm, float(np.einsum("ij,ij->i", rows, rows).max()))
-                yield rows
+    def _read(self, local_rows: np.ndarray) -> np.ndarray:
+        return self.pool.read(local_rows + self.pool.offset)
 
-        return knn.index_from_blocks(blocks(), pool.n_local, pool.dim, read=lambda r: pool.read(r + pool.offset), index=kind, seed=self.seed)
+    def _faiss_hnsw(self) -> Any:
+        return knn.index_from_blocks(self._blocks(), self.pool.n_local, self.pool.dim, read=self._read, index="hnsw", seed=self.seed)
 
-    def ivf(self) -> Any:
-        """An IVF index over the shard (the prefetch one when it is IVF), built on first use."""
+    def ivf(self) -> knn.RowIVF:
+        """The IVF index over the shard (row numbers only), built on first use."""
         if self._ivf is None:
-            self._ivf = self._build("ivf")
+            self._ivf = knn.RowIVF(self._blocks(), self.pool.n_local, self.pool.dim, read=self._read, seed=self.seed)
         return self._ivf
 
-    def nearest(self, queries: np.ndarray, k: int, *, kind: str, nprobe: int | None, remember: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Each query's ``k`` nearest shard rows by the ``kind`` index (the prefetch one, or IVF),
+    def _search(self, queries: np.ndarray, k: int, kind: str, nprobe: int | None, ahead: int) -> knn.KnnResult:
+        """The ``k`` nearest shard rows (local numbers) by ``kind``; a flat search asked to look
+        ``ahead`` (> k) searches that many and keeps them, and a later call with the same queries and
+        at most that many neighbours is answered from them (the flat lists are exact, ties to the
+        lower row, so the first ``k`` of a longer list are the ``k``-list)."""
+        if kind == "flat":
+            kept = self._ahead
+            if kept is not None and kept[0] is queries and kept[1].indices.shape[1] >= k:
+                found = kept[1]
+                return knn.KnnResult(found.distances[:, :k], found.indices[:, :k], found.metric, found.index)
+            found = knn.knn_blocks(queries, self._blocks(), max(k, ahead))
+            if ahead > k:  # (a density search in between keeps the prefetch's look-ahead)
+                self._ahead = (queries, found)
+            return knn.KnnResult(found.distances[:, :k], found.indices[:, :k], found.metric, found.index)
+        if kind == "ivf":
+            index = self.ivf()
+            probe = knn.default_nprobe(index.nlist, k, index.ntotal) if nprobe is None else nprobe
+            return index.search(queries, k, probe)
+        return knn.search_index(self._hnsw, queries, k, index="hnsw", nprobe=nprobe)
+
+    def nearest(self, queries: np.ndarray, k: int, *, kind: str, nprobe: int | None, remember: bool = False, ahead: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each query's ``k`` nearest shard rows by the ``kind`` search (the prefetch one, or IVF),
         re-ranked on exact float64 squared distances.
 
         Returns ``(sq, gidx, faiss_sq)`` of shape (q, k): float64 squared distances sorted
-        ascending (ties: lower global index), global indices, and FAISS's float32 values in the
-        same order; ``inf`` / ``-1`` pad where the shard has fewer rows or an IVF probe found fewer.
+        ascending (ties: lower global index), global indices, and the search's float32 values in
+        the same order; ``inf`` / ``-1`` pad where the shard has fewer rows or an IVF probe found fewer.
         ``remember``: keep the exact distances for the next call with the same queries.
+        ``ahead``: the ``k`` the next call with these queries will likely ask for (see :meth:`_search`).
         """
         q = len(queries)
         sq = np.full((q, k), np.inf)
         gidx = np.full((q, k), -1, dtype=np.int64)
         approx = np.full((q, k), np.inf)
-        if self.index is None or q == 0:
+        if self.empty or q == 0:
             return sq, gidx, approx
         kk = min(k, self.pool.n_local)
-        index = self.index if kind == self.kind else self.ivf()
-        found = knn.search_index(index, queries, kk, index=kind, nprobe=nprobe)
+        found = self._search(queries, kk, kind, nprobe, min(ahead, self.pool.n_local))
         valid = found.valid
         rows, cols = np.nonzero(valid)
         g = found.indices[rows, cols] + self.pool.offset
@@ -394,10 +431,11 @@ class TSDSSelector(Selector):
         rows). A user asking for ``k`` rows expects ``k`` different rows, and the default gives
         them whenever the distribution allows; the paper's multiset stays one keyword away.
     index : {"auto", "flat", "ivf", "hnsw"}, default "auto"
-        FAISS index over each process's rows (see :func:`hf_otselect.knn.knn_search`; ``"auto"``
+        Search over each process's rows (see :func:`hf_otselect.knn.knn_search`; ``"auto"``
         is flat up to ``knn.FLAT_MAX_BASE`` rows per process, IVF above). Densities are searched
         exactly (flat) under ``"flat"``, and under ``"auto"`` while one density pass costs at most
-        ``_FLAT_DENSITY_PAIRS`` distance evaluations; otherwise over an IVF index.
+        ``_FLAT_DENSITY_PAIRS`` distance evaluations; otherwise over an IVF index (the
+        prefetch's when it is IVF). Flat and IVF keep no copy of the rows; HNSW does (FAISS's).
     nprobe : int, optional
         IVF lists visited per prefetch query (default :func:`hf_otselect.knn.default_nprobe`).
     density_nprobe : int, default 4
@@ -473,8 +511,8 @@ class TSDSSelector(Selector):
         Parameters
         ----------
         pool : PoolView
-            This process's rows; they are read once into a FAISS index over the shard and
-            afterwards only by row (exact distances), never all at once elsewhere.
+            This process's rows; searched block by block (flat) or list by list (IVF of row
+            numbers), and read by row for exact distances; never copied whole.
         target : ndarray of shape (M, dim)
             The queries, the same on every process.
         comm : Comm, optional
@@ -495,8 +533,13 @@ class TSDSSelector(Selector):
         cannot change an optimum that did not touch those ends (every further breakpoint lies
         below ``t*``), so the result is the optimum over ``max_K`` neighbours.
 
-        Memory per process: the FAISS index over its own rows (``n_local x dim`` float32 for flat
-        or IVF; the rows are added block by block, never copied elsewhere), the merged lists
+        Memory per process: the shard itself (its pages, when memory-mapped) and no copy of it
+        (except under ``index="hnsw"``): the flat search reads it block by block
+        (:func:`hf_otselect.knn.knn_blocks`), the IVF index keeps one int64 row number per row
+        (:class:`hf_otselect.knn.RowIVF`). On top, a fixed overhead: one block of rows
+        (``dist.DEFAULT_BLOCK_ROWS x dim`` float32, 24 MiB at 384-d) with FAISS's distance tile
+        (16 MiB), or one IVF list's rows with at most ``knn.BLOCK_ELEMENTS`` distances (16 MiB),
+        or one exact re-ranking chunk (20 MiB). And what grows with M, not N: the merged lists
         (``M x L``, plus what each process contributes to one all-gather), the reached rows'
         vectors (``R x dim``, ``R <= M x L``) and at most ``kde_K`` neighbour distances per
         density row, in chunks. Communication: O(M x L) per round for the lists, O(R x dim) for
@@ -529,7 +572,9 @@ class TSDSSelector(Selector):
         while True:
             t0 = time.perf_counter()
             k_local = min(width + _margin(width), n)
-            sq, gidx, _ = shard.nearest(target, k_local, kind=kind, nprobe=self.nprobe, remember=True)
+            wider = min(cap, 2 * width)  # a flat search fetches the next round's list in the same pass
+            ahead = min(wider + _margin(wider), n) if wider > width else 0
+            sq, gidx, _ = shard.nearest(target, k_local, kind=kind, nprobe=self.nprobe, remember=True, ahead=ahead)
             dist, nbr = _merge_lists(np.sqrt(sq), gidx, width, comm)
             valid = nbr >= 0
             timings["prefetch_s"] += time.perf_counter() - t0
