@@ -512,3 +512,28 @@ def test_fit_peak_memory_is_the_shard_without_a_second_copy(tmp_path):
         # The fixed part: one block of rows and of distances, the lists, 8 bytes per row for IVF.
         assert growth[n] <= 1.2 * shard[n] + 0.1, (growth, shard)  # a copy would add another shard
     assert growth[240_000] - growth[60_000] <= 1.2 * (shard[240_000] - shard[60_000]), (growth, shard)
+
+
+@pytest.mark.parametrize("index", ["flat", "ivf"])
+def test_densities_take_exact_distances_only_of_pairs_within_h(monkeypatch, index):
+    """The kernel is zero beyond h: a pair whose search distance is past h^2 (by more than float32
+    rounding) gets no float64 distance, and the densities, hence p, are unchanged."""
+    rng = np.random.default_rng(30)
+    # A spread pool with a tight group in it: a few pairs within h, most far apart.
+    x = np.vstack([rng.normal(size=(1500, 8)), 3.0 + 0.05 * rng.normal(size=(60, 8))]).astype(np.float32)
+    y = np.vstack([x[1500:1503] + 0.01, rng.normal(size=(12, 8))]).astype(np.float32)
+    params = dict(alpha=0.4, C=2.0, sigma=0.5, max_K=400, kde_K=40)
+    pairs = []
+    real = tsds_mod._exact_sq
+    monkeypatch.setattr(tsds_mod, "_exact_sq", lambda q, qrow, pool, g: pairs.append((len(q), qrow.size)) or real(q, qrow, pool, g))
+    sel = TSDSSelector(index=index, nprobe=64, density_nprobe=64, **params)  # every IVF list probed: exact
+    p = sel.score(x, y)
+    np.testing.assert_allclose(p, _reference_p(x, y, **params), atol=1e-12)
+    pairs.clear()
+    rows = sel.fit(tsds_mod.PoolView(x), y).rows
+    sq = ((x[rows].astype(np.float64)[:, None] - x.astype(np.float64)[None]) ** 2).sum(-1)
+    within = int((sq < 0.5**2 * 1.01).sum())
+    density_pairs = sum(n for q, n in pairs if q != len(y))
+    # Within h at most twice (a row whose first lists lie all within h is searched again, wider);
+    # every density row's whole first list (32 pairs each) was the cost before.
+    assert 0 < density_pairs <= 2 * within < rows.size * tsds_mod._KDE_FIRST, (density_pairs, within, rows.size)

@@ -340,7 +340,8 @@ class _Shard:
             return index.search(queries, k, probe)
         return knn.search_index(self._hnsw, queries, k, index="hnsw", nprobe=nprobe)
 
-    def nearest(self, queries: np.ndarray, k: int, *, kind: str, nprobe: int | None, remember: bool = False, ahead: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def nearest(self, queries: np.ndarray, k: int, *, kind: str, nprobe: int | None, remember: bool = False, ahead: int = 0,
+                beyond: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Each query's ``k`` nearest shard rows by the ``kind`` search (the prefetch one, or IVF),
         re-ranked on exact float64 squared distances.
 
@@ -349,6 +350,8 @@ class _Shard:
         the same order; ``inf`` / ``-1`` pad where the shard has fewer rows or an IVF probe found fewer.
         ``remember``: keep the exact distances for the next call with the same queries.
         ``ahead``: the ``k`` the next call with these queries will likely ask for (see :meth:`_search`).
+        ``beyond``: shape (q,); a pair whose search value is at least this gets ``inf`` instead of
+        its exact distance (for a caller that drops every pair beyond a radius anyway).
         """
         q = len(queries)
         sq = np.full((q, k), np.inf)
@@ -372,6 +375,9 @@ class _Shard:
             self._keys = np.concatenate([self._keys, keys[~seen]])[order]
             self._sq = np.concatenate([self._sq, vals[~seen]])[order]
             sq[rows, cols] = vals
+        elif beyond is not None:
+            near = found.distances[rows, cols] < beyond[rows]
+            sq[rows[near], cols[near]] = _exact_sq(queries, rows[near], self.pool, g[near])
         else:
             sq[rows, cols] = _exact_sq(queries, rows, self.pool, g)
         gidx[rows, cols] = g
@@ -732,12 +738,15 @@ class TSDSSelector(Selector):
         full_k = min(n_kde + _margin(n_kde), pool.n_global)
         first_k = min(_KDE_FIRST, full_k)
         # The local lists (ascending float64 squared distances, inf beyond h), then the merge.
-        sq, _, approx = shard.nearest(uniq, first_k, kind=kind, nprobe=nprobe)
+        # Pairs whose float32 distance exceeds h^2 by more than its rounding error are beyond h:
+        # no exact distance for them (most pairs, on a spread pool). The prefetch has read every
+        # shard row by now, so max_sq_norm is known.
+        slack = 1e-5 * (np.einsum("ij,ij->i", uniq, uniq).astype(np.float64) + shard.max_sq_norm)
+        sq, _, approx = shard.nearest(uniq, first_k, kind=kind, nprobe=nprobe, beyond=h2 + slack)
         if first_k < full_k and pool.n_local > first_k:
-            slack = 1e-5 * (np.einsum("ij,ij->i", uniq, uniq).astype(np.float64) + shard.max_sq_norm)
             more = np.flatnonzero(approx.max(axis=1) < h2 + slack)
             if more.size:
-                sq_more, _, _ = shard.nearest(uniq[more], full_k, kind=kind, nprobe=nprobe)
+                sq_more, _, _ = shard.nearest(uniq[more], full_k, kind=kind, nprobe=nprobe, beyond=h2 + slack[more])
                 sq = np.concatenate([sq, np.full((sq.shape[0], full_k - first_k), np.inf)], axis=1)
                 sq[more] = sq_more
         sq = np.where(sq < h2, sq, np.inf)
