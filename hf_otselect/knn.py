@@ -400,7 +400,6 @@ BLOCK_ROWS = 16_384
 
 
 def _heap_result(heap: Any, index: str) -> KnnResult:
-    heap.finalize()
     dist, ind = heap.D, heap.I
     dist[ind == _FAISS_EMPTY] = np.inf  # FAISS pads with FLT_MAX; mark it unmistakably
     return KnnResult(distances=dist, indices=ind, metric="l2", index=index)
@@ -438,6 +437,7 @@ def knn_blocks(queries: np.ndarray, blocks: Iterable[np.ndarray], k: int) -> Knn
             dist, ind = faiss.knn(queries, part, min(k, len(part)))
             heap.add_result(dist, np.where(ind >= 0, ind + (start + s), _FAISS_EMPTY))
         start += len(block)
+    heap.finalize()
     return _heap_result(heap, "flat")
 
 
@@ -493,14 +493,20 @@ class RowIVF:
 
         Returns a :class:`KnnResult` of shape (q, k), nearest first, padded (``-1`` / ``inf``) where
         the probed lists hold fewer than ``k`` rows. Distances are float32 ``|q|^2 + |x|^2 - 2 q.x``
-        (FAISS's flat expansion), so they can differ from ``IndexIVFFlat``'s in the last bits.
+        (the expansion of FAISS's flat index), so they can differ from ``IndexIVFFlat``'s in the
+        last bits.
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        q = len(queries)
+        q, dim = queries.shape
         heap = _faiss().ResultHeap(q, k)
         nprobe = min(int(nprobe), self.nlist)
         _, probe = self.quantizer.search(queries, nprobe)
-        q_norms = np.einsum("ij,ij->i", queries, queries)
+        # One GEMM per list gives |x|^2 - 2 q.x: the queries carry a last coordinate 1 and the
+        # list's rows their squared norm. |q|^2 is the same along a query's row, so it is added
+        # after the heaps have chosen.
+        q_aug = np.empty((q, dim + 1), dtype=np.float32)
+        np.multiply(queries, -2.0, out=q_aug[:, :dim])
+        q_aug[:, dim] = 1.0
         flat = probe.ravel()
         by_list = np.argsort(flat, kind="stable")
         bounds = np.searchsorted(flat[by_list], np.arange(self.nlist + 1))
@@ -508,15 +514,14 @@ class RowIVF:
             rows = self.members[self.starts[lst] : self.starts[lst + 1]]
             if rows.size == 0:
                 continue
-            vecs = np.ascontiguousarray(self.read(rows), dtype=np.float32)
-            norms = np.einsum("ij,ij->i", vecs, vecs)
+            vecs = np.empty((rows.size, dim + 1), dtype=np.float32)
+            vecs[:, :dim] = self.read(rows)
+            vecs[:, dim] = np.einsum("ij,ij->i", vecs[:, :dim], vecs[:, :dim])
             who = by_list[bounds[lst] : bounds[lst + 1]] // nprobe
             step = max(1, BLOCK_ELEMENTS // rows.size)
             for s in range(0, who.size, step):
                 qs = who[s : s + step]
-                dist = queries[qs] @ vecs.T
-                dist *= -2.0
-                dist += q_norms[qs, None]
-                dist += norms[None, :]
-                heap.add_result_subset(qs, dist, rows)
+                heap.add_result_subset(qs, q_aug[qs] @ vecs.T, rows)
+        heap.finalize()
+        heap.D += np.einsum("ij,ij->i", queries, queries)[:, None]
         return _heap_result(heap, "ivf")

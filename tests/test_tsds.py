@@ -464,13 +464,15 @@ def test_blockwise_search_gives_the_faiss_flat_index_state(monkeypatch, name):
     assert new.level == old.level
 
 
-def test_flat_prefetch_reads_the_shard_once_per_two_rounds(monkeypatch):
+@pytest.mark.parametrize("index", ["flat", "ivf"])
+def test_prefetch_searches_once_per_two_rounds(monkeypatch, index):
     """A widening round is answered from the previous round's look-ahead, not from a new pass."""
     x, y = _blobs(3000, seed=3), _blobs(40, seed=4)
     passes = []
-    real = tsds_mod.knn.knn_blocks
-    monkeypatch.setattr(tsds_mod.knn, "knn_blocks", lambda q, blocks, k: passes.append((len(q), k)) or real(q, blocks, k))
-    sel = TSDSSelector(alpha=0.002, C=1.0, sigma=0.9, kde_K=20, index="flat")
+    flat, ivf = tsds_mod.knn.knn_blocks, tsds_mod.knn.RowIVF.search
+    monkeypatch.setattr(tsds_mod.knn, "knn_blocks", lambda q, blocks, k: passes.append((len(q), k)) or flat(q, blocks, k))
+    monkeypatch.setattr(tsds_mod.knn.RowIVF, "search", lambda self, q, k, nprobe: passes.append((len(q), k)) or ivf(self, q, k, nprobe))
+    sel = TSDSSelector(alpha=0.002, C=1.0, sigma=0.9, kde_K=20, index=index)
     sel.fit(tsds_mod.PoolView(x), y)
     assert sel.diagnostics_["width"] == 1024  # rounds of 128, 256, 512 and 1024 neighbours
     ahead = [w + tsds_mod._margin(w) for w in (256, 1024)]  # round 1 fetches round 2's list, round 3 round 4's

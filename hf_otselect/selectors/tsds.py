@@ -297,7 +297,7 @@ class _Shard:
         self._ivf = None
         if kind == "ivf" and not self.empty:
             self.ivf()
-        self._ahead: tuple[np.ndarray, knn.KnnResult] | None = None  # a wider flat search kept for the next round
+        self._ahead: tuple[np.ndarray, str, knn.KnnResult] | None = None  # a wider search kept for the next round
         # Exact distances of (query, row) pairs already computed, keyed query * n_global + row:
         # a wider list re-uses those of the narrower one instead of recomputing them.
         self._keys = np.zeros(0, dtype=np.int64)
@@ -309,7 +309,8 @@ class _Shard:
             yield rows
 
     def _read(self, local_rows: np.ndarray) -> np.ndarray:
-        return self.pool.read(local_rows + self.pool.offset)
+        # Ascending local rows (the IVF lists and its training sample are): one gather, no reorder.
+        return np.asarray(self.pool.data[local_rows], dtype=np.float32)
 
     def _faiss_hnsw(self) -> Any:
         return knn.index_from_blocks(self._blocks(), self.pool.n_local, self.pool.dim, read=self._read, index="hnsw", seed=self.seed)
@@ -321,24 +322,30 @@ class _Shard:
         return self._ivf
 
     def _search(self, queries: np.ndarray, k: int, kind: str, nprobe: int | None, ahead: int) -> knn.KnnResult:
-        """The ``k`` nearest shard rows (local numbers) by ``kind``; a flat search asked to look
-        ``ahead`` (> k) searches that many and keeps them, and a later call with the same queries and
-        at most that many neighbours is answered from them (the flat lists are exact, ties to the
-        lower row, so the first ``k`` of a longer list are the ``k``-list)."""
-        if kind == "flat":
-            kept = self._ahead
-            if kept is not None and kept[0] is queries and kept[1].indices.shape[1] >= k:
-                found = kept[1]
-                return knn.KnnResult(found.distances[:, :k], found.indices[:, :k], found.metric, found.index)
-            found = knn.knn_blocks(queries, self._blocks(), max(k, ahead))
+        """The ``k`` nearest shard rows (local numbers) by ``kind``.
+
+        Asked to look ``ahead`` (> k), it searches that many in the same pass and keeps them; a
+        later call with the same queries, the same kind and at most that many neighbours is
+        answered from them. A longer list's first ``k`` are the ``k``-list of the same search: exact
+        (ties to the lower row) for flat; for IVF the same probed lists, which the longer list's
+        default ``nprobe`` can only widen.
+        """
+        kept = self._ahead
+        if kept is not None and kept[0] is queries and kept[1] == kind and kept[2].indices.shape[1] >= k:
+            found = kept[2]
+        else:
+            width = max(k, ahead)
+            if kind == "flat":
+                found = knn.knn_blocks(queries, self._blocks(), width)
+            elif kind == "ivf":
+                index = self.ivf()
+                probe = knn.default_nprobe(index.nlist, width, index.ntotal) if nprobe is None else nprobe
+                found = index.search(queries, width, probe)
+            else:
+                found = knn.search_index(self._hnsw, queries, width, index="hnsw", nprobe=nprobe)
             if ahead > k:  # (a density search in between keeps the prefetch's look-ahead)
-                self._ahead = (queries, found)
-            return knn.KnnResult(found.distances[:, :k], found.indices[:, :k], found.metric, found.index)
-        if kind == "ivf":
-            index = self.ivf()
-            probe = knn.default_nprobe(index.nlist, k, index.ntotal) if nprobe is None else nprobe
-            return index.search(queries, k, probe)
-        return knn.search_index(self._hnsw, queries, k, index="hnsw", nprobe=nprobe)
+                self._ahead = (queries, kind, found)
+        return knn.KnnResult(found.distances[:, :k], found.indices[:, :k], found.metric, found.index)
 
     def nearest(self, queries: np.ndarray, k: int, *, kind: str, nprobe: int | None, remember: bool = False, ahead: int = 0,
                 beyond: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -578,7 +585,7 @@ class TSDSSelector(Selector):
         while True:
             t0 = time.perf_counter()
             k_local = min(width + _margin(width), n)
-            wider = min(cap, 2 * width)  # a flat search fetches the next round's list in the same pass
+            wider = min(cap, 2 * width)  # the search fetches the next round's list in the same pass
             ahead = min(wider + _margin(wider), n) if wider > width else 0
             sq, gidx, _ = shard.nearest(target, k_local, kind=kind, nprobe=self.nprobe, remember=True, ahead=ahead)
             dist, nbr = _merge_lists(np.sqrt(sq), gidx, width, comm)
