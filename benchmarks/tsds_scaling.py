@@ -11,7 +11,11 @@ Compares, in one run on the same data:
 
 Data: the clustered 384-d set of ``/work/shared/PEERS.md`` (200 centres, unit rows; queries from
 20 centres). ``--dup-frac`` replaces that fraction of the pool by near copies (noise 0.02) of other
-rows, so that densities are not all 1. Every case runs in its own subprocess, which reports its peak
+rows, so that densities are not all 1. ``--pools clustered,dense`` adds a dense pool per size
+(``pool`` column): 32-d unit rows all within a small cap, so nearly every pair lies within sigma
+and every density counts kde_K rows (the case that cost the radius search 263 s at 20k rows);
+only ``peer`` and ``ours-auto`` run on it, and not at 1M (there the reached rows' density lists,
+R x kde_K, would not fit the machine). Every case runs in its own subprocess, which reports its peak
 RSS. Accuracy columns: ``recall`` is recall@L of the approximate prefetch against exact search (100
 queries), ``TV`` is the total-variation distance between the case's probabilities and those of
 ``ours-flat`` (exact throughout) when that ran at the same size.
@@ -74,6 +78,19 @@ def make_data(n: int, m: int, dup_frac: float, folder: Path) -> tuple[Path, Path
         rng = np.random.default_rng(1)
         centers = np.random.default_rng(0).normal(size=(200, DIM))
         y = centers[rng.integers(0, 20, m)] * 0.5 + rng.normal(size=(m, DIM))
+        np.save(yp, (y / np.linalg.norm(y, axis=1, keepdims=True)).astype(np.float32))
+    return xp, yp
+
+
+def make_dense_data(n: int, m: int, folder: Path) -> tuple[Path, Path]:
+    """A dense 32-d pool (unit rows in a cap of angular radius ~0.1) and ``m`` queries near its rows."""
+    xp, yp = folder / f"xdense_{n}.npy", folder / f"ydense_{n}_{m}.npy"
+    if not xp.exists():
+        rng = np.random.default_rng(3)
+        x = rng.normal(size=(1, 32)) + 0.1 * rng.normal(size=(n, 32))
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        y = x[rng.integers(0, n, m)] + 0.05 * rng.normal(size=(m, 32))
+        np.save(xp, x.astype(np.float32))
         np.save(yp, (y / np.linalg.norm(y, axis=1, keepdims=True)).astype(np.float32))
     return xp, yp
 
@@ -257,6 +274,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "tsds_scaling.md"))
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per case")
     ap.add_argument("--dup-frac", type=float, default=0.1)
+    ap.add_argument("--pools", default="clustered", help="comma list of 'clustered' and 'dense' (see the docstring)")
     ap.add_argument("--cost", action="store_true", help="run the cost cases (copies/distinct, dense/spread) instead")
     ap.add_argument("--old-tree", help="with --cost: a directory holding an earlier hf_otselect to time too")
     ap.add_argument("--package-defaults", action="store_true", help="with --cost: also time the package's default C=None")
@@ -266,7 +284,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(run_case(json.loads(args.child))))
         return
-    args.provenance = provenance(seeds={"data (pool, queries, cost cases)": [0, 1, 2]})  # taken at the start: the commit and load the run began with
+    args.provenance = provenance(seeds={"data (pool, queries, cost cases, dense pool)": [0, 1, 2, 3]})  # taken at the start: the commit and load the run began with
     if args.cost:
         if args.out == ap.get_default("out"):
             args.out = str(REPO / "benchmarks" / "results" / "tsds_cost.md")
@@ -277,9 +295,12 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="tsds_bench_"))
     peer_cfg = dict(alpha=0.5, C=5.0, sigma=0.75, max_K=5000, kde_K=1000)  # PEERS.md settings
     goal_cfg = dict(alpha=0.5, C=5.0, sigma=0.75, max_K=1000, kde_K=1000)  # issue goal: L = 1000
+    pools = args.pools.split(",")
     plan = []
     for n in sizes:
-        for dup in (0.0, args.dup_frac):
+        if "dense" in pools and n < 1_000_000:
+            plan += [("peer", 200, peer_cfg, "ivf", n, "dense", False), ("ours-auto", 200, peer_cfg, "auto", n, "dense", False)]
+        for dup in ((0.0, args.dup_frac) if "clustered" in pools else ()):
             if n >= 1_000_000 and dup == 0.0:
                 continue
             big = n >= 1_000_000
@@ -296,7 +317,7 @@ def main() -> None:
                          ("peer", 1000, goal_cfg, "ivf", n, dup, False)]
     rows = []
     for method, m, cfg, index, n, dup, recall in plan:
-        xp, yp = make_data(n, 1000, dup, folder)
+        xp, yp = make_dense_data(n, m, folder) if dup == "dense" else make_data(n, 1000, dup, folder)
         case = dict(method="peer" if method == "peer" else "ours", index=index, m=m, x=str(xp), y=str(yp), recall=recall,
                     p_out=str(folder / f"p_{method}_{n}_{m}_{dup}_{cfg['max_K']}.npy"), **cfg)
         res = spawn(case, args.timeout)
@@ -306,7 +327,25 @@ def main() -> None:
         ref = folder / f"p_ours-flat_{r['n']}_{r['m']}_{r['dup']}_{r['max_K']}.npy"
         if "error" not in r and ref.exists() and r["method"] != "ours-flat":
             r["tv"] = 0.5 * float(np.abs(np.load(r["p_out"]) - np.load(ref)).sum())
+        peer = folder / f"p_peer_{r['n']}_{r['m']}_{r['dup']}_{r['max_K']}.npy"
+        if "error" not in r and peer.exists() and r["method"] != "peer":
+            r["tv_peer"] = 0.5 * float(np.abs(np.load(r["p_out"]) - np.load(peer)).sum())
     write_report(rows, args)
+
+
+def speedups(rows: list[dict]) -> list[str]:
+    """Peer CPU s / ours CPU s per (N, M, pool), against ours-auto (ours-ivf where auto did not run)."""
+    out = []
+    for r in rows:
+        if r["method"] != "peer" or "error" in r:
+            continue
+        same = {o["method"]: o for o in rows if "error" not in o and (o["n"], o["m"], o["dup"], o["max_K"]) == (r["n"], r["m"], r["dup"], r["max_K"])}
+        ours = same.get("ours-auto") or same.get("ours-ivf")
+        if ours:
+            name = "ours-auto" if "ours-auto" in same else "ours-ivf"
+            out.append(f"| {r['n']:,} | {r['m']} | {r['max_K']} | {r['dup']} | {name} | {r['cpu_seconds'] / ours['cpu_seconds']:.1f}x | "
+                       f"{r['seconds'] / ours['seconds']:.1f}x |")
+    return ["", "Speed-up in this run (peer / ours):", "", "| N | M | max_K | pool (dup) | ours | CPU s | wall s |", "|---|---|---|---|---|---|---|", *out] if out else []
 
 
 def write_report(rows: list[dict], args: argparse.Namespace) -> None:
@@ -318,14 +357,14 @@ def write_report(rows: list[dict], args: argparse.Namespace) -> None:
         "user+system time of the case's process, a load-independent measure (about 2x the wall time",
         "on 2 idle cores when both are busy).  ",
         "alpha 0.5, C 5, sigma 0.75, kde_K 1000; PEERS.md data (clustered, unit rows, 384-d);",
-        "dup = fraction of the pool replaced by near copies (noise 0.02). See the script's docstring.",
+        "dup = fraction of the pool replaced by near copies (noise 0.02), or 'dense' for the dense 32-d pool. See the script's docstring.",
         "",
-        "| method | N | M | max_K | dup | wall s | CPU s | peak RSS GB (data) | TV vs ours-flat | prefetch recall | notes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | N | M | max_K | dup | wall s | CPU s | peak RSS GB (data) | TV vs ours-flat | TV vs peer | prefetch recall | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['method']} | {r['n']:,} | {r['m']} | {r['max_K']} | {r['dup']} | {r['error']} | | | | | |")
+            lines.append(f"| {r['method']} | {r['n']:,} | {r['m']} | {r['max_K']} | {r['dup']} | {r['error']} | | | | | | |")
             continue
         d = r.get("diag", {})
         note = ""
@@ -334,9 +373,11 @@ def write_report(rows: list[dict], args: argparse.Namespace) -> None:
                     f"{d.get('density_s', 0):.1f} s + solve {d.get('solve_s', 0):.1f} s ({d['n_densities']:,} densities, "
                     f"width {d.get('width', d.get('density_width'))}), mean neighbourhood {d['mean_neighbourhood']:.0f}")
         tv = f"{r['tv']:.4f}" if "tv" in r else ""
+        tv_peer = f"{r['tv_peer']:.4f}" if "tv_peer" in r else ""
         rec = f"{r['recall']:.4f}" if "recall" in r else ""
         lines.append(f"| {r['method']} | {r['n']:,} | {r['m']} | {r['max_K']} | {r['dup']} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | "
-                     f"{r['peak_rss_gb']:.2f} ({r['data_rss_gb']:.2f}) | {tv} | {rec} | {note} |")
+                     f"{r['peak_rss_gb']:.2f} ({r['data_rss_gb']:.2f}) | {tv} | {tv_peer} | {rec} | {note} |")
+    lines += speedups(rows)
     Path(args.out).write_text("\n".join(lines) + "\n")
 
 
