@@ -348,7 +348,7 @@ class _Shard:
         return knn.KnnResult(found.distances[:, :k], found.indices[:, :k], found.metric, found.index)
 
     def nearest(self, queries: np.ndarray, k: int, *, kind: str, nprobe: int | None, remember: bool = False, ahead: int = 0,
-                beyond: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                beyond: np.ndarray | None = None, ordered: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Each query's ``k`` nearest shard rows by the ``kind`` search (the prefetch one, or IVF),
         re-ranked on exact float64 squared distances.
 
@@ -359,6 +359,8 @@ class _Shard:
         ``ahead``: the ``k`` the next call with these queries will likely ask for (see :meth:`_search`).
         ``beyond``: shape (q,); a pair whose search value is at least this gets ``inf`` instead of
         its exact distance (for a caller that drops every pair beyond a radius anyway).
+        ``ordered=False``: the three arrays in the search's order, not re-sorted on the exact
+        distances (for a caller that needs only each row's values).
         """
         q = len(queries)
         sq = np.full((q, k), np.inf)
@@ -389,6 +391,8 @@ class _Shard:
             sq[rows, cols] = _exact_sq(queries, rows, self.pool, g)
         gidx[rows, cols] = g
         approx[:, :kk] = np.where(valid, found.distances, np.inf)
+        if not ordered:
+            return sq, gidx, approx
         big = np.iinfo(np.int64).max
         order = np.lexsort((np.where(gidx >= 0, gidx, big), sq), axis=1)
         return np.take_along_axis(sq, order, 1), np.take_along_axis(gidx, order, 1), np.take_along_axis(approx, order, 1)
@@ -749,14 +753,14 @@ class TSDSSelector(Selector):
         # no exact distance for them (most pairs, on a spread pool). The prefetch has read every
         # shard row by now, so max_sq_norm is known.
         slack = 1e-5 * (np.einsum("ij,ij->i", uniq, uniq).astype(np.float64) + shard.max_sq_norm)
-        sq, _, approx = shard.nearest(uniq, first_k, kind=kind, nprobe=nprobe, beyond=h2 + slack)
+        sq, _, approx = shard.nearest(uniq, first_k, kind=kind, nprobe=nprobe, beyond=h2 + slack, ordered=False)
         if first_k < full_k and pool.n_local > first_k:
             more = np.flatnonzero(approx.max(axis=1) < h2 + slack)
             if more.size:
-                sq_more, _, _ = shard.nearest(uniq[more], full_k, kind=kind, nprobe=nprobe, beyond=h2 + slack[more])
+                sq_more, _, _ = shard.nearest(uniq[more], full_k, kind=kind, nprobe=nprobe, beyond=h2 + slack[more], ordered=False)
                 sq = np.concatenate([sq, np.full((sq.shape[0], full_k - first_k), np.inf)], axis=1)
                 sq[more] = sq_more
-        sq = np.where(sq < h2, sq, np.inf)
+        sq = np.sort(np.where(sq < h2, sq, np.inf), axis=1)  # each row's distances within h first
         width = int((sq < np.inf).sum(axis=1).max(initial=0))
         width = int(comm.all_reduce(np.array([width], dtype=np.int64), op="max")[0]) if comm.world_size > 1 else width
         sq = sq[:, : max(width, 1)]
