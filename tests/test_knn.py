@@ -168,6 +168,8 @@ def test_row_ivf_is_exact_with_every_list_probed_and_recalls_as_faiss_ivf():
     ivf = knn.RowIVF(iter([base[:1000], base[1000:]]), len(base), base.shape[1], read=lambda r: base[r], nlist=30, seed=0)
     assert ivf.members.size == len(base) and ivf.starts[-1] == len(base)
     assert ivf.members.dtype == np.int64 and not hasattr(ivf, "vectors")
+    faiss_ivf = knn.build_index(base, index="ivf", nlist=30, seed=0)  # the same seeded training
+    np.testing.assert_array_equal(ivf.quantizer.reconstruct_n(0, 30), faiss_ivf.quantizer.reconstruct_n(0, 30))
     exact = _ties_reference(queries, base, 20)
     np.testing.assert_array_equal(ivf.search(queries, 20, nprobe=30).indices, exact)
     ours = ivf.search(queries, 20, nprobe=3)
