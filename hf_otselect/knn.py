@@ -501,12 +501,9 @@ class RowIVF:
         heap = _faiss().ResultHeap(q, k)
         nprobe = min(int(nprobe), self.nlist)
         _, probe = self.quantizer.search(queries, nprobe)
-        # One GEMM per list gives |x|^2 - 2 q.x: the queries carry a last coordinate 1 and the
-        # list's rows their squared norm. |q|^2 is the same along a query's row, so it is added
-        # after the heaps have chosen.
-        q_aug = np.empty((q, dim + 1), dtype=np.float32)
-        np.multiply(queries, -2.0, out=q_aug[:, :dim])
-        q_aug[:, dim] = 1.0
+        # One GEMM per list gives |x|^2 - 2 q.x: the queries (times -2) carry a last coordinate 1
+        # and the list's rows their squared norm. |q|^2 is the same along a query's row, so it is
+        # added after the heaps have chosen.
         flat = probe.ravel()
         by_list = np.argsort(flat, kind="stable")
         bounds = np.searchsorted(flat[by_list], np.arange(self.nlist + 1))
@@ -521,7 +518,10 @@ class RowIVF:
             step = max(1, BLOCK_ELEMENTS // rows.size)
             for s in range(0, who.size, step):
                 qs = who[s : s + step]
-                heap.add_result_subset(qs, q_aug[qs] @ vecs.T, rows)
+                q_aug = np.empty((qs.size, dim + 1), dtype=np.float32)
+                np.multiply(queries[qs], -2.0, out=q_aug[:, :dim])
+                q_aug[:, dim] = 1.0
+                heap.add_result_subset(qs, q_aug @ vecs.T, rows)
         heap.finalize()
         heap.D += np.einsum("ij,ij->i", queries, queries)[:, None]
         return _heap_result(heap, "ivf")

@@ -219,11 +219,10 @@ def _exact_sq(queries: np.ndarray, qrow: np.ndarray, pool: PoolView, gidx: np.nd
     (a copy is at distance 0, not 1e-4), hence the direct difference in float64.
     """
     out = np.empty(qrow.size, dtype=np.float64)
-    q64 = queries.astype(np.float64)
     chunk = max(1, min(16_384, _EXACT_ELEMENTS // queries.shape[1]))
     for s in range(0, qrow.size, chunk):
         diff = pool.read(gidx[s : s + chunk]).astype(np.float64)
-        diff -= q64[qrow[s : s + chunk]]
+        diff -= queries[qrow[s : s + chunk]]  # float64 arithmetic; no float64 copy of every query
         out[s : s + chunk] = np.einsum("ij,ij->i", diff, diff)
     return out
 
@@ -743,6 +742,7 @@ class TSDSSelector(Selector):
         flat = np.ascontiguousarray(vecs).view(np.dtype((np.void, vecs.dtype.itemsize * vecs.shape[1]))).ravel()
         _, first, inverse = np.unique(flat, return_index=True, return_inverse=True)
         uniq = vecs[first]
+        del vecs, flat  # (R x dim: the distinct rows are all the search needs)
         h2 = float(self.sigma) ** 2
         exact = shard.kind == "flat" and (self.index == "flat" or uniq.shape[0] * pool.n_local <= _FLAT_DENSITY_PAIRS)
         kind, nprobe = ("flat", None) if exact else ("ivf", self.density_nprobe)
