@@ -602,3 +602,19 @@ def test_a_two_process_job_prints_each_info_line_once(one_and_two_processes):
     twice = {line: c for line, c in Counter(info).items() if c > 1}
     assert not twice, twice
     assert not [line for line in stderr.splitlines() if line.startswith("[rank 1/2] INFO")]
+
+
+def test_the_rows_ranked_above_each_query_are_counted_exactly_with_ties_and_nan():
+    from hf_otselect.report_data import _better_counts
+
+    rng = np.random.default_rng(3)
+    n = 3_000
+    score = rng.integers(0, 6, n).astype(np.float64) / 5  # many exact ties (TSDS scores most rows 0)
+    score[rng.random(n) < 0.05] = np.nan
+    index = rng.permutation(10 * n)[:n]
+    q = rng.choice(n, 400, replace=False)
+    q_score, q_index = score[q].copy(), index[q].copy()
+    q_score[:50], q_index[:50] = rng.random(50), rng.integers(0, 10 * n, 50)  # queries from elsewhere too
+    key, q_key = np.where(np.isnan(score), np.inf, -score), np.where(np.isnan(q_score), np.inf, -q_score)
+    brute = ((key[None, :] < q_key[:, None]) | ((key[None, :] == q_key[:, None]) & (index[None, :] < q_index[:, None]))).sum(axis=1)
+    np.testing.assert_array_equal(_better_counts(score, index, q_score, q_index), brute)
