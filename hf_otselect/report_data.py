@@ -36,6 +36,7 @@ import numpy as np
 from ._checks import check_int
 from .dist import LOCAL, Comm
 from .selectors.base import row_uniforms
+from .threshold import rows_above
 
 __all__ = ["DEFAULT_SAMPLE_ROWS", "REPORT_DATA", "ReportData", "RowBlock", "dataset_blocks", "from_folder", "load", "pool_vector_files", "sample_keys", "save", "summarize"]
 
@@ -132,27 +133,6 @@ class _Smallest:
 def _gather_json(comm: Comm, value: Any) -> list[Any]:
     data = np.frombuffer(json.dumps(value).encode("utf-8"), dtype=np.uint8)
     return [json.loads(bytes(part).decode("utf-8")) for part in comm.all_gather(data)]
-
-
-def _better_counts(score: np.ndarray, index: np.ndarray, q_score: np.ndarray, q_index: np.ndarray) -> np.ndarray:
-    """Per query row, how many of these rows rank above it (higher score, or equal and lower index; NaN last)."""
-    key = -np.asarray(score, dtype=np.float64)  # ascending key = descending score; numpy sorts NaN last
-    order = np.lexsort((index, key))
-    key, idx = key[order], np.asarray(index, dtype=np.int64)[order]
-    q_key = -np.asarray(q_score, dtype=np.float64)
-    better = np.searchsorted(key, q_key, side="left")  # strictly better scores (NaN keys are greatest)
-    uniq, start = np.unique(key, return_index=True)  # one group per distinct key (NaNs: one group)
-    group = np.searchsorted(uniq, q_key, side="left")
-    inside = group < uniq.size
-    same = np.zeros(q_key.size, dtype=bool)
-    same[inside] = (uniq[group[inside]] == q_key[inside]) | (np.isnan(uniq[group[inside]]) & np.isnan(q_key[inside]))
-    if same.any():  # ties: rows of the same key with a lower index. Sorted (key, index) pairs as one
-        # monotone int64 (group number x span + index), searched for every tied query at once (a loop
-        # per query cost a second per 100k tied rows: TSDS scores most rows exactly 0).
-        span = int(max(int(idx.max(initial=0)), int(np.max(q_index, initial=0)))) + 1
-        run = np.repeat(np.arange(uniq.size, dtype=np.int64), np.diff(np.append(start, key.size)))
-        better[same] = np.searchsorted(run * span + idx, group[same].astype(np.int64) * span + np.asarray(q_index, dtype=np.int64)[same], side="left")
-    return better.astype(np.int64)
 
 
 def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float | None:
@@ -294,7 +274,7 @@ def summarize(
         at = finite & ~sel & (b.score == highs[2])
         if at.any():
             ties[1] = max(ties[1], -b.index[at].min())
-        better += _better_counts(b.score, b.index, u_score, union)
+        better += rows_above(b.score, b.index, u_score, union)
         mine = np.flatnonzero(np.isin(b.index, union))
         if mine.size:
             t, v = b.fetch(mine)

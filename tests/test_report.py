@@ -605,7 +605,7 @@ def test_a_two_process_job_prints_each_info_line_once(one_and_two_processes):
 
 
 def test_the_rows_ranked_above_each_query_are_counted_exactly_with_ties_and_nan():
-    from hf_otselect.report_data import _better_counts
+    from hf_otselect.threshold import rows_above as _better_counts
 
     rng = np.random.default_rng(3)
     n = 3_000

@@ -22,7 +22,7 @@ from ..dist import Comm, RowSubset
 from ..request import Request
 from ..selectors import Selector
 from ..selectors.base import order_chosen
-from ..threshold import top_k_cut
+from ..threshold import rows_above, top_k_cut
 from .embedding import Embedded
 from .filters import Filtered
 from .scoring import Scored
@@ -128,17 +128,4 @@ def global_ranks(scores: np.ndarray, index: np.ndarray, q_scores: np.ndarray, q_
     ndarray of shape (q,), int64
     """
     ok = ~np.isnan(scores)
-    neg, idx = -scores[ok], index[ok]
-    order = np.lexsort((idx, neg))
-    neg, idx = neg[order], idx[order]
-    q_neg = -np.asarray(q_scores, dtype=np.float64)
-    before = np.searchsorted(neg, q_neg, side="left")  # strictly higher scores
-    # Among equal scores the indices are ascending: number each run of equal scores and search
-    # (run, index) pairs as one monotone int64 key.
-    run = np.cumsum(np.r_[True, neg[1:] != neg[:-1]]) if neg.size else np.zeros(0, dtype=np.int64)
-    span = int(max(int(idx.max(initial=0)), int(np.max(q_index, initial=0))) + 1)
-    key = run.astype(np.int64) * span + idx
-    has_equal = (before < neg.size) & (neg[np.minimum(before, max(neg.size - 1, 0))] == q_neg) if neg.size else np.zeros(q_neg.size, bool)
-    q_key = np.where(has_equal, run[np.minimum(before, max(neg.size - 1, 0))] if neg.size else 0, 0).astype(np.int64) * span + q_index
-    tied = np.where(has_equal, np.searchsorted(key, q_key, side="left") - before, 0)
-    return comm.all_reduce((before + tied).astype(np.int64)) + 1
+    return comm.all_reduce(rows_above(scores[ok], index[ok], q_scores, q_index)) + 1
