@@ -216,6 +216,21 @@ def _side(data: Any, column: str, vector_column: str | None, needs_text: bool, n
     raise param_error(name, owner, "a non-empty Dataset, list of str or (n, dim) array", type(data).__name__, exc=TypeError)
 
 
+def encoder_record(*, model: str | None, revision: str | None, pooling: str, max_length: int, normalize: bool,
+                   batch_size: int, trust_remote_code: bool, backend: str | None = "torch",
+                   quantize: str | None = None) -> dict[str, Any]:
+    """The encoder settings a fitted selector keeps and embeds with (JSON values).
+
+    ``backend`` and ``quantize`` are kept only for a CPU back end: a torch fit's record (and so
+    its fingerprint) is the one written before back ends were recorded.
+    """
+    record = {"model": model, "revision": revision, "pooling": pooling, "max_length": max_length, "normalize": normalize,
+              "batch_size": batch_size, "trust_remote_code": bool(trust_remote_code)}
+    if backend not in (None, "torch"):
+        record.update(backend=backend, quantize=quantize)
+    return record
+
+
 def fit_selector(
     pool: Any,
     target: Any,
@@ -236,6 +251,8 @@ def fit_selector(
     batch_size: int = 64,
     device: str | None = None,
     trust_remote_code: bool = False,
+    backend: str = "torch",
+    quantize: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     comm: Comm | None = None,
     **params: Any,
@@ -268,9 +285,11 @@ def fit_selector(
         The column ``ds.map(fitted, batched=True)`` adds.
     negative_target : Dataset, list of str, ndarray or None
         GOT-D only: examples to move away from.
-    model, revision, pooling, max_length, normalize, batch_size, device, trust_remote_code
+    model, revision, pooling, max_length, normalize, batch_size, device, trust_remote_code, backend, quantize
         The encoder settings (see :func:`hf_otselect.embed`); ``model=None`` is the bundled
-        all-MiniLM-L6-v2. The fitted selector records all but ``device`` and embeds with them.
+        all-MiniLM-L6-v2. The fitted selector records all but ``device`` and embeds with them
+        (a CPU back end such as ``backend="onnx"`` too: its vectors, and so its scores, are the
+        ones the fit was made with).
     cache_dir : path, optional
         Embedding cache of the fit (see :func:`hf_otselect.embed`).
     comm : Comm, optional
@@ -303,12 +322,12 @@ def fit_selector(
         raise param_error("sample", owner, f"None for method {method!r}{' (reduce=round_robin)' if method == 'similarity' else ''}: its "
                           f"scores are looked up by the rows its fit saw, and a row outside the fit has none ({OUT_OF_FIT})", sample)
     selector = get_selector(method, **params)  # unknown keywords and bad values fail here, before any embedding
-    encoder = {"model": model, "revision": revision, "pooling": pooling, "max_length": max_length, "normalize": normalize,
-               "batch_size": batch_size, "trust_remote_code": bool(trust_remote_code)}
+    encoder = encoder_record(model=model, revision=revision, pooling=pooling, max_length=max_length, normalize=normalize,
+                             batch_size=batch_size, trust_remote_code=trust_remote_code, backend=backend, quantize=quantize)
     from .embed import check_embedding_settings
 
     check_embedding_settings(model, owner=owner, batch_size=batch_size, max_length=max_length, pooling=pooling, normalize=normalize,
-                             revision=revision, device=device, trust_remote_code=trust_remote_code)
+                             revision=revision, device=device, trust_remote_code=trust_remote_code, backend=backend, quantize=quantize)
 
     part, n_local = _local_rows(pool, comm, owner)
     offset, n_pool = comm.exclusive_offset(n_local)
@@ -332,7 +351,8 @@ def fit_selector(
         if not values:
             return np.zeros((0, 0), dtype=np.float32)
         return embed(values, model=model, revision=revision, pooling=pooling, max_length=max_length, normalize=normalize,
-                     batch_size=batch_size, device=device, trust_remote_code=trust_remote_code, cache_dir=cache_dir)
+                     batch_size=batch_size, device=device, trust_remote_code=trust_remote_code, backend=backend,
+                     quantize=quantize, cache_dir=cache_dir)
 
     target_side = _side(target, target_column or column, vector_column, needs_text, "target", owner)
     if needs_vectors and not needs_text:
@@ -381,7 +401,8 @@ class FittedSelector:
         What the selector's ``fit`` returned (O(n_target) numbers; TSDS: O(n_target x max_K)).
     encoder : dict or None
         ``model`` (None: the bundled all-MiniLM-L6-v2), ``revision``, ``pooling``, ``max_length``,
-        ``normalize``, ``batch_size``, ``trust_remote_code``; None when the fit read vectors only.
+        ``normalize``, ``batch_size``, ``trust_remote_code``, and ``backend`` / ``quantize`` when
+        a CPU back end embedded (:func:`encoder_record`); None when the fit read vectors only.
     calibration : dict
         ``fractions`` (q,) and ``thresholds`` (q,): keeping the rows whose key is at least
         ``thresholds[j]`` keeps the best ``fractions[j]`` of the fit rows (ties may add a few).
@@ -545,9 +566,13 @@ class FittedSelector:
         if not texts:
             return np.zeros((0, 0), dtype=np.float32)
         enc = self.encoder
+        # A fit embedded by a CPU back end maps with it (absent in fits made with torch, and in
+        # selectors saved before back ends were recorded).
+        backend, quantize = enc.get("backend", "torch"), enc.get("quantize")
         return embed(texts, model=enc["model"], revision=enc["revision"], pooling=enc["pooling"], max_length=enc["max_length"],
                      normalize=enc["normalize"], batch_size=enc["batch_size"], trust_remote_code=enc["trust_remote_code"],
-                     device=device, use_cache=False, show_progress=False)
+                     device=device if backend == "torch" else None, backend=backend, quantize=quantize,
+                     use_cache=False, show_progress=False)
 
     @staticmethod
     def _column(batch: dict[str, Any], name: str) -> Any:

@@ -453,3 +453,31 @@ def test_return_fitted_is_refused_for_a_selector_it_cannot_rebuild(data):
     for method, params in ((Mine(), {}), ("got_d", {"chunk_size": 100})):
         with pytest.raises(ValueError, match=r"^The 'return_fitted' parameter of select_by_ot must be False for a selector"):
             select_by_ot(data["ds"], data["target"], method, K, return_fitted=True, **params)
+
+
+def test_a_fit_embedded_by_a_cpu_back_end_maps_with_it_after_a_save(data, tmp_path):
+    """A fit whose vectors came from ONNX int8 records the back end (fit_selector and the job's
+    fit alike); loaded from disk, its map embeds through ONNX int8 again, so it scores the rows as
+    the fit saw them: the scores of int8 vectors, not of torch ones."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from tests.test_embed import _tiny_model
+
+    model = str(_tiny_model(tmp_path / "enc", seed=0))
+    pool, target = data["pool"][:80], data["target"]
+    enc = {"model": model, "max_length": 64, "backend": "onnx", "quantize": "int8"}
+    f = fit_selector(pool, target, "got_d", cache_dir=tmp_path / "cache", **enc)
+    assert (f.encoder["backend"], f.encoder["quantize"]) == ("onnx", "int8")
+    g = FittedSelector.from_pretrained(_saved(f, tmp_path / "saved"))
+    assert g.encoder == f.encoder and "onnx back end int8" in (tmp_path / "saved" / "README.md").read_text()
+    texts = pool[:40]
+    got = np.asarray(Dataset.from_dict({"text": texts}).map(g, batched=True, batch_size=40)["score"])
+    kw = {"model": model, "max_length": 64, "cache_dir": tmp_path / "cache", "use_cache": False, "show_progress": False}
+    int8 = f.score_rows(embed(texts, backend="onnx", quantize="int8", **kw))
+    fp32 = f.score_rows(embed(texts, **kw))
+    np.testing.assert_allclose(got, int8, rtol=0, atol=1e-6 * np.abs(int8).max())
+    assert np.abs(fp32 - int8).max() > 100 * 1e-6 * np.abs(int8).max()  # the back end is what made them
+    # The job's fit (select_by_ot) records it the same way.
+    _, fitted = select_by_ot(Dataset.from_dict({"text": pool}), target, "got_d", 8, return_fitted=True, cache_dir=tmp_path / "cache",
+                             model=model, max_length=64, encoder_backend="onnx", quantize="int8")
+    assert fitted.encoder == f.encoder

@@ -23,7 +23,7 @@ import numpy as np
 from ..cache import load_array, load_json, save_array, save_json
 from ..dist import LOCAL, Comm, PoolView, TextView
 from ..fingerprints import digest
-from ..fitted import FittedSelector
+from ..fitted import FittedSelector, encoder_record
 from ..request import Request
 from ..selectors import Selector
 from ..selectors.base import available_selectors, selector_class
@@ -110,10 +110,8 @@ def _wrap_settings(req: Request, emb: Embedded) -> dict[str, Any] | None:
 
         defaults = {name: p.default for name, p in inspect.signature(embed).parameters.items()}
         given = req.embed_kwargs
-        encoder = {key: given.get(key, defaults[key]) for key in ("model", "revision", "pooling", "max_length", "normalize", "batch_size")}
-        encoder["trust_remote_code"] = bool(given.get("trust_remote_code", False))
-        if given.get("backend") not in (None, "torch"):
-            logger.info("The fitted selector records the encoder, not the %r back end: its map embeds with torch", given["backend"])
+        keys = ("model", "revision", "pooling", "max_length", "normalize", "batch_size", "trust_remote_code", "backend", "quantize")
+        encoder = encoder_record(**{key: given.get(key, defaults[key]) for key in keys})
     return {"encoder": encoder, "seed": req.seed, "column": req.column, "score_column": req.score_column,
             "pool_fingerprint": emb.fingerprints.get("pool"), "device": getattr(selector, "device", None)}
 
