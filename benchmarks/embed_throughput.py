@@ -108,8 +108,8 @@ def main() -> None:
         "# Embedding throughput: CPU encoder back ends vs sentence-transformers `encode`", "",
         *header(prov), "",
         f"- Load average (1/5/15 min) before the timed runs {'/'.join(f'{x:.2f}' for x in load_before)}, after "
-        f"{'/'.join(f'{x:.2f}' for x in load_after)} on {os.cpu_count()} cores shared with other jobs (run under "
-        "`nice -n 19`): compare the ratios within this run, not the absolute rates.",
+        f"{'/'.join(f'{x:.2f}' for x in load_after)} on {os.cpu_count()} cores (this process at niceness "
+        f"{os.nice(0)}): compare the ratios within this run, not the absolute rates.",
         f"- Texts: the first {args.n} AG News test descriptions (`shared/data/ag_news/test.csv`, 3rd column), "
         f"{np.mean(ntok):.1f} tokens on average (min {min(ntok)}, max {max(ntok)}, with [CLS]/[SEP]).",
         "- Model: bundled all-MiniLM-L6-v2; max_length 256, masked mean pooling, L2-normalised, batch_size 64; "

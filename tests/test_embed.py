@@ -88,6 +88,16 @@ def test_dataset_column_and_small_token_budget(texts, reference, tmp_path):
     np.testing.assert_allclose(got, reference(texts), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_identical_texts_are_encoded_once_and_every_copy_gets_the_vector(texts, tmp_path, forwards, use_cache):
+    """Copies of a text (frequent in crawls) reach the encoder once; each copy gets its vector."""
+    pool = [texts[i % 3] for i in range(12)] + texts[3:6]  # 3 texts 4 times each, then 3 distinct
+    got = embed(pool, **_kw(tmp_path, use_cache=use_cache))
+    assert sum(forwards) == 6
+    np.testing.assert_array_equal(got, np.asarray([got[pool.index(t)] for t in pool]))
+    np.testing.assert_allclose(got[:3], embed(texts[:3], **_kw(tmp_path / "other", use_cache=False)), rtol=0, atol=1e-6)
+
+
 def test_second_call_does_no_forward_and_changed_settings_miss(texts, tmp_path, forwards):
     first = embed(texts, **_kw(tmp_path))
     assert sum(forwards) == len(texts)
