@@ -80,7 +80,7 @@ def fit_from_config(config: SelectionConfig, save_directory: str | os.PathLike, 
         pool, target, config.method, sample=sample, seed=config.seed, column=config.pool.column, target_column=config.target.column,
         vector_column=vector_column, score_column=config.score_column, negative_target=negative, model=e.model, revision=e.revision,
         pooling=e.pooling, max_length=e.max_length, normalize=e.normalize, batch_size=e.batch_size, device=e.device,
-        trust_remote_code=e.trust_remote_code, cache_dir=config.cache_dir, **params,
+        trust_remote_code=e.trust_remote_code, encoder_backend=e.backend, quantize=e.quantize, cache_dir=config.cache_dir, **params,
     )
     fitted.save_pretrained(folder)
     logger.info("Saved %r to %s", fitted, folder)

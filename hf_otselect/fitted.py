@@ -251,7 +251,7 @@ def fit_selector(
     batch_size: int = 64,
     device: str | None = None,
     trust_remote_code: bool = False,
-    backend: str = "torch",
+    encoder_backend: str = "torch",
     quantize: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     comm: Comm | None = None,
@@ -285,11 +285,13 @@ def fit_selector(
         The column ``ds.map(fitted, batched=True)`` adds.
     negative_target : Dataset, list of str, ndarray or None
         GOT-D only: examples to move away from.
-    model, revision, pooling, max_length, normalize, batch_size, device, trust_remote_code, backend, quantize
+    model, revision, pooling, max_length, normalize, batch_size, device, trust_remote_code, quantize
         The encoder settings (see :func:`hf_otselect.embed`); ``model=None`` is the bundled
-        all-MiniLM-L6-v2. The fitted selector records all but ``device`` and embeds with them
-        (a CPU back end such as ``backend="onnx"`` too: its vectors, and so its scores, are the
-        ones the fit was made with).
+        all-MiniLM-L6-v2. The fitted selector records all but ``device`` and embeds with them.
+    encoder_backend : {"torch", "onnx", "openvino"}
+        :func:`hf_otselect.embed`'s ``backend`` (named as in :func:`select_by_ot`: GOT-D's
+        ``backend=`` is its solver). The fitted selector records a CPU back end and maps with it,
+        so its vectors, and scores, are the ones the fit was made with.
     cache_dir : path, optional
         Embedding cache of the fit (see :func:`hf_otselect.embed`).
     comm : Comm, optional
@@ -323,11 +325,11 @@ def fit_selector(
                           f"scores are looked up by the rows its fit saw, and a row outside the fit has none ({OUT_OF_FIT})", sample)
     selector = get_selector(method, **params)  # unknown keywords and bad values fail here, before any embedding
     encoder = encoder_record(model=model, revision=revision, pooling=pooling, max_length=max_length, normalize=normalize,
-                             batch_size=batch_size, trust_remote_code=trust_remote_code, backend=backend, quantize=quantize)
+                             batch_size=batch_size, trust_remote_code=trust_remote_code, backend=encoder_backend, quantize=quantize)
     from .embed import check_embedding_settings
 
     check_embedding_settings(model, owner=owner, batch_size=batch_size, max_length=max_length, pooling=pooling, normalize=normalize,
-                             revision=revision, device=device, trust_remote_code=trust_remote_code, backend=backend, quantize=quantize)
+                             revision=revision, device=device, trust_remote_code=trust_remote_code, backend=encoder_backend, quantize=quantize)
 
     part, n_local = _local_rows(pool, comm, owner)
     offset, n_pool = comm.exclusive_offset(n_local)
@@ -351,7 +353,7 @@ def fit_selector(
         if not values:
             return np.zeros((0, 0), dtype=np.float32)
         return embed(values, model=model, revision=revision, pooling=pooling, max_length=max_length, normalize=normalize,
-                     batch_size=batch_size, device=device, trust_remote_code=trust_remote_code, backend=backend,
+                     batch_size=batch_size, device=device, trust_remote_code=trust_remote_code, backend=encoder_backend,
                      quantize=quantize, cache_dir=cache_dir)
 
     target_side = _side(target, target_column or column, vector_column, needs_text, "target", owner)

@@ -465,8 +465,10 @@ def test_a_fit_embedded_by_a_cpu_back_end_maps_with_it_after_a_save(data, tmp_pa
 
     model = str(_tiny_model(tmp_path / "enc", seed=0))
     pool, target = data["pool"][:80], data["target"]
-    enc = {"model": model, "max_length": 64, "backend": "onnx", "quantize": "int8"}
-    f = fit_selector(pool, target, "got_d", cache_dir=tmp_path / "cache", **enc)
+    enc = {"model": model, "max_length": 64, "encoder_backend": "onnx", "quantize": "int8"}
+    # backend= stays GOT-D's solver: both in one call
+    f = fit_selector(pool, target, "got_d", cache_dir=tmp_path / "cache", backend="tensorized", **enc)
+    assert f.params["backend"] == "tensorized"
     assert (f.encoder["backend"], f.encoder["quantize"]) == ("onnx", "int8")
     g = FittedSelector.from_pretrained(_saved(f, tmp_path / "saved"))
     assert g.encoder == f.encoder and "onnx back end int8" in (tmp_path / "saved" / "README.md").read_text()
@@ -481,3 +483,13 @@ def test_a_fit_embedded_by_a_cpu_back_end_maps_with_it_after_a_save(data, tmp_pa
     _, fitted = select_by_ot(Dataset.from_dict({"text": pool}), target, "got_d", 8, return_fitted=True, cache_dir=tmp_path / "cache",
                              model=model, max_length=64, encoder_backend="onnx", quantize="int8")
     assert fitted.encoder == f.encoder
+    # And `hf-otselect fit` from a YAML job's `embedding:` block.
+    from hf_otselect.cli import main
+
+    (tmp_path / "pool.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in pool))
+    (tmp_path / "target.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in target))
+    (tmp_path / "job.yaml").write_text(f"pool: {{path: {tmp_path / 'pool.jsonl'}}}\ntarget: {{path: {tmp_path / 'target.jsonl'}}}\n"
+                                       f"method: got_d\ncache_dir: {tmp_path / 'cache'}\n"
+                                       f"embedding: {{model: {model}, max_length: 64, backend: onnx, quantize: int8}}\n")
+    assert main(["fit", "--config", str(tmp_path / "job.yaml"), "--out", str(tmp_path / "cli")]) == 0
+    assert FittedSelector.from_pretrained(tmp_path / "cli").encoder == f.encoder
