@@ -21,6 +21,7 @@ import logging
 import os
 import sys
 import traceback
+from typing import NoReturn
 
 from ._redact import install_log_redaction, redact, remember_secret
 
@@ -128,7 +129,38 @@ def main(argv: list[str] | None = None) -> int:
     2 for a bad argument, config or data file; 1 for an environment failure (disk full, permission
     denied, network) or an unexpected error; 130 for Ctrl-C. Each prints one line on stderr and no
     traceback, unless ``--verbose``, which prints the traceback first.
+
+    A process of a ``torchrun`` / ``accelerate launch`` group does not return: it ends through
+    :func:`_end_group_process` with that status.
     """
+    code = _run(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _end_group_process(code)
+    return code
+
+
+def _end_group_process(code: int) -> NoReturn:
+    """End a launched process once its work is done and on disk, without interpreter finalisation.
+
+    The exit handlers run first (they destroy the process group, flush the logs, remove temporary
+    files); then the process exits at once. Finalisation is skipped because, after a job had
+    written its output, one process of a two-process CI run aborted during it ("terminate called
+    without an active exception", exit -6): torch's gloo back end can still hold tensors in its C++
+    threads when the interpreter is torn down (pytorch/pytorch#179291), and the launcher then
+    reports the finished job as failed. Nothing of ours is left to finalise at this point.
+    """
+    import atexit
+
+    atexit._run_exitfuncs()  # the handlers the interpreter would run at exit, in the same order
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more to say on it
+            pass
+    os._exit(code)
+
+
+def _run(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     _configure_logging(args.verbose)
     install_log_redaction()

@@ -673,3 +673,30 @@ def test_the_job_passes_its_timeout_to_the_process_group(tmp_path, monkeypatch):
     with pytest.raises(Reached):
         job.run_job(load_config(REPO / "configs" / "demo.yaml", overrides))
     assert seen == [7.0]
+
+
+_LAUNCHED = """
+import atexit, sys
+atexit.register(lambda: print("exit handler ran", flush=True))
+from hf_otselect.cli import main
+code = main(sys.argv[1:])
+print("main returned", code)
+"""
+
+
+@pytest.mark.parametrize(("argv", "status"), [(["methods"], 0), (["select", "--config", "missing.yaml"], 2)])
+def test_a_launched_cli_process_runs_its_exit_handlers_and_ends_with_the_commands_status(tmp_path, argv, status):
+    """Under a launcher (WORLD_SIZE > 1) the CLI ends its process itself, skipping interpreter
+    finalisation (where gloo's threads can abort a finished process): the exit handlers still run,
+    everything printed arrives, and the status is the command's."""
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", _LAUNCHED, *argv], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert proc.returncode == status, proc.stderr[-2000:]
+    assert proc.stdout.rstrip().endswith("exit handler ran") and "main returned" not in proc.stdout
+    if status == 0:
+        assert "got_d" in proc.stdout  # the command's own output, flushed before the exit
+    else:
+        assert "hf-otselect: error:" in proc.stderr and "missing.yaml" in proc.stderr
+    alone = subprocess.run([sys.executable, "-c", _LAUNCHED, *argv], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                           env={k: v for k, v in env.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")})
+    assert alone.returncode == 0 and f"main returned {status}" in alone.stdout  # one process: main returns as before
