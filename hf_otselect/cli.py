@@ -133,8 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     A process of a ``torchrun`` / ``accelerate launch`` group does not return: it ends through
     :func:`_end_group_process` with that status.
     """
+    from .dist import process_rank
+
     code = _run(argv)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if process_rank()[1] > 1:
         _end_group_process(code)
     return code
 

@@ -231,7 +231,7 @@ def build_card(fitted: FittedSelector) -> str:
     encoder = "none recorded (fitted on precomputed vectors; map with a vector column)" if enc is None else (
         f"`{enc['model'] or 'sentence-transformers/all-MiniLM-L6-v2 (bundled with hf_otselect)'}`, revision {enc['revision'] or 'default'}, "
         f"{enc['pooling']} pooling, max_length {enc['max_length']}, normalize {enc['normalize']}"
-        + (f", {enc['backend']} back end{' int8' if enc.get('quantize') else ''}" if enc.get("backend", "torch") != "torch" else ""))
+        + (f", {enc['backend']} back end{' int8' if enc.get('quantize') else ''}" if "backend" in enc else ""))
     sample = "the whole pool" if info["n_fit"] == info["n_pool"] else f"{info['n_fit']} of {info['n_pool']} rows (sample={info['sample']!r})"
     params = json.dumps(fitted.params, sort_keys=True, default=_json_value)
     keyed = "its score" if fitted.choice == "top_k" else "a sampling key from (seed, global row index) and its score"

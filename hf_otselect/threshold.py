@@ -171,7 +171,11 @@ def rows_above(score: np.ndarray, index: np.ndarray, q_score: np.ndarray, q_inde
     key, idx = key[order], np.asarray(index, dtype=np.int64)[order]
     q_key = -np.asarray(q_score, dtype=np.float64)
     better = np.searchsorted(key, q_key, side="left")  # strictly better scores (NaN keys are greatest)
-    uniq, start = np.unique(key, return_index=True)  # one group per distinct key (NaNs: one group)
+    # One group per distinct key of the sorted keys (the NaNs at the end: one group).
+    nan = np.isnan(key)
+    new_group = np.r_[True, (key[1:] != key[:-1]) & ~(nan[1:] & nan[:-1])] if key.size else np.zeros(0, dtype=bool)
+    start = np.flatnonzero(new_group)
+    uniq = key[start]
     group = np.searchsorted(uniq, q_key, side="left")
     inside = group < uniq.size
     same = np.zeros(q_key.size, dtype=bool)
@@ -180,6 +184,6 @@ def rows_above(score: np.ndarray, index: np.ndarray, q_score: np.ndarray, q_inde
         # monotone int64 (group number x span + index), searched for every tied query at once (a loop
         # per query cost a second per 100k tied rows: TSDS scores most rows exactly 0).
         span = int(max(int(idx.max(initial=0)), int(np.max(q_index, initial=0)))) + 1
-        run = np.repeat(np.arange(uniq.size, dtype=np.int64), np.diff(np.append(start, key.size)))
+        run = np.cumsum(new_group, dtype=np.int64) - 1
         better[same] = np.searchsorted(run * span + idx, group[same].astype(np.int64) * span + np.asarray(q_index, dtype=np.int64)[same], side="left")
     return better.astype(np.int64)
