@@ -739,6 +739,12 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path):
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline
             time.sleep(0.05)
+    # Signal once the job sleeps in read(), as a user's Ctrl-C on a stalled pool finds it. Sent the
+    # moment the FIFO opens, it can land between CPython's last signal check and the read() syscall:
+    # the handler runs only when the read returns, which here is never (a second Ctrl-C ends it).
+    wchan = Path(f"/proc/{proc.pid}/wchan")
+    while wchan.exists() and "pipe" not in wchan.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
     try:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
