@@ -180,3 +180,14 @@ def test_row_ivf_is_exact_with_every_list_probed_and_recalls_as_faiss_ivf():
     assert not few.valid.all() and np.isposinf(few.distances[~few.valid]).all()
     for row_valid, row_ind in zip(few.valid, few.indices):
         assert row_valid[: row_valid.sum()].all() and np.unique(row_ind[row_valid]).size == row_valid.sum()
+
+
+def test_row_ivf_unordered_search_keeps_the_same_neighbours():
+    base = _clustered(2000, seed=11)
+    queries = _clustered(30, seed=12)
+    ivf = knn.RowIVF(iter([base]), len(base), base.shape[1], read=lambda r: base[r], nlist=20, seed=0)
+    ordered, loose = ivf.search(queries, 50, nprobe=3), ivf.search(queries, 50, nprobe=3, ordered=False)
+    assert not np.array_equal(ordered.indices, loose.indices)  # heap order, not nearest first
+    for a, b, da, db in zip(ordered.indices, loose.indices, ordered.distances, loose.distances):
+        np.testing.assert_array_equal(np.sort(a), np.sort(b))
+        np.testing.assert_array_equal(np.sort(da), np.sort(db))

@@ -171,9 +171,9 @@ def _spy_searches(monkeypatch):
     calls = []
     real = tsds_mod._Shard._search
 
-    def spy(shard, queries, k, kind, nprobe, ahead):
+    def spy(shard, queries, k, kind, nprobe, ahead, ordered=True):
         calls.append((len(queries), max(k, ahead)))
-        return real(shard, queries, k, kind, nprobe, ahead)
+        return real(shard, queries, k, kind, nprobe, ahead, ordered)
 
     monkeypatch.setattr(tsds_mod._Shard, "_search", spy)
     return calls
@@ -432,7 +432,7 @@ def test_pool_view_offset_is_the_rows_of_the_lower_ranks(counts):
     assert [g[4] for g in got] == [[e] if c else [] for e, c in zip(expected, counts)]
 
 
-def _faiss_index_search(shard, queries, k, kind, nprobe, ahead):
+def _faiss_index_search(shard, queries, k, kind, nprobe, ahead, ordered=True):
     """The search before the no-copy one: a FAISS index holding a copy of the shard (flat: exact)."""
     rows = np.concatenate([r for _, r in shard.pool.blocks()])
     return tsds_mod.knn.knn_search(queries, rows, k, index=kind, device="cpu", nprobe=nprobe)
@@ -471,7 +471,7 @@ def test_prefetch_searches_once_per_two_rounds(monkeypatch, index):
     passes = []
     flat, ivf = tsds_mod.knn.knn_blocks, tsds_mod.knn.RowIVF.search
     monkeypatch.setattr(tsds_mod.knn, "knn_blocks", lambda q, blocks, k: passes.append((len(q), k)) or flat(q, blocks, k))
-    monkeypatch.setattr(tsds_mod.knn.RowIVF, "search", lambda self, q, k, nprobe: passes.append((len(q), k)) or ivf(self, q, k, nprobe))
+    monkeypatch.setattr(tsds_mod.knn.RowIVF, "search", lambda self, q, k, nprobe, **kw: passes.append((len(q), k)) or ivf(self, q, k, nprobe, **kw))
     sel = TSDSSelector(alpha=0.002, C=1.0, sigma=0.9, kde_K=20, index=index)
     sel.fit(tsds_mod.PoolView(x), y)
     assert sel.diagnostics_["width"] == 1024  # rounds of 128, 256, 512 and 1024 neighbours
@@ -519,7 +519,8 @@ def test_fit_peak_memory_is_the_shard_without_a_second_copy(tmp_path):
 @pytest.mark.parametrize("index", ["flat", "ivf"])
 def test_densities_take_exact_distances_only_of_pairs_within_h(monkeypatch, index):
     """The kernel is zero beyond h: a pair whose search distance is past h^2 (by more than float32
-    rounding) gets no float64 distance, and the densities, hence p, are unchanged."""
+    rounding) gets no float64 distance, and the densities, hence p, are unchanged. Under IVF the
+    densities take the search's float32 distances and read no row again."""
     rng = np.random.default_rng(30)
     # A spread pool with a tight group in it: a few pairs within h, most far apart.
     x = np.vstack([rng.normal(size=(1500, 8)), 3.0 + 0.05 * rng.normal(size=(60, 8))]).astype(np.float32)
@@ -530,7 +531,11 @@ def test_densities_take_exact_distances_only_of_pairs_within_h(monkeypatch, inde
     monkeypatch.setattr(tsds_mod, "_exact_sq", lambda q, qrow, pool, g: pairs.append((len(q), qrow.size)) or real(q, qrow, pool, g))
     sel = TSDSSelector(index=index, nprobe=64, density_nprobe=64, **params)  # every IVF list probed: exact
     p = sel.score(x, y)
-    np.testing.assert_allclose(p, _reference_p(x, y, **params), atol=1e-12)
+    if index == "flat":
+        np.testing.assert_allclose(p, _reference_p(x, y, **params), atol=1e-12)
+    else:  # float32 |a|^2 + |b|^2 - 2ab: off by ~eps32 (|a|^2 + |b|^2) per pair, over h^2 in a density
+        eps = np.finfo(np.float32).eps * 2 * float((x.astype(np.float64) ** 2).sum(1).max()) / params["sigma"] ** 2
+        np.testing.assert_allclose(p, _reference_p(x, y, **params), rtol=eps, atol=1e-12)
     pairs.clear()
     rows = sel.fit(tsds_mod.PoolView(x), y).rows
     sq = ((x[rows].astype(np.float64)[:, None] - x.astype(np.float64)[None]) ** 2).sum(-1)
@@ -538,4 +543,24 @@ def test_densities_take_exact_distances_only_of_pairs_within_h(monkeypatch, inde
     density_pairs = sum(n for q, n in pairs if q != len(y))
     # Within h at most twice (a row whose first lists lie all within h is searched again, wider);
     # every density row's whole first list (32 pairs each) was the cost before.
-    assert 0 < density_pairs <= 2 * within < rows.size * tsds_mod._KDE_FIRST, (density_pairs, within, rows.size)
+    if index == "flat":
+        assert 0 < density_pairs <= 2 * within < rows.size * tsds_mod._KDE_FIRST, (density_pairs, within, rows.size)
+    else:
+        assert density_pairs == 0 < within
+
+
+def test_after_a_dense_round_densities_are_searched_in_one_pass(monkeypatch):
+    """Once most rows of a round needed their whole kde_K list, later rounds skip the short first
+    pass; the probabilities are those of the two-pass search (the reference, exactly)."""
+    rng = np.random.default_rng(31)
+    x = (0.05 * rng.normal(size=(900, 4))).astype(np.float32)  # every pair within sigma
+    y = x[rng.choice(900, 6, replace=False)] + np.float32(0.01)
+    params = dict(alpha=0.2, C=0.02, sigma=1.0, max_K=900, kde_K=60)
+    calls = _spy_searches(monkeypatch)
+    sel = TSDSSelector(**params)
+    p = sel.score(x, y)
+    np.testing.assert_allclose(p, _reference_p(x, y, **params), atol=1e-12)
+    full = params["kde_K"] + tsds_mod._margin(params["kde_K"])
+    density = [k for q, k in calls if q != len(y)]
+    assert sel.diagnostics_["width"] > tsds_mod._FIRST_WIDTH  # more than one round
+    assert density[:2] == [tsds_mod._KDE_FIRST, full] and set(density[2:]) == {full}, density

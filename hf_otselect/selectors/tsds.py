@@ -297,6 +297,7 @@ class _Shard:
         if kind == "ivf" and not self.empty:
             self.ivf()
         self._ahead: tuple[np.ndarray, str, knn.KnnResult] | None = None  # a wider search kept for the next round
+        self.dense_kde = False  # set by a density round where most rows needed their full kde_K list
         # Exact distances of (query, row) pairs already computed, keyed query * n_global + row:
         # a wider list re-uses those of the narrower one instead of recomputing them.
         self._keys = np.zeros(0, dtype=np.int64)
@@ -320,12 +321,12 @@ class _Shard:
             self._ivf = knn.RowIVF(self._blocks(), self.pool.n_local, self.pool.dim, read=self._read, seed=self.seed)
         return self._ivf
 
-    def _search(self, queries: np.ndarray, k: int, kind: str, nprobe: int | None, ahead: int) -> knn.KnnResult:
+    def _search(self, queries: np.ndarray, k: int, kind: str, nprobe: int | None, ahead: int, ordered: bool = True) -> knn.KnnResult:
         """The ``k`` nearest shard rows (local numbers) by ``kind``.
 
         Asked to look ``ahead`` (> k), it searches that many in the same pass and keeps them; a
         later call with the same queries, the same kind and at most that many neighbours is
-        answered from them. A longer list's first ``k`` are the ``k``-list of the same search: exact
+        answered from them. ``ordered=False`` (no look-ahead) may leave an IVF list unsorted. A longer list's first ``k`` are the ``k``-list of the same search: exact
         (ties to the lower row) for flat; for IVF the same probed lists, which the longer list's
         default ``nprobe`` can only widen.
         """
@@ -339,7 +340,7 @@ class _Shard:
             elif kind == "ivf":
                 index = self.ivf()
                 probe = knn.default_nprobe(index.nlist, width, index.ntotal) if nprobe is None else nprobe
-                found = index.search(queries, width, probe)
+                found = index.search(queries, width, probe, ordered=ordered or ahead > k)
             else:
                 found = knn.search_index(self._hnsw, queries, width, index="hnsw", nprobe=nprobe)
             if ahead > k:  # (a density search in between keeps the prefetch's look-ahead)
@@ -347,7 +348,7 @@ class _Shard:
         return knn.KnnResult(found.distances[:, :k], found.indices[:, :k], found.metric, found.index)
 
     def nearest(self, queries: np.ndarray, k: int, *, kind: str, nprobe: int | None, remember: bool = False, ahead: int = 0,
-                beyond: np.ndarray | None = None, ordered: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                beyond: np.ndarray | None = None, ordered: bool = True, exact: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Each query's ``k`` nearest shard rows by the ``kind`` search (the prefetch one, or IVF),
         re-ranked on exact float64 squared distances.
 
@@ -360,6 +361,7 @@ class _Shard:
         its exact distance (for a caller that drops every pair beyond a radius anyway).
         ``ordered=False``: the three arrays in the search's order, not re-sorted on the exact
         distances (for a caller that needs only each row's values).
+        ``exact=False``: ``sq`` holds the search's float32 values (clamped at 0), read no row again.
         """
         q = len(queries)
         sq = np.full((q, k), np.inf)
@@ -368,8 +370,15 @@ class _Shard:
         if self.empty or q == 0:
             return sq, gidx, approx
         kk = min(k, self.pool.n_local)
-        found = self._search(queries, kk, kind, nprobe, min(ahead, self.pool.n_local))
+        found = self._search(queries, kk, kind, nprobe, min(ahead, self.pool.n_local), ordered=ordered)
         valid = found.valid
+        if not exact:  # values only, no row read again: elementwise, no pair list
+            approx[:, :kk] = np.where(valid, found.distances, np.inf)
+            sq[:, :kk] = np.maximum(approx[:, :kk], 0.0)
+            if beyond is not None:
+                sq[sq >= beyond[:, None]] = np.inf
+            gidx[:, :kk] = np.where(valid, found.indices + self.pool.offset, -1)
+            return (sq, gidx, approx) if not ordered else self._ordered(sq, gidx, approx)
         rows, cols = np.nonzero(valid)
         g = found.indices[rows, cols] + self.pool.offset
         if remember:
@@ -390,8 +399,11 @@ class _Shard:
             sq[rows, cols] = _exact_sq(queries, rows, self.pool, g)
         gidx[rows, cols] = g
         approx[:, :kk] = np.where(valid, found.distances, np.inf)
-        if not ordered:
-            return sq, gidx, approx
+        return (sq, gidx, approx) if not ordered else self._ordered(sq, gidx, approx)
+
+    @staticmethod
+    def _ordered(sq: np.ndarray, gidx: np.ndarray, approx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each row's three arrays sorted by ``sq``, ties to the lower global index."""
         big = np.iinfo(np.int64).max
         order = np.lexsort((np.where(gidx >= 0, gidx, big), sq), axis=1)
         return np.take_along_axis(sq, order, 1), np.take_along_axis(gidx, order, 1), np.take_along_axis(approx, order, 1)
@@ -730,7 +742,12 @@ class TSDSSelector(Selector):
         groups exact copies (they share one density, found once), and finds each distinct
         vector's nearest rows in its own shard: first ``_KDE_FIRST``; only vectors whose
         ``_KDE_FIRST``-th neighbour still lies within ``h`` search again for ``kde_K`` (the kernel
-        is zero beyond ``h``, so a shorter list that ends beyond ``h`` holds every row that counts).
+        is zero beyond ``h``, so a shorter list that ends beyond ``h`` holds every row that counts);
+        after a round where most rows searched again (a dense pool), later rounds search ``kde_K``
+        at once. Distances are exact float64 under a flat search; under IVF, whose probe is
+        itself the approximation, they are the search's float32 values (error about
+        ``1e-7 (|x|^2 + |y|^2)`` per pair, which moves a density by about ``1e-7 / h^2`` per
+        neighbour), so that no row is read a second time.
         The per-process lists of squared distances within ``h`` merge, and the ``kde_K`` smallest
         are summed in ascending order, so the result does not depend on the split.
         """
@@ -753,11 +770,14 @@ class TSDSSelector(Selector):
         # no exact distance for them (most pairs, on a spread pool). The prefetch has read every
         # shard row by now, so max_sq_norm is known.
         slack = 1e-5 * (np.einsum("ij,ij->i", uniq, uniq).astype(np.float64) + shard.max_sq_norm)
-        sq, _, approx = shard.nearest(uniq, first_k, kind=kind, nprobe=nprobe, beyond=h2 + slack, ordered=False)
+        if shard.dense_kde:  # most rows of the last round needed the full list: the short pass is wasted
+            first_k = full_k
+        sq, _, approx = shard.nearest(uniq, first_k, kind=kind, nprobe=nprobe, beyond=h2 + slack, ordered=False, exact=exact)
         if first_k < full_k and pool.n_local > first_k:
             more = np.flatnonzero(approx.max(axis=1) < h2 + slack)
+            shard.dense_kde = more.size > 0.5 * uniq.shape[0]
             if more.size:
-                sq_more, _, _ = shard.nearest(uniq[more], full_k, kind=kind, nprobe=nprobe, beyond=h2 + slack[more], ordered=False)
+                sq_more, _, _ = shard.nearest(uniq[more], full_k, kind=kind, nprobe=nprobe, beyond=h2 + slack[more], ordered=False, exact=exact)
                 sq = np.concatenate([sq, np.full((sq.shape[0], full_k - first_k), np.inf)], axis=1)
                 sq[more] = sq_more
         sq = np.sort(np.where(sq < h2, sq, np.inf), axis=1)  # each row's distances within h first
