@@ -499,9 +499,12 @@ class RowIVF:
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         q, dim = queries.shape
-        heap = _faiss().ResultHeap(q, k)
         nprobe = min(int(nprobe), self.nlist)
         _, probe = self.quantizer.search(queries, nprobe)
+        reach = np.diff(self.starts)[probe].sum(axis=1)  # candidates per query
+        if not ordered and q and 2 * k >= np.median(reach):
+            return self._search_wide(queries, k, probe, reach)
+        heap = _faiss().ResultHeap(q, k)
         # One GEMM per list gives |x|^2 - 2 q.x: the queries (times -2) carry a last coordinate 1
         # and the list's rows their squared norm. |q|^2 is the same along a query's row, so it is
         # added after the heaps have chosen.
@@ -509,12 +512,9 @@ class RowIVF:
         by_list = np.argsort(flat, kind="stable")
         bounds = np.searchsorted(flat[by_list], np.arange(self.nlist + 1))
         for lst in np.flatnonzero(np.diff(bounds)):
-            rows = self.members[self.starts[lst] : self.starts[lst + 1]]
+            rows, vecs = self._list_rows(lst)
             if rows.size == 0:
                 continue
-            vecs = np.empty((rows.size, dim + 1), dtype=np.float32)
-            vecs[:, :dim] = self.read(rows)
-            vecs[:, dim] = np.einsum("ij,ij->i", vecs[:, :dim], vecs[:, :dim])
             who = by_list[bounds[lst] : bounds[lst + 1]] // nprobe
             step = max(1, BLOCK_ELEMENTS // rows.size)
             for s in range(0, who.size, step):
@@ -527,3 +527,57 @@ class RowIVF:
             heap.finalize()
         heap.D += np.einsum("ij,ij->i", queries, queries)[:, None]
         return _heap_result(heap, "ivf")
+
+    def _list_rows(self, lst: int) -> tuple[np.ndarray, np.ndarray]:
+        """List ``lst``'s row numbers and its rows with their squared norm as a last column."""
+        rows = self.members[self.starts[lst] : self.starts[lst + 1]]
+        vecs = np.empty((rows.size, self.quantizer.d + 1), dtype=np.float32)
+        vecs[:, :-1] = self.read(rows)
+        vecs[:, -1] = np.einsum("ij,ij->i", vecs[:, :-1], vecs[:, :-1])
+        return rows, vecs
+
+    def _search_wide(self, queries: np.ndarray, k: int, probe: np.ndarray, reach: np.ndarray) -> KnnResult:
+        """:meth:`search` with ``ordered=False`` where ``k`` is most of each query's candidates.
+
+        A heap then takes nearly every candidate, at ``log k`` steps each. Here each query's
+        candidates are laid side by side (queries in chunks of about ``4 * BLOCK_ELEMENTS``
+        candidates, ordered by their nearest list so that a chunk reads few lists) and the ``k``
+        smallest are picked by ``np.argpartition``. The same set as the heaps but at exact ties.
+        """
+        q, dim = queries.shape
+        nprobe = probe.shape[1]
+        sizes = np.diff(self.starts)[probe]
+        offset = np.cumsum(sizes, axis=1) - sizes  # where each probed list's candidates start
+        dist = np.full((q, k), np.inf, dtype=np.float32)
+        ind = np.full((q, k), _FAISS_EMPTY, dtype=np.int64)
+        order = np.argsort(probe[:, 0], kind="stable")
+        start = 0
+        while start < q:
+            stop = start + max(1, int(np.searchsorted(np.cumsum(reach[order[start:]]), 4 * BLOCK_ELEMENTS, side="right")))
+            qs = order[start:stop]
+            width = int(reach[qs].max())
+            d = np.full((qs.size, max(width, k)), np.inf, dtype=np.float32)
+            ids = np.full(d.shape, _FAISS_EMPTY, dtype=np.int64)
+            flat = probe[qs].ravel()
+            by_list = np.argsort(flat, kind="stable")
+            bounds = np.searchsorted(flat[by_list], np.arange(self.nlist + 1))
+            for lst in np.flatnonzero(np.diff(bounds)):
+                rows, vecs = self._list_rows(lst)
+                if rows.size == 0:
+                    continue
+                slot = by_list[bounds[lst] : bounds[lst + 1]]
+                who = slot // nprobe
+                q_aug = np.empty((who.size, dim + 1), dtype=np.float32)
+                np.multiply(queries[qs[who]], -2.0, out=q_aug[:, :dim])
+                q_aug[:, dim] = 1.0
+                cols = offset[qs[who], slot % nprobe][:, None] + np.arange(rows.size)
+                d[who[:, None], cols] = q_aug @ vecs.T
+                ids[who[:, None], cols] = rows
+            if d.shape[1] > k:
+                pick = np.argpartition(d, k - 1, axis=1)[:, :k]
+                d, ids = np.take_along_axis(d, pick, 1), np.take_along_axis(ids, pick, 1)
+            dist[qs], ind[qs] = d, ids
+            start = stop
+        dist += np.einsum("ij,ij->i", queries, queries)[:, None]
+        dist[ind == _FAISS_EMPTY] = np.inf
+        return KnnResult(distances=dist, indices=ind, metric="l2", index="ivf")

@@ -182,12 +182,18 @@ def test_row_ivf_is_exact_with_every_list_probed_and_recalls_as_faiss_ivf():
         assert row_valid[: row_valid.sum()].all() and np.unique(row_ind[row_valid]).size == row_valid.sum()
 
 
-def test_row_ivf_unordered_search_keeps_the_same_neighbours():
+@pytest.mark.parametrize("k", [50, 250, 900])  # heaps; most candidates (argpartition); more than all (padding)
+def test_row_ivf_unordered_search_keeps_the_same_neighbours(monkeypatch, k):
     base = _clustered(2000, seed=11)
     queries = _clustered(30, seed=12)
     ivf = knn.RowIVF(iter([base]), len(base), base.shape[1], read=lambda r: base[r], nlist=20, seed=0)
-    ordered, loose = ivf.search(queries, 50, nprobe=3), ivf.search(queries, 50, nprobe=3, ordered=False)
-    assert not np.array_equal(ordered.indices, loose.indices)  # heap order, not nearest first
+    wide = []
+    real = knn.RowIVF._search_wide
+    monkeypatch.setattr(knn.RowIVF, "_search_wide", lambda *a: wide.append(1) or real(*a))
+    ordered, loose = ivf.search(queries, k, nprobe=3), ivf.search(queries, k, nprobe=3, ordered=False)
+    assert bool(wide) == (k > 50)  # ~300 candidates per query: k of most of them takes the wide path
+    assert not np.array_equal(ordered.indices, loose.indices)  # not nearest first
+    assert (~ordered.valid).any() or k < 900
     for a, b, da, db in zip(ordered.indices, loose.indices, ordered.distances, loose.distances):
         np.testing.assert_array_equal(np.sort(a), np.sort(b))
-        np.testing.assert_array_equal(np.sort(da), np.sort(db))
+        np.testing.assert_allclose(np.sort(da), np.sort(db), rtol=1e-6, atol=1e-6)
