@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -508,14 +508,8 @@ class RowIVF:
         # One GEMM per list gives |x|^2 - 2 q.x: the queries (times -2) carry a last coordinate 1
         # and the list's rows their squared norm. |q|^2 is the same along a query's row, so it is
         # added after the heaps have chosen.
-        flat = probe.ravel()
-        by_list = np.argsort(flat, kind="stable")
-        bounds = np.searchsorted(flat[by_list], np.arange(self.nlist + 1))
-        for lst in np.flatnonzero(np.diff(bounds)):
-            rows, vecs = self._list_rows(lst)
-            if rows.size == 0:
-                continue
-            who = by_list[bounds[lst] : bounds[lst + 1]] // nprobe
+        for rows, vecs, slots in self._probed_lists(probe):
+            who = slots // nprobe
             step = max(1, BLOCK_ELEMENTS // rows.size)
             for s in range(0, who.size, step):
                 qs = who[s : s + step]
@@ -528,13 +522,20 @@ class RowIVF:
         heap.D += np.einsum("ij,ij->i", queries, queries)[:, None]
         return _heap_result(heap, "ivf")
 
-    def _list_rows(self, lst: int) -> tuple[np.ndarray, np.ndarray]:
-        """List ``lst``'s row numbers and its rows with their squared norm as a last column."""
-        rows = self.members[self.starts[lst] : self.starts[lst + 1]]
-        vecs = np.empty((rows.size, self.quantizer.d + 1), dtype=np.float32)
-        vecs[:, :-1] = self.read(rows)
-        vecs[:, -1] = np.einsum("ij,ij->i", vecs[:, :-1], vecs[:, :-1])
-        return rows, vecs
+    def _probed_lists(self, probe: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per non-empty list that ``probe`` (q, nprobe) names: its row numbers, its rows with their
+        squared norm as a last column (read once), and the flat ``probe`` slots that name it."""
+        flat = probe.ravel()
+        by_list = np.argsort(flat, kind="stable")
+        bounds = np.searchsorted(flat[by_list], np.arange(self.nlist + 1))
+        for lst in np.flatnonzero(np.diff(bounds)):
+            rows = self.members[self.starts[lst] : self.starts[lst + 1]]
+            if rows.size == 0:
+                continue
+            vecs = np.empty((rows.size, self.quantizer.d + 1), dtype=np.float32)
+            vecs[:, :-1] = self.read(rows)
+            vecs[:, -1] = np.einsum("ij,ij->i", vecs[:, :-1], vecs[:, :-1])
+            yield rows, vecs, by_list[bounds[lst] : bounds[lst + 1]]
 
     def _search_wide(self, queries: np.ndarray, k: int, probe: np.ndarray, reach: np.ndarray) -> KnnResult:
         """:meth:`search` with ``ordered=False`` where ``k`` is most of each query's candidates.
@@ -558,14 +559,7 @@ class RowIVF:
             width = int(reach[qs].max())
             d = np.full((qs.size, max(width, k)), np.inf, dtype=np.float32)
             ids = np.full(d.shape, _FAISS_EMPTY, dtype=np.int64)
-            flat = probe[qs].ravel()
-            by_list = np.argsort(flat, kind="stable")
-            bounds = np.searchsorted(flat[by_list], np.arange(self.nlist + 1))
-            for lst in np.flatnonzero(np.diff(bounds)):
-                rows, vecs = self._list_rows(lst)
-                if rows.size == 0:
-                    continue
-                slot = by_list[bounds[lst] : bounds[lst + 1]]
+            for rows, vecs, slot in self._probed_lists(probe[qs]):
                 who = slot // nprobe
                 q_aug = np.empty((who.size, dim + 1), dtype=np.float32)
                 np.multiply(queries[qs[who]], -2.0, out=q_aug[:, :dim])
