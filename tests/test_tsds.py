@@ -564,3 +564,38 @@ def test_after_a_dense_round_densities_are_searched_in_one_pass(monkeypatch):
     density = [k for q, k in calls if q != len(y)]
     assert sel.diagnostics_["width"] > tsds_mod._FIRST_WIDTH  # more than one round
     assert density[:2] == [tsds_mod._KDE_FIRST, full] and set(density[2:]) == {full}, density
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_densities_in_bounded_chunks_give_the_reference_for_any_split(monkeypatch, world):
+    """With room for only a few hundred neighbour slots per density search, the rows go in chunks
+    (short lists for most, kde_K for the dense ones, whole chunks at once after a dense round) and
+    p is still the brute-force reference, on one process or split over several."""
+    from hf_otselect.dist import PoolView
+
+    from ._thread_comm import contiguous_bounds, run_ranks
+
+    rng = np.random.default_rng(12)
+    # 300 exact copies of one row, 200 rows in a tiny ball (every pair within sigma), 300 spread.
+    x = np.vstack([np.repeat(rng.normal(size=(1, 4)), 300, axis=0), 0.01 * rng.normal(size=(200, 4)) + 3.0,
+                   5 * rng.normal(size=(300, 4))]).astype(np.float32)
+    y = np.vstack([x[:1] + 0.05, x[300:301] + 0.05, 5 * rng.normal(size=(4, 4))]).astype(np.float32)
+    params = dict(alpha=0.3, C=1.0, sigma=0.5, max_K=700, kde_K=50)
+    room = 600
+    monkeypatch.setattr(tsds_mod, "_DENSITY_ELEMENTS", room)
+    widest = []
+    real = tsds_mod._Shard.nearest
+    monkeypatch.setattr(tsds_mod._Shard, "nearest", lambda self, q, k, **kw: (widest.append(len(q) * k) if len(q) != len(y) else None) or real(self, q, k, **kw))
+
+    def fit(comm):
+        lo, hi = contiguous_bounds(len(x), comm.world_size, comm.rank)
+        sel = TSDSSelector(index="flat", **params)
+        state = sel.fit(PoolView.of(x[lo:hi], comm), y, comm=comm)
+        p = np.zeros(len(x))
+        p[state.rows] = state.probs
+        return p
+
+    p = run_ranks(world, fit)[0] if world > 1 else fit(tsds_mod.LOCAL)
+    np.testing.assert_allclose(p, _reference_p(x, y, **params), atol=1e-12)
+    full_k = params["kde_K"] + tsds_mod._margin(params["kde_K"])
+    assert widest and max(widest) <= room + full_k  # a chunk holds at least one row

@@ -77,6 +77,7 @@ _FIRST_WIDTH = 128  # neighbours per query in the first round; the lists double 
 _FLAT_DENSITY_PAIRS = 2e8  # "auto": exact density search while rows x shard stays under this
 _KDE_FIRST = 32  # neighbours per density query in the first (usually final) pass
 _MIN_SUPPORT = 2.0  # C=None: the smallest mean neighbourhood aimed at (see TSDSSelector's C)
+_DENSITY_ELEMENTS = 2**23  # density rows x neighbour slots searched at once (~200 MiB of lists at the peak)
 _EXACT_ELEMENTS = 2**20  # pool values per chunk of the exact float64 re-ranking
 
 
@@ -569,8 +570,10 @@ class TSDSSelector(Selector):
         (16 MiB), or one IVF list's rows with at most ``knn.BLOCK_ELEMENTS`` distances (16 MiB),
         or one exact re-ranking chunk (20 MiB). And what grows with M, not N: the merged lists
         (``M x L``, plus what each process contributes to one all-gather), the reached rows'
-        vectors (``R x dim``, ``R <= M x L``) and at most ``kde_K`` neighbour distances per
-        density row, in chunks. Communication: O(M x L) per round for the lists, O(R x dim) for
+        vectors (``R x dim``, ``R <= M x L``) and one float64 density per row. The density
+        searches go in chunks of at most ``_DENSITY_ELEMENTS`` (2^23) neighbour slots, 24 bytes
+        each (~200 MiB), plus an IVF search's own buffers (up to ``4 x knn.BLOCK_ELEMENTS``
+        candidates, 12 bytes each), whatever R and however dense the pool. Communication: O(M x L) per round for the lists, O(R x dim) for
         the reached vectors and O(R x kde_K) at most for the density lists (only distances within
         ``h``). With a flat index the state, hence every probability and every row chosen, is the
         same for any number of processes and any split (tested to 1e-12 under ``torchrun``);
@@ -762,31 +765,67 @@ class TSDSSelector(Selector):
         del vecs, flat  # (R x dim: the distinct rows are all the search needs)
         h2 = float(self.sigma) ** 2
         exact = shard.kind == "flat" and (self.index == "flat" or uniq.shape[0] * pool.n_local <= _FLAT_DENSITY_PAIRS)
-        kind, nprobe = ("flat", None) if exact else ("ivf", self.density_nprobe)
         full_k = min(n_kde + _margin(n_kde), pool.n_global)
-        first_k = min(_KDE_FIRST, full_k)
+        # Rows in chunks of at most _DENSITY_ELEMENTS neighbour slots (of the pass they take), so
+        # that the lists of a dense pool, every row kde_K wide, never exist for all rows at once.
+        # Every process has the same uniq and takes the same (all-reduced) decisions, hence the
+        # same chunks, and meets the collectives inside in step.
+        rho = np.empty(uniq.shape[0])
+        start = 0
+        while start < uniq.shape[0]:
+            step = max(1, _DENSITY_ELEMENTS // (full_k if shard.dense_kde else min(_KDE_FIRST, full_k)))
+            rho[start : start + step] = self._density_chunk(shard, uniq[start : start + step], n_kde, full_k, exact, comm)
+            start += step
+        # The row itself is always within h; an approximate probe that misses it still counts it.
+        return np.maximum(rho, 1.0)[inverse]
+
+    def _density_chunk(self, shard: _Shard, uniq: np.ndarray, n_kde: int, full_k: int, exact: bool, comm: Comm,
+                       full: bool = False) -> np.ndarray:
+        """:meth:`_densities` of the distinct vectors ``uniq`` (the same on every process), before the
+        floor at 1; ``full``: search ``full_k`` at once."""
+        pool = shard.pool
+        h2 = float(self.sigma) ** 2
+        kind, nprobe = ("flat", None) if exact else ("ivf", self.density_nprobe)
+        short = min(_KDE_FIRST, full_k)
+        first_k = full_k if full or shard.dense_kde else short  # after a dense round the short pass is wasted
         # The local lists (ascending float64 squared distances, inf beyond h), then the merge.
         # Pairs whose float32 distance exceeds h^2 by more than its rounding error are beyond h:
         # no exact distance for them (most pairs, on a spread pool). The prefetch has read every
         # shard row by now, so max_sq_norm is known.
         slack = 1e-5 * (np.einsum("ij,ij->i", uniq, uniq).astype(np.float64) + shard.max_sq_norm)
-        if shard.dense_kde:  # most rows of the last round needed the full list: the short pass is wasted
-            first_k = full_k
         sq, _, approx = shard.nearest(uniq, first_k, kind=kind, nprobe=nprobe, beyond=h2 + slack, ordered=False, exact=exact)
-        if first_k < full_k and pool.n_local > first_k:
-            more = np.flatnonzero(approx.max(axis=1) < h2 + slack)
-            shard.dense_kde = more.size > 0.5 * uniq.shape[0]
-            if more.size:
-                sq_more, _, _ = shard.nearest(uniq[more], full_k, kind=kind, nprobe=nprobe, beyond=h2 + slack[more], ordered=False, exact=exact)
-                sq = np.concatenate([sq, np.full((sq.shape[0], full_k - first_k), np.inf)], axis=1)
-                sq[more] = sq_more
+        # Rows whose short list lies all within h on some process: they need the full one there,
+        # and every process searches it for them, so that the merged rows line up.
+        long = (approx < (h2 + slack)[:, None]).sum(axis=1) >= short if pool.n_local > short else np.zeros(len(uniq), dtype=bool)
+        if comm.world_size > 1:
+            long = comm.all_reduce(long.astype(np.int32), op="max").astype(bool)
+        if short < full_k:
+            shard.dense_kde = bool(long.sum() > 0.5 * len(uniq))
+        if first_k == full_k:
+            return self._merged_density(sq, n_kde, comm)
+        more = np.flatnonzero(long)
+        if more.size * full_k > _DENSITY_ELEMENTS:  # too many full lists at once: in chunks, full at once
+            step = max(1, _DENSITY_ELEMENTS // full_k)
+            return np.concatenate([self._density_chunk(shard, uniq[s : s + step], n_kde, full_k, exact, comm, full=True)
+                                   for s in range(0, len(uniq), step)])
+        rho = np.empty(len(uniq))
+        rho[~long] = self._merged_density(sq[~long], n_kde, comm)
+        if more.size:
+            sq_more, _, _ = shard.nearest(uniq[more], full_k, kind=kind, nprobe=nprobe, beyond=h2 + slack[more], ordered=False, exact=exact)
+            rho[more] = self._merged_density(sq_more, n_kde, comm)
+        return rho
+
+    def _merged_density(self, sq: np.ndarray, n_kde: int, comm: Comm) -> np.ndarray:
+        """Kernel sums over each row's ``n_kde`` smallest squared distances within ``h``, merged over
+        the processes' lists ``sq`` (rows aligned across processes), in ascending order."""
+        h2 = float(self.sigma) ** 2
         sq = np.sort(np.where(sq < h2, sq, np.inf), axis=1)  # each row's distances within h first
         width = int((sq < np.inf).sum(axis=1).max(initial=0))
         width = int(comm.all_reduce(np.array([width], dtype=np.int64), op="max")[0]) if comm.world_size > 1 else width
         sq = sq[:, : max(width, 1)]
-        rho = np.empty(uniq.shape[0])
+        rho = np.empty(sq.shape[0])
         step = max(1, 4_000_000 // max(1, width * comm.world_size))
-        for s in range(0, uniq.shape[0], step):
+        for s in range(0, sq.shape[0], step):
             part = sq[s : s + step]
             if comm.world_size > 1:
                 part = np.concatenate(comm.all_gather(np.ascontiguousarray(part)), axis=1)
@@ -794,8 +833,7 @@ class TSDSSelector(Selector):
             kern = np.maximum(0.0, 1.0 - part / h2)
             # Sequential (cumsum) so trailing zeros never change the rounding: same rho for any split.
             rho[s : s + step] = np.cumsum(kern, axis=1)[:, -1]
-        # The row itself is always within h; an approximate probe that misses it still counts it.
-        return np.maximum(rho, 1.0)[inverse]
+        return rho
 
 
 def sample_epochs(
