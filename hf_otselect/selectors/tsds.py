@@ -603,7 +603,9 @@ class TSDSSelector(Selector):
         while True:
             t0 = time.perf_counter()
             k_local = min(width + _margin(width), n)
-            wider = min(cap, 2 * width)  # the search fetches the next round's list in the same pass
+            # A search fetches the lists of the next two rounds in the same pass: a pass reads the
+            # whole shard, a longer list only costs heap slots (M x 4 L).
+            wider = min(cap, 4 * width)
             ahead = min(wider + _margin(wider), n) if wider > width else 0
             sq, gidx, _ = shard.nearest(target, k_local, kind=kind, nprobe=self.nprobe, remember=True, ahead=ahead)
             dist, nbr = _merge_lists(np.sqrt(sq), gidx, width, comm)
