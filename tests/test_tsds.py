@@ -520,8 +520,8 @@ def test_fit_peak_memory_is_the_shard_without_a_second_copy(tmp_path):
 @pytest.mark.parametrize("index", ["flat", "ivf"])
 def test_densities_take_exact_distances_only_of_pairs_within_h(monkeypatch, index):
     """The kernel is zero beyond h: a pair whose search distance is past h^2 (by more than float32
-    rounding) gets no float64 distance, and the densities, hence p, are unchanged. Under IVF the
-    densities take the search's float32 distances and read no row again."""
+    rounding) gets no float64 distance, and the densities, hence p, are unchanged. (Rows of norm
+    ~9 against sigma 0.5: float32 distances are too coarse here, so IVF takes exact ones too.)"""
     rng = np.random.default_rng(30)
     # A spread pool with a tight group in it: a few pairs within h, most far apart.
     x = np.vstack([rng.normal(size=(1500, 8)), 3.0 + 0.05 * rng.normal(size=(60, 8))]).astype(np.float32)
@@ -532,11 +532,7 @@ def test_densities_take_exact_distances_only_of_pairs_within_h(monkeypatch, inde
     monkeypatch.setattr(tsds_mod, "_exact_sq", lambda q, qrow, pool, g: pairs.append((len(q), qrow.size)) or real(q, qrow, pool, g))
     sel = TSDSSelector(index=index, nprobe=64, density_nprobe=64, **params)  # every IVF list probed: exact
     p = sel.score(x, y)
-    if index == "flat":
-        np.testing.assert_allclose(p, _reference_p(x, y, **params), atol=1e-12)
-    else:  # float32 |a|^2 + |b|^2 - 2ab: off by ~eps32 (|a|^2 + |b|^2) per pair, over h^2 in a density
-        eps = np.finfo(np.float32).eps * 2 * float((x.astype(np.float64) ** 2).sum(1).max()) / params["sigma"] ** 2
-        np.testing.assert_allclose(p, _reference_p(x, y, **params), rtol=eps, atol=1e-12)
+    np.testing.assert_allclose(p, _reference_p(x, y, **params), atol=1e-12)
     pairs.clear()
     rows = sel.fit(tsds_mod.PoolView(x), y).rows
     sq = ((x[rows].astype(np.float64)[:, None] - x.astype(np.float64)[None]) ** 2).sum(-1)
@@ -544,10 +540,7 @@ def test_densities_take_exact_distances_only_of_pairs_within_h(monkeypatch, inde
     density_pairs = sum(n for q, n in pairs if q != len(y))
     # Within h at most twice (a row whose first lists lie all within h is searched again, wider);
     # every density row's whole first list (32 pairs each) was the cost before.
-    if index == "flat":
-        assert 0 < density_pairs <= 2 * within < rows.size * tsds_mod._KDE_FIRST, (density_pairs, within, rows.size)
-    else:
-        assert density_pairs == 0 < within
+    assert 0 < density_pairs <= 2 * within < rows.size * tsds_mod._KDE_FIRST, (density_pairs, within, rows.size)
 
 
 def test_after_a_dense_round_densities_are_searched_in_one_pass(monkeypatch):
@@ -600,3 +593,35 @@ def test_densities_in_bounded_chunks_give_the_reference_for_any_split(monkeypatc
     np.testing.assert_allclose(p, _reference_p(x, y, **params), atol=1e-12)
     full_k = params["kde_K"] + tsds_mod._margin(params["kde_K"])
     assert widest and max(widest) <= room + full_k  # a chunk holds at least one row
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1e-4])
+def test_ivf_densities_take_float32_distances_unless_sigma_is_near_their_resolution(monkeypatch, sigma):
+    """Unit rows: at sigma 0.5 an IVF density uses the search's float32 distances (no row read again,
+    p within their rounding of the reference); at sigma 1e-4, below float32's resolution of a unit
+    row's squared distance (~2e-7), exact ones, so that 40 copies of a row still count 40."""
+    rng = np.random.default_rng(33)
+    x = rng.normal(size=(1500, 8))
+    x[:40] = x[1500 - 1]  # 40 copies of the last row
+    x[300:340] = x[299] + 2e-5 * rng.normal(size=(40, 8))  # near copies, within 1e-4 of it
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    y = np.vstack([x[:1], x[299:300], rng.normal(size=(6, 8)) / 3]).astype(np.float32)
+    params = dict(alpha=0.4, C=2.0, sigma=sigma, max_K=400, kde_K=60)
+    pairs = []
+    real = tsds_mod._exact_sq
+    monkeypatch.setattr(tsds_mod, "_exact_sq", lambda q, qrow, pool, g: pairs.append((len(q), qrow.size)) or real(q, qrow, pool, g))
+    sel = TSDSSelector(index="ivf", nprobe=64, density_nprobe=64, **params)  # every list probed
+    state = sel.fit(tsds_mod.PoolView(x), y)
+    density_pairs = sum(n for q, n in pairs if q != len(y))
+    p = np.zeros(len(x))
+    p[state.rows] = state.probs
+    reference = _reference_p(x, y, **params)
+    if sigma == 0.5:
+        assert density_pairs == 0
+        bound = 2 * np.finfo(np.float32).eps * 2.0 / sigma**2  # per-neighbour kernel error
+        np.testing.assert_allclose(p, reference, rtol=params["kde_K"] * bound, atol=1e-12)
+    else:
+        copies = np.isin(state.rows, np.arange(40))
+        assert copies.any() and np.all(state.density[copies] == 41)  # the 40 copies and the original
+        np.testing.assert_allclose(p, reference, atol=1e-12)
+        assert density_pairs > 0

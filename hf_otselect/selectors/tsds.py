@@ -79,6 +79,7 @@ _KDE_FIRST = 32  # neighbours per density query in the first (usually final) pas
 _MIN_SUPPORT = 2.0  # C=None: the smallest mean neighbourhood aimed at (see TSDSSelector's C)
 _DENSITY_ELEMENTS = 2**23  # density rows x neighbour slots searched at once (~200 MiB of lists at the peak)
 _EXACT_ELEMENTS = 2**20  # pool values per chunk of the exact float64 re-ranking
+_F32_DENSITY_ERROR = 1e-5  # IVF densities take float32 distances while their rounding is below this x h^2
 
 
 def knn_kde_allocation(
@@ -750,9 +751,10 @@ class TSDSSelector(Selector):
         is zero beyond ``h``, so a shorter list that ends beyond ``h`` holds every row that counts);
         after a round where most rows searched again (a dense pool), later rounds search ``kde_K``
         at once. Distances are exact float64 under a flat search; under IVF, whose probe is
-        itself the approximation, they are the search's float32 values (error about
-        ``1e-7 (|x|^2 + |y|^2)`` per pair, which moves a density by about ``1e-7 / h^2`` per
-        neighbour), so that no row is read a second time.
+        itself the approximation, they are the search's float32 values, so that no row is read a
+        second time, while their rounding (about ``2 eps32 (|x|^2 + |y|^2)`` per pair) stays below
+        ``_F32_DENSITY_ERROR h^2``, i.e. moves a density by at most 1e-5 per neighbour; with a
+        ``sigma`` closer to the data's float32 resolution they are exact float64 again.
         The per-process lists of squared distances within ``h`` merge, and the ``kde_K`` smallest
         are summed in ascending order, so the result does not depend on the split.
         """
@@ -766,7 +768,14 @@ class TSDSSelector(Selector):
         uniq = vecs[first]
         del vecs, flat  # (R x dim: the distinct rows are all the search needs)
         h2 = float(self.sigma) ** 2
-        exact = shard.kind == "flat" and (self.index == "flat" or uniq.shape[0] * pool.n_local <= _FLAT_DENSITY_PAIRS)
+        flat = shard.kind == "flat" and (self.index == "flat" or uniq.shape[0] * pool.n_local <= _FLAT_DENSITY_PAIRS)
+        # Under IVF, float32 distances (off by ~eps32 (|x|^2 + |y|^2) per pair) while that is small
+        # against h^2; at a sigma near the data's float32 resolution, exact ones (copies must count).
+        big = float(np.einsum("ij,ij->i", uniq, uniq).max(initial=0.0)) + shard.max_sq_norm
+        exact = flat or 2 * float(np.finfo(np.float32).eps) * big > _F32_DENSITY_ERROR * float(self.sigma) ** 2
+        if comm.world_size > 1:  # (max_sq_norm is the shard's: decide together)
+            exact = bool(comm.all_reduce(np.array([exact], dtype=np.int64), op="max")[0])
+        kind = "flat" if flat else "ivf"
         full_k = min(n_kde + _margin(n_kde), pool.n_global)
         # Rows in chunks of at most _DENSITY_ELEMENTS neighbour slots (of the pass they take), so
         # that the lists of a dense pool, every row kde_K wide, never exist for all rows at once.
@@ -776,18 +785,18 @@ class TSDSSelector(Selector):
         start = 0
         while start < uniq.shape[0]:
             step = max(1, _DENSITY_ELEMENTS // (full_k if shard.dense_kde else min(_KDE_FIRST, full_k)))
-            rho[start : start + step] = self._density_chunk(shard, uniq[start : start + step], n_kde, full_k, exact, comm)
+            rho[start : start + step] = self._density_chunk(shard, uniq[start : start + step], n_kde, full_k, kind, exact, comm)
             start += step
         # The row itself is always within h; an approximate probe that misses it still counts it.
         return np.maximum(rho, 1.0)[inverse]
 
-    def _density_chunk(self, shard: _Shard, uniq: np.ndarray, n_kde: int, full_k: int, exact: bool, comm: Comm,
+    def _density_chunk(self, shard: _Shard, uniq: np.ndarray, n_kde: int, full_k: int, kind: str, exact: bool, comm: Comm,
                        full: bool = False) -> np.ndarray:
         """:meth:`_densities` of the distinct vectors ``uniq`` (the same on every process), before the
         floor at 1; ``full``: search ``full_k`` at once."""
         pool = shard.pool
         h2 = float(self.sigma) ** 2
-        kind, nprobe = ("flat", None) if exact else ("ivf", self.density_nprobe)
+        nprobe = None if kind == "flat" else self.density_nprobe
         short = min(_KDE_FIRST, full_k)
         first_k = full_k if full or shard.dense_kde else short  # after a dense round the short pass is wasted
         # The local lists (ascending float64 squared distances, inf beyond h), then the merge.
@@ -808,7 +817,7 @@ class TSDSSelector(Selector):
         more = np.flatnonzero(long)
         if more.size * full_k > _DENSITY_ELEMENTS:  # too many full lists at once: in chunks, full at once
             step = max(1, _DENSITY_ELEMENTS // full_k)
-            return np.concatenate([self._density_chunk(shard, uniq[s : s + step], n_kde, full_k, exact, comm, full=True)
+            return np.concatenate([self._density_chunk(shard, uniq[s : s + step], n_kde, full_k, kind, exact, comm, full=True)
                                    for s in range(0, len(uniq), step)])
         rho = np.empty(len(uniq))
         rho[~long] = self._merged_density(sq[~long], n_kde, comm)
