@@ -574,9 +574,9 @@ class TSDSSelector(Selector):
         vectors (``R x dim``, ``R <= M x L``) and one float64 density per row. The density
         searches go in chunks of at most ``_DENSITY_ELEMENTS`` (2^23) neighbour slots, 24 bytes
         each (~200 MiB), plus an IVF search's own buffers (up to ``4 x knn.BLOCK_ELEMENTS``
-        candidates, 12 bytes each), whatever R and however dense the pool. Communication: O(M x L) per round for the lists, O(R x dim) for
-        the reached vectors and O(R x kde_K) at most for the density lists (only distances within
-        ``h``). With a flat index the state, hence every probability and every row chosen, is the
+        candidates, 20 bytes each with the pick), whatever R and however dense the pool.
+        Communication: O(M x L) per round for the lists, O(R x dim) for the reached vectors and
+        O(R x kde_K) at most for the density lists (only distances within ``h``). With a flat index the state, hence every probability and every row chosen, is the
         same for any number of processes and any split (tested to 1e-12 under ``torchrun``);
         with IVF each process trains its own index, so the approximation depends on the split.
         """
