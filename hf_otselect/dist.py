@@ -153,7 +153,9 @@ class TorchComm(Comm):
         lengths = [int(s.item()) for s in sizes]
         padded = np.zeros((max(lengths), *x.shape[1:]), dtype=x.dtype)
         padded[: x.shape[0]] = x
-        t = self._tensor(padded)
+        t = self._torch.from_numpy(padded).to(self.device)  # our own buffer: no second copy (see _tensor)
+        self.bytes_sent += t.numel() * t.element_size()
+        del padded
         out = [self._torch.empty_like(t) for _ in range(self.world_size)]
         self._call("all_gather", self._dist.all_gather, out, t)
         return [o.cpu().numpy()[:length] for o, length in zip(out, lengths)]

@@ -625,3 +625,26 @@ def test_ivf_densities_take_float32_distances_unless_sigma_is_near_their_resolut
         assert copies.any() and np.all(state.density[copies] == 41)  # the 40 copies and the original
         np.testing.assert_allclose(p, reference, atol=1e-12)
         assert density_pairs > 0
+
+
+def test_distinct_rows_groups_bit_identical_rows_and_survives_a_hash_collision(monkeypatch):
+    rng = np.random.default_rng(34)
+    x = rng.normal(size=(500, 6)).astype(np.float32)
+    x[100:150] = x[7]
+    x[300, 0], x[301, 0] = 0.0, -0.0  # equal as numbers, different bits: two groups
+    x[301, 1:] = x[300, 1:]
+    first, inverse = tsds_mod._distinct_rows(x)
+    _, ref_first, ref_inverse = np.unique(x.view(np.dtype((np.void, 24))).ravel(), return_index=True, return_inverse=True)
+    assert len(first) == len(ref_first) == 500 - 50
+    np.testing.assert_array_equal(x[first][inverse].view(np.uint32), x.view(np.uint32))
+    np.testing.assert_array_equal(inverse[:, None] == inverse[None], ref_inverse.ravel()[:, None] == ref_inverse.ravel()[None])
+    assert set(first) == set(ref_first)  # the first row of each group
+
+    class AllOnes:  # every multiplier 1: the hash is the sum of the words, so (1, 2) and (2, 1) collide
+        def integers(self, low, high, size, dtype):
+            return np.zeros(size, dtype=dtype)
+
+    monkeypatch.setattr(tsds_mod.np.random, "default_rng", lambda seed: AllOnes())
+    y = np.array([[1, 2], [2, 1], [1, 2]], dtype=np.uint32).view(np.float32)
+    first, inverse = tsds_mod._distinct_rows(y)
+    assert len(first) == 2 and inverse[0] == inverse[2] != inverse[1]

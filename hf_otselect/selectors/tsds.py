@@ -229,6 +229,33 @@ def _exact_sq(queries: np.ndarray, qrow: np.ndarray, pool: PoolView, gidx: np.nd
     return out
 
 
+def _distinct_rows(vecs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(first, inverse)`` of the distinct rows of ``vecs`` (bit for bit), as ``np.unique`` over the
+    rows' bytes gives them, without its two sorted copies of the rows.
+
+    Each row's bits get a 64-bit multilinear hash (one random odd multiplier per column, mod 2^64),
+    ``np.unique`` runs on the hashes, and every row is compared with its group's first row; on a
+    collision (two different rows, one hash) the exact byte-wise ``np.unique`` decides instead.
+    The order of the groups is the hashes' order, the same on every process for the same rows.
+    """
+    n = len(vecs)
+    bits = np.ascontiguousarray(vecs).view(np.uint8).reshape(n, -1)
+    if bits.shape[1] % 4 == 0:
+        words = bits.view(np.uint32)
+        mult = np.random.default_rng(0x75D5).integers(0, 2**63, size=words.shape[1], dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+        key = np.empty(n, dtype=np.uint64)
+        step = max(1, 2**20 // max(1, words.shape[1]))
+        with np.errstate(over="ignore"):
+            for s in range(0, n, step):
+                key[s : s + step] = (words[s : s + step].astype(np.uint64) * mult).sum(axis=1, dtype=np.uint64)
+        _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+        same = all(np.array_equal(words[s : s + step], words[first[inverse[s : s + step]]]) for s in range(0, n, step))
+        if same:
+            return first, inverse.ravel()
+    _, first, inverse = np.unique(bits.view(np.dtype((np.void, bits.shape[1]))).ravel(), return_index=True, return_inverse=True)
+    return first, inverse.ravel()
+
+
 def _margin(k: int) -> int:
     """Extra neighbours each process fetches beyond ``k`` and drops after the exact float64 re-ranking,
     so that float32 near-ties at the cut decide nothing (the lists are then the same for any split)."""
@@ -761,12 +788,14 @@ class TSDSSelector(Selector):
         pool = shard.pool
         lo, hi = np.searchsorted(rows, [pool.offset, pool.offset + pool.n_local])
         vecs = pool.read(rows[lo:hi])
-        if comm.world_size > 1:
-            vecs = np.concatenate(comm.all_gather(vecs))
-        flat = np.ascontiguousarray(vecs).view(np.dtype((np.void, vecs.dtype.itemsize * vecs.shape[1]))).ravel()
-        _, first, inverse = np.unique(flat, return_index=True, return_inverse=True)
-        uniq = vecs[first]
-        del vecs, flat  # (R x dim: the distinct rows are all the search needs)
+        if comm.world_size > 1:  # (each copy dropped as soon as the next exists: R x dim twice at most)
+            parts = comm.all_gather(vecs)
+            del vecs
+            vecs = np.concatenate(parts)
+            del parts
+        first, inverse = _distinct_rows(vecs)
+        uniq = vecs if first.size == len(vecs) and np.array_equal(first, np.arange(first.size)) else vecs[first]
+        del vecs  # (R x dim: the distinct rows are all the search needs)
         h2 = float(self.sigma) ** 2
         flat = shard.kind == "flat" and (self.index == "flat" or uniq.shape[0] * pool.n_local <= _FLAT_DENSITY_PAIRS)
         # Under IVF, float32 distances (off by ~eps32 (|x|^2 + |y|^2) per pair) while that is small
