@@ -441,6 +441,14 @@ def knn_blocks(queries: np.ndarray, blocks: Iterable[np.ndarray], k: int) -> Knn
     return _heap_result(heap, "flat")
 
 
+def _augmented(queries: np.ndarray) -> np.ndarray:
+    """``[-2 q, 1]`` per query row: times a list's ``[x, |x|^2]`` rows, one GEMM gives ``|x|^2 - 2 q.x``."""
+    out = np.empty((len(queries), queries.shape[1] + 1), dtype=np.float32)
+    np.multiply(queries, -2.0, out=out[:, :-1])
+    out[:, -1] = 1.0
+    return out
+
+
 class RowIVF:
     """An L2 inverted-file (IVF) index whose lists hold row numbers, not rows: the vectors stay where they are.
 
@@ -492,10 +500,10 @@ class RowIVF:
         """Each query's ``k`` nearest rows among those of its ``nprobe`` nearest lists.
 
         Returns a :class:`KnnResult` of shape (q, k), nearest first, padded (``-1`` / ``inf``) where
-        the probed lists hold fewer than ``k`` rows; ``ordered=False`` leaves each row's ``k`` in
-        heap order (the same set, unsorted: the sort is a fifth of a wide search). Distances are float32 ``|q|^2 + |x|^2 - 2 q.x``
-        (the expansion of FAISS's flat index), so they can differ from ``IndexIVFFlat``'s in the
-        last bits.
+        the probed lists hold fewer than ``k`` rows; ``ordered=False`` leaves each row's ``k``
+        unsorted (the same set: the sort is a fifth of a wide search). Distances are float32
+        ``|q|^2 + |x|^2 - 2 q.x`` (the expansion of FAISS's flat index), so they can differ from
+        ``IndexIVFFlat``'s in the last bits.
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         q, dim = queries.shape
@@ -513,10 +521,7 @@ class RowIVF:
             step = max(1, BLOCK_ELEMENTS // rows.size)
             for s in range(0, who.size, step):
                 qs = who[s : s + step]
-                q_aug = np.empty((qs.size, dim + 1), dtype=np.float32)
-                np.multiply(queries[qs], -2.0, out=q_aug[:, :dim])
-                q_aug[:, dim] = 1.0
-                heap.add_result_subset(qs, q_aug @ vecs.T, rows)
+                heap.add_result_subset(qs, _augmented(queries[qs]) @ vecs.T, rows)
         if ordered:
             heap.finalize()
         heap.D += np.einsum("ij,ij->i", queries, queries)[:, None]
@@ -561,11 +566,8 @@ class RowIVF:
             ids = np.full(d.shape, _FAISS_EMPTY, dtype=np.int64)
             for rows, vecs, slot in self._probed_lists(probe[qs]):
                 who = slot // nprobe
-                q_aug = np.empty((who.size, dim + 1), dtype=np.float32)
-                np.multiply(queries[qs[who]], -2.0, out=q_aug[:, :dim])
-                q_aug[:, dim] = 1.0
                 cols = offset[qs[who], slot % nprobe][:, None] + np.arange(rows.size)
-                d[who[:, None], cols] = q_aug @ vecs.T
+                d[who[:, None], cols] = _augmented(queries[qs[who]]) @ vecs.T
                 ids[who[:, None], cols] = rows
             if d.shape[1] > k:
                 pick = np.argpartition(d, k - 1, axis=1)[:, :k]

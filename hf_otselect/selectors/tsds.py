@@ -236,7 +236,8 @@ def _distinct_rows(vecs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Each row's bits get a 64-bit multilinear hash (one random odd multiplier per column, mod 2^64),
     ``np.unique`` runs on the hashes, and every row is compared with its group's first row; on a
     collision (two different rows, one hash) the exact byte-wise ``np.unique`` decides instead.
-    The order of the groups is the hashes' order, the same on every process for the same rows.
+    Groups come in the order of their first row (``first`` ascending), the same on every process
+    for the same rows; rows that are all distinct give ``first == arange(n)``.
     """
     n = len(vecs)
     bits = np.ascontiguousarray(vecs).view(np.uint8).reshape(n, -1)
@@ -249,11 +250,19 @@ def _distinct_rows(vecs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             for s in range(0, n, step):
                 key[s : s + step] = (words[s : s + step].astype(np.uint64) * mult).sum(axis=1, dtype=np.uint64)
         _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
-        same = all(np.array_equal(words[s : s + step], words[first[inverse[s : s + step]]]) for s in range(0, n, step))
-        if same:
-            return first, inverse.ravel()
+        inverse = inverse.ravel()
+        if all(np.array_equal(words[s : s + step], words[first[inverse[s : s + step]]]) for s in range(0, n, step)):
+            return _by_first_row(first, inverse)
     _, first, inverse = np.unique(bits.view(np.dtype((np.void, bits.shape[1]))).ravel(), return_index=True, return_inverse=True)
-    return first, inverse.ravel()
+    return _by_first_row(first, inverse.ravel())
+
+
+def _by_first_row(first: np.ndarray, inverse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Renumber ``np.unique``'s groups (sorted by key) in the order of their first row."""
+    order = np.argsort(first, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    return first[order], rank[inverse]
 
 
 def _margin(k: int) -> int:
@@ -355,9 +364,10 @@ class _Shard:
 
         Asked to look ``ahead`` (> k), it searches that many in the same pass and keeps them; a
         later call with the same queries, the same kind and at most that many neighbours is
-        answered from them. ``ordered=False`` (no look-ahead) may leave an IVF list unsorted. A longer list's first ``k`` are the ``k``-list of the same search: exact
-        (ties to the lower row) for flat; for IVF the same probed lists, which the longer list's
-        default ``nprobe`` can only widen.
+        answered from them. A longer list's first ``k`` are the ``k``-list of the same search:
+        exact (ties to the lower row) for flat; for IVF the same probed lists, which the longer
+        list's default ``nprobe`` can only widen. ``ordered=False`` (no look-ahead) may leave an
+        IVF list unsorted.
         """
         kept = self._ahead
         if kept is not None and kept[0] is queries and kept[1] == kind and kept[2].indices.shape[1] >= k:
@@ -603,9 +613,10 @@ class TSDSSelector(Selector):
         each (~200 MiB), plus an IVF search's own buffers (up to ``4 x knn.BLOCK_ELEMENTS``
         candidates, 20 bytes each with the pick), whatever R and however dense the pool.
         Communication: O(M x L) per round for the lists, O(R x dim) for the reached vectors and
-        O(R x kde_K) at most for the density lists (only distances within ``h``). With a flat index the state, hence every probability and every row chosen, is the
-        same for any number of processes and any split (tested to 1e-12 under ``torchrun``);
-        with IVF each process trains its own index, so the approximation depends on the split.
+        O(R x kde_K) at most for the density lists (only distances within ``h``). With a flat
+        index the state, hence every probability and every row chosen, is the same for any number
+        of processes and any split (tested to 1e-12 under ``torchrun``); with IVF each process
+        trains its own index, so the approximation depends on the split.
         """
         comm = comm or LOCAL
         self._check_params()
@@ -794,14 +805,14 @@ class TSDSSelector(Selector):
             vecs = np.concatenate(parts)
             del parts
         first, inverse = _distinct_rows(vecs)
-        uniq = vecs if first.size == len(vecs) and np.array_equal(first, np.arange(first.size)) else vecs[first]
+        uniq = vecs if first.size == len(vecs) else vecs[first]  # all distinct: first is 0..n-1, no copy
         del vecs  # (R x dim: the distinct rows are all the search needs)
         h2 = float(self.sigma) ** 2
         flat = shard.kind == "flat" and (self.index == "flat" or uniq.shape[0] * pool.n_local <= _FLAT_DENSITY_PAIRS)
         # Under IVF, float32 distances (off by ~eps32 (|x|^2 + |y|^2) per pair) while that is small
         # against h^2; at a sigma near the data's float32 resolution, exact ones (copies must count).
         big = float(np.einsum("ij,ij->i", uniq, uniq).max(initial=0.0)) + shard.max_sq_norm
-        exact = flat or 2 * float(np.finfo(np.float32).eps) * big > _F32_DENSITY_ERROR * float(self.sigma) ** 2
+        exact = flat or 2 * float(np.finfo(np.float32).eps) * big > _F32_DENSITY_ERROR * h2
         if comm.world_size > 1:  # (max_sq_norm is the shard's: decide together)
             exact = bool(comm.all_reduce(np.array([exact], dtype=np.int64), op="max")[0])
         kind = "flat" if flat else "ivf"
