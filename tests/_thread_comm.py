@@ -57,6 +57,13 @@ class ThreadComm(Comm):
 
 def run_ranks(world: int, fn: Callable[[ThreadComm], Any], comm_class: type[ThreadComm] = ThreadComm) -> list[Any]:
     """Run ``fn(comm)`` on ``world`` threads (``comm_class`` instances); their results in rank order (errors re-raised)."""
+    from datasets.utils.tqdm import tqdm
+
+    # Threads stand in for processes here, so they share what processes would not: datasets'
+    # progress-bar class. tqdm's thread_map deletes the class lock it created on exit, which races
+    # with another thread's thread_map ("type object 'tqdm' has no attribute '_lock'"); a lock made
+    # before the threads start is reused and never deleted.
+    tqdm.get_lock()
     hub = _Hub(world)
     results: list[Any] = [None] * world
     errors: list[BaseException] = []

@@ -304,12 +304,15 @@ def test_a_streamed_process_that_drops_nothing_still_writes_the_pool_columns(kno
             yield from shard
 
     features = Features({"text": Value("string"), "domain": Value("string")}) if known_features else None
-    stream = IterableDataset.from_generator(gen, gen_kwargs={"shards": [rows[i : i + 30] for i in range(0, n, 30)]}, features=features)
-    assert (stream.features is not None) is known_features
+
+    def stream():  # one per rank, as each process has its own (threads iterating one object race)
+        return IterableDataset.from_generator(gen, gen_kwargs={"shards": [rows[i : i + 30] for i in range(0, n, 30)]}, features=features)
+
+    assert (stream().features is not None) is known_features
 
     def rank(comm):
         lo, hi = contiguous_bounds(n, 2, comm.rank)
-        r = run_selection(stream, p["target"], "similarity", 5, comm=comm, cache_dir=tmp_path / str(known_features), embeddings=(x[lo:hi], p["target"]),
+        r = run_selection(stream(), p["target"], "similarity", 5, comm=comm, cache_dir=tmp_path / str(known_features), embeddings=(x[lo:hi], p["target"]),
                           source_column="domain", decontaminate=p["heldout"], decontaminate_ngram=None)
         return r.extra_splits["decontaminated"], r.decontamination
 
