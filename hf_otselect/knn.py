@@ -393,10 +393,17 @@ def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
     return float(hits) / e.size
 
 
-#: Distances (queries x rows) computed at once by :class:`RowIVF` (16 MiB of float32), and the
-#: rows per block of :func:`knn_blocks` when the caller's blocks are larger.
+#: Distances (queries x rows) computed at once by :class:`RowIVF` (16 MiB of float32).
 BLOCK_ELEMENTS = 2**22
-BLOCK_ROWS = 16_384
+#: Bytes of float32 rows searched at once by :func:`knn_blocks` (16,384 rows at 384-d). A block
+#: holds the same bytes at any dimension: at a low one a fixed row count would make each block's
+#: own top-k, not its GEMM, the cost of the search.
+BLOCK_BYTES = 24 * 2**20
+
+
+def block_rows(dim: int) -> int:
+    """Rows of ``dim`` float32 values in :data:`BLOCK_BYTES`."""
+    return max(1, BLOCK_BYTES // (4 * int(dim)))
 
 
 def _heap_result(heap: Any, index: str) -> KnnResult:
@@ -418,7 +425,8 @@ def knn_blocks(queries: np.ndarray, blocks: Iterable[np.ndarray], k: int) -> Knn
     queries : ndarray of shape (q, dim), float32
     blocks : iterable of ndarray of shape (b_i, dim)
         The base rows in order (e.g. a memory-mapped shard read block by block); rows are numbered
-        from 0 across the blocks. Blocks above :data:`BLOCK_ROWS` rows are searched in slices.
+        from 0 across the blocks. Blocks are searched in slices of :func:`block_rows` rows, smaller
+        ones gathered up to that.
     k : int
         Neighbours per query, ``>= 1``; slots beyond the base are padding (``-1`` / ``inf``).
 
@@ -430,13 +438,26 @@ def knn_blocks(queries: np.ndarray, blocks: Iterable[np.ndarray], k: int) -> Knn
     faiss = _faiss()
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     heap = faiss.ResultHeap(len(queries), k)
-    start = 0
+    step = block_rows(queries.shape[1])
+    pending: list[np.ndarray] = []  # consecutive slices of fewer than `step` rows together
+    start = held = 0  # row number of pending's first row; rows pending
+
+    def search_pending() -> None:
+        part = np.ascontiguousarray(pending[0] if len(pending) == 1 else np.concatenate(pending), dtype=np.float32)
+        dist, ind = faiss.knn(queries, part, min(k, len(part)))
+        heap.add_result(dist, np.where(ind >= 0, ind + start, _FAISS_EMPTY))
+        pending.clear()
+
     for block in blocks:
-        for s in range(0, len(block), BLOCK_ROWS):
-            part = np.ascontiguousarray(block[s : s + BLOCK_ROWS], dtype=np.float32)
-            dist, ind = faiss.knn(queries, part, min(k, len(part)))
-            heap.add_result(dist, np.where(ind >= 0, ind + (start + s), _FAISS_EMPTY))
-        start += len(block)
+        for s in range(0, len(block), step):
+            piece = block[s : s + step]
+            if held + len(piece) > step and pending:
+                search_pending()
+                start, held = start + held, 0
+            pending.append(piece)
+            held += len(piece)
+    if pending:
+        search_pending()
     heap.finalize()
     return _heap_result(heap, "flat")
 
@@ -505,14 +526,40 @@ class RowIVF:
         ``|q|^2 + |x|^2 - 2 q.x`` (the expansion of FAISS's flat index), so they can differ from
         ``IndexIVFFlat``'s in the last bits.
         """
+        queries, probe, reach = self._probe(queries, nprobe)
+        if not ordered and len(queries) and 2 * k >= np.median(reach):
+            dist, ind = self._search_wide(queries, k, probe, reach, ids=True)
+            return KnnResult(distances=dist, indices=ind, metric="l2", index="ivf")
+        return self._search_heaps(queries, k, probe, ordered)
+
+    def smallest(self, queries: np.ndarray, k: int, nprobe: int) -> np.ndarray:
+        """The distances of ``search(queries, k, nprobe, ordered=False)`` without the row numbers.
+
+        For a caller that needs only each query's values (a kernel sum): a search that keeps most
+        of each query's candidates then picks them with ``np.partition``, with no int64 row number
+        per candidate to lay out and gather.
+
+        Returns
+        -------
+        ndarray of shape (q, k), float32
+            Each query's ``k`` smallest squared distances, in no order, ``inf`` where the probed
+            lists hold fewer than ``k`` rows.
+        """
+        queries, probe, reach = self._probe(queries, nprobe)
+        if len(queries) and 2 * k >= np.median(reach):
+            return self._search_wide(queries, k, probe, reach, ids=False)[0]
+        return self._search_heaps(queries, k, probe, ordered=False).distances
+
+    def _probe(self, queries: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """float32 queries, their ``nprobe`` nearest lists (q, nprobe) and their candidates per query."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        q, dim = queries.shape
-        nprobe = min(int(nprobe), self.nlist)
-        _, probe = self.quantizer.search(queries, nprobe)
-        reach = np.diff(self.starts)[probe].sum(axis=1)  # candidates per query
-        if not ordered and q and 2 * k >= np.median(reach):
-            return self._search_wide(queries, k, probe, reach)
-        heap = _faiss().ResultHeap(q, k)
+        _, probe = self.quantizer.search(queries, min(int(nprobe), self.nlist))
+        return queries, probe, np.diff(self.starts)[probe].sum(axis=1)
+
+    def _search_heaps(self, queries: np.ndarray, k: int, probe: np.ndarray, ordered: bool) -> KnnResult:
+        """:meth:`search` through FAISS's heaps: one per query, fed list by list."""
+        nprobe = probe.shape[1]
+        heap = _faiss().ResultHeap(len(queries), k)
         # One GEMM per list gives |x|^2 - 2 q.x: the queries (times -2) carry a last coordinate 1
         # and the list's rows their squared norm. |q|^2 is the same along a query's row, so it is
         # added after the heaps have chosen.
@@ -542,38 +589,50 @@ class RowIVF:
             vecs[:, -1] = np.einsum("ij,ij->i", vecs[:, :-1], vecs[:, :-1])
             yield rows, vecs, by_list[bounds[lst] : bounds[lst + 1]]
 
-    def _search_wide(self, queries: np.ndarray, k: int, probe: np.ndarray, reach: np.ndarray) -> KnnResult:
-        """:meth:`search` with ``ordered=False`` where ``k`` is most of each query's candidates.
+    def _search_wide(self, queries: np.ndarray, k: int, probe: np.ndarray, reach: np.ndarray, *,
+                     ids: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """The unordered search where ``k`` is most of each query's candidates: ``(distances, rows)``
+        of shape (q, k) (``rows`` None unless ``ids``).
 
         A heap then takes nearly every candidate, at ``log k`` steps each. Here each query's
         candidates are laid side by side (queries in chunks of about ``4 * BLOCK_ELEMENTS``
-        candidates, ordered by their nearest list so that a chunk reads few lists) and the ``k``
-        smallest are picked by ``np.argpartition``. The same set as the heaps but at exact ties.
+        candidates, ordered by their nearest list so that a chunk reads few lists, in one buffer
+        reused from chunk to chunk) and the ``k`` smallest are picked by ``np.argpartition``, or
+        ``np.partition`` without ``ids``. The same set as the heaps but at exact ties.
         """
-        q, dim = queries.shape
+        q = len(queries)
         nprobe = probe.shape[1]
         sizes = np.diff(self.starts)[probe]
         offset = np.cumsum(sizes, axis=1) - sizes  # where each probed list's candidates start
         dist = np.full((q, k), np.inf, dtype=np.float32)
-        ind = np.full((q, k), _FAISS_EMPTY, dtype=np.int64)
+        ind = np.full((q, k), _FAISS_EMPTY, dtype=np.int64) if ids else None
         order = np.argsort(probe[:, 0], kind="stable")
+        buf = np.empty(0, dtype=np.float32)
         start = 0
         while start < q:
             stop = start + max(1, int(np.searchsorted(np.cumsum(reach[order[start:]]), 4 * BLOCK_ELEMENTS, side="right")))
             qs = order[start:stop]
-            width = int(reach[qs].max())
-            d = np.full((qs.size, max(width, k)), np.inf, dtype=np.float32)
-            ids = np.full(d.shape, _FAISS_EMPTY, dtype=np.int64)
+            width = max(int(reach[qs].max()), k)
+            if buf.size < qs.size * width:
+                buf = np.empty(qs.size * width, dtype=np.float32)
+            d = buf[: qs.size * width].reshape(qs.size, width)
+            d.fill(np.inf)
+            found = np.full(d.shape, _FAISS_EMPTY, dtype=np.int64) if ids else None
             for rows, vecs, slot in self._probed_lists(probe[qs]):
                 who = slot // nprobe
-                cols = offset[qs[who], slot % nprobe][:, None] + np.arange(rows.size)
-                d[who[:, None], cols] = _augmented(queries[qs[who]]) @ vecs.T
-                ids[who[:, None], cols] = rows
-            if d.shape[1] > k:
-                pick = np.argpartition(d, k - 1, axis=1)[:, :k]
-                d, ids = np.take_along_axis(d, pick, 1), np.take_along_axis(ids, pick, 1)
-            dist[qs], ind[qs] = d, ids
+                # One flat index per (query, candidate): a single 1-d scatter, not a 2-d one.
+                at = (who * width + offset[qs[who], slot % nprobe])[:, None] + np.arange(rows.size)
+                d.ravel()[at] = _augmented(queries[qs[who]]) @ vecs.T
+                if ids:
+                    found.ravel()[at] = rows
+            if ids:
+                pick = np.argpartition(d, k - 1, axis=1)[:, :k] if width > k else slice(None)
+                dist[qs] = np.take_along_axis(d, pick, 1) if width > k else d
+                ind[qs] = np.take_along_axis(found, pick, 1) if width > k else found
+            else:
+                if width > k:
+                    d.partition(k - 1, axis=1)
+                dist[qs] = d[:, :k]
             start = stop
-        dist += np.einsum("ij,ij->i", queries, queries)[:, None]
-        dist[ind == _FAISS_EMPTY] = np.inf
-        return KnnResult(distances=dist, indices=ind, metric="l2", index="ivf")
+        dist += np.einsum("ij,ij->i", queries, queries)[:, None]  # (padding stays inf)
+        return dist, ind

@@ -141,9 +141,11 @@ def _planted_ties(seed: int = 8) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.mark.parametrize("block_rows", [1, 7, 64, 16_384])
 def test_knn_blocks_equals_the_flat_index_ties_to_the_lower_row(monkeypatch, block_rows):
-    """Blockwise search (no copy of the base) gives a flat index's lists, planted exact ties included."""
-    monkeypatch.setattr(knn, "BLOCK_ROWS", block_rows)
+    """Blockwise search (no copy of the base) gives a flat index's lists, planted exact ties included:
+    the caller's blocks sliced, or gathered up to a block, at every block size."""
     queries, base = _planted_ties()
+    monkeypatch.setattr(knn, "BLOCK_BYTES", 4 * base.shape[1] * block_rows)
+    assert knn.block_rows(base.shape[1]) == block_rows
     chunks = [base[:123], base[123:124], base[124:400], base[400:]]
     res = knn.knn_blocks(queries, iter(chunks), 40)
     ref = _ties_reference(queries, base, 40)
@@ -189,7 +191,7 @@ def test_row_ivf_unordered_search_keeps_the_same_neighbours(monkeypatch, k):
     ivf = knn.RowIVF(iter([base]), len(base), base.shape[1], read=lambda r: base[r], nlist=20, seed=0)
     wide = []
     real = knn.RowIVF._search_wide
-    monkeypatch.setattr(knn.RowIVF, "_search_wide", lambda *a: wide.append(1) or real(*a))
+    monkeypatch.setattr(knn.RowIVF, "_search_wide", lambda *a, **kw: wide.append(1) or real(*a, **kw))
     ordered, loose = ivf.search(queries, k, nprobe=3), ivf.search(queries, k, nprobe=3, ordered=False)
     assert bool(wide) == (k > 50)  # ~300 candidates per query: k of most of them takes the wide path
     assert not np.array_equal(ordered.indices, loose.indices)  # not nearest first
@@ -197,3 +199,7 @@ def test_row_ivf_unordered_search_keeps_the_same_neighbours(monkeypatch, k):
     for a, b, da, db in zip(ordered.indices, loose.indices, ordered.distances, loose.distances):
         np.testing.assert_array_equal(np.sort(a), np.sort(b))
         np.testing.assert_allclose(np.sort(da), np.sort(db), rtol=1e-6, atol=1e-6)
+    # The values alone (a kernel sum's search): the same distances, without the row numbers.
+    values = ivf.smallest(queries, k, nprobe=3)
+    assert values.shape == (len(queries), k) and values.dtype == np.float32
+    np.testing.assert_allclose(np.sort(values, axis=1), np.sort(loose.distances, axis=1), rtol=1e-6, atol=1e-6)

@@ -359,13 +359,13 @@ def test_torchrun_shards_give_the_one_process_probabilities_and_rows(tmp_path, n
 
 def test_fit_reads_a_memory_mapped_shard_in_blocks(tmp_path, monkeypatch):
     """A fit over a memmap-backed PoolView (small blocks, offset rows) equals the in-memory score."""
-    from hf_otselect import dist
+    from hf_otselect import dist, knn
 
     x, y = _blobs(900, seed=16), _blobs(15, seed=17)
     path = tmp_path / "pool.npy"
     np.save(path, x)
     mm = np.load(path, mmap_mode="r")
-    monkeypatch.setattr(dist, "DEFAULT_BLOCK_ROWS", 64)
+    monkeypatch.setattr(knn, "BLOCK_BYTES", 64 * 4 * x.shape[1])
     read = []
     view = dist.PoolView(mm)
     real_read = view.read
@@ -543,12 +543,15 @@ def test_densities_take_exact_distances_only_of_pairs_within_h(monkeypatch, inde
     assert 0 < density_pairs <= 2 * within < rows.size * tsds_mod._KDE_FIRST, (density_pairs, within, rows.size)
 
 
-def test_after_a_dense_round_densities_are_searched_in_one_pass(monkeypatch):
-    """Once most rows of a round needed their whole kde_K list, later rounds skip the short first
-    pass; the probabilities are those of the two-pass search (the reference, exactly)."""
+@pytest.mark.parametrize("offset", [0.01, 1.5])
+def test_on_a_dense_pool_densities_are_searched_in_one_pass(monkeypatch, offset):
+    """A pool as dense near the queries as their first lists show (offset 0.01: most queries' first
+    32 neighbours within h) skips the short first pass from the start; otherwise (offset 1.5: the
+    queries lie beyond h of every row) the rounds after the first where most rows needed their whole
+    kde_K list skip it. The probabilities are those of the two-pass search (the reference, exactly)."""
     rng = np.random.default_rng(31)
     x = (0.05 * rng.normal(size=(900, 4))).astype(np.float32)  # every pair within sigma
-    y = x[rng.choice(900, 6, replace=False)] + np.float32(0.01)
+    y = x[rng.choice(900, 6, replace=False)] + np.float32(offset)
     params = dict(alpha=0.2, C=0.02, sigma=1.0, max_K=900, kde_K=60)
     calls = _spy_searches(monkeypatch)
     sel = TSDSSelector(**params)
@@ -557,7 +560,10 @@ def test_after_a_dense_round_densities_are_searched_in_one_pass(monkeypatch):
     full = params["kde_K"] + tsds_mod._margin(params["kde_K"])
     density = [k for q, k in calls if q != len(y)]
     assert sel.diagnostics_["width"] > tsds_mod._FIRST_WIDTH  # more than one round
-    assert density[:2] == [tsds_mod._KDE_FIRST, full] and set(density[2:]) == {full}, density
+    if offset < 1:
+        assert set(density) == {full}, density
+    else:
+        assert density[:2] == [tsds_mod._KDE_FIRST, full] and set(density[2:]) == {full}, density
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -625,6 +631,25 @@ def test_ivf_densities_take_float32_distances_unless_sigma_is_near_their_resolut
         assert copies.any() and np.all(state.density[copies] == 41)  # the 40 copies and the original
         np.testing.assert_allclose(p, reference, atol=1e-12)
         assert density_pairs > 0
+
+
+def test_ivf_densities_of_a_dense_pool_are_the_reference_within_float32_rounding():
+    """Every pair within sigma and kde_K most of the pool: the IVF density search picks each row's
+    kde_K values by partition, without row numbers, and sums them unsorted; with every list probed
+    that is the reference's density up to the float32 rounding of the distances."""
+    rng = np.random.default_rng(35)
+    x = (0.05 * rng.normal(size=(900, 4))).astype(np.float32)
+    y = x[rng.choice(900, 6, replace=False)] + np.float32(0.01)
+    params = dict(alpha=0.2, C=0.02, sigma=1.0, max_K=900, kde_K=500)
+    sel = TSDSSelector(index="ivf", nprobe=64, density_nprobe=64, **params)  # every list probed
+    state = sel.fit(tsds_mod.PoolView(x), y)
+    assert (state.density > 400).all()  # kde_K rows counted, nearly all within h
+    ref = np.maximum(0.0, 1.0 - np.sort(((x[state.rows, None].astype(np.float64) - x[None]) ** 2).sum(-1), axis=1)[:, :500])
+    big = 2 * float((x.astype(np.float64) ** 2).sum(1).max())
+    np.testing.assert_allclose(state.density, ref.sum(1), rtol=500 * 2 * np.finfo(np.float32).eps * big / 1.0)
+    p = np.zeros(len(x))
+    p[state.rows] = state.probs
+    np.testing.assert_allclose(p, _reference_p(x, y, **params), rtol=1e-4, atol=1e-9)
 
 
 def test_distinct_rows_groups_bit_identical_rows_and_survives_a_hash_collision(monkeypatch):

@@ -335,14 +335,15 @@ class _Shard:
         if kind == "ivf" and not self.empty:
             self.ivf()
         self._ahead: tuple[np.ndarray, str, knn.KnnResult] | None = None  # a wider search kept for the next round
-        self.dense_kde = False  # set by a density round where most rows needed their full kde_K list
+        self.dense_kde = False  # whether most rows of the last density round needed their full kde_K list
+        self.density_ivf = False  # set by a density round that searched by IVF
         # Exact distances of (query, row) pairs already computed, keyed query * n_global + row:
         # a wider list re-uses those of the narrower one instead of recomputing them.
         self._keys = np.zeros(0, dtype=np.int64)
         self._sq = np.zeros(0)
 
     def _blocks(self) -> Any:
-        for _, rows in self.pool.blocks():
+        for _, rows in self.pool.blocks(knn.block_rows(self.pool.dim)):
             self.max_sq_norm = max(self.max_sq_norm, float(np.einsum("ij,ij->i", rows, rows).max()))
             yield rows
 
@@ -387,7 +388,7 @@ class _Shard:
         return knn.KnnResult(found.distances[:, :k], found.indices[:, :k], found.metric, found.index)
 
     def nearest(self, queries: np.ndarray, k: int, *, kind: str, nprobe: int | None, remember: bool = False, ahead: int = 0,
-                beyond: np.ndarray | None = None, ordered: bool = True, exact: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                beyond: np.ndarray | None = None, ordered: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Each query's ``k`` nearest shard rows by the ``kind`` search (the prefetch one, or IVF),
         re-ranked on exact float64 squared distances.
 
@@ -400,7 +401,6 @@ class _Shard:
         its exact distance (for a caller that drops every pair beyond a radius anyway).
         ``ordered=False``: the three arrays in the search's order, not re-sorted on the exact
         distances (for a caller that needs only each row's values).
-        ``exact=False``: ``sq`` holds the search's float32 values (clamped at 0), read no row again.
         """
         q = len(queries)
         sq = np.full((q, k), np.inf)
@@ -411,13 +411,6 @@ class _Shard:
         kk = min(k, self.pool.n_local)
         found = self._search(queries, kk, kind, nprobe, min(ahead, self.pool.n_local), ordered=ordered)
         valid = found.valid
-        if not exact:  # values only, no row read again: elementwise, no pair list
-            approx[:, :kk] = np.where(valid, found.distances, np.inf)
-            sq[:, :kk] = np.maximum(approx[:, :kk], 0.0)
-            if beyond is not None:
-                sq[sq >= beyond[:, None]] = np.inf
-            gidx[:, :kk] = np.where(valid, found.indices + self.pool.offset, -1)
-            return (sq, gidx, approx) if not ordered else self._ordered(sq, gidx, approx)
         rows, cols = np.nonzero(valid)
         g = found.indices[rows, cols] + self.pool.offset
         if remember:
@@ -439,6 +432,16 @@ class _Shard:
         gidx[rows, cols] = g
         approx[:, :kk] = np.where(valid, found.distances, np.inf)
         return (sq, gidx, approx) if not ordered else self._ordered(sq, gidx, approx)
+
+    def smallest(self, queries: np.ndarray, k: int, nprobe: int) -> np.ndarray:
+        """Each query's ``k`` smallest squared distances to the shard's rows by the IVF search: its
+        float32 values (clamped at 0), in no order, ``inf`` padding; no row read twice, no row numbers."""
+        out = np.full((len(queries), k), np.inf, dtype=np.float32)
+        if self.empty or len(queries) == 0:
+            return out
+        kk = min(k, self.pool.n_local)
+        np.maximum(self.ivf().smallest(queries, kk, nprobe), 0.0, out=out[:, :kk])
+        return out
 
     @staticmethod
     def _ordered(sq: np.ndarray, gidx: np.ndarray, approx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -604,7 +607,7 @@ class TSDSSelector(Selector):
         (except under ``index="hnsw"``): the flat search reads it block by block
         (:func:`hf_otselect.knn.knn_blocks`), the IVF index keeps one int64 row number per row
         (:class:`hf_otselect.knn.RowIVF`). On top, a fixed overhead: one block of rows
-        (``dist.DEFAULT_BLOCK_ROWS x dim`` float32, 24 MiB at 384-d) with FAISS's distance tile
+        (``knn.BLOCK_BYTES``, 24 MiB of float32 rows) with FAISS's distance tile
         (16 MiB), or one IVF list's rows with at most ``knn.BLOCK_ELEMENTS`` distances (16 MiB),
         or one exact re-ranking chunk (20 MiB). And what grows with M, not N: the merged lists
         (``M x L``, plus what each process contributes to one all-gather), the reached rows'
@@ -643,8 +646,9 @@ class TSDSSelector(Selector):
             t0 = time.perf_counter()
             k_local = min(width + _margin(width), n)
             # A search fetches the lists of the next two rounds in the same pass: a pass reads the
-            # whole shard, a longer list only costs heap slots (M x 4 L).
-            wider = min(cap, 4 * width)
+            # whole shard, a longer list only costs heap slots (M x 4 L); up to max_K when that is
+            # at most 5 L (the rounds to max_K in one pass for a quarter more slots).
+            wider = cap if cap <= 5 * width else 4 * width
             ahead = min(wider + _margin(wider), n) if wider > width else 0
             sq, gidx, _ = shard.nearest(target, k_local, kind=kind, nprobe=self.nprobe, remember=True, ahead=ahead)
             dist, nbr = _merge_lists(np.sqrt(sq), gidx, width, comm)
@@ -654,6 +658,8 @@ class TSDSSelector(Selector):
             reached = np.unique(nbr[valid])
             t0 = time.perf_counter()
             if use_kde:
+                if not known.size:  # first round: a pool as dense near the queries skips the short pass
+                    shard.dense_kde = bool(np.median((dist < self.sigma).sum(axis=1)) >= _KDE_FIRST)
                 new = np.setdiff1d(reached, known, assume_unique=True)
                 if new.size:
                     rho = self._densities(shard, new, n_kde, comm)
@@ -808,7 +814,10 @@ class TSDSSelector(Selector):
         uniq = vecs if first.size == len(vecs) else vecs[first]  # all distinct: first is 0..n-1, no copy
         del vecs  # (R x dim: the distinct rows are all the search needs)
         h2 = float(self.sigma) ** 2
-        flat = shard.kind == "flat" and (self.index == "flat" or uniq.shape[0] * pool.n_local <= _FLAT_DENSITY_PAIRS)
+        # "auto": exact while the search is small; once a round has taken IVF the later ones keep it
+        # (a flat search for a few hundred rows of a dense pool, each kde_K wide, costs more).
+        flat = shard.kind == "flat" and (self.index == "flat" or (not shard.density_ivf and uniq.shape[0] * pool.n_local <= _FLAT_DENSITY_PAIRS))
+        shard.density_ivf = not flat
         # Under IVF, float32 distances (off by ~eps32 (|x|^2 + |y|^2) per pair) while that is small
         # against h^2; at a sigma near the data's float32 resolution, exact ones (copies must count).
         big = float(np.einsum("ij,ij->i", uniq, uniq).max(initial=0.0)) + shard.max_sq_norm
@@ -816,7 +825,8 @@ class TSDSSelector(Selector):
         if comm.world_size > 1:  # (max_sq_norm is the shard's: decide together)
             exact = bool(comm.all_reduce(np.array([exact], dtype=np.int64), op="max")[0])
         kind = "flat" if flat else "ivf"
-        full_k = min(n_kde + _margin(n_kde), pool.n_global)
+        # (the margin is for re-ranking on exact distances; the search's own values need none)
+        full_k = min(n_kde + (_margin(n_kde) if exact else 0), pool.n_global)
         # Rows in chunks of at most _DENSITY_ELEMENTS neighbour slots (of the pass they take), so
         # that the lists of a dense pool, every row kde_K wide, never exist for all rows at once.
         # Every process has the same uniq and takes the same (all-reduced) decisions, hence the
@@ -839,12 +849,21 @@ class TSDSSelector(Selector):
         nprobe = None if kind == "flat" else self.density_nprobe
         short = min(_KDE_FIRST, full_k)
         first_k = full_k if full or shard.dense_kde else short  # after a dense round the short pass is wasted
-        # The local lists (ascending float64 squared distances, inf beyond h), then the merge.
-        # Pairs whose float32 distance exceeds h^2 by more than its rounding error are beyond h:
-        # no exact distance for them (most pairs, on a spread pool). The prefetch has read every
-        # shard row by now, so max_sq_norm is known.
+        # The local lists of squared distances (in no order), then the merge. Pairs whose float32
+        # distance exceeds h^2 by more than its rounding error are beyond h: no exact distance for
+        # them (most pairs, on a spread pool). The prefetch has read every shard row by now, so
+        # max_sq_norm is known.
         slack = 1e-5 * (np.einsum("ij,ij->i", uniq, uniq).astype(np.float64) + shard.max_sq_norm)
-        sq, _, approx = shard.nearest(uniq, first_k, kind=kind, nprobe=nprobe, beyond=h2 + slack, ordered=False, exact=exact)
+
+        def lists(queries: np.ndarray, k: int, beyond: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            """(squared distances for the kernel, the search's values) of each query's k nearest, in no order."""
+            if not exact:  # the IVF search's float32 values: no row read again, no row numbers
+                values = shard.smallest(queries, k, nprobe)
+                return values, values
+            sq, _, approx = shard.nearest(queries, k, kind=kind, nprobe=nprobe, beyond=beyond, ordered=False)
+            return sq, approx
+
+        sq, approx = lists(uniq, first_k, h2 + slack)
         # Rows whose short list lies all within h on some process: they need the full one there,
         # and every process searches it for them, so that the merged rows line up.
         long = (approx < (h2 + slack)[:, None]).sum(axis=1) >= short if pool.n_local > short else np.zeros(len(uniq), dtype=bool)
@@ -853,37 +872,50 @@ class TSDSSelector(Selector):
         if short < full_k:
             shard.dense_kde = bool(long.sum() > 0.5 * len(uniq))
         if first_k == full_k:
-            return self._merged_density(sq, n_kde, comm)
+            return self._merged_density(sq, n_kde, comm, exact)
         more = np.flatnonzero(long)
         if more.size * full_k > _DENSITY_ELEMENTS:  # too many full lists at once: in chunks, full at once
             step = max(1, _DENSITY_ELEMENTS // full_k)
             return np.concatenate([self._density_chunk(shard, uniq[s : s + step], n_kde, full_k, kind, exact, comm, full=True)
                                    for s in range(0, len(uniq), step)])
         rho = np.empty(len(uniq))
-        rho[~long] = self._merged_density(sq[~long], n_kde, comm)
+        rho[~long] = self._merged_density(sq[~long], n_kde, comm, exact)
         if more.size:
-            sq_more, _, _ = shard.nearest(uniq[more], full_k, kind=kind, nprobe=nprobe, beyond=h2 + slack[more], ordered=False, exact=exact)
-            rho[more] = self._merged_density(sq_more, n_kde, comm)
+            rho[more] = self._merged_density(lists(uniq[more], full_k, h2 + slack[more])[0], n_kde, comm, exact)
         return rho
 
-    def _merged_density(self, sq: np.ndarray, n_kde: int, comm: Comm) -> np.ndarray:
+    def _merged_density(self, sq: np.ndarray, n_kde: int, comm: Comm, ascending: bool = True) -> np.ndarray:
         """Kernel sums over each row's ``n_kde`` smallest squared distances within ``h``, merged over
-        the processes' lists ``sq`` (rows aligned across processes), in ascending order."""
+        the processes' lists ``sq`` (rows aligned across processes).
+
+        ``ascending``: summed nearest first (an exact search: the same ``rho`` for any split);
+        otherwise (an IVF search, whose neighbours depend on the split anyway) the ``n_kde``
+        smallest are picked by ``np.partition`` and summed as they lie.
+        """
         h2 = float(self.sigma) ** 2
-        sq = np.sort(np.where(sq < h2, sq, np.inf), axis=1)  # each row's distances within h first
+        sq = np.where(sq < h2, sq, np.inf)
         width = int((sq < np.inf).sum(axis=1).max(initial=0))
         width = int(comm.all_reduce(np.array([width], dtype=np.int64), op="max")[0]) if comm.world_size > 1 else width
-        sq = sq[:, : max(width, 1)]
+        width = max(width, 1)
+        # each row's distances within h first
+        if ascending:
+            sq = np.sort(sq, axis=1)[:, :width]
+        elif width < sq.shape[1]:
+            sq = np.partition(sq, width - 1, axis=1)[:, :width]
         rho = np.empty(sq.shape[0])
-        step = max(1, 4_000_000 // max(1, width * comm.world_size))
+        step = max(1, 4_000_000 // (width * comm.world_size))
         for s in range(0, sq.shape[0], step):
             part = sq[s : s + step]
             if comm.world_size > 1:
                 part = np.concatenate(comm.all_gather(np.ascontiguousarray(part)), axis=1)
-            part = np.sort(part, axis=1)[:, :n_kde]
-            kern = np.maximum(0.0, 1.0 - part / h2)
-            # Sequential (cumsum) so trailing zeros never change the rounding: same rho for any split.
-            rho[s : s + step] = np.cumsum(kern, axis=1)[:, -1]
+            if ascending:
+                kern = np.maximum(0.0, 1.0 - np.sort(part, axis=1)[:, :n_kde] / h2)
+                # Sequential (cumsum) so trailing zeros never change the rounding: same rho for any split.
+                rho[s : s + step] = np.cumsum(kern, axis=1)[:, -1]
+            else:
+                if part.shape[1] > n_kde:
+                    part = np.partition(part, n_kde - 1, axis=1)[:, :n_kde]
+                rho[s : s + step] = np.maximum(0.0, 1.0 - part.astype(np.float64) / h2).sum(axis=1)
         return rho
 
 
