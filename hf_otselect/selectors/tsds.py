@@ -893,6 +893,10 @@ class TSDSSelector(Selector):
         smallest are picked by ``np.partition`` and summed as they lie.
         """
         h2 = float(self.sigma) ** 2
+        if not ascending and comm.world_size == 1:  # nothing to merge: the kernel is 0 beyond h
+            if sq.shape[1] > n_kde:
+                sq = np.partition(sq, n_kde - 1, axis=1)[:, :n_kde]
+            return np.maximum(0.0, 1.0 - sq.astype(np.float64) / h2).sum(axis=1)
         sq = np.where(sq < h2, sq, np.inf)
         width = int((sq < np.inf).sum(axis=1).max(initial=0))
         width = int(comm.all_reduce(np.array([width], dtype=np.int64), op="max")[0]) if comm.world_size > 1 else width
