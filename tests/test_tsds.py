@@ -652,6 +652,19 @@ def test_ivf_densities_of_a_dense_pool_are_the_reference_within_float32_rounding
     np.testing.assert_allclose(p, _reference_p(x, y, **params), rtol=1e-4, atol=1e-9)
 
 
+def test_row_order_is_lexsort_by_key_then_index_with_padding_last():
+    """The lists' order (by distance, ties to the lower index, padding last) equals np.lexsort's,
+    on rows with planted ties in and out of index order, padding, and rows with no tie at all."""
+    rng = np.random.default_rng(36)
+    key = np.round(rng.random((50, 40)), 1)  # one decimal: many exact ties
+    key[::7] = rng.random((8, 40))  # some rows without ties
+    idx = np.stack([rng.permutation(1000)[:40] for _ in range(50)]).astype(np.int64)
+    key[:, -5:], idx[:, -5:] = np.inf, -1  # padding
+    big = np.iinfo(np.int64).max
+    want = np.lexsort((np.where(idx >= 0, idx, big), key), axis=1)
+    np.testing.assert_array_equal(tsds_mod._row_order(key, idx), want)
+
+
 def test_distinct_rows_groups_bit_identical_rows_and_survives_a_hash_collision(monkeypatch):
     rng = np.random.default_rng(34)
     x = rng.normal(size=(500, 6)).astype(np.float32)
