@@ -425,8 +425,7 @@ def knn_blocks(queries: np.ndarray, blocks: Iterable[np.ndarray], k: int) -> Knn
     queries : ndarray of shape (q, dim), float32
     blocks : iterable of ndarray of shape (b_i, dim)
         The base rows in order (e.g. a memory-mapped shard read block by block); rows are numbered
-        from 0 across the blocks. Blocks are searched in slices of :func:`block_rows` rows, smaller
-        ones gathered up to that.
+        from 0 across the blocks. Blocks above :func:`block_rows` rows are searched in slices.
     k : int
         Neighbours per query, ``>= 1``; slots beyond the base are padding (``-1`` / ``inf``).
 
@@ -439,25 +438,13 @@ def knn_blocks(queries: np.ndarray, blocks: Iterable[np.ndarray], k: int) -> Knn
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     heap = faiss.ResultHeap(len(queries), k)
     step = block_rows(queries.shape[1])
-    pending: list[np.ndarray] = []  # consecutive slices of fewer than `step` rows together
-    start = held = 0  # row number of pending's first row; rows pending
-
-    def search_pending() -> None:
-        part = np.ascontiguousarray(pending[0] if len(pending) == 1 else np.concatenate(pending), dtype=np.float32)
-        dist, ind = faiss.knn(queries, part, min(k, len(part)))
-        heap.add_result(dist, np.where(ind >= 0, ind + start, _FAISS_EMPTY))
-        pending.clear()
-
+    start = 0
     for block in blocks:
         for s in range(0, len(block), step):
-            piece = block[s : s + step]
-            if held + len(piece) > step and pending:
-                search_pending()
-                start, held = start + held, 0
-            pending.append(piece)
-            held += len(piece)
-    if pending:
-        search_pending()
+            part = np.ascontiguousarray(block[s : s + step], dtype=np.float32)
+            dist, ind = faiss.knn(queries, part, min(k, len(part)))
+            heap.add_result(dist, np.where(ind >= 0, ind + (start + s), _FAISS_EMPTY))
+        start += len(block)
     heap.finalize()
     return _heap_result(heap, "flat")
 
@@ -625,14 +612,15 @@ class RowIVF:
                 d.ravel()[at] = _augmented(queries[qs[who]]) @ vecs.T
                 if ids:
                     found.ravel()[at] = rows
-            if ids:
-                pick = np.argpartition(d, k - 1, axis=1)[:, :k] if width > k else slice(None)
-                dist[qs] = np.take_along_axis(d, pick, 1) if width > k else d
-                ind[qs] = np.take_along_axis(found, pick, 1) if width > k else found
+            if ids and width > k:
+                pick = np.argpartition(d, k - 1, axis=1)[:, :k]
+                dist[qs], ind[qs] = np.take_along_axis(d, pick, 1), np.take_along_axis(found, pick, 1)
             else:
                 if width > k:
                     d.partition(k - 1, axis=1)
                 dist[qs] = d[:, :k]
+                if ids:
+                    ind[qs] = found
             start = stop
         dist += np.einsum("ij,ij->i", queries, queries)[:, None]  # (padding stays inf)
         return dist, ind

@@ -141,8 +141,8 @@ def _planted_ties(seed: int = 8) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.mark.parametrize("block_rows", [1, 7, 64, 16_384])
 def test_knn_blocks_equals_the_flat_index_ties_to_the_lower_row(monkeypatch, block_rows):
-    """Blockwise search (no copy of the base) gives a flat index's lists, planted exact ties included:
-    the caller's blocks sliced, or gathered up to a block, at every block size."""
+    """Blockwise search (no copy of the base) gives a flat index's lists, planted exact ties included,
+    at every block size (the caller's blocks sliced where larger)."""
     queries, base = _planted_ties()
     monkeypatch.setattr(knn, "BLOCK_BYTES", 4 * base.shape[1] * block_rows)
     assert knn.block_rows(base.shape[1]) == block_rows

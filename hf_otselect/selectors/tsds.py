@@ -288,6 +288,17 @@ def _row_order(key: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return order
 
 
+def _kernel_sums(sq: np.ndarray, n_kde: int, h2: float) -> np.ndarray:
+    """Per row, the Epanechnikov kernel summed over the ``n_kde`` smallest of ``sq`` (picked by
+    ``np.partition``, in no order): terms in the search's precision (float32: a term's rounding,
+    ~6e-8, is below its distance's), computed in place, summed in float64."""
+    if sq.shape[1] > n_kde:
+        sq = np.partition(sq, n_kde - 1, axis=1)[:, :n_kde]
+    kern = sq * sq.dtype.type(-1.0 / h2)
+    kern += 1.0
+    return np.maximum(kern, 0.0, out=kern).sum(axis=1, dtype=np.float64)
+
+
 def _merge_lists(dist: np.ndarray, idx: np.ndarray, width: int, comm: Comm) -> tuple[np.ndarray, np.ndarray]:
     """Each query's ``width`` nearest over every process's list: by distance, ties to the lower index.
 
@@ -452,14 +463,12 @@ class _Shard:
     def smallest(self, queries: np.ndarray, k: int, nprobe: int) -> np.ndarray:
         """Each query's ``k`` smallest squared distances to the shard's rows by the IVF search: its
         float32 values (clamped at 0), in no order, ``inf`` padding; no row read twice, no row numbers."""
+        if self.empty or len(queries) == 0:
+            return np.full((len(queries), k), np.inf, dtype=np.float32)
         kk = min(k, self.pool.n_local)
-        if self.empty or len(queries) == 0 or kk < k:
-            out = np.full((len(queries), k), np.inf, dtype=np.float32)
-            if not self.empty and len(queries):
-                np.maximum(self.ivf().smallest(queries, kk, nprobe), 0.0, out=out[:, :kk])
-            return out
-        found = self.ivf().smallest(queries, k, nprobe)
-        return np.maximum(found, 0.0, out=found)
+        found = self.ivf().smallest(queries, kk, nprobe)
+        np.maximum(found, 0.0, out=found)
+        return found if kk == k else np.pad(found, ((0, 0), (0, k - kk)), constant_values=np.inf)
 
     @staticmethod
     def _ordered(sq: np.ndarray, gidx: np.ndarray, approx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -911,13 +920,7 @@ class TSDSSelector(Selector):
         """
         h2 = float(self.sigma) ** 2
         if not ascending and comm.world_size == 1:  # nothing to merge: the kernel is 0 beyond h
-            if sq.shape[1] > n_kde:
-                sq = np.partition(sq, n_kde - 1, axis=1)[:, :n_kde]
-            # In the search's precision (float32: a term's rounding, ~6e-8, is below its distance's),
-            # in place, summed in float64.
-            kern = sq * sq.dtype.type(-1.0 / h2)
-            kern += 1.0
-            return np.maximum(kern, 0.0, out=kern).sum(axis=1, dtype=np.float64)
+            return _kernel_sums(sq, n_kde, h2)
         sq = np.where(sq < h2, sq, np.inf)
         width = int((sq < np.inf).sum(axis=1).max(initial=0))
         width = int(comm.all_reduce(np.array([width], dtype=np.int64), op="max")[0]) if comm.world_size > 1 else width
@@ -938,9 +941,7 @@ class TSDSSelector(Selector):
                 # Sequential (cumsum) so trailing zeros never change the rounding: same rho for any split.
                 rho[s : s + step] = np.cumsum(kern, axis=1)[:, -1]
             else:
-                if part.shape[1] > n_kde:
-                    part = np.partition(part, n_kde - 1, axis=1)[:, :n_kde]
-                rho[s : s + step] = np.maximum(0.0, 1.0 - part.astype(np.float64) / h2).sum(axis=1)
+                rho[s : s + step] = _kernel_sums(part, n_kde, h2)
         return rho
 
 
