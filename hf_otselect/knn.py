@@ -25,11 +25,13 @@ FAISS's GPU indexes do not implement range search, so :func:`radius_search` alwa
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from ._checks import check_choice, check_embeddings, check_float, check_int, check_seed, param_error
 
@@ -395,10 +397,15 @@ def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
 
 #: Distances (queries x rows) computed at once by :class:`RowIVF` (16 MiB of float32).
 BLOCK_ELEMENTS = 2**22
+#: Candidates laid out at once by :meth:`RowIVF`'s wide search (64 MiB of float32), and the rows
+#: of one of its blocks picked at once (the rows of a block about as wide as each other).
+WIDE_CHUNK = 4 * BLOCK_ELEMENTS
+WIDE_ROWS = 256
 #: Bytes of float32 rows searched at once by :func:`knn_blocks` (16,384 rows at 384-d). A block
 #: holds the same bytes at any dimension: at a low one a fixed row count would make each block's
 #: own top-k, not its GEMM, the cost of the search.
 BLOCK_BYTES = 24 * 2**20
+
 
 
 def block_rows(dim: int) -> int:
@@ -582,45 +589,67 @@ class RowIVF:
         of shape (q, k) (``rows`` None unless ``ids``).
 
         A heap then takes nearly every candidate, at ``log k`` steps each. Here each query's
-        candidates are laid side by side (queries in chunks of about ``4 * BLOCK_ELEMENTS``
-        candidates, ordered by their nearest list so that a chunk reads few lists, in one buffer
-        reused from chunk to chunk) and the ``k`` smallest are picked by ``np.argpartition``, or
-        ``np.partition`` without ``ids``. The same set as the heaps but at exact ties.
+        candidates are laid side by side and the ``k`` smallest are picked by ``np.argpartition``,
+        or ``np.partition`` without ``ids``: the same set as the heaps but at exact ties. Queries
+        go in chunks of about :data:`WIDE_CHUNK` candidates, ordered by their nearest list so that
+        a chunk reads few lists, in one buffer reused from chunk to chunk; within a chunk, rows
+        sorted by candidate count are picked in blocks of :data:`WIDE_ROWS`, each only as wide as
+        its widest row (padding the whole chunk to its widest row was a third more to fill and
+        partition on a dense pool).
         """
         q = len(queries)
-        nprobe = probe.shape[1]
-        sizes = np.diff(self.starts)[probe]
-        offset = np.cumsum(sizes, axis=1) - sizes  # where each probed list's candidates start
         dist = np.full((q, k), np.inf, dtype=np.float32)
         ind = np.full((q, k), _FAISS_EMPTY, dtype=np.int64) if ids else None
         order = np.argsort(probe[:, 0], kind="stable")
         buf = np.empty(0, dtype=np.float32)
         start = 0
-        while start < q:
-            stop = start + max(1, int(np.searchsorted(np.cumsum(reach[order[start:]]), 4 * BLOCK_ELEMENTS, side="right")))
-            qs = order[start:stop]
-            width = max(int(reach[qs].max()), k)
-            if buf.size < qs.size * width:
-                buf = np.empty(qs.size * width, dtype=np.float32)
-            d = buf[: qs.size * width].reshape(qs.size, width)
-            d.fill(np.inf)
-            found = np.full(d.shape, _FAISS_EMPTY, dtype=np.int64) if ids else None
-            for rows, vecs, slot in self._probed_lists(probe[qs]):
-                who = slot // nprobe
-                # One flat index per (query, candidate): a single 1-d scatter, not a 2-d one.
-                at = (who * width + offset[qs[who], slot % nprobe])[:, None] + np.arange(rows.size)
-                d.ravel()[at] = _augmented(queries[qs[who]]) @ vecs.T
-                if ids:
-                    found.ravel()[at] = rows
-            if ids and width > k:
-                pick = np.argpartition(d, k - 1, axis=1)[:, :k]
-                dist[qs], ind[qs] = np.take_along_axis(d, pick, 1), np.take_along_axis(found, pick, 1)
-            else:
-                if width > k:
-                    d.partition(k - 1, axis=1)
-                dist[qs] = d[:, :k]
-                if ids:
-                    ind[qs] = found
-            start = stop
+        # numpy's partition runs on one core and releases the GIL: the blocks go to a thread per core.
+        with ThreadPoolExecutor(max(1, _faiss().omp_get_max_threads())) as pool:
+            while start < q:
+                stop = start + max(1, int(np.searchsorted(np.cumsum(reach[order[start:]]), WIDE_CHUNK, side="right")))
+                qs = order[start:stop]
+                qs = qs[np.argsort(reach[qs], kind="stable")]
+                blocks = [(a, min(a + WIDE_ROWS, qs.size)) for a in range(0, qs.size, WIDE_ROWS)]
+                cols = [max(int(reach[qs[b - 1]]), k) for _, b in blocks]  # each block's widest row
+                if buf.size < qs.size * cols[-1]:
+                    buf = np.empty(qs.size * cols[-1], dtype=np.float32)
+                d = buf[: qs.size * cols[-1]].reshape(qs.size, cols[-1])
+                for (a, b), w in zip(blocks, cols):
+                    d[a:b, :w] = np.inf
+                found = self._lay_out(queries, qs, probe, d, ids)
+
+                def pick(a: int, b: int, w: int, d: np.ndarray = d, found: np.ndarray | None = found, qs: np.ndarray = qs) -> None:
+                    part, who = d[a:b, :w], qs[a:b]
+                    if ids and w > k:
+                        at = np.argpartition(part, k - 1, axis=1)[:, :k]
+                        dist[who], ind[who] = np.take_along_axis(part, at, 1), np.take_along_axis(found[a:b], at, 1)
+                        return
+                    if w > k:
+                        part.partition(k - 1, axis=1)
+                    dist[who] = part[:, :k]
+                    if ids:
+                        ind[who] = found[a:b, :k]
+
+                list(pool.map(pick, *zip(*((a, b, w) for (a, b), w in zip(blocks, cols)))))
+                start = stop
         dist += np.einsum("ij,ij->i", queries, queries)[:, None]  # (padding stays inf)
         return dist, ind
+
+    def _lay_out(self, queries: np.ndarray, qs: np.ndarray, probe: np.ndarray, d: np.ndarray, ids: bool) -> np.ndarray | None:
+        """Write the candidates of queries ``qs`` into the rows of ``d`` (one row per query, its
+        probed lists side by side; padding as ``d`` holds it): ``|x|^2 - 2 q.x`` per candidate,
+        and return their row numbers laid out the same way (``-1`` padding) if ``ids``."""
+        nprobe, width = probe.shape[1], d.shape[1]
+        sizes = np.diff(self.starts)[probe[qs]]
+        offset = np.cumsum(sizes, axis=1) - sizes  # where each probed list's candidates start
+        found = np.full(d.shape, _FAISS_EMPTY, dtype=np.int64) if ids else None
+        for rows, vecs, slot in self._probed_lists(probe[qs]):
+            who = slot // nprobe
+            # A query's candidates from one list fill one run of its row: as windows of the flat
+            # buffer, one index per (query, list) copies each run whole (an index per candidate
+            # was 8 bytes read and a scattered write per 4-byte value).
+            at = who * width + offset[who, slot % nprobe]
+            sliding_window_view(d.ravel(), rows.size, writeable=True)[at] = _augmented(queries[qs[who]]) @ vecs.T
+            if ids:
+                sliding_window_view(found.ravel(), rows.size, writeable=True)[at] = rows
+        return found

@@ -185,7 +185,11 @@ def test_row_ivf_is_exact_with_every_list_probed_and_recalls_as_faiss_ivf():
 
 
 @pytest.mark.parametrize("k", [50, 250, 900])  # heaps; most candidates (argpartition); more than all (padding)
-def test_row_ivf_unordered_search_keeps_the_same_neighbours(monkeypatch, k):
+@pytest.mark.parametrize("chunk, rows", [(None, None), (1500, 4)])  # one chunk, one block; several of each
+def test_row_ivf_unordered_search_keeps_the_same_neighbours(monkeypatch, k, chunk, rows):
+    if chunk:  # chunks of ~5 queries, picked 4 rows at a time, blocks narrower and wider than k
+        monkeypatch.setattr(knn, "WIDE_CHUNK", chunk)
+        monkeypatch.setattr(knn, "WIDE_ROWS", rows)
     base = _clustered(2000, seed=11)
     queries = _clustered(30, seed=12)
     ivf = knn.RowIVF(iter([base]), len(base), base.shape[1], read=lambda r: base[r], nlist=20, seed=0)
