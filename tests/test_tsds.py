@@ -154,11 +154,13 @@ def _reference_p(x, y, alpha, C, sigma, max_K, kde_K):
 
 
 @pytest.mark.parametrize("first", [2, 128])
-def test_widening_lists_equal_the_full_width_solution(monkeypatch, first):
+@pytest.mark.parametrize("table_rows", [2**23, 0])  # densities kept by row number; as sorted rows searched
+def test_widening_lists_equal_the_full_width_solution(monkeypatch, first, table_rows):
     rng = np.random.default_rng(6)
     x = np.vstack([rng.normal(size=(300, 8)), rng.normal(size=(100, 8)) * 0.1]).astype(np.float32)
     y = rng.normal(size=(10, 8)).astype(np.float32) * 0.3
     monkeypatch.setattr(tsds_mod, "_FIRST_WIDTH", first)
+    monkeypatch.setattr(tsds_mod, "_TABLE_ROWS", table_rows)
     sel = TSDSSelector(alpha=0.2, C=1.0, sigma=0.8, max_K=400, kde_K=50)
     p = sel.score(x, y)
     if first == 2:
@@ -478,6 +480,29 @@ def test_prefetch_searches_once_per_three_rounds(monkeypatch, index):
     # Round 1 fetches the lists of rounds 2-3; round 4 those of 5-6, which the 3,000 rows cap.
     ahead = [512 + tsds_mod._margin(512), len(x)]
     assert [k for q, k in passes if q == len(y)] == ahead
+
+
+@pytest.mark.parametrize("index", ["flat", "ivf"])
+def test_prefetch_computes_each_exact_distance_once(monkeypatch, index):
+    """A wider list starts with the narrower one (the same search, or for flat a wider exact one):
+    its pairs keep their exact distances, so over all rounds each query's exact re-ranking costs
+    one final list, not the sum of the rounds' lists."""
+    x, y = _blobs(3000, seed=3), _blobs(40, seed=4)
+    pairs = []
+    real = tsds_mod._exact_sq
+    monkeypatch.setattr(tsds_mod, "_exact_sq", lambda q, qrow, pool, g: pairs.append(qrow.size if np.array_equal(q, y) else 0) or real(q, qrow, pool, g))
+    sel = TSDSSelector(alpha=0.002, C=1.0, sigma=0.9, kde_K=20, index=index)
+    state = sel.fit(tsds_mod.PoolView(x), y)
+    assert sel.diagnostics_["width"] == 1024  # four rounds: 144, 288, 576 and 1,152 pairs per query
+    computed = sum(pairs)
+    if index == "flat":
+        assert computed == len(y) * (1024 + tsds_mod._margin(1024))
+    else:  # round 4 is a new IVF search (wider probes): only its pairs found in place are kept
+        assert len(y) * (1024 + tsds_mod._margin(1024)) <= computed < len(y) * (576 + 1152)
+    # ... and each kept distance is still its own pair's (float64, from the rows themselves).
+    ok = state.neighbours >= 0
+    diff = y.astype(np.float64)[:, None] - x.astype(np.float64)[np.maximum(state.neighbours, 0)]
+    np.testing.assert_allclose(state.distances[ok], np.sqrt((diff**2).sum(-1))[ok], rtol=1e-12)
 
 
 @pytest.mark.slow

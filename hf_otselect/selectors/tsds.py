@@ -79,6 +79,7 @@ _KDE_FIRST = 32  # neighbours per density query in the first (usually final) pas
 _MIN_SUPPORT = 2.0  # C=None: the smallest mean neighbourhood aimed at (see TSDSSelector's C)
 _DENSITY_ELEMENTS = 2**23  # density rows x neighbour slots searched at once (~200 MiB of lists at the peak)
 _EXACT_ELEMENTS = 2**20  # pool values per chunk of the exact float64 re-ranking
+_TABLE_ROWS = 2**23  # pools up to this many rows keep the densities in a table by row number (64 MiB)
 _F32_DENSITY_ERROR = 1e-5  # IVF densities take float32 distances while their rounding is below this x h^2
 
 
@@ -312,6 +313,51 @@ def _merge_lists(dist: np.ndarray, idx: np.ndarray, width: int, comm: Comm) -> t
     return np.take_along_axis(dist, order, 1), np.take_along_axis(idx, order, 1)
 
 
+class _RowValues:
+    """A float per pool row (global row number) for the rows given one so far: the densities.
+
+    Pools of at most ``_TABLE_ROWS`` rows keep a table over every row number, so a lookup is a
+    gather (a round looks up M x L rows: a binary search each was a tenth of a dense pool's fit);
+    larger pools keep the rows given a value, sorted, and search them (memory in the rows
+    reached, not the pool). numpy has no hash map that would serve both.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.table = np.full(n, np.nan) if n <= _TABLE_ROWS else None
+        self.keys, self.values = np.zeros(0, dtype=np.int64), np.zeros(0)
+        self.size = 0
+
+    def distinct(self, rows: np.ndarray) -> np.ndarray:
+        """The distinct values of ``rows`` (row numbers), sorted."""
+        if self.table is None:
+            return np.unique(rows)
+        seen = np.zeros(self.table.size, dtype=bool)
+        seen[rows] = True
+        return np.flatnonzero(seen)
+
+    def missing(self, rows: np.ndarray) -> np.ndarray:
+        """Those of ``rows`` (distinct, sorted) that have no value yet."""
+        if self.table is None:
+            return np.setdiff1d(rows, self.keys, assume_unique=True)
+        return rows[np.isnan(self.table[rows])]
+
+    def add(self, rows: np.ndarray, values: np.ndarray) -> None:
+        """Give ``rows`` (distinct, none given a value before) their ``values``."""
+        self.size += rows.size
+        if self.table is not None:
+            self.table[rows] = values
+            return
+        keys, values = np.concatenate([self.keys, rows]), np.concatenate([self.values, values])
+        order = np.argsort(keys, kind="stable")
+        self.keys, self.values = keys[order], values[order]
+
+    def get(self, rows: np.ndarray) -> np.ndarray:
+        """The values of ``rows`` (each given one), float64 of the same shape."""
+        if self.table is not None:
+            return self.table[rows]
+        return self.values[np.searchsorted(self.keys, rows)]
+
+
 @dataclass(frozen=True)
 class TSDSState:
     """What :meth:`TSDSSelector.fit` returns: every row's probability follows from it.
@@ -364,10 +410,10 @@ class _Shard:
         self._ahead: tuple[np.ndarray, str, knn.KnnResult] | None = None  # a wider search kept for the next round
         self.dense_kde = False  # whether most rows of the last density round needed their full kde_K list
         self.density_ivf = False  # set by a density round that searched by IVF
-        # Exact distances of (query, row) pairs already computed, keyed query * n_global + row:
-        # a wider list re-uses those of the narrower one instead of recomputing them.
-        self._keys = np.zeros(0, dtype=np.int64)
-        self._sq = np.zeros(0)
+        # The last remembered list's global rows and exact distances, in the search's order: a
+        # wider list from the same search starts with the narrower one, so its pairs are found
+        # again in place instead of recomputed.
+        self._remembered: tuple[np.ndarray, np.ndarray] | None = None
 
     def _blocks(self) -> Any:
         for _, rows in self.pool.blocks(knn.block_rows(self.pool.dim)):
@@ -422,7 +468,9 @@ class _Shard:
         Returns ``(sq, gidx, faiss_sq)`` of shape (q, k): float64 squared distances sorted
         ascending (ties: lower global index), global indices, and the search's float32 values in
         the same order; ``inf`` / ``-1`` pad where the shard has fewer rows or an IVF probe found fewer.
-        ``remember``: keep the exact distances for the next call with the same queries.
+        ``remember``: keep this list's exact distances; the next remembering call with the same
+        queries takes them for the pairs it finds in the same place (the first ``k`` of a wider
+        list from the same search) instead of recomputing them.
         ``ahead``: the ``k`` the next call with these queries will likely ask for (see :meth:`_search`).
         ``beyond``: shape (q,); a pair whose search value is at least this gets ``inf`` instead of
         its exact distance (for a caller that drops every pair beyond a radius anyway).
@@ -438,26 +486,22 @@ class _Shard:
         kk = min(k, self.pool.n_local)
         found = self._search(queries, kk, kind, nprobe, min(ahead, self.pool.n_local), ordered=ordered)
         valid = found.valid
+        gidx[:, :kk] = np.where(valid, found.indices + self.pool.offset, -1)
+        if remember and self._remembered is not None and self._remembered[0].shape[0] == q:
+            old_g, old_sq = self._remembered
+            j = min(old_g.shape[1], kk)
+            again = np.zeros(valid.shape, dtype=bool)
+            again[:, :j] = (old_g[:, :j] == gidx[:, :j]) & valid[:, :j]
+            sq[:, :j][again[:, :j]] = old_sq[:, :j][again[:, :j]]
+            valid = valid & ~again
         rows, cols = np.nonzero(valid)
-        g = found.indices[rows, cols] + self.pool.offset
-        if remember:
-            keys = rows.astype(np.int64) * int(self.pool.n_global) + g
-            pos = np.minimum(np.searchsorted(self._keys, keys), max(self._keys.size - 1, 0))
-            seen = (self._keys[pos] == keys) if self._keys.size else np.zeros(keys.size, dtype=bool)
-            vals = np.empty(keys.size)
-            vals[seen] = self._sq[pos[seen]]
-            vals[~seen] = _exact_sq(queries, rows[~seen], self.pool, g[~seen])
-            order = np.argsort(np.concatenate([self._keys, keys[~seen]]), kind="stable")
-            self._keys = np.concatenate([self._keys, keys[~seen]])[order]
-            self._sq = np.concatenate([self._sq, vals[~seen]])[order]
-            sq[rows, cols] = vals
-        elif beyond is not None:
+        if beyond is not None:
             near = found.distances[rows, cols] < beyond[rows]
-            sq[rows[near], cols[near]] = _exact_sq(queries, rows[near], self.pool, g[near])
-        else:
-            sq[rows, cols] = _exact_sq(queries, rows, self.pool, g)
-        gidx[rows, cols] = g
-        approx[:, :kk] = np.where(valid, found.distances, np.inf)
+            rows, cols = rows[near], cols[near]
+        sq[rows, cols] = _exact_sq(queries, rows, self.pool, gidx[rows, cols])
+        if remember:
+            self._remembered = (gidx[:, :kk], sq[:, :kk])
+        approx[:, :kk] = np.where(found.valid, found.distances, np.inf)
         return (sq, gidx, approx) if not ordered else self._ordered(sq, gidx, approx)
 
     def smallest(self, queries: np.ndarray, k: int, nprobe: int) -> np.ndarray:
@@ -637,7 +681,9 @@ class TSDSSelector(Selector):
         (16 MiB), or one IVF list's rows with at most ``knn.BLOCK_ELEMENTS`` distances (16 MiB),
         or one exact re-ranking chunk (20 MiB). And what grows with M, not N: the merged lists
         (``M x L``, plus what each process contributes to one all-gather), the reached rows'
-        vectors (``R x dim``, ``R <= M x L``) and one float64 density per row. The density
+        vectors (``R x dim``, ``R <= M x L``) and one float64 density per reached row (for pools
+        of at most ``_TABLE_ROWS`` = 2^23 rows, a table by row number instead: N x 9 bytes, 72 MiB
+        at most). The density
         searches go in chunks of at most ``_DENSITY_ELEMENTS`` (2^23) neighbour slots, 24 bytes
         each (~200 MiB), plus an IVF search's own buffers (up to ``4 x knn.BLOCK_ELEMENTS``
         candidates, 20 bytes each with the pick), whatever R and however dense the pool.
@@ -665,8 +711,7 @@ class TSDSSelector(Selector):
         shard = _Shard(pool, kind, self.seed)
         timings["index_s"] = time.perf_counter() - t0
 
-        known = np.zeros(0, dtype=np.int64)  # rows whose density is known, sorted
-        known_rho = np.zeros(0)
+        known = _RowValues(n)  # the densities computed so far
         width = min(cap, _FIRST_WIDTH)
         while True:
             t0 = time.perf_counter()
@@ -681,19 +726,15 @@ class TSDSSelector(Selector):
             valid = nbr >= 0
             timings["prefetch_s"] += time.perf_counter() - t0
 
-            reached = np.unique(nbr[valid])
+            reached = known.distinct(nbr[valid])
             t0 = time.perf_counter()
             if use_kde:
                 if not known.size:  # first round: a pool as dense near the queries skips the short pass
                     shard.dense_kde = bool(np.median((dist < self.sigma).sum(axis=1)) >= _KDE_FIRST)
-                new = np.setdiff1d(reached, known, assume_unique=True)
+                new = known.missing(reached)
                 if new.size:
-                    rho = self._densities(shard, new, n_kde, comm)
-                    known = np.concatenate([known, new])
-                    known_rho = np.concatenate([known_rho, rho])
-                    order = np.argsort(known, kind="stable")
-                    known, known_rho = known[order], known_rho[order]
-                rho_nbr = np.where(valid, known_rho[np.searchsorted(known, np.maximum(nbr, 0))], 1.0)
+                    known.add(new, self._densities(shard, new, n_kde, comm))
+                rho_nbr = np.where(valid, known.get(np.maximum(nbr, 0)), 1.0)
             else:
                 rho_nbr = np.ones(nbr.shape)
             timings["density_s"] += time.perf_counter() - t0
@@ -719,7 +760,7 @@ class TSDSSelector(Selector):
         p = np.bincount(pos[valid], weights=gamma[valid], minlength=reached.size)
         p = np.maximum(p, 0.0)
         p /= p.sum()  # 1 up to ~1e-16; makes sum(p) == 1 to the last bit choose() cares about
-        density = known_rho[np.searchsorted(known, reached)] if use_kde else np.ones(reached.size)
+        density = known.get(reached) if use_kde else np.ones(reached.size)
         support = (gamma > 0).sum(axis=1)
         self.diagnostics_ = {
             "level": level,
