@@ -25,13 +25,13 @@ FAISS's GPU indexes do not implement range search, so :func:`radius_search` alwa
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+from threadpoolctl import threadpool_limits
 
 from ._checks import check_choice, check_embeddings, check_float, check_int, check_seed, param_error
 
@@ -456,6 +456,16 @@ def knn_blocks(queries: np.ndarray, blocks: Iterable[np.ndarray], k: int) -> Knn
     return _heap_result(heap, "flat")
 
 
+def _one_blas_thread() -> Any:
+    """A context in which BLAS runs on one thread, for :class:`RowIVF`'s searches: each GEMM (one
+    list's rows against the queries that probe it) is too small for OpenBLAS's threads to gain
+    on, and its waiting threads spin through the numpy work in between (one BLAS thread: a 1M-row
+    TSDS fit on two cores took 28 CPU s, not 41, and less wall time; a dense pool's 4.7, not 7.4).
+    Splitting the queries over threads instead gained a fifth of the 1M fit's wall time for a
+    quarter more CPU time, and nothing on the dense pool (the two cores share memory bandwidth)."""
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 def _augmented(queries: np.ndarray) -> np.ndarray:
     """``[-2 q, 1]`` per query row: times a list's ``[x, |x|^2]`` rows, one GEMM gives ``|x|^2 - 2 q.x``."""
     out = np.empty((len(queries), queries.shape[1] + 1), dtype=np.float32)
@@ -521,10 +531,11 @@ class RowIVF:
         ``IndexIVFFlat``'s in the last bits.
         """
         queries, probe, reach = self._probe(queries, nprobe)
-        if not ordered and len(queries) and 2 * k >= np.median(reach):
-            dist, ind = self._search_wide(queries, k, probe, reach, ids=True)
-            return KnnResult(distances=dist, indices=ind, metric="l2", index="ivf")
-        return self._search_heaps(queries, k, probe, ordered)
+        with _one_blas_thread():
+            if not ordered and len(queries) and 2 * k >= np.median(reach):
+                dist, ind = self._search_wide(queries, k, probe, reach, ids=True)
+                return KnnResult(distances=dist, indices=ind, metric="l2", index="ivf")
+            return self._search_heaps(queries, k, probe, ordered)
 
     def smallest(self, queries: np.ndarray, k: int, nprobe: int) -> np.ndarray:
         """The distances of ``search(queries, k, nprobe, ordered=False)`` without the row numbers.
@@ -540,9 +551,10 @@ class RowIVF:
             lists hold fewer than ``k`` rows.
         """
         queries, probe, reach = self._probe(queries, nprobe)
-        if len(queries) and 2 * k >= np.median(reach):
-            return self._search_wide(queries, k, probe, reach, ids=False)[0]
-        return self._search_heaps(queries, k, probe, ordered=False).distances
+        with _one_blas_thread():
+            if len(queries) and 2 * k >= np.median(reach):
+                return self._search_wide(queries, k, probe, reach, ids=False)[0]
+            return self._search_heaps(queries, k, probe, ordered=False).distances
 
     def _probe(self, queries: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """float32 queries, their ``nprobe`` nearest lists (q, nprobe) and their candidates per query."""
@@ -603,35 +615,30 @@ class RowIVF:
         order = np.argsort(probe[:, 0], kind="stable")
         buf = np.empty(0, dtype=np.float32)
         start = 0
-        # numpy's partition runs on one core and releases the GIL: the blocks go to a thread per core.
-        with ThreadPoolExecutor(max(1, _faiss().omp_get_max_threads())) as pool:
-            while start < q:
-                stop = start + max(1, int(np.searchsorted(np.cumsum(reach[order[start:]]), WIDE_CHUNK, side="right")))
-                qs = order[start:stop]
-                qs = qs[np.argsort(reach[qs], kind="stable")]
-                blocks = [(a, min(a + WIDE_ROWS, qs.size)) for a in range(0, qs.size, WIDE_ROWS)]
-                cols = [max(int(reach[qs[b - 1]]), k) for _, b in blocks]  # each block's widest row
-                if buf.size < qs.size * cols[-1]:
-                    buf = np.empty(qs.size * cols[-1], dtype=np.float32)
-                d = buf[: qs.size * cols[-1]].reshape(qs.size, cols[-1])
-                for (a, b), w in zip(blocks, cols):
-                    d[a:b, :w] = np.inf
-                found = self._lay_out(queries, qs, probe, d, ids)
-
-                def pick(a: int, b: int, w: int, d: np.ndarray = d, found: np.ndarray | None = found, qs: np.ndarray = qs) -> None:
-                    part, who = d[a:b, :w], qs[a:b]
-                    if ids and w > k:
-                        at = np.argpartition(part, k - 1, axis=1)[:, :k]
-                        dist[who], ind[who] = np.take_along_axis(part, at, 1), np.take_along_axis(found[a:b], at, 1)
-                        return
-                    if w > k:
-                        part.partition(k - 1, axis=1)
-                    dist[who] = part[:, :k]
-                    if ids:
-                        ind[who] = found[a:b, :k]
-
-                list(pool.map(pick, *zip(*((a, b, w) for (a, b), w in zip(blocks, cols)))))
-                start = stop
+        while start < q:
+            stop = start + max(1, int(np.searchsorted(np.cumsum(reach[order[start:]]), WIDE_CHUNK, side="right")))
+            qs = order[start:stop]
+            qs = qs[np.argsort(reach[qs], kind="stable")]
+            blocks = [(a, min(a + WIDE_ROWS, qs.size)) for a in range(0, qs.size, WIDE_ROWS)]
+            cols = [max(int(reach[qs[b - 1]]), k) for _, b in blocks]  # each block's widest row
+            if buf.size < qs.size * cols[-1]:
+                buf = np.empty(qs.size * cols[-1], dtype=np.float32)
+            d = buf[: qs.size * cols[-1]].reshape(qs.size, cols[-1])
+            for (a, b), w in zip(blocks, cols):
+                d[a:b, :w] = np.inf
+            found = self._lay_out(queries, qs, probe, d, ids)
+            for (a, b), w in zip(blocks, cols):
+                part, who = d[a:b, :w], qs[a:b]
+                if ids and w > k:
+                    at = np.argpartition(part, k - 1, axis=1)[:, :k]
+                    dist[who], ind[who] = np.take_along_axis(part, at, 1), np.take_along_axis(found[a:b], at, 1)
+                    continue
+                if w > k:
+                    part.partition(k - 1, axis=1)
+                dist[who] = part[:, :k]
+                if ids:
+                    ind[who] = found[a:b, :k]
+            start = stop
         dist += np.einsum("ij,ij->i", queries, queries)[:, None]  # (padding stays inf)
         return dist, ind
 

@@ -207,3 +207,29 @@ def test_row_ivf_unordered_search_keeps_the_same_neighbours(monkeypatch, k, chun
     values = ivf.smallest(queries, k, nprobe=3)
     assert values.shape == (len(queries), k) and values.dtype == np.float32
     np.testing.assert_allclose(np.sort(values, axis=1), np.sort(loose.distances, axis=1), rtol=1e-6, atol=1e-6)
+
+
+def test_row_ivf_searches_on_one_blas_thread_and_gives_the_threads_back(monkeypatch):
+    """Each list's GEMM is small: the search runs BLAS on one thread (no spinning pool between
+    them), and the caller's BLAS threads are as before afterwards."""
+    from threadpoolctl import threadpool_info
+
+    def blas_threads() -> set[int]:
+        return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+    base = _clustered(2000, seed=11)
+    ivf = knn.RowIVF(iter([base]), len(base), base.shape[1], read=lambda r: base[r], nlist=20, seed=0)
+    seen = []
+    real = knn.RowIVF._probed_lists
+
+    def spy(self, probe):
+        seen.append(blas_threads())
+        yield from real(self, probe)
+
+    monkeypatch.setattr(knn.RowIVF, "_probed_lists", spy)
+    before = blas_threads()
+    ivf.search(base[:30], 20, nprobe=3)
+    ivf.search(base[:30], 250, nprobe=3, ordered=False)
+    ivf.smallest(base[:30], 250, nprobe=3)
+    assert len(seen) == 3 and all(s == {1} for s in seen)
+    assert blas_threads() == before
