@@ -407,7 +407,6 @@ WIDE_ROWS = 256
 BLOCK_BYTES = 24 * 2**20
 
 
-
 def block_rows(dim: int) -> int:
     """Rows of ``dim`` float32 values in :data:`BLOCK_BYTES`."""
     return max(1, BLOCK_BYTES // (4 * int(dim)))
@@ -460,7 +459,8 @@ def _one_blas_thread() -> Any:
     """A context in which BLAS runs on one thread, for :class:`RowIVF`'s searches: each GEMM (one
     list's rows against the queries that probe it) is too small for OpenBLAS's threads to gain
     on, and its waiting threads spin through the numpy work in between (one BLAS thread: a 1M-row
-    TSDS fit on two cores took 28 CPU s, not 41, and less wall time; a dense pool's 4.7, not 7.4).
+    TSDS fit on two cores took 28-30 CPU s, not 41, and less wall time; a dense pool's 4.6-4.8,
+    not 6.2-6.7).
     Splitting the queries over threads instead gained a fifth of the 1M fit's wall time for a
     quarter more CPU time, and nothing on the dense pool (the two cores share memory bandwidth)."""
     return threadpool_limits(limits=1, user_api="blas")

@@ -683,10 +683,10 @@ class TSDSSelector(Selector):
         (``M x L``, plus what each process contributes to one all-gather), the reached rows'
         vectors (``R x dim``, ``R <= M x L``) and one float64 density per reached row (for pools
         of at most ``_TABLE_ROWS`` = 2^23 rows, a table by row number instead: N x 9 bytes, 72 MiB
-        at most). The density
-        searches go in chunks of at most ``_DENSITY_ELEMENTS`` (2^23) neighbour slots, 24 bytes
-        each (~200 MiB), plus an IVF search's own buffers (up to ``4 x knn.BLOCK_ELEMENTS``
-        candidates, 20 bytes each with the pick), whatever R and however dense the pool.
+        at most). The density searches go in chunks of at most ``_DENSITY_ELEMENTS`` (2^23)
+        neighbour slots, 24 bytes each (~200 MiB), plus an IVF search's own buffers (up to
+        ``knn.WIDE_CHUNK`` = 2^24 candidates, 20 bytes each with the pick), whatever R and however
+        dense the pool.
         Communication: O(M x L) per round for the lists, O(R x dim) for the reached vectors and
         O(R x kde_K) at most for the density lists (only distances within ``h``). With a flat
         index the state, hence every probability and every row chosen, is the same for any number
