@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import re
 import reprlib
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,6 +26,10 @@ import numpy as np
 _SHORT = reprlib.Repr()
 _SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict, _SHORT.maxset = 3, 8, 8, 8, 8
 _SHORT.maxstring, _SHORT.maxlong, _SHORT.maxother = 200, 60, 200
+
+#: A lone UTF-16 surrogate: valid in a Python str, not encodable as UTF-8 (tokenizers and
+#: vectorizers fail on it); texts get U+FFFD in its place.
+LONE_SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 def short_repr(value: Any, limit: int = 200) -> str:
@@ -100,7 +105,8 @@ def check_choice(value: Any, name: str, owner: str, choices: Iterable[Any]) -> A
 def check_embeddings(x: Any, name: str, owner: str, *, dim: int | None = None) -> np.ndarray:
     """Return ``x`` as a C-contiguous float32 array of shape ``(n, dim)`` with ``n >= 1``.
 
-    Refuses non-2-D input, empty input, NaN/Inf and a dimension other than ``dim`` (when given).
+    Refuses non-2-D input, empty input, zero-width vectors, NaN/Inf and a dimension other than
+    ``dim`` (when given).
     float16/bfloat16-like inputs are up-cast to float32.
     """
     if hasattr(x, "detach"):  # a torch tensor: accept it, but hand numpy on
@@ -115,6 +121,8 @@ def check_embeddings(x: Any, name: str, owner: str, *, dim: int | None = None) -
         raise param_error(name, owner, "a 2-D float array of shape (n, dim)", f"an array of shape {arr.shape}")
     if arr.shape[0] == 0:
         raise param_error(name, owner, "a non-empty array of shape (n >= 1, dim)", f"an array of shape {arr.shape}")
+    if arr.shape[1] == 0:
+        raise param_error(name, owner, "vectors of at least one dimension, shape (n, dim >= 1)", f"an array of shape {arr.shape}")
     if dim is not None and arr.shape[1] != dim:
         raise param_error(name, owner, f"an array with {dim} columns (the other side's dimension)", f"an array of shape {arr.shape}")
     original = arr

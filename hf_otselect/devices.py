@@ -33,12 +33,16 @@ def resolve_device(device: str | None, owner: str = "embed") -> str:
             raise param_error("device", owner, f"a CUDA device index below {n} (the visible GPUs)", device)
     elif dev.type == "mps" and not torch.backends.mps.is_available():
         raise param_error("device", owner, "'cpu' or None on this machine (MPS is not available)", device)
+    elif dev.type == "meta":
+        raise param_error("device", owner, "a device that holds data such as 'cpu' or 'cuda' ('meta' tensors have no values)", device)
     return device
 
 
 def check_solver_device(selector: Any) -> None:
     """Refuse a selector ``device`` parameter naming a device this machine lacks (``cuda`` on CPU)."""
     device = getattr(selector, "device", None)
-    if device is None or not isinstance(device, str) or "device" not in selector.get_params():
-        return  # None picks a device itself; a torch.device object is the caller's own
+    if device is None or "device" not in selector.get_params():
+        return  # None picks a device itself
+    if type(device).__name__ == "device" and type(device).__module__ == "torch":
+        device = str(device)  # a torch.device: checked by its name
     resolve_device(device, owner=type(selector).__name__)

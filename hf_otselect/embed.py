@@ -37,7 +37,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import unicodedata
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -46,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from ._checks import check_choice, check_int, check_path_type, check_writable_folder, param_error
+from ._checks import LONE_SURROGATES, check_choice, check_int, check_path_type, check_writable_folder, param_error
 from .bundled import BUNDLED_MODEL_DIR, resolve_model_name
 from .cache import cache_root
 from .devices import resolve_device
@@ -70,7 +69,6 @@ Quantize = Literal["int8"] | None
 _CACHE_VERSION = 3  # bump when the numbers cached for the same key would change (3: one key per text)
 _SHARD_ROWS = 4096
 _MAX_SHOWN = 10
-_SURROGATES = re.compile("[\ud800-\udfff]")
 _ENCODERS: dict[tuple[Any, ...], tuple[Any, Any, Any]] = {}
 
 
@@ -284,7 +282,7 @@ def _check_texts(texts: Sequence[Any], start: int, column: str | None, owner: st
                          f"{len(empty)} empty or whitespace-only value(s) at row(s) {empty[:_MAX_SHOWN]}"
                          f"{' ...' if len(empty) > _MAX_SHOWN else ''} instead. Drop them first, e.g. "
                          f"dataset.filter(lambda row: row[{column or 'text'!r}].strip() != '').")
-    return [_SURROGATES.sub("\ufffd", t) for t in out]
+    return [LONE_SURROGATES.sub("\ufffd", t) for t in out]
 
 
 def check_texts(texts: Sequence[Any], *, column: str | None = None, owner: str = "embed") -> list[str]:

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from .._checks import check_choice, check_embeddings, check_int, check_magnitude, check_seed, param_error
+from .._checks import LONE_SURROGATES, check_choice, check_embeddings, check_int, check_magnitude, check_seed, param_error
 from .._suggest import did_you_mean
 from ..devices import check_solver_device
 from ..dist import LOCAL, Comm, PoolView, TextView
@@ -420,6 +420,7 @@ def choose_keys(
     if index.shape != scores.shape:
         raise param_error("index", "choose", f"an int array of shape {scores.shape} like the scores", f"shape {index.shape}")
     check_choice(mode, "mode", "choose", ["top_k", "sample", "log_sample"])
+    seed = check_seed(seed, "seed", "choose")
     n_nan, n = (int(v) for v in comm.all_reduce(np.array([np.isnan(scores).sum(), scores.size], dtype=np.int64)))
     if n == 0:
         raise param_error("scores", "choose", "a non-empty 1-D array", "0 rows")
@@ -510,11 +511,18 @@ def _draw_with_replacement(scores: np.ndarray, index: np.ndarray, k: int, seed: 
 
 
 def as_texts(values: Sequence[Any], name: str, owner: str) -> list[str]:
-    """Validate a sequence of texts for text-based selectors (non-empty, all str)."""
+    """Validate a sequence of texts for text-based selectors (non-empty, all str); lone surrogates
+    become U+FFFD, as in :func:`hf_otselect.embed`.
+
+    A lone str, bytes or mapping is refused: ``list()`` would read it as its characters or keys.
+    """
+    if values is None or isinstance(values, (str, bytes, dict)) or not hasattr(values, "__iter__"):
+        got = f"a lone {type(values).__name__}" if values is not None else None
+        raise param_error(name, owner, "a sequence of str (a list of texts, or a Dataset column)", got, exc=TypeError)
     values = list(values)
     if not values:
         raise param_error(name, owner, "a non-empty sequence of str", values)
     for i, v in enumerate(values):
         if not isinstance(v, str):
             raise param_error(name, owner, "a sequence of str", f"{type(v).__name__} at position {i}", exc=TypeError)
-    return values
+    return [LONE_SURROGATES.sub("\ufffd", v) for v in values]  # as embed() does: UTF-8 cannot encode them

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .._checks import check_choice, check_float, check_int, param_error, unit_rows64
+from .._checks import LONE_SURROGATES, check_choice, check_float, check_int, param_error, unit_rows64
 from ..dist import LOCAL, Comm, PoolView, TextView
 from .base import Selector, as_texts, register
 
@@ -444,11 +444,13 @@ class DSIRSelector(Selector):
 
         With ``chunk_tokens`` set: the log weight of the row's scored n-grams (its complete chunks,
         or the whole row when shorter than one chunk) per chunk's worth of n-grams (see "Length"
-        in the class docstring); ``-inf`` for a row without a single token (never chosen).
+        in the class docstring). ``-inf`` for a row without a single token (never chosen), in both modes.
         """
-        texts = list(rows)
+        texts = [LONE_SURROGATES.sub("\ufffd", t) for t in rows]
         if self.chunk_tokens is None:
-            return np.asarray(self.featurize(texts) @ state, dtype=np.float64)
+            counts = self.featurize(texts)
+            total = np.asarray(counts @ state, dtype=np.float64)
+            return np.where(counts.getnnz(axis=1) > 0, total, -np.inf)  # a row without a token has no weight
         counts = self.featurize(texts, chunked=True)
         total = np.asarray(counts @ state, dtype=np.float64)
         # Chunks' worth of n-grams: exactly the number of complete chunks for a row of one chunk or more.
