@@ -185,8 +185,9 @@ def select_by_ot(
              "backend": encoder_backend, "quantize": quantize,
              "trust_remote_code": trust_remote_code or None}  # False is the default, not a setting
     embedding = _merge_embedding(embedding, {key: v for key, v in given.items() if v is not None})
-    if not isinstance(return_fitted, bool):
-        raise param_error("return_fitted", "select_by_ot", "a bool", return_fitted, exc=TypeError)
+    for name, flag in (("return_scored", return_scored), ("return_fitted", return_fitted)):
+        if not isinstance(flag, bool):
+            raise param_error(name, "select_by_ot", "a bool", flag, exc=TypeError)
     if return_fitted and not (wrappable(method) if isinstance(method, Selector) else params.get("chunk_size") is None):
         raise param_error("return_fitted", "select_by_ot", "False for a selector a FittedSelector cannot rebuild (an instance of "
                           "your own Selector class, or chunked GOT-D, whose scores are a row's chunk)", return_fitted)

@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from ._checks import check_choice, check_embeddings, check_float, check_int, nonfinite_rows, nonfinite_summary, param_error, short_repr
+from ._checks import (check_choice, check_embeddings, check_float, check_int, check_seed, nonfinite_rows, nonfinite_summary, param_error,
+                      short_repr)
 from .fingerprints import digest as _digest
 from .dist import LOCAL, Comm, PoolView, TextView
 from .selectors.base import row_gumbels, row_uniforms
@@ -231,6 +232,23 @@ def encoder_record(*, model: str | None, revision: str | None, pooling: str, max
     return record
 
 
+def _check_map_settings(owner: str, *, column: Any, vector_column: Any, score_column: Any, device: Any = None, seed: Any = 0) -> None:
+    """Refuse map settings of the wrong type, and a score column that would overwrite a column the map reads."""
+    for name, value in (("column", column), ("score_column", score_column)):
+        if not isinstance(value, str) or not value:
+            raise param_error(name, owner, "a non-empty str", value, exc=TypeError)
+    if vector_column is not None and (not isinstance(vector_column, str) or not vector_column):
+        raise param_error("vector_column", owner, "a non-empty str, or None (embed the text column)", vector_column, exc=TypeError)
+    if score_column in (column, vector_column):
+        raise param_error("score_column", owner, f"a column other than the one the scores are computed from ({score_column!r} "
+                          "would be overwritten by the scores)", score_column)
+    check_seed(seed, "seed", owner)
+    if device is not None:
+        from .devices import resolve_device
+
+        resolve_device(device, owner)
+
+
 def fit_selector(
     pool: Any,
     target: Any,
@@ -311,10 +329,8 @@ def fit_selector(
     comm = comm or LOCAL
     check_choice(method, "method", owner, available_selectors())
     sample = _check_sample(sample, owner)
-    seed = check_int(seed, "seed", owner, 0)
-    for name, value in (("column", column), ("score_column", score_column)):
-        if not isinstance(value, str) or not value:
-            raise param_error(name, owner, "a non-empty str", value, exc=TypeError)
+    seed = check_seed(seed, "seed", owner)
+    _check_map_settings(owner, column=column, vector_column=vector_column, score_column=score_column, device=device)
     if params.get("chunk_size") is not None:
         raise param_error("chunk_size", owner, "None (chunked GOT-D scores a row by its chunk, which a row outside the fit has not; "
                           "the global fit, or sample=, is what scales)", params["chunk_size"])
@@ -523,13 +539,19 @@ class FittedSelector:
         -------
         ndarray of shape (b,), float64
         """
+        owner = f"FittedSelector({self.method!r}).score_rows"
+        if rows is None or not hasattr(rows, "__len__"):
+            raise param_error("rows", owner, "an array of vectors (b, dim), or a list of texts for DSIR", rows, exc=TypeError)
         n = len(rows)
         if index is None:
             if self.index_bound:
                 raise param_error("index", f"FittedSelector({self.method!r}).score_rows", f"the rows' pool indices ({_INDEX_BOUND}; "
                                   "in a map pass with_indices=True)", None)
             index = np.arange(n, dtype=np.int64)
-        index = np.asarray(index, dtype=np.int64)
+        index = np.asarray(index)
+        if index.shape != (n,) or (index.size and index.dtype.kind not in "iu"):
+            raise param_error("index", owner, f"an int array of shape ({n},), one pool index per row", f"{index.dtype} array of shape {index.shape}")
+        index = index.astype(np.int64, copy=False)
         if self.index_bound and index.size and (index.min() < 0 or index.max() >= self.fit_info["n_pool"]):
             raise param_error("index", f"FittedSelector({self.method!r}).score_rows", f"pool row indices in [0, {self.fit_info['n_pool']}) "
                               f"({_INDEX_BOUND}: a row outside the fit has none; {OUT_OF_FIT})",
@@ -543,6 +565,8 @@ class FittedSelector:
             if rows.ndim != 2 or (dim is not None and rows.shape[1] != dim):
                 raise param_error("rows", "FittedSelector.score_rows", f"a 2-D array of shape (b, {dim or 'dim'}) like the fit's rows",
                                   f"shape {rows.shape}")
+            if n:  # NaN or Inf would score NaN, and a filter would then drop the row without a word
+                rows = check_embeddings(rows, self.vector_column or "rows", owner)
         return np.asarray(self.selector.score_batch(state, rows, index), dtype=np.float64)
 
     def _rows_of(self, batch: dict[str, Any], device: str | None) -> Any:
@@ -598,6 +622,10 @@ class FittedSelector:
         device = self.device
         if rank is not None and device is None:
             device = _rank_device(rank)
+        if self.score_column in batch:
+            raise param_error("score_column", f"FittedSelector({self.method!r})", "a column name the dataset does not have "
+                              f"({self.score_column!r} would be overwritten; remove it first, or pick another with "
+                              "fitted.using(score_column=...))", self.score_column)
         rows = self._rows_of(batch, device)
         return {self.score_column: self.score_rows(rows, index, device=device)}
 
@@ -642,7 +670,9 @@ class FittedSelector:
         given = [name for name, v in (("k", k), ("fraction", fraction), ("threshold", threshold)) if v is not None]
         if len(given) != 1:
             raise param_error("k/fraction/threshold", owner, "exactly one of them", given or None)
-        seed = self.seed if seed is None else check_int(seed, "seed", owner, 0)
+        seed = self.seed if seed is None else check_seed(seed, "seed", owner)
+        if k is not None:
+            k = check_int(k, "k", owner, 1)
         if fraction is not None:
             fraction = check_float(fraction, "fraction", owner, 0.0, 1.0, low_open=True)
         if threshold is not None:
@@ -654,7 +684,15 @@ class FittedSelector:
                                   "needs them; for a stream of unknown length use fraction= or threshold=)", None)
             return Keep(self.score_column, self.choice, seed, self.calibrated_threshold(fraction), None)
         comm = comm or LOCAL
-        scores = np.asarray(scores, dtype=np.float64)
+        try:
+            scores = np.asarray(scores, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise param_error("scores", owner, "this process's scores, a 1-D float array", type(scores).__name__, exc=TypeError) from None
+        if scores.ndim != 1:
+            raise param_error("scores", owner, "this process's scores, a 1-D float array", f"an array of shape {scores.shape}")
+        n_nan = int(comm.all_reduce(np.array([np.isnan(scores).sum()], dtype=np.int64))[0])
+        if n_nan:
+            raise param_error("scores", owner, "scores free of NaN (score the rows again: a NaN score has no rank)", f"{n_nan} NaN value(s)")
         index = np.arange(scores.size, dtype=np.int64) if index is None else np.asarray(index, dtype=np.int64)
         if k is None:
             n = int(comm.all_reduce(np.array([scores.size], dtype=np.int64))[0])
@@ -713,6 +751,8 @@ class FittedSelector:
         unknown = sorted(set(settings) - set(allowed))
         if unknown:
             raise param_error(", ".join(unknown), "FittedSelector.using", f"one of {list(allowed)}", unknown, exc=TypeError)
+        merged = {name: getattr(self, name) for name in allowed} | settings
+        _check_map_settings("FittedSelector.using", **merged)
         out = FittedSelector.__new__(FittedSelector)
         out.__dict__.update(self.__dict__)
         out.__dict__.update(settings)

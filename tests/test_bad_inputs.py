@@ -100,6 +100,7 @@ def select(tmp_path: Path, data, target, **kwargs):
         ("Inf in target embeddings", {"target": "inf"}, ValueError, template("target") + ".*finite.*2 row"),
         ("1-D target embeddings", {"target": "1d"}, ValueError, template("target") + ".*2-D"),
         ("negative target with a method that has none", {"method": "tsds", "negative_target": ["bad text"]}, ValueError, template("negative_target")),
+        ("return_scored not a bool", {"return_scored": "yes"}, TypeError, template("return_scored") + ".*a bool.*Got 'yes'"),
     ],
     ids=lambda v: v if isinstance(v, str) and " " in v else None,
 )
@@ -207,6 +208,7 @@ def _cloud(n: int = 12, dim: int = 6, seed: int = 0) -> np.ndarray:
         ("candidates", "empty", ValueError, template("candidates") + ".*non-empty.*Got '0 rows'"),
         ("target", "empty", ValueError, template("target") + ".*non-empty"),
         ("candidates", "strings", TypeError, template("candidates") + ".*dtype"),
+        ("candidates", "width 0", ValueError, template("candidates") + r".*dim >= 1.*shape \(12, 0\)"),
     ],
 )
 def test_vector_selectors_refuse_bad_arrays(monkeypatch, method, which, bad, exc, pattern):
@@ -222,6 +224,8 @@ def test_vector_selectors_refuse_bad_arrays(monkeypatch, method, which, bad, exc
         arr = arr[:0]
     elif bad == "strings":
         arr = np.array([["a"] * 6] * 3)
+    elif bad == "width 0":
+        arr, y = arr[:, :0], y[:, :0]
     args = {"candidates": x, "target": y, which: arr}
     sel = get_selector(method)
     with pytest.raises(exc, match=pattern):
@@ -888,3 +892,100 @@ def test_a_partial_folder_that_is_a_symlink_is_one_line_and_its_target_survives(
     _error_lines(capsys)  # exactly one line, no traceback
     assert status in (1, 2)
     assert (elsewhere / "precious.txt").read_text() == "keep me"
+
+
+# ----------------------------------------------------------------------------------------------
+# Selectors, choosing and the fitted selector called directly
+
+
+@pytest.mark.parametrize("value", ["hello world foo", b"bytes", {"a": 1}, None], ids=["str", "bytes", "dict", "None"])
+@pytest.mark.parametrize("which", ["candidates", "target"])
+def test_text_selectors_refuse_a_lone_string_for_a_list_of_texts(which, value):
+    """list("abc") is three one-letter texts: a lone str (bytes, mapping, None) is refused by name."""
+    args = {"candidates": ["the cat sat", "dogs bark", "protein binds"], "target": ["protein receptor"], which: value}
+    with pytest.raises(TypeError, match=template(which) + "a sequence of str"):
+        get_selector("dsir").select(args["candidates"], args["target"], 1)
+
+
+@pytest.mark.parametrize("chunk_tokens", [None, 16])
+def test_dsir_never_prefers_a_row_without_tokens(chunk_tokens):
+    """An empty or blank row has no n-gram to weigh: -inf (never chosen) in both scoring modes, not 0."""
+    pool = ["the cat sat", "dogs bark", "protein binds receptor", "markets fell", "", "   ", "bad \ud800 surrogate"]
+    sel = get_selector("dsir", chunk_tokens=chunk_tokens)
+    scores = sel.score(pool, ["protein receptor binding"])
+    assert np.isneginf(scores[4:6]).all() and np.isfinite(scores[[0, 1, 2, 3, 6]]).all()
+    assert set(sel.select(pool, ["protein receptor binding"], 5).indices.tolist()) == {0, 1, 2, 3, 6}
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64, 1.5, "7"])
+def test_choose_refuses_a_seed_that_is_no_uint64(seed):
+    from hf_otselect.selectors.base import choose
+
+    with pytest.raises((TypeError, ValueError), match=template("seed")):
+        choose(np.ones(3), 1, mode="sample", seed=seed)
+
+
+@pytest.mark.parametrize("device", [3, "meta"])
+def test_a_solver_device_that_is_no_compute_device_is_refused(device):
+    with pytest.raises((TypeError, ValueError), match=template("device")):
+        get_selector("got_d", device=device).select(_cloud(), _cloud(4, seed=1), 2)
+
+
+@pytest.fixture
+def fitted():
+    return hf_otselect.fit_selector(_cloud(40), _cloud(5, seed=1), method="got_d").using(vector_column="v")
+
+
+def test_a_fitted_map_refuses_nan_vectors_naming_the_column(fitted):
+    """NaN scores would be dropped by any filter without a word: the map refuses the rows instead."""
+    bad = _cloud(40)
+    bad[5] = np.nan
+    bad[7, 0] = np.inf
+    ds = Dataset.from_dict({"v": bad.tolist(), "id": list(range(40))})
+    with pytest.raises(ValueError, match=template("v") + r".*finite.*2 row\(s\).*rows \[5, 7\]"):
+        ds.map(fitted, batched=True)
+    with pytest.raises(ValueError, match=template("v") + ".*finite"):
+        list(fitted.select(ds, fraction=0.5))
+    with pytest.raises(ValueError, match=template("rows") + ".*finite"):
+        fitted.using(vector_column=None).score_rows(bad)
+
+
+def test_a_fitted_map_never_overwrites_a_column(fitted):
+    ds = Dataset.from_dict({"v": _cloud(40).tolist(), "score": [0.0] * 40})
+    with pytest.raises(ValueError, match=template("score_column") + ".*'score' would be overwritten"):
+        ds.map(fitted, batched=True)
+    with pytest.raises(ValueError, match=template("score_column") + ".*'v' would be overwritten"):
+        fitted.using(score_column="v")
+    with pytest.raises(ValueError, match=template("score_column") + ".*'text' would be overwritten"):
+        hf_otselect.fit_selector(_cloud(40), _cloud(5, seed=1), score_column="text")
+    assert "pick" in ds.map(fitted.using(score_column="pick"), batched=True).column_names
+
+
+@pytest.mark.parametrize(
+    ("settings", "name"),
+    [({"seed": -1}, "seed"), ({"seed": 2**64}, "seed"), ({"device": "foo"}, "device"), ({"device": 3}, "device"),
+     ({"column": None}, "column"), ({"vector_column": 5}, "vector_column"), ({"score_column": 5}, "score_column")],
+    ids=["seed -1", "seed 2**64", "device foo", "device 3", "column None", "vector_column int", "score_column int"],
+)
+def test_fitted_using_checks_each_setting(fitted, settings, name):
+    with pytest.raises((TypeError, ValueError), match=template(name)):
+        fitted.using(**settings)
+
+
+def test_fitted_keep_and_score_rows_name_bad_arguments(fitted):
+    scores = np.linspace(0, 1, 40)
+    with pytest.raises(TypeError, match=template("k") + ".*Got '3'"):
+        fitted.keep(k="3", scores=scores)
+    with pytest.raises(TypeError, match=template("scores")):
+        fitted.keep(k=3, scores="abc")
+    nan = scores.copy()
+    nan[[3, 9]] = np.nan
+    with pytest.raises(ValueError, match=template("scores") + ".*2 NaN"):
+        fitted.keep(k=3, scores=nan)
+    with pytest.raises(TypeError, match=template("rows")):
+        fitted.score_rows(None)
+    with pytest.raises(ValueError, match=template("index") + r".*shape \(3,\)"):
+        fitted.score_rows(_cloud(3, dim=6), np.array([0, 1]))
+    with pytest.raises(ValueError, match=template("index") + ".*int array"):
+        fitted.score_rows(_cloud(3, dim=6), np.array([0.5, 1.2, 2.9]))
+

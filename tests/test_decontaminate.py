@@ -132,6 +132,9 @@ def test_bad_decontamination_arguments_fail_up_front(data, cache):
         select_by_ot(pool, heldout, k=3, decontaminate=[], cache_dir=cache)
     with pytest.raises(ValueError, match="Column 'sentence' not in the decontaminate dataset"):
         select_by_ot(pool, heldout, k=3, decontaminate=Dataset.from_dict({"text": ["a"]}), decontaminate_column="sentence", cache_dir=cache)
+    # Vectors of another width than the pool's: named as the user's argument, expected and given the right way round.
+    with pytest.raises(ValueError, match=r"'decontaminate' parameter of select_by_ot must be embeddings with 384 columns like the pool.*Got 'shape \(2, 5\)'"):
+        select_by_ot(pool, heldout, k=3, decontaminate=np.zeros((2, 5), dtype=np.float32), decontaminate_ngram=None, cache_dir=cache, embedding=EMB)
 
 
 def test_yaml_job_runs_all_three_and_records_them(tmp_path):

@@ -145,6 +145,9 @@ def _eligible(req: Request, emb: Embedded, reports: dict[str, Any], extra_splits
 
         held, dcol, ngram = f.decontaminate, f.decontaminate_column, f.decontaminate_ngram
         held_emb = embed_side(held, dcol, req.embed_kwargs, req.cache)
+        if held_emb.shape[1] != pool_emb.shape[1]:
+            raise param_error("decontaminate", req.owner, f"embeddings with {pool_emb.shape[1]} columns like the pool (or texts, "
+                              "embedded by the same model)", f"shape {held_emb.shape}")
         emb.fingerprints["decontaminate"] = fingerprint_of(held, dcol)
         texts = None
         if ngram:  # a stream's texts are read once more, in step with its rows
