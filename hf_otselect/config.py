@@ -198,9 +198,11 @@ class DataConfig:
     ----------
     path : str
         A data file or glob (``.jsonl``/``.json``, ``.csv``, ``.tsv``, ``.parquet``, ``.txt``), a folder
-        written by ``Dataset.save_to_disk``, or a Hub dataset id (needs network).
+        of data files, a folder written by ``Dataset.save_to_disk``, or a Hub dataset id (needs network).
     split : str
-        Split to read (``train`` for plain data files).
+        Split to read, in ``datasets``' syntax: a name, or a slice of one (``train[:1000]``,
+        ``train[10%:]``) unless ``streaming`` (a stream reads whole splits; use ``max_rows``). Plain
+        data files are the one split ``train``; one that is not there is refused by name.
     column : str
         The text column.
     name : str or None

@@ -73,3 +73,12 @@ def torchrun_filters(tmp_path_factory) -> dict[int, dict]:
         assert proc.returncode == 0, proc.stderr[-3000:]
         outs[world] = json.loads(out.read_text())
     return outs
+
+
+def cli_error_line(capsys) -> str:
+    """The one ``hf-otselect: error: ...`` line a refused command prints (no traceback)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("hf-otselect: error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
