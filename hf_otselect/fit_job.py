@@ -22,18 +22,17 @@ __all__ = ["apply_selector", "fit_from_config"]
 
 
 def _check_save_folder(folder: Path, overwrite: bool, owner: str) -> None:
-    """Write into a new or empty folder, or over a saved selector's files with ``overwrite``."""
-    from .fitted_io import CONFIG_FILE
+    """Write into a new or empty folder, or over a saved selector's files with ``overwrite`` (checked
+    before the fit, by the rule save_pretrained applies: :func:`hf_otselect.fitted_io.check_save_folder`)."""
+    from .fitted_io import check_save_folder, holds_saved_selector
 
     if not folder.exists():
         return
     if not folder.is_dir():
         raise param_error("save_directory", owner, "a folder path", str(folder))
+    check_save_folder(folder, "save_directory", owner)
     entries = list(folder.iterdir())
-    if entries and not (folder / CONFIG_FILE).is_file():
-        raise FileExistsError(f"The 'save_directory' {str(folder)!r} holds files that are not a saved selector; "
-                              "it is left alone. Choose another folder.")
-    if entries and not overwrite:
+    if entries and holds_saved_selector(folder) and not overwrite:
         raise FileExistsError(f"The 'save_directory' {str(folder)!r} already holds a saved selector. "
                               "Pass --overwrite to replace it, or choose another folder.")
 

@@ -10,7 +10,10 @@ A folder (or Hub model repository) holds three files:
   measured fidelity of sample fits).
 
 Loading refuses, in one line, a format or version it does not read and a file whose checksum
-differs. No pickle anywhere; JSON floats are written with ``repr`` so they read back bit for bit.
+differs, and names its ``source`` when that is no folder and no Hub repository it can read.
+Saving writes only into a new or empty folder, or over a saved selector (:func:`check_save_folder`):
+a folder holding files of the user's own is left alone. No pickle anywhere; JSON floats are written
+with ``repr`` so they read back bit for bit.
 """
 
 from __future__ import annotations
@@ -26,14 +29,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._checks import check_writable_folder, param_error
+from ._checks import check_writable_folder, param_error, short_repr
 
 if TYPE_CHECKING:
     from .fitted import FittedSelector
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "build_card", "from_payload_bytes", "load", "payload_bytes", "payload_of", "push", "save_folder"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "build_card", "check_save_folder", "from_payload_bytes", "holds_saved_selector", "load",
+           "payload_bytes", "payload_of", "push", "save_folder"]
 
 FORMAT = "hf_otselect.fitted_selector"
 FORMAT_VERSION = 1
@@ -101,11 +105,103 @@ def from_payload_bytes(payload: bytes) -> FittedSelector:
     return _build(load_arrays(payload[8 + size :]), config)
 
 
+# What save_folder leaves behind only if it is stopped between writing a file and renaming it.
+_TEMPORARIES = frozenset(f".{name}.tmp" for name in (CONFIG_FILE, STATE_FILE, CARD_FILE))
+
+
+def holds_saved_selector(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds a selector :func:`save_folder` wrote: a ``fitted_selector.json`` of this format.
+
+    Its checksums are not verified (a damaged save may be written over); only its ``format``
+    field is read, so that a file of the same name that someone else wrote does not pass.
+    """
+    try:
+        config = json.loads((Path(folder) / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # absent, a folder, unreadable, not UTF-8 or not JSON
+        return False
+    return isinstance(config, dict) and config.get("format") == FORMAT
+
+
+def _interrupted_save(folder: Path, names: list[str]) -> bool:
+    """Whether ``names`` (the folder's entries) are what :func:`save_folder` leaves when stopped before its JSON.
+
+    It writes ``state.safetensors``, then ``README.md``, then ``fitted_selector.json``: stopped
+    early, the folder holds a state file whose header names the calibration arrays, perhaps the
+    card, and nothing else. A ``README.md`` alone is never taken for one.
+    """
+    if STATE_FILE not in names or not set(names) <= {STATE_FILE, CARD_FILE} | _TEMPORARIES:
+        return False
+    try:
+        with open(folder / STATE_FILE, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(size)) if size <= 1 << 24 else None
+    except (OSError, ValueError, struct.error):
+        return False
+    return isinstance(header, dict) and {"calibration.fractions", "calibration.thresholds"} <= header.keys()
+
+
+def check_save_folder(folder: str | os.PathLike, name: str = "save_directory", owner: str = "FittedSelector.save_pretrained") -> Path:
+    """Refuse a folder holding files of its own: only a new or empty folder, or a saved selector, is written into.
+
+    Writing a selector replaces ``fitted_selector.json``, ``state.safetensors`` and ``README.md``;
+    in a folder that holds other files and no saved selector those could be the user's own (a
+    ``README.md``), so the folder is left alone. A saved selector's folder, or what an interrupted
+    save left, is written over (other files, if any, are not touched).
+
+    Parameters
+    ----------
+    folder : str or PathLike
+        Where a selector is about to be saved.
+    name, owner : str
+        The parameter and the function named in the error.
+
+    Returns
+    -------
+    Path
+        ``folder`` with ``~`` expanded.
+
+    Raises
+    ------
+    FileExistsError
+        ``folder`` holds files and no saved selector.
+    """
+    folder = check_writable_folder(folder, name, owner)
+    if not folder.is_dir():
+        return folder
+    names = sorted(p.name for p in folder.iterdir())
+    theirs = [n for n in names if n not in _TEMPORARIES]
+    if theirs and not holds_saved_selector(folder) and not _interrupted_save(folder, names):
+        shown = ", ".join(theirs[:5]) + (f" and {len(theirs) - 5} more" if len(theirs) > 5 else "")
+        raise param_error(name, owner, "a new or empty folder, or one holding a saved selector (whose files are replaced); "
+                          f"this one holds files that are not a saved selector ({shown}); it is left alone: choose another folder",
+                          str(folder), exc=FileExistsError)
+    return folder
+
+
 def save_folder(fitted: FittedSelector, folder: str | os.PathLike) -> Path:
-    """Write the three files of the module docstring into ``folder`` (created when missing)."""
+    """Write the three files of the module docstring into ``folder`` (created when missing).
+
+    Parameters
+    ----------
+    fitted : FittedSelector
+    folder : str or PathLike
+        A new or empty folder, or one holding a saved selector (its files are replaced).
+
+    Returns
+    -------
+    Path
+        The folder written.
+
+    Raises
+    ------
+    FileExistsError
+        ``folder`` holds files and no saved selector (see :func:`check_save_folder`): nothing is written.
+    ValueError
+        ``folder`` is a file, or a file lies in its path.
+    """
     from safetensors.numpy import save
 
-    folder = check_writable_folder(folder, "save_directory", "FittedSelector.save_pretrained")
+    folder = check_save_folder(folder, "save_directory", "FittedSelector.save_pretrained")
     folder.mkdir(parents=True, exist_ok=True)
     arrays, config = payload_of(fitted)
     state = save(arrays)
@@ -147,19 +243,86 @@ def _read_folder(folder: Path, source: Any) -> FittedSelector:
     return _build(load_arrays(state), config)
 
 
+_SOURCE_EXPECTED = "an existing folder holding a saved selector, or a Hub model repository id 'user/name'"
+
+
+def _not_found(source: str, why: str) -> ValueError:
+    """``The 'source' parameter of FittedSelector.from_pretrained must be ... ('x/y' is neither: why). Got 'x/y' instead.``"""
+    return param_error("source", "FittedSelector.from_pretrained", f"{_SOURCE_EXPECTED} ({short_repr(source)} is neither: {why})", source)
+
+
+def _download(source: str, revision: str | None, token: str | None) -> list[str]:
+    """The config and state files of the Hub repository ``source``; not finding them is said by argument."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    files = []
+    for name in (CONFIG_FILE, STATE_FILE):
+        try:
+            files.append(hf_hub_download(source, name, revision=revision, token=token))
+        except LocalEntryNotFoundError:  # offline (HF_HUB_OFFLINE) or the Hub unreachable, and not in the local cache
+            raise _not_found(source, "no such local folder; offline or the Hub unreachable, and no copy in the local Hub "
+                             "cache") from None
+        except GatedRepoError:
+            raise _not_found(source, "a gated Hub repository: accept its conditions on the Hub and pass a token") from None
+        except RepositoryNotFoundError:
+            raise _not_found(source, "no such local folder, and no Hub model repository of that id, or a private one and no "
+                             "token that may read it") from None
+        except RevisionNotFoundError:
+            raise param_error("revision", "FittedSelector.from_pretrained", f"a branch, tag or commit of the Hub repository "
+                              f"{source!r}", revision) from None
+        except EntryNotFoundError:  # the repository exists and lacks a file of a saved selector
+            raise _not_found(source, f"a Hub repository without {name}, so not a saved selector") from None
+    return files
+
+
 def load(source: str | os.PathLike, *, revision: str | None = None, token: str | None = None) -> FittedSelector:
-    """A fitted selector from a folder, or from a Hub model repository ``user/name``."""
-    path = Path(os.path.expanduser(os.fspath(source)))
+    """A fitted selector from a folder, or from a Hub model repository ``user/name``.
+
+    Parameters
+    ----------
+    source : str or PathLike
+        A folder written by :func:`save_folder`, or a Hub model repository id (a string that is
+        no existing folder); the Hub is asked only for the latter.
+    revision, token : str, optional
+        The Hub revision and token.
+
+    Returns
+    -------
+    FittedSelector
+
+    Raises
+    ------
+    TypeError
+        ``source`` is neither a ``str`` nor an ``os.PathLike``.
+    ValueError
+        ``source`` is no folder and no Hub repository that can be read (offline and not cached,
+        no such repository, or one without a saved selector), or its files fail their checks.
+    """
+    owner = "FittedSelector.from_pretrained"
+    if isinstance(source, bool) or not isinstance(source, (str, os.PathLike)):
+        raise param_error("source", owner, f"a str or os.PathLike: {_SOURCE_EXPECTED}", source, exc=TypeError)
+    raw = os.fspath(source)
+    if not isinstance(raw, str) or not raw.strip():
+        raise param_error("source", owner, _SOURCE_EXPECTED, source, exc=TypeError if isinstance(raw, bytes) else ValueError)
+    path = Path(os.path.expanduser(raw))
     if path.is_dir():
         return _read_folder(path, source)
-    from huggingface_hub import hf_hub_download
+    if path.exists():
+        raise param_error("source", owner, f"{_SOURCE_EXPECTED} (the folder that holds {CONFIG_FILE}, not a file)", raw)
+    if not isinstance(source, str):
+        raise _not_found(raw, f"no such folder; a {type(source).__name__} is read as a local folder, never as a Hub id")
+    if raw.count("/") != 1 or raw.startswith((".", "/", "~")):
+        raise _not_found(raw, "no such folder, and not of the form of a Hub repository id 'user/name'")
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
 
-    from .hub import check_repo_id
-
-    if not isinstance(source, str) or source.count("/") != 1:
-        raise param_error("source", "FittedSelector.from_pretrained", "an existing folder or a Hub repository id 'user/name'", source)
-    check_repo_id(source)
-    files = [hf_hub_download(source, name, revision=revision, token=token) for name in (CONFIG_FILE, STATE_FILE)]
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        raise _not_found(source, "no such folder, and not a valid Hub repository id") from None
+    files = _download(source, revision, token)
     if Path(files[0]).parent != Path(files[1]).parent:
         raise _refuse(source, "its files came from different revisions")
     return _read_folder(Path(files[0]).parent, source)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,9 @@ def scores_cached(
         save_array(scores_path, scores, key=key)
         save_json(info_path, info, key=key)
         if fitted is not None:
+            # The entry's own folder, rewritten whole: what a damaged or interrupted save left there
+            # is not a saved selector, which save_pretrained would rightly leave alone.
+            shutil.rmtree(folder / "selector", ignore_errors=True)
             fitted.save_pretrained(folder / "selector")
             save_json(fitted_path, {"fingerprint": fitted.fingerprint}, key=key)
     return scores, info, fitted
