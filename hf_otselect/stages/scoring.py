@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import numpy as np
 
 from ..cache import load_array, load_json, save_array, save_json
 from ..dist import LOCAL, Comm, PoolView, TextView
+from ..fitted_io import CARD_FILE, CONFIG_FILE, STATE_FILE
 from ..fingerprints import digest
 from ..fitted import FittedSelector, encoder_record
 from ..request import Request
@@ -170,9 +170,10 @@ def scores_cached(
         save_array(scores_path, scores, key=key)
         save_json(info_path, info, key=key)
         if fitted is not None:
-            # The entry's own folder, rewritten whole: what a damaged or interrupted save left there
-            # is not a saved selector, which save_pretrained would rightly leave alone.
-            shutil.rmtree(folder / "selector", ignore_errors=True)
+            # The entry's own fit, rewritten: a damaged save's files are not a saved selector, which
+            # save_pretrained would rightly leave alone, so they go first (those files only).
+            for name in (CONFIG_FILE, STATE_FILE, CARD_FILE):
+                (folder / "selector" / name).unlink(missing_ok=True)
             fitted.save_pretrained(folder / "selector")
             save_json(fitted_path, {"fingerprint": fitted.fingerprint}, key=key)
     return scores, info, fitted
