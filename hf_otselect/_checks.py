@@ -206,13 +206,15 @@ def check_path_type(value: Any, name: str, owner: str) -> None:
         raise param_error(name, owner, "a folder path (str or os.PathLike) or None", value, exc=TypeError)
 
 
-def check_json_lines(pattern: str, name: str, max_rows: int | None = None) -> None:
+def check_json_lines(files: str | list[str], name: str, max_rows: int | None = None, *, tail_bytes: int = 0) -> None:
     """Refuse JSON-lines data files with a malformed line, naming the file and the line.
 
-    Reads the files matched by ``pattern`` (sorted, as ``datasets`` orders them) line by line with
-    the standard ``json`` parser, stopping after ``max_rows`` rows when given. A ``.json`` file that
-    is one JSON document (an array or object) passes as a whole. Used before a streamed pool is
-    embedded (the stream would meet the bad line mid-run) and to explain a failed load.
+    Reads ``files`` (a glob pattern, whose matches are sorted as ``datasets`` orders them, or the
+    paths in reading order) line by line with the standard ``json`` parser, stopping after
+    ``max_rows`` rows when given and then ``tail_bytes`` bytes more (a reader that parses by blocks
+    reads past its last row). A ``.json`` file that is one JSON document (an array or object)
+    passes as a whole, its rows counted. Used before a streamed pool is embedded (the stream would
+    meet the bad line mid-run) and to explain a failed load.
 
     Raises
     ------
@@ -222,17 +224,29 @@ def check_json_lines(pattern: str, name: str, max_rows: int | None = None) -> No
     import glob
     import json
 
-    seen = 0
-    for path in sorted(glob.glob(pattern)):
+    left, tail = max_rows, None  # rows still to read; then the bytes still to read past the last of them
+    for path in sorted(glob.glob(files)) if isinstance(files, str) else files:
+        if tail is not None and tail <= 0:
+            return
         if path.endswith(".json"):
             try:
                 with open(path, "rb") as fh:
-                    json.load(fh)
-                continue  # one JSON document (an array, or a single row); JSON lines fail with "Extra data"
+                    doc = json.load(fh)
             except (ValueError, UnicodeDecodeError):
-                pass  # the line scan below names the line
+                pass  # JSON lines fail with "Extra data": the line scan below names the line
+            else:  # one JSON document (an array, or a single row)
+                if tail is not None:
+                    tail -= os.path.getsize(path)
+                elif left is not None:
+                    left -= len(doc) if isinstance(doc, list) else 1
+                    tail = tail_bytes if left <= 0 else None
+                continue
         with open(path, "rb") as fh:
             for lineno, raw in enumerate(fh, start=1):
+                if tail is not None:
+                    if tail <= 0:
+                        return
+                    tail -= len(raw)
                 if not raw.strip():
                     continue
                 try:
@@ -246,9 +260,12 @@ def check_json_lines(pattern: str, name: str, max_rows: int | None = None) -> No
                 if not isinstance(row, dict):
                     raise ValueError(f"The '{name}' file {short_repr(path)} has a JSON line {lineno} that is not an "
                                      f"object (got {type(row).__name__}); each line must be one row like {{\"text\": ...}}.")
-                seen += 1
-                if max_rows is not None and seen >= max_rows:
-                    return
+                if left is not None and tail is None:
+                    left -= 1
+                    if left <= 0:
+                        if tail_bytes <= 0:
+                            return
+                        tail = tail_bytes
 
 
 def unit_rows64(x: Any) -> np.ndarray:

@@ -14,7 +14,6 @@ naming the setting and the splits there are.
 from __future__ import annotations
 
 import glob
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -117,72 +116,16 @@ def _select_split(splits: dict[str, Dataset], spec: DataConfig, name: str) -> Da
 _STREAM_CHUNK_BYTES = 10 << 20
 
 
-def _whole_document_rows(path: str) -> int | None:
-    """The rows of a ``.json`` file that is one JSON document (read whole by ``datasets``); None for JSON lines."""
-    if not path.lower().endswith(".json"):
-        return None
-    try:
-        with open(path, "rb") as fh:
-            doc = json.load(fh)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return len(doc) if isinstance(doc, list) else 1
-
-
-def _stream_reach(files: list[str], max_rows: int | None) -> list[tuple[str, int | None]]:
-    """The files a stream of at most ``max_rows`` rows reads, each with how many of its rows (None: all).
-
-    The json builder parses a file by tables of ``_STREAM_CHUNK_BYTES`` (and the rest of the last
-    line), and the stream pulls one table beyond the one that holds its last row: so it reads up to
-    two tables past the ``max_rows``-th row, in that file or the next. That much is counted (by
-    lines, without parsing), so that a bad line the stream will meet is checked first, while a
-    stream of the first rows of a huge file is not scanned to its end.
-    """
-    if max_rows is None:
-        return [(f, None) for f in files]
-    reach: list[tuple[str, int | None]] = []
-    left, tail = max_rows, None  # rows still wanted; then the bytes read beyond the last of them
-    for file in files:
-        if tail is not None and tail <= 0:
-            break
-        whole = _whole_document_rows(file)
-        if whole is not None:  # read whole, checked whole
-            reach.append((file, None))
-            size = Path(file).stat().st_size
-            if tail is None and whole >= left:
-                tail = 2 * _STREAM_CHUNK_BYTES
-            elif tail is None:
-                left -= whole
-            else:
-                tail -= size
-            continue
-        rows = 0
-        with open(file, "rb") as fh:
-            for raw in fh:
-                if tail is not None:
-                    if tail <= 0:
-                        break
-                    tail -= len(raw)
-                if raw.strip():
-                    rows += 1
-                    if tail is None:
-                        left -= 1
-                        if left == 0:
-                            tail = 2 * _STREAM_CHUNK_BYTES
-        reach.append((file, rows))
-    return reach
-
-
 def _check_json_files(files: list[str], argument: str, max_rows: int | None) -> None:
-    """:func:`check_json_lines` on each ``.json``/``.jsonl`` file in reading order, as far as a stream of ``max_rows`` rows reads.
+    """:func:`check_json_lines` on the ``.json``/``.jsonl`` files in reading order, as far as a stream of ``max_rows`` rows reads.
 
-    Compressed and other files are left to ``datasets``. Raises the error naming ``argument``,
-    the file and the line.
+    The json builder parses a file by tables of ``_STREAM_CHUNK_BYTES`` and pulls one table beyond
+    the one that holds its last row: so the check goes two tables past the ``max_rows``-th row, in
+    that file or the next, and a stream of the first rows of a huge file is not scanned to its end.
+    Compressed and other files are left to ``datasets``.
     """
     files = [f for f in files if f.lower().endswith((".json", ".jsonl")) and not Path(f).is_dir()]  # (a FIFO is read too)
-    for file, rows in _stream_reach(files, max_rows):
-        if rows != 0:
-            check_json_lines(glob.escape(file), argument, rows)
+    check_json_lines(files, argument, max_rows, tail_bytes=2 * _STREAM_CHUNK_BYTES)
 
 
 def _from_disk(path: Path, spec: DataConfig, name: str) -> Dataset | IterableDataset:
